@@ -1,0 +1,409 @@
+"""MX formats described as data.
+
+A block-scaled format is three pieces of data, not a branch in the code:
+
+* an :class:`ElementFormat`: what each element stores (a small float with
+  exponent/mantissa bits and a bias, or a symmetric fixed-point integer);
+* a :class:`ScaleFormat`: what the shared per-block scale stores (for the OCP
+  formats, an 8-bit power of two, E8M0);
+* an :class:`MXFormat`: the two together, with the default block size.
+
+The numerics in :mod:`jaxmx.numerics` read only the fields of these records,
+so a new format is a new record, not a new code path. The constants of every
+card are written exactly (hex floats or bit patterns) and are checked
+against ml_dtypes by the test suite.
+
+Reference: OCP Microscaling Formats (MX) Specification v1.0, sections 5.3
+(element data types) and 5.4 (scale data type).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import ml_dtypes
+import numpy as np
+
+__all__ = [
+    "ElementFormat",
+    "ScaleFormat",
+    "MXFormat",
+    "FP8_E4M3",
+    "FP8_E5M2",
+    "FP6_E3M2",
+    "FP6_E2M3",
+    "FP4_E2M1",
+    "INT8",
+    "INT4",
+    "INT2",
+    "E8M0",
+    "get_format",
+    "list_formats",
+    "register_format",
+]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ElementFormat:
+    """The number format of one element of a block.
+
+    Floats follow the usual sign/exponent/mantissa layout with a bias and
+    subnormals. Integers (``kind="int"``) are symmetric two's-complement
+    fixed point: ``value = code * 2**-mantissa_bits`` with
+    ``|code| <= 2**(bits - 1) - 1``. For rounding, an integer format behaves
+    exactly like a float whose whole grid is the subnormal range plus one
+    binade with minimum exponent 0, which is how :mod:`jaxmx.numerics` treats
+    it.
+    """
+
+    name: str
+    # "float" or "int" (symmetric fixed point).
+    kind: Literal["float", "int"]
+    # Storage bits per element, sign included.
+    bits: int
+    # Exponent field width (0 for integers).
+    exponent_bits: int
+    # Fraction bits: mantissa bits of a float, fractional bits of an integer.
+    mantissa_bits: int
+    # Exponent bias (integers: 1, so the minimum normal exponent is 0).
+    bias: int
+    # Largest finite magnitude, written exactly.
+    max_normal: float
+    # Smallest normal magnitude (integers: the first value of the top binade).
+    min_normal: float
+    # Smallest nonzero magnitude.
+    min_subnormal: float
+    # Bit pattern of the largest finite magnitude (sign bit clear).
+    max_code: int
+    # Whether the format encodes infinities / NaNs.
+    has_inf: bool = False
+    has_nan: bool = False
+    # One-line description of the special values, for the card.
+    specials: str = "none"
+    # ml_dtypes / numpy dtype that holds one element code in an MXTensor.
+    storage_dtype: np.dtype = dataclasses.field(
+        default=np.dtype(np.uint8), compare=False
+    )
+
+    @property
+    def emin(self) -> int:
+        """Unbiased exponent of the smallest normal (integers: 0)."""
+        return 1 - self.bias
+
+    @property
+    def emax(self) -> int:
+        """Unbiased exponent of the largest normal (``emax_elem`` in the spec)."""
+        return math.floor(math.log2(self.max_normal))
+
+    @property
+    def sign_bit(self) -> int:
+        return 1 << (self.bits - 1)
+
+    def card(self) -> str:
+        """A one-paragraph summary: bits, bias, range and special values."""
+        if self.kind == "int":
+            layout = f"{self.bits}-bit two's complement, value = code * 2^-{self.mantissa_bits}"
+        else:
+            layout = (
+                f"1 sign, {self.exponent_bits} exponent, {self.mantissa_bits} mantissa bits, "
+                f"bias {self.bias}"
+            )
+        return (
+            f"{self.name}: {layout}; max {self.max_normal!r} ({float.hex(self.max_normal)}, "
+            f"code {self.max_code:#04x}); min normal {self.min_normal!r}; "
+            f"min subnormal {self.min_subnormal!r}; specials: {self.specials}"
+        )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScaleFormat:
+    """The number format of a block's shared scale.
+
+    The OCP formats use E8M0: an unsigned byte ``E`` holding ``2**(E - 127)``
+    for ``E`` in 0..254, with 0xFF as NaN and no zero. Other scale formats
+    (NVFP4's unsigned E4M3, a second level of microexponents) are further
+    records of this type.
+    """
+
+    name: str
+    # "pow2": the scale is a power of two stored as a biased exponent byte.
+    kind: Literal["pow2"]
+    bits: int
+    bias: int
+    # Smallest and largest unbiased exponents a scale can hold.
+    min_exponent: int
+    max_exponent: int
+    # Byte that encodes NaN (a block holding NaN or Inf gets this scale).
+    nan_code: int
+    storage_dtype: np.dtype = dataclasses.field(
+        default=np.dtype(np.uint8), compare=False
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MXFormat:
+    """A block-scaled format: an element format, a scale format, a block size."""
+
+    name: str
+    element: ElementFormat
+    scale: ScaleFormat
+    # Elements sharing one scale, along the quantized axis.
+    block_size: int = 32
+    # Where the format is defined.
+    reference: str = "OCP MX v1.0"
+
+    @property
+    def bits_per_element(self) -> float:
+        """Storage bits per element, the amortized scale included."""
+        return self.element.bits + self.scale.bits / self.block_size
+
+    def __repr__(self) -> str:
+        return f"MXFormat({self.name!r}, block_size={self.block_size})"
+
+    def card(self) -> str:
+        return (
+            f"{self.name} ({self.reference}): blocks of {self.block_size} "
+            f"{self.element.name} elements sharing one {self.scale.name} scale, "
+            f"{self.bits_per_element:g} bits per element.\n  element: {self.element.card()}"
+        )
+
+
+# --------------------------------------------------------------------------
+# Element formats. Values: OCP MX v1.0 tables 2-4; ml_dtypes agrees (tested).
+# --------------------------------------------------------------------------
+
+FP8_E4M3 = ElementFormat(
+    name="fp8_e4m3",
+    kind="float",
+    bits=8,
+    exponent_bits=4,
+    mantissa_bits=3,
+    bias=7,
+    max_normal=float.fromhex("0x1.Cp8"),  # 448 = 1.75 * 2^8, code S.1111.110
+    min_normal=float.fromhex("0x1p-6"),  # 0.015625
+    min_subnormal=float.fromhex("0x1p-9"),  # 0.001953125
+    max_code=0x7E,
+    has_nan=True,
+    specials="no Inf; NaN = S.1111.111 (0x7F, 0xFF)",
+    storage_dtype=np.dtype(ml_dtypes.float8_e4m3fn),
+)
+"""FP8 E4M3 (``float8_e4m3fn``): 1/4/3 bits, bias 7, max 448, no Inf."""
+
+FP8_E5M2 = ElementFormat(
+    name="fp8_e5m2",
+    kind="float",
+    bits=8,
+    exponent_bits=5,
+    mantissa_bits=2,
+    bias=15,
+    max_normal=float.fromhex("0x1.Cp15"),  # 57344 = 1.75 * 2^15, code S.11110.11
+    min_normal=float.fromhex("0x1p-14"),  # 6.103515625e-05
+    min_subnormal=float.fromhex("0x1p-16"),  # 1.52587890625e-05
+    max_code=0x7B,
+    has_inf=True,
+    has_nan=True,
+    specials="+-Inf = S.11111.00 (0x7C, 0xFC); NaN = S.11111.{01,10,11}",
+    storage_dtype=np.dtype(ml_dtypes.float8_e5m2),
+)
+"""FP8 E5M2 (``float8_e5m2``): 1/5/2 bits, bias 15, max 57344, IEEE-style Inf/NaN."""
+
+FP6_E3M2 = ElementFormat(
+    name="fp6_e3m2",
+    kind="float",
+    bits=6,
+    exponent_bits=3,
+    mantissa_bits=2,
+    bias=3,
+    max_normal=float.fromhex("0x1.Cp4"),  # 28 = 1.75 * 2^4, code S.111.11
+    min_normal=float.fromhex("0x1p-2"),  # 0.25
+    min_subnormal=float.fromhex("0x1p-4"),  # 0.0625
+    max_code=0x1F,
+    storage_dtype=np.dtype(np.uint8),  # XLA has no FP6 type: 6-bit codes in a byte
+)
+"""FP6 E3M2 (``float6_e3m2fn``): 1/3/2 bits, bias 3, max 28, no Inf/NaN."""
+
+FP6_E2M3 = ElementFormat(
+    name="fp6_e2m3",
+    kind="float",
+    bits=6,
+    exponent_bits=2,
+    mantissa_bits=3,
+    bias=1,
+    max_normal=float.fromhex("0x1.Ep2"),  # 7.5 = 1.875 * 2^2, code S.11.111
+    min_normal=float.fromhex("0x1p0"),  # 1.0
+    min_subnormal=float.fromhex("0x1p-3"),  # 0.125
+    max_code=0x1F,
+    storage_dtype=np.dtype(np.uint8),
+)
+"""FP6 E2M3 (``float6_e2m3fn``): 1/2/3 bits, bias 1, max 7.5, no Inf/NaN."""
+
+FP4_E2M1 = ElementFormat(
+    name="fp4_e2m1",
+    kind="float",
+    bits=4,
+    exponent_bits=2,
+    mantissa_bits=1,
+    bias=1,
+    max_normal=float.fromhex("0x1.8p2"),  # 6 = 1.5 * 2^2, code S.11.1
+    min_normal=float.fromhex("0x1p0"),  # 1.0
+    min_subnormal=float.fromhex("0x1p-1"),  # 0.5
+    max_code=0x7,
+    specials="none; magnitudes {0, 0.5, 1, 1.5, 2, 3, 4, 6}",
+    storage_dtype=np.dtype(ml_dtypes.float4_e2m1fn),
+)
+"""FP4 E2M1 (``float4_e2m1fn``): 1/2/1 bits, bias 1, max 6, no Inf/NaN."""
+
+INT8 = ElementFormat(
+    name="int8",
+    kind="int",
+    bits=8,
+    exponent_bits=0,
+    mantissa_bits=6,
+    bias=1,
+    max_normal=float.fromhex("0x1.FCp0"),  # 127/64 = 1.984375, code 127
+    min_normal=float.fromhex("0x1p0"),  # 1.0 (code 64)
+    min_subnormal=float.fromhex("0x1p-6"),  # 1/64, the step
+    max_code=0x7F,
+    specials="none; symmetric, code -128 unused",
+    storage_dtype=np.dtype(np.int8),
+)
+"""INT8 of MXINT8: two's complement Q1.6, value = code / 64, symmetric +-127/64."""
+
+INT4 = ElementFormat(
+    name="int4",
+    kind="int",
+    bits=4,
+    exponent_bits=0,
+    mantissa_bits=2,
+    bias=1,
+    max_normal=float.fromhex("0x1.Cp0"),  # 7/4 = 1.75, code 7
+    min_normal=float.fromhex("0x1p0"),  # 1.0 (code 4)
+    min_subnormal=float.fromhex("0x1p-2"),  # 1/4, the step
+    max_code=0x7,
+    specials="none; symmetric, code -8 unused",
+    storage_dtype=np.dtype(np.int8),
+)
+"""INT4 (jaxmx extension): value = code / 4, symmetric +-7/4."""
+
+INT2 = ElementFormat(
+    name="int2",
+    kind="int",
+    bits=2,
+    exponent_bits=0,
+    mantissa_bits=0,
+    bias=1,
+    max_normal=float.fromhex("0x1p0"),  # 1, code 1
+    min_normal=float.fromhex("0x1p0"),
+    min_subnormal=float.fromhex("0x1p0"),
+    max_code=0x1,
+    specials="none; values {-1, 0, 1}, code -2 unused",
+    storage_dtype=np.dtype(np.int8),
+)
+"""INT2 (jaxmx extension): values {-1, 0, 1}."""
+
+E8M0 = ScaleFormat(
+    name="e8m0",
+    kind="pow2",
+    bits=8,
+    bias=127,
+    min_exponent=-127,  # byte 0x00: 2^-127, a float32 subnormal
+    max_exponent=127,  # byte 0xFE: 2^127
+    nan_code=0xFF,
+    storage_dtype=np.dtype(ml_dtypes.float8_e8m0fnu),
+)
+"""E8M0 (``float8_e8m0fnu``): 2^(E-127) for E in 0..254; 0xFF is NaN; no zero."""
+
+
+# --------------------------------------------------------------------------
+# The registry.
+# --------------------------------------------------------------------------
+
+_REGISTRY: dict[str, MXFormat] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_format(fmt: MXFormat, *, aliases: tuple[str, ...] = ()) -> MXFormat:
+    """Adds ``fmt`` (and optional alias names) to the registry.
+
+    Args:
+      fmt: the format to register; its ``name`` must be new.
+      aliases: other names that :func:`get_format` resolves to ``fmt``.
+
+    Returns:
+      ``fmt``, so the call can be used in an assignment.
+
+    >>> import jaxmx
+    >>> fmt = jaxmx.MXFormat(name="mxfp8_e4m3_b16", element=jaxmx.formats.FP8_E4M3,
+    ...                      scale=jaxmx.formats.E8M0, block_size=16, reference="example")
+    >>> jaxmx.register_format(fmt).block_size
+    16
+    """
+    if not isinstance(fmt, MXFormat):
+        raise TypeError(f"register_format expects an MXFormat, got {type(fmt).__name__}")
+    for name in (fmt.name, *aliases):
+        if name in _REGISTRY or name in _ALIASES:
+            raise ValueError(f"format name {name!r} is already registered")
+    _REGISTRY[fmt.name] = fmt
+    for alias in aliases:
+        _ALIASES[alias] = fmt.name
+    return fmt
+
+
+def list_formats(*, aliases: bool = False) -> list[str]:
+    """Names of the registered formats (and, if asked, their aliases).
+
+    >>> import jaxmx
+    >>> jaxmx.list_formats()[:3]
+    ['mxfp8_e4m3', 'mxfp8_e5m2', 'mxfp6_e3m2']
+    """
+    names = list(_REGISTRY)
+    if aliases:
+        names += list(_ALIASES)
+    return names
+
+
+def get_format(fmt: str | MXFormat) -> MXFormat:
+    """Resolves a format name (or alias) to its :class:`MXFormat`.
+
+    Args:
+      fmt: a registered name such as ``"mxfp4_e2m1"``, an alias such as
+        ``"mxfp4"``, or an :class:`MXFormat` (returned unchanged).
+
+    Raises:
+      ValueError: ``fmt`` is not a known name; the message lists the known ones.
+
+    >>> import jaxmx
+    >>> jaxmx.get_format("mxfp6").name
+    'mxfp6_e2m3'
+    """
+    if isinstance(fmt, MXFormat):
+        return fmt
+    if not isinstance(fmt, str):
+        raise TypeError(
+            f"format must be a format name or an MXFormat, got {type(fmt).__name__}"
+        )
+    key = fmt.lower()
+    key = _ALIASES.get(key, key)
+    try:
+        return _REGISTRY[key]
+    except KeyError:
+        known = ", ".join(list_formats()) + "; aliases: " + ", ".join(
+            f"{a} -> {t}" for a, t in _ALIASES.items()
+        )
+        raise ValueError(f"unknown format {fmt!r}; known formats: {known}") from None
+
+
+def _mx(name: str, element: ElementFormat, reference: str = "OCP MX v1.0") -> MXFormat:
+    return MXFormat(name=name, element=element, scale=E8M0, block_size=32, reference=reference)
+
+
+MXFP8_E4M3 = register_format(_mx("mxfp8_e4m3", FP8_E4M3), aliases=("mxfp8",))
+MXFP8_E5M2 = register_format(_mx("mxfp8_e5m2", FP8_E5M2))
+MXFP6_E3M2 = register_format(_mx("mxfp6_e3m2", FP6_E3M2))
+MXFP6_E2M3 = register_format(_mx("mxfp6_e2m3", FP6_E2M3), aliases=("mxfp6",))
+MXFP4_E2M1 = register_format(_mx("mxfp4_e2m1", FP4_E2M1), aliases=("mxfp4",))
+MXINT8 = register_format(_mx("mxint8", INT8))
+MXINT4 = register_format(_mx("mxint4", INT4, reference="jaxmx extension of OCP MX"))
+MXINT2 = register_format(_mx("mxint2", INT2, reference="jaxmx extension of OCP MX"))

@@ -1,0 +1,442 @@
+"""quantize, dequantize and fake_quantize: float arrays <-> MX blocks.
+
+The conversion of one block follows OCP MX v1.0, section 6.3:
+
+1. ``amax = max |x_i|`` over the block;
+2. a shared exponent ``e`` from ``amax`` by the chosen scale rule, clamped to
+   the scale's range (E8M0: [-127, 127]; an all-zero block gets 2^-127);
+3. each element ``x_i / 2^e`` rounded onto the element grid and saturated to
+   the element's largest finite value;
+4. a block holding NaN or Inf gets the NaN scale (0xFF): the whole block
+   decodes to NaN, never to a silent number.
+
+All of it runs on float32 bit patterns (see :mod:`jaxmx.numerics`), so the
+results are bit-exact on every backend, float32 subnormals included.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxmx import numerics
+from jaxmx.formats import ElementFormat, MXFormat, get_format
+from jaxmx.numerics import ROUNDINGS, SCALE_MODES
+from jaxmx.tensor import MXTensor
+
+__all__ = ["quantize", "dequantize", "fake_quantize"]
+
+_FLOAT_INPUTS = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+# --------------------------------------------------------------------------
+# Argument checks: every message names what was given and what is allowed.
+# --------------------------------------------------------------------------
+
+
+def _check_array(x, what: str = "x") -> jax.Array:
+    if isinstance(x, MXTensor):
+        raise TypeError(f"{what} is already an MXTensor; dequantize it first")
+    x = jnp.asarray(x)
+    if not any(x.dtype == d for d in _FLOAT_INPUTS):
+        kind = (
+            "complex"
+            if jnp.issubdtype(x.dtype, jnp.complexfloating)
+            else "integer"
+            if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_
+            else "unsupported"
+        )
+        extra = (
+            " (convert float64 to float32 yourself: jaxmx does not round twice silently)"
+            if x.dtype == jnp.float64
+            else ""
+        )
+        raise TypeError(
+            f"{what} has {kind} dtype {x.dtype}; MX quantization takes float32, "
+            f"bfloat16 or float16 input{extra}"
+        )
+    return x
+
+
+def _check_axis(axis, ndim: int) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"axis must be an int, got {axis!r}")
+    if ndim == 0:
+        raise ValueError("cannot quantize a scalar (0-d array): MX blocks need an axis")
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"axis {axis} is out of range for an array of rank {ndim}; "
+            f"allowed: {-ndim}..{ndim - 1}"
+        )
+    return int(axis) - ndim if axis >= 0 else int(axis)
+
+
+def _check_block_size(block_size, fmt: MXFormat) -> int:
+    if block_size is None:
+        return fmt.block_size
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+        raise TypeError(f"block_size must be a positive int or None, got {block_size!r}")
+    if block_size <= 0:
+        raise ValueError(f"block_size must be a positive int, got {block_size}")
+    return int(block_size)
+
+
+def _check_modes(scale_mode, rounding, key) -> None:
+    if scale_mode not in SCALE_MODES:
+        raise ValueError(f"unknown scale_mode {scale_mode!r}; allowed: {', '.join(SCALE_MODES)}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; allowed: {', '.join(ROUNDINGS)}")
+    if rounding == "stochastic" and key is None:
+        raise ValueError(
+            "rounding='stochastic' needs a PRNG key: pass key=jax.random.key(...)"
+        )
+
+
+def _random_bits(key, shape) -> jax.Array:
+    # Accepts new-style keys (jax.random.key) and raw uint32[2] ones (PRNGKey).
+    return jax.random.bits(key, shape, jnp.uint32)
+
+
+# --------------------------------------------------------------------------
+# Blocks: the quantized axis of length n becomes (num_blocks, block_size).
+# --------------------------------------------------------------------------
+
+
+def _to_blocks(a: jax.Array, axis: int, block_size: int) -> jax.Array:
+    """(..., n, ...) -> (..., nb, bs, ...), zero-padding a partial last block."""
+    n = a.shape[axis]
+    nb = -(-n // block_size)
+    if nb * block_size != n:
+        pad = [(0, 0)] * a.ndim
+        pad[axis] = (0, nb * block_size - n)
+        a = jnp.pad(a, pad)
+    ax = a.ndim + axis
+    return a.reshape(a.shape[:ax] + (nb, block_size) + a.shape[ax + 1 :])
+
+
+def _from_blocks(a: jax.Array, axis: int, n: int) -> jax.Array:
+    """Inverse of :func:`_to_blocks`; ``axis`` is relative to the unblocked rank."""
+    ax = a.ndim - 1 + axis
+    a = a.reshape(a.shape[:ax] + (a.shape[ax] * a.shape[ax + 1],) + a.shape[ax + 2 :])
+    if a.shape[ax] != n:
+        a = lax.slice_in_dim(a, 0, n, axis=ax)
+    return a
+
+
+class _Blocks(NamedTuple):
+    sign: jax.Array  # uint32 0/1, blocked layout
+    code: jax.Array  # uint32 code magnitudes, blocked layout
+    exponent: jax.Array  # int32 shared exponent per block, kept-dims layout
+    nonfinite: jax.Array  # bool per block, kept-dims layout
+
+
+def _quantize_blocks(
+    x: jax.Array,
+    elem: ElementFormat,
+    fmt: MXFormat,
+    axis: int,
+    block_size: int,
+    scale_mode: str,
+    rounding: str,
+    flush_subnormals: bool,
+    rbits: jax.Array | None,
+) -> _Blocks:
+    bits = _to_blocks(numerics.f32_to_bits(x), axis, block_size)
+    sign = lax.shift_right_logical(bits, jnp.uint32(31))
+    mag = bits & jnp.uint32(0x7FFFFFFF)
+    if flush_subnormals:
+        mag = jnp.where(mag < jnp.uint32(0x00800000), jnp.uint32(0), mag)
+    block_axis = bits.ndim + axis  # the within-block axis in blocked layout
+    # Integer max of magnitudes orders finite values, Inf and NaN correctly.
+    amax = jnp.max(mag, axis=block_axis, keepdims=True)
+    e, nonfinite = numerics.shared_exponent(
+        amax,
+        elem,
+        scale_mode,
+        min_exponent=fmt.scale.min_exponent,
+        max_exponent=fmt.scale.max_exponent,
+    )
+    if rbits is not None:
+        rbits = _to_blocks(rbits, axis, block_size)
+    # Non-finite blocks: any finite placeholder; their scale is NaN.
+    mag = jnp.where(nonfinite, jnp.uint32(0), mag)
+    code = numerics.encode_magnitude(mag, e, elem, rounding, rbits)
+    return _Blocks(sign, code, e, nonfinite)
+
+
+def _signed_codes(sign: jax.Array, code: jax.Array, elem: ElementFormat) -> jax.Array:
+    """Code magnitudes + signs -> the element storage of an MXTensor."""
+    if elem.kind == "int":
+        c = code.astype(jnp.int32)
+        return jnp.where(sign != 0, -c, c).astype(jnp.int8)
+    raw = (code | lax.shift_left(sign, jnp.uint32(elem.bits - 1))).astype(jnp.uint8)
+    return _raw_to_storage(raw, elem)
+
+
+def _raw_to_storage(raw: jax.Array, elem: ElementFormat) -> jax.Array:
+    """uint8 holding a ``bits``-wide raw code -> the storage dtype."""
+    dtype = elem.storage_dtype
+    if dtype == np.uint8:
+        return raw
+    if dtype == np.int8:
+        # Sign-extend a bits-wide two's-complement code.
+        shift = 8 - elem.bits
+        return lax.shift_right_arithmetic(
+            lax.shift_left(raw, jnp.uint8(shift)).view(jnp.int8), jnp.int8(shift)
+        )
+    if dtype.itemsize * 8 == elem.bits:
+        return lax.bitcast_convert_type(raw, dtype)
+    if elem.bits == 4:
+        return lax.bitcast_convert_type(raw.astype(jnp.uint4), dtype)
+    raise NotImplementedError(f"no storage conversion for {elem.name} in {dtype}")
+
+
+def _storage_to_raw(data: jax.Array, elem: ElementFormat) -> jax.Array:
+    """The storage dtype -> uint8 holding the ``bits``-wide raw code."""
+    if data.dtype == jnp.uint8:
+        return data
+    if data.dtype == jnp.int8:
+        return data.view(jnp.uint8) & jnp.uint8((1 << elem.bits) - 1)
+    if np.dtype(data.dtype).itemsize * 8 == elem.bits:
+        return lax.bitcast_convert_type(data, jnp.uint8)
+    if elem.bits == 4:
+        return lax.bitcast_convert_type(data, jnp.uint4).astype(jnp.uint8)
+    raise NotImplementedError(f"no storage conversion for {elem.name} in {data.dtype}")
+
+
+def _split_codes(data: jax.Array, elem: ElementFormat) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Storage -> (sign, code magnitude, is_special) as uint32/bool arrays."""
+    if elem.kind == "int":
+        c = data.astype(jnp.int32)
+        sign = (c < 0).astype(jnp.uint32)
+        mag = jnp.abs(c).astype(jnp.uint32)
+        return sign, mag, mag > elem.max_code  # the unused code -2^(bits-1)
+    raw = _storage_to_raw(data, elem).astype(jnp.uint32)
+    sign = lax.shift_right_logical(raw, jnp.uint32(elem.bits - 1)) & jnp.uint32(1)
+    mag = raw & jnp.uint32(elem.sign_bit - 1)
+    return sign, mag, mag > elem.max_code  # Inf/NaN codes of FP8
+
+
+def _bits_to_dtype(bits: jax.Array, dtype) -> jax.Array:
+    """float32 bit patterns -> ``dtype``, rounding to nearest even exactly."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:
+        return numerics.bits_to_f32(bits)
+    if dtype == jnp.bfloat16:
+        # Integer RNE keeps subnormals on backends whose converts flush them.
+        lsb = lax.shift_right_logical(bits, jnp.uint32(16)) & jnp.uint32(1)
+        is_nan = (bits & jnp.uint32(0x7FFFFFFF)) > jnp.uint32(0x7F800000)
+        rounded = lax.shift_right_logical(bits + jnp.uint32(0x7FFF) + lsb, jnp.uint32(16))
+        rounded = jnp.where(is_nan, jnp.uint32(0x7FC0), rounded).astype(jnp.uint16)
+        return lax.bitcast_convert_type(rounded, jnp.bfloat16)
+    # float16: a float32 value below float16's range is far below 2^-126 only
+    # if it rounds to 0 anyway, so the plain convert is exact where it matters.
+    return numerics.bits_to_f32(bits).astype(dtype)
+
+
+def _check_out_dtype(dtype) -> jnp.dtype:
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be a float dtype, got {dtype!r}") from None
+    if not any(dtype == d for d in _FLOAT_INPUTS):
+        raise TypeError(
+            f"cannot dequantize to {dtype}; allowed: float32, bfloat16, float16"
+        )
+    return dtype
+
+
+# --------------------------------------------------------------------------
+# Public API.
+# --------------------------------------------------------------------------
+
+
+def quantize(
+    x,
+    format: str | MXFormat,
+    *,
+    axis: int = -1,
+    block_size: int | None = None,
+    scale_mode: str = "floor",
+    rounding: str = "nearest_even",
+    flush_subnormals: bool = False,
+    key: jax.Array | None = None,
+) -> MXTensor:
+    """Quantizes ``x`` to an MX format along one axis.
+
+    Blocks of ``block_size`` consecutive elements along ``axis`` share one
+    scale. A last partial block is handled as if padded with zeros (the
+    padding never changes a value). Bit-exact with OCP MX v1.0 section 6.3
+    and the MX paper's reference emulator (microxcaling) in its exact mode.
+
+    Args:
+      x: float32, bfloat16 or float16 array of any rank.
+      format: a format name (``jaxmx.list_formats()``, aliases ``"mxfp8"``,
+        ``"mxfp6"``, ``"mxfp4"``) or an :class:`~jaxmx.MXFormat`.
+      axis: the axis along which blocks run (for a matmul operand: its
+        contraction axis).
+      block_size: elements per block; ``None`` means the format's default (32).
+      scale_mode: rule for the shared exponent: ``"floor"`` (OCP, default),
+        ``"rceil"`` (NVIDIA/TransformerEngine/JAX: never clips the block
+        max), ``"ceil"``, ``"even"``. See :func:`jaxmx.numerics.shared_exponent`.
+      rounding: ``"nearest_even"`` (default), ``"nearest_away"`` (ties away
+        from zero, microxcaling's "nearest"), ``"toward_zero"``, or
+        ``"stochastic"`` (unbiased within the element's range; needs ``key``).
+      flush_subnormals: treat float32 subnormal inputs as zero (what the MX
+        paper's emulator does); by default they are kept.
+      key: PRNG key for stochastic rounding.
+
+    Returns:
+      An :class:`~jaxmx.MXTensor`. Elements saturate to the format's largest
+      finite value; a block holding NaN or Inf gets the NaN scale.
+
+    Raises:
+      ValueError: unknown format, axis out of range, bad block size, rounding
+        or scale mode, or stochastic rounding without a key.
+      TypeError: integer, complex or float64 input.
+
+    >>> import jax.numpy as jnp, jaxmx
+    >>> x = jnp.array([[0.3, -1.7, 5.0, 100.0]])
+    >>> t = jaxmx.quantize(x, "mxfp4", block_size=4)
+    >>> jaxmx.dequantize(t)
+    Array([[  0.,  -0.,   0., 96.]], dtype=float32)
+    """
+    fmt = get_format(format)
+    x = _check_array(x)
+    axis = _check_axis(axis, x.ndim)
+    bs = _check_block_size(block_size, fmt)
+    _check_modes(scale_mode, rounding, key)
+    rbits = _random_bits(key, x.shape) if rounding == "stochastic" else None
+    return _quantize(x, rbits, fmt, axis, bs, scale_mode, rounding, flush_subnormals)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
+def _quantize(x, rbits, fmt, axis, bs, scale_mode, rounding, flush_subnormals) -> MXTensor:
+    elem = fmt.element
+    blk = _quantize_blocks(x, elem, fmt, axis, bs, scale_mode, rounding, flush_subnormals, rbits)
+    code = jnp.where(blk.nonfinite, jnp.uint32(0), blk.code)
+    sign = jnp.where(blk.nonfinite, jnp.uint32(0), blk.sign)
+    data = _from_blocks(_signed_codes(sign, code, elem), axis, x.shape[axis])
+    biased = (blk.exponent + fmt.scale.bias).astype(jnp.uint8)
+    biased = jnp.where(blk.nonfinite, jnp.uint8(fmt.scale.nan_code), biased)
+    scale = lax.bitcast_convert_type(jnp.squeeze(biased, axis), fmt.scale.storage_dtype)
+    return MXTensor(
+        data=data,
+        scale=scale,
+        format=fmt,
+        axis=axis,
+        block_size=bs,
+        length=x.shape[axis],
+        dtype=np.dtype(x.dtype),
+    )
+
+
+def dequantize(t: MXTensor, dtype=jnp.float32) -> jax.Array:
+    """Decodes an :class:`~jaxmx.MXTensor` to a float array, exactly.
+
+    Every MX value (element times scale) is a float32 number, subnormals
+    included, so the float32 result is exact; bfloat16 and float16 results
+    are rounded to nearest even. Blocks with a NaN scale decode to NaN.
+
+    Args:
+      t: the tensor; packed or not.
+      dtype: float32 (default), bfloat16 or float16.
+
+    >>> import jax.numpy as jnp, jaxmx
+    >>> t = jaxmx.quantize(jnp.array([1.0, 2.5, -3.0, 0.1]), "mxfp8", block_size=4)
+    >>> jaxmx.dequantize(t)
+    Array([ 1.   ,  2.5  , -3.   ,  0.1015625], dtype=float32)
+    """
+    if not isinstance(t, MXTensor):
+        raise TypeError(f"dequantize expects an MXTensor, got {type(t).__name__}")
+    dtype = _check_out_dtype(dtype)
+    if t.packed:
+        from jaxmx.packing import unpack
+
+        t = unpack(t)
+    return _dequantize(t, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _dequantize(t: MXTensor, dtype) -> jax.Array:
+    elem, fmt = t.format.element, t.format
+    sign, mag, special = _split_codes(_to_blocks(t.data, t.axis, t.block_size), elem)
+    biased = jnp.expand_dims(lax.bitcast_convert_type(t.scale, jnp.uint8), t.axis)
+    e = biased.astype(jnp.int32) - fmt.scale.bias
+    nan_block = biased == jnp.uint8(fmt.scale.nan_code)
+    bits = numerics.decode_magnitude(mag, e, elem) | lax.shift_left(sign, jnp.uint32(31))
+    if elem.has_nan:
+        # Codes above the largest finite one are the element's own Inf/NaN.
+        bits = jnp.where(special, _special_bits(mag, sign, elem), bits)
+    bits = jnp.where(nan_block, jnp.uint32(0x7FC00000), bits)
+    return _from_blocks(_bits_to_dtype(bits, dtype), t.axis, t.length)
+
+
+def _special_bits(mag, sign, elem: ElementFormat) -> jax.Array:
+    nan = jnp.uint32(0x7FC00000)
+    if not elem.has_inf:
+        return jnp.broadcast_to(nan, mag.shape)
+    inf_code = elem.max_code + 1
+    inf = jnp.uint32(0x7F800000) | lax.shift_left(sign, jnp.uint32(31))
+    return jnp.where(mag == inf_code, inf, nan)
+
+
+def fake_quantize(
+    x,
+    format: str | MXFormat,
+    *,
+    axis: int = -1,
+    block_size: int | None = None,
+    scale_mode: str = "floor",
+    rounding: str = "nearest_even",
+    flush_subnormals: bool = False,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """``dequantize(quantize(x, ...))`` in one fused pass, in ``x``'s dtype.
+
+    Takes the same arguments as :func:`quantize`. The codes are never
+    materialized: the rounded value of each element is rebuilt directly from
+    its code magnitude and the block's exponent.
+
+    Differentiable with the straight-through estimator: the gradient with
+    respect to ``x`` is passed through unchanged (the usual choice for
+    quantization-aware training).
+
+    >>> import jax.numpy as jnp, jaxmx
+    >>> jaxmx.fake_quantize(jnp.array([0.3, -1.7, 5.0, 6.5]), "mxfp4", block_size=4)
+    Array([ 0.5, -2. ,  5. ,  6. ], dtype=float32)
+    """
+    fmt = get_format(format)
+    x = _check_array(x)
+    axis = _check_axis(axis, x.ndim)
+    bs = _check_block_size(block_size, fmt)
+    _check_modes(scale_mode, rounding, key)
+    rbits = _random_bits(key, x.shape) if rounding == "stochastic" else None
+    return _fake_quantize(x, rbits, (fmt, axis, bs, scale_mode, rounding, flush_subnormals))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _fake_quantize(x, rbits, static):
+    return _fake_quantize_impl(x, rbits, *static)
+
+
+@_fake_quantize.defjvp
+def _fake_quantize_jvp(static, primals, tangents):
+    x, rbits = primals
+    return _fake_quantize(x, rbits, static), tangents[0]
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
+def _fake_quantize_impl(x, rbits, fmt, axis, bs, scale_mode, rounding, flush_subnormals):
+    elem = fmt.element
+    blk = _quantize_blocks(x, elem, fmt, axis, bs, scale_mode, rounding, flush_subnormals, rbits)
+    bits = numerics.decode_magnitude(blk.code, blk.exponent, elem)
+    bits = bits | lax.shift_left(blk.sign, jnp.uint32(31))
+    bits = jnp.where(blk.nonfinite, jnp.uint32(0x7FC00000), bits)
+    return _from_blocks(_bits_to_dtype(bits, x.dtype), axis, x.shape[axis])
+

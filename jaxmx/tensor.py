@@ -1,0 +1,105 @@
+"""The MXTensor pytree: element codes plus one scale per block."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+
+from jaxmx.formats import MXFormat
+
+__all__ = ["MXTensor"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MXTensor:
+    """A tensor in an MX format: element codes and per-block scales.
+
+    Made by :func:`jaxmx.quantize`; read back with :func:`jaxmx.dequantize`.
+    The two arrays are pytree leaves, everything else is static metadata, so
+    an MXTensor passes through ``jit``, ``vmap``, ``scan`` and sharding like
+    any pair of arrays.
+
+    Attributes:
+      data: element codes. FP8 and FP4 use their ml_dtypes dtype
+        (``float8_e4m3fn``, ``float8_e5m2``, ``float4_e2m1fn``); FP6 codes
+        (which XLA cannot hold) are uint8 with the sign in bit 5; MXINT codes
+        are int8 holding the two's-complement integer. When ``packed``, the
+        codes of sub-byte formats are packed into uint8 along the quantized
+        axis (see :func:`jaxmx.pack`). Codes of a block with a NaN scale are 0.
+      scale: ``float8_e8m0fnu`` scales, shaped like the input with the
+        quantized axis replaced by the number of blocks.
+      format: the :class:`~jaxmx.MXFormat`.
+      axis: the quantized axis, counted from the end (negative), so that a
+        ``vmap`` that adds leading batch axes leaves it valid.
+      block_size: elements per block along ``axis``; the last block may be
+        partial.
+      length: size of the quantized axis of the original tensor.
+      dtype: dtype of the original tensor.
+      packed: whether ``data`` holds packed sub-byte codes.
+
+    Example:
+
+    >>> import jax.numpy as jnp, jaxmx
+    >>> t = jaxmx.quantize(jnp.linspace(-1.0, 1.0, 64).reshape(2, 32), "mxfp4")
+    >>> t.shape, t.scale.shape, t.data.dtype
+    ((2, 32), (2, 1), dtype(float4_e2m1fn))
+    """
+
+    data: jax.Array
+    scale: jax.Array
+    format: MXFormat = dataclasses.field(metadata=dict(static=True))
+    axis: int = dataclasses.field(metadata=dict(static=True))
+    block_size: int = dataclasses.field(metadata=dict(static=True))
+    length: int = dataclasses.field(metadata=dict(static=True))
+    dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
+    packed: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the tensor this represents (of the dequantized array)."""
+        shape = list(self.data.shape)
+        shape[self.axis] = self.length
+        return tuple(shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.data.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks along the quantized axis."""
+        return -(-self.length // self.block_size)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes really held by the two arrays (codes and scales)."""
+        return _nbytes(self.data) + _nbytes(self.scale)
+
+    @property
+    def bits_per_element(self) -> float:
+        """Stored bits per represented element, scales included."""
+        return 8 * self.nbytes / max(self.size, 1)
+
+    def __repr__(self) -> str:
+        try:
+            shape = self.shape
+            nbytes = f", nbytes={self.nbytes}"
+        except Exception:  # leaves replaced by placeholders inside JAX transforms
+            shape, nbytes = "?", ""
+        return (
+            f"MXTensor({self.format.name}, shape={shape}, dtype={np.dtype(self.dtype).name}, "
+            f"axis={self.axis}, block_size={self.block_size}"
+            f"{', packed' if self.packed else ''}{nbytes})"
+        )
+
+
+def _nbytes(a) -> int:
+    return math.prod(a.shape) * np.dtype(a.dtype).itemsize
