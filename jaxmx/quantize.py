@@ -24,9 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxmx import numerics
+from jaxmx import codes, numerics
 from jaxmx.formats import ElementFormat, MXFormat, get_format
 from jaxmx.numerics import ROUNDINGS, SCALE_MODES
+from jaxmx.packing import pack_codes, unpack
 from jaxmx.tensor import MXTensor
 
 __all__ = ["quantize", "dequantize", "fake_quantize"]
@@ -169,59 +170,6 @@ def _quantize_blocks(
     return _Blocks(sign, code, e, nonfinite)
 
 
-def _signed_codes(sign: jax.Array, code: jax.Array, elem: ElementFormat) -> jax.Array:
-    """Code magnitudes + signs -> the element storage of an MXTensor."""
-    if elem.kind == "int":
-        c = code.astype(jnp.int32)
-        return jnp.where(sign != 0, -c, c).astype(jnp.int8)
-    raw = (code | lax.shift_left(sign, jnp.uint32(elem.bits - 1))).astype(jnp.uint8)
-    return _raw_to_storage(raw, elem)
-
-
-def _raw_to_storage(raw: jax.Array, elem: ElementFormat) -> jax.Array:
-    """uint8 holding a ``bits``-wide raw code -> the storage dtype."""
-    dtype = elem.storage_dtype
-    if dtype == np.uint8:
-        return raw
-    if dtype == np.int8:
-        # Sign-extend a bits-wide two's-complement code.
-        shift = 8 - elem.bits
-        return lax.shift_right_arithmetic(
-            lax.shift_left(raw, jnp.uint8(shift)).view(jnp.int8), jnp.int8(shift)
-        )
-    if dtype.itemsize * 8 == elem.bits:
-        return lax.bitcast_convert_type(raw, dtype)
-    if elem.bits == 4:
-        return lax.bitcast_convert_type(raw.astype(jnp.uint4), dtype)
-    raise NotImplementedError(f"no storage conversion for {elem.name} in {dtype}")
-
-
-def _storage_to_raw(data: jax.Array, elem: ElementFormat) -> jax.Array:
-    """The storage dtype -> uint8 holding the ``bits``-wide raw code."""
-    if data.dtype == jnp.uint8:
-        return data
-    if data.dtype == jnp.int8:
-        return data.view(jnp.uint8) & jnp.uint8((1 << elem.bits) - 1)
-    if np.dtype(data.dtype).itemsize * 8 == elem.bits:
-        return lax.bitcast_convert_type(data, jnp.uint8)
-    if elem.bits == 4:
-        return lax.bitcast_convert_type(data, jnp.uint4).astype(jnp.uint8)
-    raise NotImplementedError(f"no storage conversion for {elem.name} in {data.dtype}")
-
-
-def _split_codes(data: jax.Array, elem: ElementFormat) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Storage -> (sign, code magnitude, is_special) as uint32/bool arrays."""
-    if elem.kind == "int":
-        c = data.astype(jnp.int32)
-        sign = (c < 0).astype(jnp.uint32)
-        mag = jnp.abs(c).astype(jnp.uint32)
-        return sign, mag, mag > elem.max_code  # the unused code -2^(bits-1)
-    raw = _storage_to_raw(data, elem).astype(jnp.uint32)
-    sign = lax.shift_right_logical(raw, jnp.uint32(elem.bits - 1)) & jnp.uint32(1)
-    mag = raw & jnp.uint32(elem.sign_bit - 1)
-    return sign, mag, mag > elem.max_code  # Inf/NaN codes of FP8
-
-
 def _bits_to_dtype(bits: jax.Array, dtype) -> jax.Array:
     """float32 bit patterns -> ``dtype``, rounding to nearest even exactly."""
     dtype = jnp.dtype(dtype)
@@ -266,6 +214,7 @@ def quantize(
     rounding: str = "nearest_even",
     flush_subnormals: bool = False,
     key: jax.Array | None = None,
+    packed: bool = False,
 ) -> MXTensor:
     """Quantizes ``x`` to an MX format along one axis.
 
@@ -290,6 +239,9 @@ def quantize(
       flush_subnormals: treat float32 subnormal inputs as zero (what the MX
         paper's emulator does); by default they are kept.
       key: PRNG key for stochastic rounding.
+      packed: return sub-byte codes (FP4, FP6, INT4, INT2) packed into bytes
+        (see :func:`jaxmx.pack`), written directly without the one-code-per-byte
+        intermediate. No effect on 8-bit formats.
 
     Returns:
       An :class:`~jaxmx.MXTensor`. Elements saturate to the format's largest
@@ -312,16 +264,23 @@ def quantize(
     bs = _check_block_size(block_size, fmt)
     _check_modes(scale_mode, rounding, key)
     rbits = _random_bits(key, x.shape) if rounding == "stochastic" else None
-    return _quantize(x, rbits, fmt, axis, bs, scale_mode, rounding, flush_subnormals)
+    packed = bool(packed) and fmt.element.bits < 8
+    return _quantize(x, rbits, fmt, axis, bs, scale_mode, rounding, flush_subnormals, packed)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
-def _quantize(x, rbits, fmt, axis, bs, scale_mode, rounding, flush_subnormals) -> MXTensor:
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7, 8))
+def _quantize(
+    x, rbits, fmt, axis, bs, scale_mode, rounding, flush_subnormals, packed
+) -> MXTensor:
     elem = fmt.element
     blk = _quantize_blocks(x, elem, fmt, axis, bs, scale_mode, rounding, flush_subnormals, rbits)
     code = jnp.where(blk.nonfinite, jnp.uint32(0), blk.code)
     sign = jnp.where(blk.nonfinite, jnp.uint32(0), blk.sign)
-    data = _from_blocks(_signed_codes(sign, code, elem), axis, x.shape[axis])
+    if packed:
+        raw = _from_blocks(codes.raw_codes(sign, code, elem), axis, x.shape[axis])
+        data = pack_codes(raw, elem.bits, axis)
+    else:
+        data = _from_blocks(codes.signed_codes(sign, code, elem), axis, x.shape[axis])
     biased = (blk.exponent + fmt.scale.bias).astype(jnp.uint8)
     biased = jnp.where(blk.nonfinite, jnp.uint8(fmt.scale.nan_code), biased)
     scale = lax.bitcast_convert_type(jnp.squeeze(biased, axis), fmt.scale.storage_dtype)
@@ -333,6 +292,7 @@ def _quantize(x, rbits, fmt, axis, bs, scale_mode, rounding, flush_subnormals) -
         block_size=bs,
         length=x.shape[axis],
         dtype=np.dtype(x.dtype),
+        packed=packed,
     )
 
 
@@ -355,17 +315,13 @@ def dequantize(t: MXTensor, dtype=jnp.float32) -> jax.Array:
     if not isinstance(t, MXTensor):
         raise TypeError(f"dequantize expects an MXTensor, got {type(t).__name__}")
     dtype = _check_out_dtype(dtype)
-    if t.packed:
-        from jaxmx.packing import unpack
-
-        t = unpack(t)
-    return _dequantize(t, dtype)
+    return _dequantize(unpack(t), dtype)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
 def _dequantize(t: MXTensor, dtype) -> jax.Array:
     elem, fmt = t.format.element, t.format
-    sign, mag, special = _split_codes(_to_blocks(t.data, t.axis, t.block_size), elem)
+    sign, mag, special = codes.split_codes(_to_blocks(t.data, t.axis, t.block_size), elem)
     biased = jnp.expand_dims(lax.bitcast_convert_type(t.scale, jnp.uint8), t.axis)
     e = biased.astype(jnp.int32) - fmt.scale.bias
     nan_block = biased == jnp.uint8(fmt.scale.nan_code)

@@ -1,0 +1,135 @@
+"""Packed storage of sub-byte element codes.
+
+XLA holds FP4 and FP6 codes (and MXINT4/MXINT2) one per byte. For real
+low-precision storage the codes are packed along the quantized axis:
+
+* 4-bit codes (FP4 E2M1, INT4): two per byte, element ``2i`` in the low
+  nibble and ``2i + 1`` in the high nibble (PyTorch's ``float4_e2m1fn_x2``
+  layout);
+* 6-bit codes (FP6): four per three bytes, little-endian: code ``j`` of a
+  group occupies bits ``6j .. 6j + 5`` of the 24-bit word formed by the bytes
+  ``b0 | b1 << 8 | b2 << 16``;
+* 2-bit codes (INT2): four per byte, element ``4i + j`` in bits ``2j, 2j + 1``.
+
+An axis whose length is not a multiple of the group is padded with zero
+codes; the original length is kept in the tensor's metadata. Packing and
+unpacking are exact inverses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxmx.codes import raw_to_storage, storage_to_raw
+from jaxmx.formats import ElementFormat
+from jaxmx.tensor import MXTensor
+
+__all__ = ["pack", "unpack", "pack_codes", "unpack_codes"]
+
+
+def _group(bits: int) -> tuple[int, int]:
+    """(codes per group, bytes per group) for ``bits``-wide codes."""
+    codes = 8 // math.gcd(bits, 8)
+    return codes, codes * bits // 8
+
+
+def pack_codes(raw: jax.Array, bits: int, axis: int) -> jax.Array:
+    """Packs uint8 arrays of ``bits``-wide codes along ``axis`` (negative)."""
+    g, nbytes = _group(bits)
+    n = raw.shape[axis]
+    ng = -(-n // g)
+    if ng * g != n:
+        pad = [(0, 0)] * raw.ndim
+        pad[axis] = (0, ng * g - n)
+        raw = jnp.pad(raw, pad)
+    ax = raw.ndim + axis
+    grouped = raw.reshape(raw.shape[:ax] + (ng, g) + raw.shape[ax + 1 :]).astype(jnp.uint32)
+    word = jnp.zeros_like(jnp.take(grouped, 0, axis=ax + 1))
+    for j in range(g):
+        word = word | lax.shift_left(jnp.take(grouped, j, axis=ax + 1), jnp.uint32(bits * j))
+    out = [
+        lax.shift_right_logical(word, jnp.uint32(8 * b)).astype(jnp.uint8) for b in range(nbytes)
+    ]
+    packed = jnp.stack(out, axis=ax + 1)
+    return packed.reshape(raw.shape[:ax] + (ng * nbytes,) + raw.shape[ax + 1 :])
+
+
+def unpack_codes(packed: jax.Array, bits: int, axis: int, length: int) -> jax.Array:
+    """Inverse of :func:`pack_codes`: uint8 codes, ``length`` along ``axis``."""
+    g, nbytes = _group(bits)
+    ax = packed.ndim + axis
+    ng = packed.shape[ax] // nbytes
+    grouped = packed.reshape(packed.shape[:ax] + (ng, nbytes) + packed.shape[ax + 1 :])
+    grouped = grouped.astype(jnp.uint32)
+    word = jnp.zeros_like(jnp.take(grouped, 0, axis=ax + 1))
+    for b in range(nbytes):
+        word = word | lax.shift_left(jnp.take(grouped, b, axis=ax + 1), jnp.uint32(8 * b))
+    mask = jnp.uint32((1 << bits) - 1)
+    codes = [
+        (lax.shift_right_logical(word, jnp.uint32(bits * j)) & mask).astype(jnp.uint8)
+        for j in range(g)
+    ]
+    raw = jnp.stack(codes, axis=ax + 1)
+    raw = raw.reshape(packed.shape[:ax] + (ng * g,) + packed.shape[ax + 1 :])
+    if ng * g != length:
+        raw = lax.slice_in_dim(raw, 0, length, axis=ax)
+    return raw
+
+
+def _packable(elem: ElementFormat) -> bool:
+    return elem.bits < 8
+
+
+def pack(t: MXTensor) -> MXTensor:
+    """Packs the codes of a sub-byte format (FP4, FP6, INT4, INT2) into bytes.
+
+    8-bit formats are already one byte per element and are returned as they
+    are; so is a tensor that is already packed.
+
+    >>> import jax.numpy as jnp, jaxmx
+    >>> t = jaxmx.quantize(jnp.ones((4, 64)), "mxfp4")
+    >>> p = jaxmx.pack(t)
+    >>> p.data.shape, p.data.dtype, t.nbytes, p.nbytes
+    ((4, 32), dtype('uint8'), 264, 136)
+    """
+    if not isinstance(t, MXTensor):
+        raise TypeError(f"pack expects an MXTensor, got {type(t).__name__}")
+    if t.packed or not _packable(t.format.element):
+        return t
+    return _pack(t)
+
+
+@jax.jit
+def _pack(t: MXTensor) -> MXTensor:
+    elem = t.format.element
+    raw = storage_to_raw(t.data, elem)
+    return dataclasses.replace(t, data=pack_codes(raw, elem.bits, t.axis), packed=True)
+
+
+def unpack(t: MXTensor) -> MXTensor:
+    """Inverse of :func:`pack`: one code per element, in the storage dtype.
+
+    >>> import jax.numpy as jnp, jaxmx
+    >>> t = jaxmx.quantize(jnp.ones((4, 64)), "mxfp6_e3m2")
+    >>> u = jaxmx.unpack(jaxmx.pack(t))
+    >>> bool((u.data == t.data).all())
+    True
+    """
+    if not isinstance(t, MXTensor):
+        raise TypeError(f"unpack expects an MXTensor, got {type(t).__name__}")
+    if not t.packed:
+        return t
+    return _unpack(t)
+
+
+@jax.jit
+def _unpack(t: MXTensor) -> MXTensor:
+    elem = t.format.element
+    raw = unpack_codes(t.data, elem.bits, t.axis, t.length)
+    return dataclasses.replace(t, data=raw_to_storage(raw, elem), packed=False)
+
