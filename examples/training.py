@@ -1,0 +1,648 @@
+"""A small, generic Optax training loop with exact resume, metrics and plots.
+
+The loop is functional: a model is ``apply_fn(params, x, *, train=False,
+rng=None) -> logits`` plus a float32 ``params`` pytree (the master weights).
+Linen modules and nnx modules are adapted with :func:`linen_apply_fn` and
+:func:`nnx_apply_fn`. The loop never quantizes anything itself; a numeric
+recipe (FP32 today, MX formats later) is just a different ``apply_fn`` built
+from the same model by a function registered in :data:`RECIPES`, and
+:func:`run_recipes` trains every requested recipe from the same initial
+params on the same batches, for the command-line examples.
+
+Exact resume: batch ``i`` is ``train_batch(i)`` and the dropout key of step
+``i`` is ``fold_in(key(seed), i)``, so the only state a run has is params,
+optimizer state, the step number and the logged history, all of which go
+into each orbax checkpoint. A run interrupted after a checkpoint at step k
+and resumed therefore reproduces an uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import statistics
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+from flax import linen as nn
+from flax import nnx
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+# apply_fn(params, x, *, train=False, rng=None) -> logits
+ApplyFn = Callable[..., jax.Array]
+# train_batch(step) -> (x, y); a pure function of the step number.
+BatchFn = Callable[[int], tuple[Any, Any]]
+# eval_batches() -> iterable of (x, y), the same batches on every call.
+EvalBatchesFn = Callable[[], Iterable[tuple[Any, Any]]]
+
+
+def linen_apply_fn(model: nn.Module) -> ApplyFn:
+    """Adapts a linen module whose ``__call__(x, *, train)`` returns logits.
+
+    Args:
+      model: the module; dropout (if any) uses the ``'dropout'`` rng stream.
+
+    Returns:
+      ``apply_fn(params, x, *, train=False, rng=None)`` where ``params`` is the
+      ``"params"`` collection.
+    """
+
+    def apply_fn(params, x, *, train: bool = False, rng: jax.Array | None = None):
+        rngs = {"dropout": rng} if rng is not None else None
+        return model.apply({"params": params}, x, train=train, rngs=rngs)
+
+    return apply_fn
+
+
+def nnx_apply_fn(model: nnx.Module) -> ApplyFn:
+    """Adapts an nnx module whose ``__call__(x, *, train, rngs)`` returns logits.
+
+    The module is split once; each call merges the graph definition with the
+    given parameters (a pure dict, see :func:`nnx_params`). Non-``Param``
+    state (e.g. stored rngs) is treated as constant; models with mutable
+    statistics such as BatchNorm are not supported.
+
+    Args:
+      model: the module.
+
+    Returns:
+      ``apply_fn(params, x, *, train=False, rng=None)``.
+    """
+    graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
+
+    def apply_fn(params, x, *, train: bool = False, rng: jax.Array | None = None):
+        # Map to fresh Variables so the captured template is never mutated.
+        state = jax.tree.map(lambda v: v, param_state)
+        nnx.replace_by_pure_dict(state, params)
+        module = nnx.merge(graphdef, state, rest)
+        rngs = nnx.Rngs(dropout=rng) if rng is not None else None
+        return module(x, train=train, rngs=rngs)
+
+    return apply_fn
+
+
+def nnx_params(model: nnx.Module) -> dict[str, Any]:
+    """Returns an nnx module's ``Param`` state as a pure dict (the trainable pytree)."""
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def init_linen_params(model: nn.Module, sample_x: Any, seed: int) -> dict[str, Any]:
+    """Initialises a linen module and returns its ``"params"`` collection.
+
+    Args:
+      model: the module.
+      sample_x: an input batch with the training shapes.
+      seed: initialisation seed.
+
+    Returns:
+      The float32 parameter pytree.
+    """
+    return model.init(jax.random.key(seed), jnp.asarray(sample_x))["params"]
+
+
+def apply_fn_for(model: nn.Module | nnx.Module) -> ApplyFn:
+    """Dispatches to :func:`linen_apply_fn` or :func:`nnx_apply_fn`."""
+    if isinstance(model, nn.Module):
+        return linen_apply_fn(model)
+    if isinstance(model, nnx.Module):
+        return nnx_apply_fn(model)
+    raise TypeError(f"expected a flax linen or nnx Module, got {type(model).__name__}")
+
+
+# --- Recipes ---------------------------------------------------------------
+# A recipe maps the FP32 model to an apply_fn that consumes the *same* float32
+# parameter pytree. MX recipes substitute the model's matmul layers; they are
+# added here, in this one dict, and the CLIs pick them up via --recipes.
+
+
+def fp32(model: nn.Module | nnx.Module) -> ApplyFn:
+    """The reference recipe: the model exactly as written, in float32."""
+    return apply_fn_for(model)
+
+
+RECIPES: dict[str, Callable[[Any], ApplyFn]] = {"fp32": fp32}
+
+
+def get_recipe(name: str) -> Callable[[Any], ApplyFn]:
+    """Looks up a recipe in :data:`RECIPES`.
+
+    Args:
+      name: recipe name, e.g. ``"fp32"``.
+
+    Returns:
+      The recipe function ``model -> apply_fn``.
+
+    Raises:
+      ValueError: for an unknown name; the message lists the known ones.
+
+    >>> get_recipe("fp32").__name__
+    'fp32'
+    """
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
+    return RECIPES[name]
+
+
+def parse_recipes(spec: str) -> list[str]:
+    """Splits a comma-separated recipe list and validates every name.
+
+    >>> parse_recipes("fp32")
+    ['fp32']
+    """
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"no recipe names in {spec!r}; known: {', '.join(sorted(RECIPES))}")
+    for name in names:
+        get_recipe(name)
+    if len(set(names)) != len(names):
+        raise ValueError(f"recipe list {spec!r} repeats a name")
+    return names
+
+
+# --- Optimisation ------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Hyper-parameters of :func:`train` (recorded in metrics and checkpoints).
+
+    >>> TrainConfig(steps=100, warmup_steps=10).learning_rate
+    0.001
+    """
+
+    steps: int  # number of optimizer updates
+    learning_rate: float = 1e-3  # peak learning rate after warmup
+    warmup_steps: int = 100  # linear warmup from 0, then cosine decay to the end
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+    weight_decay: float = 0.1  # decoupled AdamW decay, applied to >=2-D params only
+    b1: float = 0.9  # Adam first-moment decay
+    b2: float = 0.99  # Adam second-moment decay
+    grad_clip: float = 1.0  # global-norm clipping threshold; 0 disables it
+    eval_every: int = 100  # evaluate every this many steps (and at the end)
+    log_every: int = 10  # record the mean train loss over this many steps
+    checkpoint_every: int = 0  # checkpoint interval; 0 = only at the end
+    seed: int = 0  # dropout-key seed (data order is fixed by the batch function)
+
+    def __post_init__(self):
+        for name in ("steps", "eval_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(
+                f"TrainConfig.warmup_steps must be in [0, steps={self.steps}), "
+                f"got {self.warmup_steps}"
+            )
+        if self.checkpoint_every < 0 or self.grad_clip < 0 or self.learning_rate <= 0:
+            raise ValueError(
+                "need checkpoint_every >= 0, grad_clip >= 0 and learning_rate > 0, got "
+                f"{self.checkpoint_every}, {self.grad_clip}, {self.learning_rate}"
+            )
+
+
+def lr_schedule(config: TrainConfig) -> optax.Schedule:
+    """Linear warmup to ``learning_rate``, cosine decay to ``min_lr_ratio`` of it."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=config.steps,
+        end_value=config.learning_rate * config.min_lr_ratio,
+    )
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """The default optimizer: global-norm clipping, then AdamW on the schedule.
+
+    Weight decay skips biases and LayerNorm scales (1-D leaves), as in GPT-2.
+    """
+    adamw = optax.adamw(
+        lr_schedule(config),
+        b1=config.b1,
+        b2=config.b2,
+        weight_decay=config.weight_decay,
+        mask=lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params),
+    )
+    if config.grad_clip == 0:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Mean softmax cross-entropy over every label (tokens or images), in nats."""
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), labels
+    ).mean()
+
+
+def _check_master_params(params: Any) -> None:
+    bad = {
+        jax.tree_util.keystr(path): str(jnp.result_type(leaf))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+        if jnp.result_type(leaf) != jnp.float32
+    }
+    if bad:
+        raise TypeError(f"master params must all be float32; got other dtypes at {bad}")
+
+
+def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, seed: int):
+    """Returns a jitted ``step(params, opt_state, x, y, step) -> (params, opt_state, loss)``."""
+    base_key = jax.random.key(seed)
+
+    def step_fn(params, opt_state, x, y, step):
+        def loss_fn(p):
+            logits = apply_fn(p, x, train=True, rng=jax.random.fold_in(base_key, step))
+            return cross_entropy(logits, y)
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return jax.jit(step_fn)
+
+
+def make_eval_step(apply_fn: ApplyFn):
+    """Returns a jitted ``eval(params, x, y) -> (loss_sum, correct, count)``."""
+
+    def eval_fn(params, x, y):
+        logits = apply_fn(params, x, train=False).astype(jnp.float32)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return losses.sum(), (logits.argmax(-1) == y).sum(), y.size
+
+    return jax.jit(eval_fn)
+
+
+def evaluate(eval_step, params: Any, eval_batches: EvalBatchesFn) -> dict[str, float]:
+    """Mean loss and accuracy over every label of every evaluation batch."""
+    loss_sum, correct, count = 0.0, 0, 0
+    for x, y in eval_batches():
+        s, c, n = eval_step(params, jnp.asarray(x), jnp.asarray(y))
+        loss_sum, correct, count = loss_sum + float(s), correct + int(c), count + int(n)
+    if count == 0:
+        raise ValueError("eval_batches() yielded no batches")
+    return {"loss": loss_sum / count, "accuracy": correct / count}
+
+
+# --- The loop ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` returns."""
+
+    params: Any  # final float32 master params
+    opt_state: Any  # final optimizer state
+    metrics: dict[str, Any]  # the metrics dict also written to metrics.json
+
+
+def _write_json(path: pathlib.Path, obj: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)  # atomic, so a reader never sees half a file
+
+
+def _summarise(metrics: dict[str, Any], step_times_ms: list[float]) -> None:
+    metrics["step_time_ms_median"] = statistics.median(step_times_ms) if step_times_ms else None
+    metrics["steps_timed"] = len(step_times_ms)
+    metrics["final_eval"] = metrics["eval"][-1] if metrics["eval"] else None
+
+
+def _config_diff(saved: Mapping[str, Any], wanted: Mapping[str, Any], prefix: str = "") -> str:
+    diffs = []
+    for key in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(key), wanted.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            diffs.append(_config_diff(a, b, f"{prefix}{key}."))
+        elif a != b:
+            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return ", ".join(d for d in diffs if d)
+
+
+def _checkpoint_manager(out_dir: pathlib.Path, keep: int = 2) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.LatestN(keep), create=True
+    )
+    return ocp.CheckpointManager(
+        out_dir.resolve() / "checkpoints", options=options, item_names=("state", "meta")
+    )
+
+
+def train(
+    apply_fn: ApplyFn,
+    params: Any,
+    train_batch: BatchFn,
+    eval_batches: EvalBatchesFn,
+    config: TrainConfig,
+    *,
+    optimizer: optax.GradientTransformation | None = None,
+    out_dir: str | os.PathLike | None = None,
+    name: str = "run",
+    run_info: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
+    """Trains ``params`` with cross-entropy loss, resuming from ``out_dir`` if possible.
+
+    Args:
+      apply_fn: ``apply_fn(params, x, *, train=False, rng=None) -> logits``.
+      params: initial float32 master params; not modified (JAX arrays are immutable).
+      train_batch: ``train_batch(step) -> (x, y)``, a pure function of ``step``.
+      eval_batches: ``eval_batches() -> iterable of (x, y)``.
+      config: loop and default-optimizer settings.
+      optimizer: any optax transformation; defaults to :func:`make_optimizer`.
+        A custom optimizer is not recorded, so resume with the same one.
+      out_dir: where ``metrics.json`` and ``checkpoints/`` go; None keeps
+        everything in memory and disables checkpointing.
+      name: run label for the progress bar, metrics and plots.
+      run_info: JSON-serialisable description of the model, data and recipe,
+        stored under ``metrics["config"]``; resuming requires it to match.
+      progress: show a tqdm progress bar.
+      on_step: called as ``on_step(step, loss)`` after each update (``step``
+        counts completed updates), e.g. for custom logging or early exits.
+
+    Returns:
+      A :class:`TrainResult`. ``metrics`` holds ``train`` (``step``, mean
+      ``loss`` over the last ``log_every`` steps, ``lr``), ``eval`` (``step``,
+      ``loss``, ``accuracy``, including step 0), ``step_time_ms_median``
+      (excluding each invocation's first, compiling, step), ``total_time_s``
+      and ``final_eval``.
+
+    Raises:
+      TypeError: if a param is not float32.
+      ValueError: if a checkpoint in ``out_dir`` was written with another config.
+    """
+    _check_master_params(params)
+    optimizer = optimizer or make_optimizer(config)
+    schedule = lr_schedule(config)
+    full_config = {"train": dataclasses.asdict(config), **dict(run_info or {})}
+    json.dumps(full_config)  # fail now, not at the first checkpoint
+    step_fn = make_train_step(apply_fn, optimizer, config.seed)
+    eval_step = make_eval_step(apply_fn)
+    opt_state = optimizer.init(params)
+    metrics: dict[str, Any] = {"name": name, "config": full_config, "train": [], "eval": []}
+    pending, step_times, start, elapsed = [], [], 0, 0.0
+    out = pathlib.Path(out_dir) if out_dir is not None else None
+    manager = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        manager = _checkpoint_manager(out)
+        if manager.latest_step() is not None:
+            abstract = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)),
+                {"params": params, "opt_state": opt_state},
+            )
+            restored = manager.restore(
+                manager.latest_step(),
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
+                ),
+            )
+            meta = restored.meta
+            diff = _config_diff(meta["metrics"]["config"], full_config)
+            if diff:
+                manager.close()
+                raise ValueError(
+                    f"{out} holds a checkpoint of a different configuration "
+                    f"(saved -> requested: {diff}); use another output directory or delete it"
+                )
+            params, opt_state = restored.state["params"], restored.state["opt_state"]
+            metrics, pending, step_times = meta["metrics"], meta["pending"], meta["step_times"]
+            start, elapsed = meta["step"], meta["elapsed"]
+
+    def save(step: int) -> None:
+        meta = {"step": step, "elapsed": elapsed, "metrics": metrics}
+        meta.update(pending=pending, step_times=step_times)
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
+
+    bar = tqdm.tqdm(total=config.steps, initial=start, desc=name, disable=not progress)
+    try:
+        t_start = time.perf_counter() - elapsed
+        if start == 0:
+            metrics["eval"].append({"step": 0, **evaluate(eval_step, params, eval_batches)})
+        for step in range(start, config.steps):
+            x, y = train_batch(step)
+            t0 = time.perf_counter()
+            params, opt_state, loss = step_fn(
+                params, opt_state, jnp.asarray(x), jnp.asarray(y), jnp.int32(step)
+            )
+            loss = float(loss)  # blocks, so t0..now is the whole step
+            if step > start:  # the first step of an invocation includes compilation
+                step_times.append((time.perf_counter() - t0) * 1e3)
+            pending.append(loss)
+            done = step + 1
+            if done % config.log_every == 0 or done == config.steps:
+                mean = sum(pending) / len(pending)
+                metrics["train"].append({"step": done, "loss": mean, "lr": float(schedule(step))})
+                pending = []
+            if done % config.eval_every == 0 or done == config.steps:
+                metrics["eval"].append({"step": done, **evaluate(eval_step, params, eval_batches)})
+            if done % config.log_every == 0 or done % config.eval_every == 0:
+                train_loss = metrics["train"][-1]["loss"] if metrics["train"] else loss
+                bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{metrics['eval'][-1]['loss']:.4f}")
+            elapsed = time.perf_counter() - t_start
+            metrics["total_time_s"] = elapsed
+            _summarise(metrics, step_times)
+            if manager is not None and (
+                done == config.steps
+                or (config.checkpoint_every and done % config.checkpoint_every == 0)
+            ):
+                save(done)
+            if out is not None and (done % config.eval_every == 0 or done == config.steps):
+                _write_json(out / "metrics.json", metrics)
+            bar.update(1)
+            if on_step is not None:
+                on_step(done, loss)
+    finally:
+        bar.close()
+        if manager is not None:
+            manager.close()  # waits for in-flight asynchronous saves
+    _summarise(metrics, step_times)
+    if out is not None:
+        _write_json(out / "metrics.json", metrics)
+    return TrainResult(params=params, opt_state=opt_state, metrics=metrics)
+
+
+# --- Plots and recipe studies --------------------------------------------------
+
+
+def load_metrics(run: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """Returns a metrics dict given the dict itself or a ``metrics.json`` path."""
+    if isinstance(run, Mapping):
+        return dict(run)
+    return json.loads(pathlib.Path(run).read_text())
+
+
+def plot_runs(
+    runs: Sequence[str | os.PathLike | Mapping[str, Any]], path: str | os.PathLike
+) -> pathlib.Path:
+    """Plots train loss, eval loss and eval accuracy of several runs on one figure.
+
+    Uses matplotlib's Agg canvas directly (no pyplot), so it works headless
+    and never touches global backend state.
+
+    Args:
+      runs: metrics dicts (as returned by :func:`train`) or ``metrics.json`` paths.
+      path: output PNG path; parent folders are created.
+
+    Returns:
+      The PNG path.
+    """
+    if not runs:
+        raise ValueError("plot_runs needs at least one run")
+    fig = Figure(figsize=(14, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    titles = ("train loss", "eval loss", "eval accuracy")
+    for run in map(load_metrics, runs):
+        curves = (
+            run["train"],
+            run["eval"],
+            run["eval"],
+        )
+        for ax, key, points in zip(axes, ("loss", "loss", "accuracy"), curves, strict=True):
+            ax.plot([p["step"] for p in points], [p[key] for p in points], label=run["name"])
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def run_recipes(
+    recipes: Sequence[str],
+    model: Any,
+    params: Any,
+    train_batch: BatchFn,
+    eval_batches: EvalBatchesFn,
+    config: TrainConfig,
+    out_root: str | os.PathLike,
+    *,
+    run_info: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Trains each recipe in turn from the same params on the same batches.
+
+    Args:
+      recipes: names in :data:`RECIPES`.
+      model: the FP32 model handed to each recipe.
+      params: shared initial float32 params.
+      train_batch: see :func:`train`.
+      eval_batches: see :func:`train`.
+      config: shared loop settings.
+      out_root: each recipe writes to ``out_root/<recipe>/`` (and resumes from it).
+      run_info: description of model and data, recorded with each run.
+      progress: show progress bars.
+
+    Returns:
+      The metrics dict of each recipe, in order.
+    """
+    results = []
+    for name in recipes:
+        apply_fn = get_recipe(name)(model)
+        result = train(
+            apply_fn,
+            params,
+            train_batch,
+            eval_batches,
+            config,
+            out_dir=pathlib.Path(out_root) / name,
+            name=name,
+            run_info={**dict(run_info or {}), "recipe": name},
+            progress=progress,
+        )
+        results.append(result.metrics)
+    return results
+
+
+def format_table(results: Sequence[Mapping[str, Any]], metric: str) -> str:
+    """Formats final ``metric`` ("loss" or "accuracy") per recipe, with the gap to fp32.
+
+    The gap is relative: ``100 * (value - fp32) / fp32``.
+    """
+    if metric not in ("loss", "accuracy"):
+        raise ValueError(f"metric must be 'loss' or 'accuracy', got {metric!r}")
+    ref = next((r["final_eval"][metric] for r in results if r["name"] == "fp32"), None)
+    label = "final val loss" if metric == "loss" else "test accuracy"
+    lines = [f"{'recipe':<16} {label:>14} {'gap to fp32 %':>14} {'median step ms':>15}"]
+    for r in results:
+        value = r["final_eval"][metric]
+        gap = f"{100 * (value - ref) / ref:+.2f}" if ref else "n/a"
+        ms = r["step_time_ms_median"]
+        ms_text = f"{ms:.1f}" if ms is not None else "n/a"
+        lines.append(f"{r['name']:<16} {value:>14.4f} {gap:>14} {ms_text:>15}")
+    return "\n".join(lines)
+
+
+def report_study(results: Sequence[Mapping[str, Any]], out_root, metric: str) -> str:
+    """Plots the runs to ``out_root/loss.png``, writes ``summary.txt`` and returns the table."""
+    out_root = pathlib.Path(out_root)
+    plot = plot_runs(results, out_root / "loss.png")
+    table = format_table(results, metric)
+    text = f"{table}\nplot: {plot}"
+    (out_root / "summary.txt").write_text(text + "\n")
+    return text
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Adds the flags shared by the example CLIs.
+
+    Numeric flags default to None so :func:`resolve_defaults` can tell an
+    explicit value from a default (``--quick`` only changes the defaults).
+    """
+    parser.add_argument(
+        "--recipes", default="fp32", help=f"comma-separated, from {sorted(RECIPES)}"
+    )
+    parser.add_argument("--steps", type=int, help="optimizer updates")
+    parser.add_argument("--batch-size", type=int, help="examples per batch")
+    parser.add_argument("--lr", type=float, help="peak learning rate")
+    parser.add_argument("--warmup-steps", type=int, help="linear warmup steps")
+    parser.add_argument("--eval-every", type=int, help="evaluation interval (steps)")
+    parser.add_argument("--log-every", type=int, help="train-loss logging interval")
+    parser.add_argument("--checkpoint-every", type=int, help="checkpoint interval; 0 = at the end")
+    parser.add_argument("--seed", type=int, default=0, help="init, data and dropout seed")
+    parser.add_argument("--out", help="output folder (default runs/<name>); reruns resume")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke-test configuration")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def resolve_defaults(
+    args: argparse.Namespace, defaults: Mapping[str, Any], quick: Mapping[str, Any]
+) -> argparse.Namespace:
+    """Fills every flag left at None from ``quick`` (with --quick) or ``defaults``."""
+    table = {**defaults, **quick} if args.quick else defaults
+    for key, value in table.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Builds the :class:`TrainConfig` from resolved common flags."""
+    return TrainConfig(
+        steps=args.steps,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup_steps,
+        eval_every=args.eval_every,
+        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
