@@ -7,17 +7,16 @@ MXTensor(mxfp8_e4m3, shape=(2, 32), dtype=float32, axis=-1, block_size=32, nbyte
 """
 
 from jaxmx import formats, numerics
-from jaxmx.formats import ElementFormat
-from jaxmx.formats import MXFormat
-from jaxmx.formats import ScaleFormat
-from jaxmx.formats import get_format
-from jaxmx.formats import list_formats
-from jaxmx.formats import register_format
-from jaxmx.packing import pack
-from jaxmx.packing import unpack
-from jaxmx.quantize import dequantize
-from jaxmx.quantize import fake_quantize
-from jaxmx.quantize import quantize
+from jaxmx.formats import (
+    ElementFormat,
+    MXFormat,
+    ScaleFormat,
+    get_format,
+    list_formats,
+    register_format,
+)
+from jaxmx.packing import pack, unpack
+from jaxmx.quantize import dequantize, fake_quantize, quantize
 from jaxmx.tensor import MXTensor
 
 __version__ = "0.1.0"

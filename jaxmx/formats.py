@@ -83,9 +83,7 @@ class ElementFormat:
     # One-line description of the special values, for the card.
     specials: str = "none"
     # ml_dtypes / numpy dtype that holds one element code in an MXTensor.
-    storage_dtype: np.dtype = dataclasses.field(
-        default=np.dtype(np.uint8), compare=False
-    )
+    storage_dtype: np.dtype = dataclasses.field(default=np.dtype(np.uint8), compare=False)
 
     @property
     def emin(self) -> int:
@@ -137,9 +135,7 @@ class ScaleFormat:
     max_exponent: int
     # Byte that encodes NaN (a block holding NaN or Inf gets this scale).
     nan_code: int
-    storage_dtype: np.dtype = dataclasses.field(
-        default=np.dtype(np.uint8), compare=False
-    )
+    storage_dtype: np.dtype = dataclasses.field(default=np.dtype(np.uint8), compare=False)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -381,16 +377,16 @@ def get_format(fmt: str | MXFormat) -> MXFormat:
     if isinstance(fmt, MXFormat):
         return fmt
     if not isinstance(fmt, str):
-        raise TypeError(
-            f"format must be a format name or an MXFormat, got {type(fmt).__name__}"
-        )
+        raise TypeError(f"format must be a format name or an MXFormat, got {type(fmt).__name__}")
     key = fmt.lower()
     key = _ALIASES.get(key, key)
     try:
         return _REGISTRY[key]
     except KeyError:
-        known = ", ".join(list_formats()) + "; aliases: " + ", ".join(
-            f"{a} -> {t}" for a, t in _ALIASES.items()
+        known = (
+            ", ".join(list_formats())
+            + "; aliases: "
+            + ", ".join(f"{a} -> {t}" for a, t in _ALIASES.items())
         )
         raise ValueError(f"unknown format {fmt!r}; known formats: {known}") from None
 

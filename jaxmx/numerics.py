@@ -135,7 +135,7 @@ def shared_exponent(
     elif mode == "rceil":
         # amax / M = 2^(log2 - emax) * (1.frac / 1.frac_M): one more binade
         # exactly when amax's significand exceeds max_normal's.
-        m_frac = int(round((elem.max_normal / 2.0**emax - 1.0) * 2**_MANT_BITS))
+        m_frac = round((elem.max_normal / 2.0**emax - 1.0) * 2**_MANT_BITS)
         e = log2 + (frac > m_frac).astype(jnp.int32) - emax
     elif mode == "even":
         m = elem.mantissa_bits
@@ -235,9 +235,10 @@ def decode_magnitude(code: jax.Array, e: jax.Array | int, elem: ElementFormat) -
 
     Args:
       code: uint32 code magnitudes as returned by :func:`encode_magnitude`.
-      e: int32 shift broadcastable to ``code``. The result must lie in the
-        float32 range, subnormals included (true for every MX element times
-        an E8M0 scale: the smallest is 2^-9 * 2^-127).
+      e: int32 shift broadcastable to ``code``. Every MX value down to the
+        smallest (2^-9 * 2^-127) is a float32 number, subnormals included,
+        so the result is exact; values above the float32 range (up to
+        448 * 2^127) become Inf, the IEEE result of the conversion.
       elem: the element format.
     """
     m = elem.mantissa_bits
@@ -251,5 +252,7 @@ def decode_magnitude(code: jax.Array, e: jax.Array | int, elem: ElementFormat) -
     lead = lax.shift_right_logical(fb, _u32(_MANT_BITS)).astype(jnp.int32)  # 127 + log2(sig)
     normal = (lead + t >= 1) & (sig != 0)
     as_normal = fb + lax.shift_left(t.astype(jnp.uint32), _u32(_MANT_BITS))
+    # MX values reach 448 * 2^127, beyond float32: those overflow to Inf.
+    as_normal = jnp.where(lead + t >= 255, _u32(_INF_BITS), as_normal)
     as_sub = lax.shift_left(sig, jnp.clip(t + 149, 0, 31).astype(jnp.uint32))
     return jnp.where(normal, as_normal, as_sub)

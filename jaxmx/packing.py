@@ -132,4 +132,3 @@ def _unpack(t: MXTensor) -> MXTensor:
     elem = t.format.element
     raw = unpack_codes(t.data, elem.bits, t.axis, t.length)
     return dataclasses.replace(t, data=raw_to_storage(raw, elem), packed=False)
-

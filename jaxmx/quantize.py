@@ -71,8 +71,7 @@ def _check_axis(axis, ndim: int) -> int:
         raise ValueError("cannot quantize a scalar (0-d array): MX blocks need an axis")
     if not -ndim <= axis < ndim:
         raise ValueError(
-            f"axis {axis} is out of range for an array of rank {ndim}; "
-            f"allowed: {-ndim}..{ndim - 1}"
+            f"axis {axis} is out of range for an array of rank {ndim}; allowed: {-ndim}..{ndim - 1}"
         )
     return int(axis) - ndim if axis >= 0 else int(axis)
 
@@ -93,9 +92,7 @@ def _check_modes(scale_mode, rounding, key) -> None:
     if rounding not in ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}; allowed: {', '.join(ROUNDINGS)}")
     if rounding == "stochastic" and key is None:
-        raise ValueError(
-            "rounding='stochastic' needs a PRNG key: pass key=jax.random.key(...)"
-        )
+        raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(...)")
 
 
 def _random_bits(key, shape) -> jax.Array:
@@ -193,9 +190,7 @@ def _check_out_dtype(dtype) -> jnp.dtype:
     except TypeError:
         raise TypeError(f"dtype must be a float dtype, got {dtype!r}") from None
     if not any(dtype == d for d in _FLOAT_INPUTS):
-        raise TypeError(
-            f"cannot dequantize to {dtype}; allowed: float32, bfloat16, float16"
-        )
+        raise TypeError(f"cannot dequantize to {dtype}; allowed: float32, bfloat16, float16")
     return dtype
 
 
@@ -224,7 +219,9 @@ def quantize(
     and the MX paper's reference emulator (microxcaling) in its exact mode.
 
     Args:
-      x: float32, bfloat16 or float16 array of any rank.
+      x: float32, bfloat16 or float16 array of any rank. (NumPy float64
+        input becomes float32 as in every JAX function unless x64 is on; a
+        float64 JAX array is refused rather than rounded twice.)
       format: a format name (``jaxmx.list_formats()``, aliases ``"mxfp8"``,
         ``"mxfp6"``, ``"mxfp4"``) or an :class:`~jaxmx.MXFormat`.
       axis: the axis along which blocks run (for a matmul operand: its
@@ -255,8 +252,10 @@ def quantize(
     >>> import jax.numpy as jnp, jaxmx
     >>> x = jnp.array([[0.3, -1.7, 5.0, 100.0]])
     >>> t = jaxmx.quantize(x, "mxfp4", block_size=4)
-    >>> jaxmx.dequantize(t)
-    Array([[  0.,  -0.,   0., 96.]], dtype=float32)
+    >>> t.scale  # 2^(floor(log2 100) - 2): the block max sets the scale
+    Array([[16]], dtype=float8_e8m0fnu)
+    >>> jaxmx.dequantize(t)  # small values drown next to the block max
+    Array([[ 0., -0.,  8., 96.]], dtype=float32)
     """
     fmt = get_format(format)
     x = _check_array(x)
@@ -269,9 +268,7 @@ def quantize(
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7, 8))
-def _quantize(
-    x, rbits, fmt, axis, bs, scale_mode, rounding, flush_subnormals, packed
-) -> MXTensor:
+def _quantize(x, rbits, fmt, axis, bs, scale_mode, rounding, flush_subnormals, packed) -> MXTensor:
     elem = fmt.element
     blk = _quantize_blocks(x, elem, fmt, axis, bs, scale_mode, rounding, flush_subnormals, rbits)
     code = jnp.where(blk.nonfinite, jnp.uint32(0), blk.code)
@@ -364,8 +361,9 @@ def fake_quantize(
     quantization-aware training).
 
     >>> import jax.numpy as jnp, jaxmx
+    >>> # Scale 2^0; 5.0 is a tie between 4 and 6 (goes to even), 6.5 saturates.
     >>> jaxmx.fake_quantize(jnp.array([0.3, -1.7, 5.0, 6.5]), "mxfp4", block_size=4)
-    Array([ 0.5, -2. ,  5. ,  6. ], dtype=float32)
+    Array([ 0.5, -1.5,  4. ,  6. ], dtype=float32)
     """
     fmt = get_format(format)
     x = _check_array(x)
@@ -395,4 +393,3 @@ def _fake_quantize_impl(x, rbits, fmt, axis, bs, scale_mode, rounding, flush_sub
     bits = bits | lax.shift_left(blk.sign, jnp.uint32(31))
     bits = jnp.where(blk.nonfinite, jnp.uint32(0x7FC00000), bits)
     return _from_blocks(_bits_to_dtype(bits, x.dtype), axis, x.shape[axis])
-
