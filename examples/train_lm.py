@@ -32,21 +32,25 @@ from flax import nnx
 from examples import data, training
 from models import GPT, GPTConfig, GPTnnx
 
-# Tuned on a 2-core CPU: one FP32 run takes about 3 minutes and the validation
-# loss is still falling at the end (see the commit message for measurements).
+# Tuned on a 2-core CPU: one FP32 run takes about 3 minutes (~85 ms/step)
+# and reaches a validation loss of about 1.70 nats/char while still falling.
+# Longer training of a small model beat a wider model for the same time
+# (4x128, context 128, batch 16: 2.00 after 600 steps in 150 s). heads=2
+# makes head_dim 32, so every contraction (64, 256, head_dim, context) is a
+# multiple of the MX block size 32.
 DEFAULTS = {
-    "steps": 600,
+    "steps": 1600,
     "batch_size": 32,
-    "context": 128,
+    "context": 64,
     "depth": 4,
-    "width": 128,
-    "heads": 4,
+    "width": 64,
+    "heads": 2,
     "dropout": 0.0,
-    "lr": 3e-3,
-    "warmup_steps": 60,
-    "eval_every": 100,
+    "lr": 4e-3,
+    "warmup_steps": 100,
+    "eval_every": 200,
     "log_every": 10,
-    "checkpoint_every": 200,
+    "checkpoint_every": 400,
     "eval_batches": 8,
 }
 # A configuration that compiles and runs in seconds, for smoke tests.

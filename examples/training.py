@@ -508,14 +508,23 @@ def plot_runs(
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
     titles = ("train loss", "eval loss", "eval accuracy")
-    for run in map(load_metrics, runs):
-        curves = (
-            run["train"],
-            run["eval"],
-            run["eval"],
-        )
+    runs = [load_metrics(r) for r in runs]
+    for run in runs:
+        curves = (run["train"], run["eval"], run["eval"])
         for ax, key, points in zip(axes, ("loss", "loss", "accuracy"), curves, strict=True):
             ax.plot([p["step"] for p in points], [p[key] for p in points], label=run["name"])
+    for ax, kind in zip(axes[:2], ("train", "eval"), strict=True):
+        # Recipes differ by a few percent at the end; clipping the initial
+        # transient (first 10% of steps) keeps those gaps visible.
+        tails = [
+            p["loss"]
+            for run in runs
+            for p in run[kind]
+            if p["step"] >= 0.1 * run["config"]["train"]["steps"]
+        ]
+        if tails:
+            low, high = min(tails), max(tails)
+            ax.set_ylim(low - 0.05 * (high - low) - 1e-3, high + 0.05 * (high - low) + 1e-3)
     for ax, title in zip(axes, titles, strict=True):
         ax.set_title(title)
         ax.set_xlabel("step")
