@@ -6,34 +6,61 @@
 MXTensor(mxfp8_e4m3, shape=(2, 32), dtype=float32, axis=-1, block_size=32, nbytes=66)
 """
 
-from jaxmx import formats, numerics
-from jaxmx.formats import (
-    ElementFormat,
-    MXFormat,
-    ScaleFormat,
-    get_format,
-    list_formats,
-    register_format,
-)
-from jaxmx.packing import pack, unpack
-from jaxmx.quantize import dequantize, fake_quantize, quantize
+# ruff: noqa: I001 (one re-export per line, grouped by layer)
+
+# Numerics: formats, bit-level rounding, scales.
+from jaxmx import formats
+from jaxmx import numerics
+from jaxmx.formats import ElementFormat
+from jaxmx.formats import MXFormat
+from jaxmx.formats import ScaleFormat
+from jaxmx.formats import get_format
+from jaxmx.formats import list_formats
+from jaxmx.formats import register_format
+from jaxmx.rounding import round_to
+
+# The MXTensor pytree and conversions.
 from jaxmx.tensor import MXTensor
+from jaxmx.quantize import quantize
+from jaxmx.quantize import dequantize
+from jaxmx.quantize import fake_quantize
+from jaxmx.packing import pack
+from jaxmx.packing import unpack
+
+# Ops: quantized matmuls for training and inference.
+from jaxmx import native
+from jaxmx.config import FORWARD
+from jaxmx.config import DotConfig
+from jaxmx.config import list_presets
+from jaxmx.config import preset
+from jaxmx.dot import dot_general
+from jaxmx.einsum import einsum
+from jaxmx.conv import conv_general_dilated
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FORWARD",
+    "DotConfig",
     "ElementFormat",
     "MXFormat",
     "MXTensor",
     "ScaleFormat",
+    "conv_general_dilated",
     "dequantize",
+    "dot_general",
+    "einsum",
     "fake_quantize",
     "formats",
     "get_format",
     "list_formats",
+    "list_presets",
+    "native",
     "numerics",
     "pack",
+    "preset",
     "quantize",
     "register_format",
+    "round_to",
     "unpack",
 ]

@@ -38,7 +38,10 @@ __all__ = [
     "INT8",
     "INT4",
     "INT2",
+    "BF16",
+    "FP16",
     "E8M0",
+    "float_format",
     "get_format",
     "list_formats",
     "register_format",
@@ -298,6 +301,50 @@ INT2 = ElementFormat(
     storage_dtype=np.dtype(np.int8),
 )
 """INT2 (jaxmx extension): values {-1, 0, 1}."""
+
+
+def float_format(
+    exponent_bits: int, mantissa_bits: int, *, bias: int | None = None, name: str | None = None
+) -> ElementFormat:
+    """An IEEE-754-style binary float: the all-ones exponent holds Inf and NaN.
+
+    Useful with :func:`jaxmx.round_to` to emulate narrow vector units, e.g. a
+    12-bit bfloat (8 exponent bits, 3 mantissa bits).
+
+    >>> import jaxmx
+    >>> f = jaxmx.formats.float_format(8, 3)
+    >>> f.name, f.max_normal == float.fromhex("0x1.Ep127")
+    ('float_e8m3', True)
+    """
+    if exponent_bits < 2 or mantissa_bits < 0 or exponent_bits + mantissa_bits > 15:
+        raise ValueError(
+            f"float_format needs 2 <= exponent_bits and exponent_bits + mantissa_bits <= 15, "
+            f"got exponent_bits={exponent_bits}, mantissa_bits={mantissa_bits}"
+        )
+    bias = (1 << (exponent_bits - 1)) - 1 if bias is None else bias
+    emax = (1 << exponent_bits) - 2 - bias
+    return ElementFormat(
+        name=name or f"float_e{exponent_bits}m{mantissa_bits}",
+        kind="float",
+        bits=1 + exponent_bits + mantissa_bits,
+        exponent_bits=exponent_bits,
+        mantissa_bits=mantissa_bits,
+        bias=bias,
+        max_normal=(2.0 - 2.0**-mantissa_bits) * 2.0**emax,
+        min_normal=2.0 ** (1 - bias),
+        min_subnormal=2.0 ** (1 - bias - mantissa_bits),
+        max_code=(((1 << exponent_bits) - 1) << mantissa_bits) - 1,
+        has_inf=True,
+        has_nan=True,
+        specials="IEEE: exponent all ones holds +-Inf (mantissa 0) and NaN",
+    )
+
+
+BF16 = float_format(8, 7, name="bfloat16")
+"""bfloat16: 1/8/7 bits, bias 127, max 0x1.FEp127 (code 0x7F7F), IEEE Inf/NaN."""
+
+FP16 = float_format(5, 10, name="float16")
+"""float16 (IEEE binary16): 1/5/10 bits, bias 15, max 65504 (code 0x7BFF), Inf/NaN."""
 
 E8M0 = ScaleFormat(
     name="e8m0",

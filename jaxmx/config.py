@@ -1,0 +1,235 @@
+"""DotConfig: which MX format each operand of a matmul uses, forward and backward.
+
+A training matmul ``Y = dot(A, B)`` quantizes six tensors (MX paper,
+Rouhani et al. 2023, arXiv:2310.10537, section 6; OCP MX v1.0 section 6.4):
+
+==========  ===============================  ====================
+matmul      operands                         config fields
+==========  ===============================  ====================
+forward     A, B along their contraction     ``lhs``, ``rhs``
+dgrad       dY, B along B's free axis        ``grad``, ``rhs_bwd``
+wgrad       A, dY along A's free axis        ``lhs_bwd``, ``grad``
+==========  ===============================  ====================
+
+For a Dense layer ``y = x @ W``, ``lhs`` is the activation and ``rhs`` the
+weight. A role set to ``None`` stays in high precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from jaxmx.formats import MXFormat, get_format
+from jaxmx.numerics import ROUNDINGS, SCALE_MODES
+
+__all__ = ["DotConfig", "FORWARD", "preset", "list_presets"]
+
+FORWARD = "forward"
+"""Sentinel for ``lhs_bwd`` / ``rhs_bwd``: reuse the operand's forward format."""
+
+FormatLike = str | MXFormat | None
+_ROLES = ("lhs", "rhs", "grad", "lhs_bwd", "rhs_bwd")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DotConfig:
+    """How to quantize the operands of every matmul of a forward and backward pass.
+
+    Format fields take a format name (``jaxmx.list_formats()``), an
+    :class:`~jaxmx.MXFormat`, or ``None`` (high precision). Names are
+    resolved when the config is made, so a typo fails at once.
+
+    >>> import jaxmx
+    >>> cfg = jaxmx.DotConfig(lhs="mxfp6_e3m2", rhs="mxfp4", grad="mxfp6_e3m2")
+    >>> cfg.role("rhs_bwd").name, cfg.role("lhs_bwd").name
+    ('mxfp4_e2m1', 'mxfp6_e3m2')
+    """
+
+    # Forward format of the left operand (activations x in x @ W).
+    lhs: FormatLike = None
+    # Forward format of the right operand (weights W in x @ W).
+    rhs: FormatLike = None
+    # Format of the incoming gradient dY, in both backward matmuls.
+    grad: FormatLike = None
+    # Format of the left operand when re-quantized for the weight-gradient
+    # matmul (along its free axis). Default: the forward format.
+    lhs_bwd: FormatLike = FORWARD
+    # Format of the right operand when re-quantized for the input-gradient
+    # matmul (along its free axis). Default: the forward format.
+    rhs_bwd: FormatLike = FORWARD
+    # Elements per block for every role; None: each format's default (32).
+    block_size: int | None = None
+    # Shared-exponent rule (see jaxmx.quantize): floor (OCP), rceil, ceil, even.
+    scale_mode: str = "floor"
+    # Element rounding of the forward and re-quantized operands.
+    rounding: str = "nearest_even"
+    # Element rounding of dY; None: same as `rounding`. "stochastic" draws its
+    # bits from the `key` given to dot_general, or from a hash of dY without one.
+    # It is unbiased within the element range; pair it with scale_mode="rceil",
+    # since the floor rule saturates some block maxima (a bias of its own).
+    grad_rounding: str | None = None
+    # What the forward pass saves for the backward one: the high-precision
+    # operands (the MX paper's recipe: backward operands are re-quantized from
+    # them), or their forward MX copies (less memory; the backward operands are
+    # then quantized twice, which is not the paper's recipe).
+    residuals: Literal["high_precision", "quantized"] = "high_precision"
+    # dtype of the dequantized operands fed to the matmul. Every MX value is
+    # exact in bfloat16 and products accumulate in float32 either way; None
+    # picks float32 on CPU (faster there) and bfloat16 elsewhere.
+    compute_dtype: str | None = None
+    # Block-scaled hardware matmuls (lax.scaled_dot): "auto" uses them where
+    # the backend has them natively (Blackwell-class GPUs) and the formats fit,
+    # "never" always emulates, "always" uses lax.scaled_dot wherever it runs
+    # (on CPU it is a reference decomposition, useful as a cross-check).
+    native: Literal["auto", "never", "always"] = "auto"
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen)
+        for role in ("lhs", "rhs", "grad"):
+            set_(role, _resolve(role, getattr(self, role)))
+        for role in ("lhs_bwd", "rhs_bwd"):
+            value = getattr(self, role)
+            # FORWARD stays a sentinel, so replace(lhs=...) moves lhs_bwd along.
+            if not (isinstance(value, str) and value == FORWARD):
+                set_(role, _resolve(role, value))
+        if self.block_size is not None and (
+            isinstance(self.block_size, bool)
+            or not isinstance(self.block_size, int)
+            or self.block_size <= 0
+        ):
+            raise ValueError(f"block_size must be a positive int or None, got {self.block_size!r}")
+        if self.scale_mode not in SCALE_MODES:
+            raise ValueError(
+                f"unknown scale_mode {self.scale_mode!r}; allowed: {', '.join(SCALE_MODES)}"
+            )
+        for name in ("rounding", "grad_rounding"):
+            value = getattr(self, name)
+            if not (value is None and name == "grad_rounding") and value not in ROUNDINGS:
+                raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(ROUNDINGS)}")
+        if self.residuals not in ("high_precision", "quantized"):
+            raise ValueError(
+                f"unknown residuals {self.residuals!r}; allowed: high_precision, quantized"
+            )
+        if self.compute_dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(
+                f"unknown compute_dtype {self.compute_dtype!r}; allowed: None, float32, bfloat16"
+            )
+        if self.native not in ("auto", "never", "always"):
+            raise ValueError(f"unknown native {self.native!r}; allowed: auto, never, always")
+
+    def role(self, name: str) -> MXFormat | None:
+        """The resolved format of a role: lhs, rhs, grad, lhs_bwd or rhs_bwd."""
+        if name not in _ROLES:
+            raise ValueError(f"unknown role {name!r}; allowed: {', '.join(_ROLES)}")
+        value = getattr(self, name)
+        if isinstance(value, str) and value == FORWARD:
+            return getattr(self, name.removesuffix("_bwd"))
+        return value
+
+    @property
+    def effective_grad_rounding(self) -> str:
+        return self.rounding if self.grad_rounding is None else self.grad_rounding
+
+    @property
+    def is_noop(self) -> bool:
+        """True when every role is high precision: dot_general is lax.dot_general."""
+        return all(self.role(r) is None for r in _ROLES)
+
+    def replace(self, **changes) -> DotConfig:
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+    def for_activations(self) -> DotConfig:
+        """The config for a matmul of two activations (attention's q.k and p.v).
+
+        Weight formats (``rhs``, ``rhs_bwd``) are replaced by the activation
+        ones, so that e.g. an MXFP4-weight recipe keeps keys and values in the
+        activation format.
+        """
+        return self.replace(rhs=self.lhs, rhs_bwd=self.lhs_bwd)
+
+    def describe(self) -> str:
+        names = {r: (self.role(r).name if self.role(r) else "-") for r in _ROLES}
+        return (
+            f"fwd {names['lhs']} x {names['rhs']}; dgrad {names['grad']} x {names['rhs_bwd']}; "
+            f"wgrad {names['lhs_bwd']} x {names['grad']}"
+        )
+
+
+def _resolve(role: str, value: FormatLike) -> MXFormat | None:
+    if value is None:
+        return None
+    try:
+        return get_format(value)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"DotConfig.{role}: {err}") from None
+
+
+# --------------------------------------------------------------------------
+# Presets. Each names its source.
+# --------------------------------------------------------------------------
+
+_PRESETS: dict[str, tuple[str, DotConfig]] = {
+    "fp32": ("no quantization: every matmul in high precision", DotConfig()),
+    "mxfp8": (
+        "MXFP8 E4M3 for weights, activations and gradients, OCP floor scales "
+        "(Rouhani et al. 2023, arXiv:2310.10537)",
+        DotConfig(lhs="mxfp8_e4m3", rhs="mxfp8_e4m3", grad="mxfp8_e4m3"),
+    ),
+    "mxfp8_rceil": (
+        "MXFP8 E4M3 everywhere with round-up (RCEIL) scales, the recipe NVIDIA "
+        "found stable for LLM pre-training (Mishra et al. 2025, arXiv:2506.08027)",
+        DotConfig(lhs="mxfp8_e4m3", rhs="mxfp8_e4m3", grad="mxfp8_e4m3", scale_mode="rceil"),
+    ),
+    "mxfp8_e5m2_grads": (
+        "MXFP8 E4M3 forward, E5M2 gradients: the FP8 hybrid of Micikevicius et al. "
+        "2022 (arXiv:2209.05433) with MX block scales",
+        DotConfig(lhs="mxfp8_e4m3", rhs="mxfp8_e4m3", grad="mxfp8_e5m2"),
+    ),
+    "mxfp6": (
+        "MXFP6 E3M2 for weights, activations and gradients: the MX paper's "
+        "sub-8-bit training result (Rouhani et al. 2023, arXiv:2310.10537)",
+        DotConfig(lhs="mxfp6_e3m2", rhs="mxfp6_e3m2", grad="mxfp6_e3m2"),
+    ),
+    "mxfp4_weights": (
+        "MXFP4 weights with MXFP6 E3M2 activations and gradients (Rouhani et al. "
+        "2023, arXiv:2310.10537)",
+        DotConfig(lhs="mxfp6_e3m2", rhs="mxfp4_e2m1", grad="mxfp6_e3m2"),
+    ),
+    "mxfp4": (
+        "MXFP4 E2M1 for weights, activations and gradients: a stress test, "
+        "below what the MX paper trains with",
+        DotConfig(lhs="mxfp4_e2m1", rhs="mxfp4_e2m1", grad="mxfp4_e2m1"),
+    ),
+}
+
+
+def list_presets() -> dict[str, str]:
+    """Preset names and what each one is, with its source.
+
+    >>> import jaxmx
+    >>> sorted(jaxmx.list_presets())[:3]
+    ['fp32', 'mxfp4', 'mxfp4_weights']
+    """
+    return {name: doc for name, (doc, _) in _PRESETS.items()}
+
+
+def preset(name: str, **overrides) -> DotConfig:
+    """A named training recipe as a :class:`DotConfig`, optionally modified.
+
+    Args:
+      name: one of :func:`list_presets`: ``"fp32"``, ``"mxfp8"``,
+        ``"mxfp8_rceil"``, ``"mxfp8_e5m2_grads"``, ``"mxfp6"``,
+        ``"mxfp4_weights"``, ``"mxfp4"``.
+      **overrides: fields to change, e.g. ``grad_rounding="stochastic"``.
+
+    >>> import jaxmx
+    >>> jaxmx.preset("mxfp4_weights").describe()
+    'fwd mxfp6_e3m2 x mxfp4_e2m1; dgrad mxfp6_e3m2 x mxfp4_e2m1; wgrad mxfp6_e3m2 x mxfp6_e3m2'
+    """
+    try:
+        cfg = _PRESETS[name][1]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(_PRESETS)}") from None
+    return cfg.replace(**overrides) if overrides else cfg

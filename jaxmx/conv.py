@@ -1,0 +1,184 @@
+"""Quantized convolution: ``lax.conv_general_dilated`` with MX operands.
+
+A convolution is a matmul whose contraction runs over the input features
+and the kernel window. Blocks run along the feature axes, the one axis on
+which the two operands pair element for element:
+
+* forward: input along its feature axis C, kernel along its input-feature
+  axis I;
+* dgrad (input gradient): dY along its feature axis, kernel along its
+  output-feature axis O;
+* wgrad (kernel gradient): input and dY along the batch axis N, which that
+  convolution contracts (together with the spatial positions, whose
+  pairing shifts with the window, so blocks cannot run along them).
+
+With ``feature_group_count > 1`` blocks stay within one group. The backward
+convolutions are JAX's own transposes (``jax.vjp``) of the convolution,
+applied to the quantized operands.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxmx.config import DotConfig, preset
+from jaxmx.dot import _compute_dtype, _operand
+
+__all__ = ["conv_general_dilated"]
+
+
+class _ConvStatic(NamedTuple):
+    window_strides: tuple
+    padding: object
+    lhs_dilation: tuple | None
+    rhs_dilation: tuple | None
+    dimension_numbers: lax.ConvDimensionNumbers
+    feature_group_count: int
+    precision: object
+    out_dtype: object
+    config: DotConfig
+
+
+def _conv(lhs, rhs, s: _ConvStatic):
+    return lax.conv_general_dilated(
+        lhs,
+        rhs,
+        s.window_strides,
+        s.padding,
+        s.lhs_dilation,
+        s.rhs_dilation,
+        s.dimension_numbers,
+        s.feature_group_count,
+        1,
+        s.precision,
+        preferred_element_type=jnp.float32,
+    )
+
+
+def _grouped(x, fmt, axis: int, groups: int, cfg: DotConfig, rounding, key, role):
+    """Quantizes ``x`` along ``axis`` with blocks kept inside each of ``groups`` groups."""
+    if fmt is None or groups == 1:
+        return _operand(x, fmt, axis, cfg, rounding, key, role)
+    shape = x.shape
+    split = shape[:axis] + (groups, shape[axis] // groups) + shape[axis + 1 :]
+    q = _operand(x.reshape(split), fmt, axis + 1, cfg, rounding, key, role)
+    return q.reshape(shape)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _mx_conv(lhs, rhs, key, s: _ConvStatic):
+    return _mx_conv_fwd(lhs, rhs, key, s)[0]
+
+
+def _mx_conv_fwd(lhs, rhs, key, s: _ConvStatic):
+    """Forward convolution of the input (blocks along C) and kernel (along I).
+
+    Residuals: the high-precision ``(lhs, rhs, key)``.
+    """
+    cfg, dn = s.config, s.dimension_numbers
+    x = _grouped(lhs, cfg.lhs, dn.lhs_spec[1], s.feature_group_count, cfg, cfg.rounding, key, "lhs")
+    w = _operand(rhs, cfg.rhs, dn.rhs_spec[1], cfg, cfg.rounding, key, "rhs")
+    common = jnp.promote_types(x.dtype, w.dtype)
+    return _conv(x.astype(common), w.astype(common), s).astype(s.out_dtype), (lhs, rhs, key)
+
+
+def _mx_conv_bwd(s: _ConvStatic, res, g):
+    """dgrad: dY (blocks along its features) with the kernel (along O); wgrad:
+    input and dY, both blocked along the batch axis N."""
+    cfg, dn = s.config, s.dimension_numbers
+    lhs, rhs, key = res
+    g_round = cfg.effective_grad_rounding
+    groups = s.feature_group_count
+    cdt = jnp.promote_types(_compute_dtype(cfg), jnp.promote_types(lhs.dtype, rhs.dtype))
+
+    g1 = _grouped(g, cfg.grad, dn.out_spec[1], groups, cfg, g_round, key, "grad_dgrad")
+    w1 = _grouped(
+        rhs, cfg.role("rhs_bwd"), dn.rhs_spec[0], groups, cfg, cfg.rounding, key, "rhs_bwd"
+    )
+    # The convolution is linear in each operand: its VJP in lhs, taken at
+    # the quantized kernel, is the dgrad convolution of Q(dY) and Q(W).
+    _, vjp_lhs = jax.vjp(lambda x: _conv(x, w1.astype(cdt), s), lhs.astype(cdt))
+    (d_lhs,) = vjp_lhs(g1.astype(jnp.float32))
+
+    x2 = _operand(lhs, cfg.role("lhs_bwd"), dn.lhs_spec[0], cfg, cfg.rounding, key, "lhs_bwd")
+    g2 = _operand(g, cfg.grad, dn.out_spec[0], cfg, g_round, key, "grad_wgrad")
+    _, vjp_rhs = jax.vjp(lambda w: _conv(x2.astype(cdt), w, s), rhs.astype(cdt))
+    (d_rhs,) = vjp_rhs(g2.astype(jnp.float32))
+    return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype), None
+
+
+_mx_conv.defvjp(_mx_conv_fwd, _mx_conv_bwd)
+
+
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision=None,
+    preferred_element_type=None,
+    *,
+    config: DotConfig | str,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """``lax.conv_general_dilated`` with MX-quantized operands, forward and backward.
+
+    Takes the arguments of ``lax.conv_general_dilated`` (so it can be handed
+    to ``flax.linen.Conv(conv_general_dilated=...)``) plus ``config``.
+
+    >>> import jax, jax.numpy as jnp, jaxmx
+    >>> x = jnp.ones((2, 8, 8, 32)); w = jnp.ones((3, 3, 32, 16)) / 32
+    >>> y = jaxmx.conv_general_dilated(x, w, (1, 1), "SAME",
+    ...     dimension_numbers=("NHWC", "HWIO", "NHWC"), config="mxfp8")
+    >>> y.shape, float(y[0, 4, 4, 0])
+    ((2, 8, 8, 16), 9.0)
+    """
+    if isinstance(config, str):
+        config = preset(config)
+    if not isinstance(config, DotConfig):
+        raise TypeError(f"config must be a DotConfig or a preset name, got {type(config).__name__}")
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    if config.is_noop:
+        return lax.conv_general_dilated(
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            batch_group_count,
+            precision,
+            preferred_element_type,
+        )
+    if batch_group_count != 1:
+        raise ValueError(
+            f"jaxmx.conv_general_dilated supports batch_group_count=1 only, got {batch_group_count}"
+        )
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    out_dtype = jnp.dtype(preferred_element_type or jnp.promote_types(lhs.dtype, rhs.dtype))
+    if isinstance(padding, list):
+        padding = tuple(tuple(p) for p in padding)
+    s = _ConvStatic(
+        tuple(window_strides),
+        padding,
+        None if lhs_dilation is None else tuple(lhs_dilation),
+        None if rhs_dilation is None else tuple(rhs_dilation),
+        dn,
+        feature_group_count,
+        precision,
+        out_dtype,
+        config,
+    )
+    return _mx_conv(lhs, rhs, key, s)

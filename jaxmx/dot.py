@@ -1,0 +1,367 @@
+"""The quantized dot_general: MX in every matmul of the forward and backward pass.
+
+``jaxmx.dot_general`` is a drop-in for ``jax.lax.dot_general`` whose operands
+are quantized to MX formats along the axis each matmul contracts, with a
+``custom_vjp`` so that the two backward matmuls quantize their own operands
+along *their* contraction axes (MX paper, Rouhani et al. 2023,
+arXiv:2310.10537; OCP MX v1.0 section 6.4):
+
+* forward ``Y = Q(A) . Q(B)``, blocks along the contracting axes;
+* dgrad ``dA = Q(dY) . Q(B)``, blocks along B's free axes, B re-quantized
+  from its high-precision value (an MX copy quantized along K holds other
+  numbers than one quantized along N);
+* wgrad ``dB = Q(A) . Q(dY)``, blocks along A's free (batch/token) axes.
+
+With several axes to contract, blocks run along the last of them and the
+others are iterated over. An operand with no axis to contract (an outer
+product) is quantized with one element per block, as if its contraction
+axis of length 1 were padded with zeros to a block.
+
+Compute: operands are dequantized exactly (every MX value is exact in
+bfloat16) and multiplied with float32 accumulation, so every product is
+exact; see :mod:`jaxmx.native` for block-scaled hardware matmuls.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxmx import native
+from jaxmx.config import DotConfig, preset
+from jaxmx.formats import MXFormat
+from jaxmx.quantize import _fake_quantize_impl, _quantize, dequantize
+from jaxmx.tensor import MXTensor
+
+__all__ = ["dot_general"]
+
+DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
+
+# Distinct salts/fold-ins for the random bits of the six quantizations.
+_ROLE_IDS = {"lhs": 1, "rhs": 2, "grad_dgrad": 3, "rhs_bwd": 4, "lhs_bwd": 5, "grad_wgrad": 6}
+
+
+class _Dims(NamedTuple):
+    """Canonical (tuple) dimension numbers of one dot_general."""
+
+    lc: tuple[int, ...]  # lhs contracting
+    rc: tuple[int, ...]  # rhs contracting
+    lb: tuple[int, ...]  # lhs batch
+    rb: tuple[int, ...]  # rhs batch
+    lf: tuple[int, ...]  # lhs free, ascending
+    rf: tuple[int, ...]  # rhs free, ascending
+
+
+def _dims(dimension_numbers, lhs_ndim: int, rhs_ndim: int) -> _Dims:
+    try:
+        (lc, rc), (lb, rb) = dimension_numbers
+        lc, rc, lb, rb = (tuple(int(d) for d in ds) for ds in (lc, rc, lb, rb))
+    except (TypeError, ValueError):
+        raise ValueError(
+            "dimension_numbers must be ((lhs_contracting, rhs_contracting), "
+            f"(lhs_batch, rhs_batch)), got {dimension_numbers!r}"
+        ) from None
+    lc = tuple(d % lhs_ndim for d in lc)
+    lb = tuple(d % lhs_ndim for d in lb)
+    rc = tuple(d % rhs_ndim for d in rc)
+    rb = tuple(d % rhs_ndim for d in rb)
+    lf = tuple(d for d in range(lhs_ndim) if d not in lc and d not in lb)
+    rf = tuple(d for d in range(rhs_ndim) if d not in rc and d not in rb)
+    return _Dims(lc, rc, lb, rb, lf, rf)
+
+
+class _Static(NamedTuple):
+    """Everything about one call that is not an array (hashable)."""
+
+    dims: _Dims
+    config: DotConfig
+    precision: object
+    out_dtype: object
+    out_sharding: object
+
+
+# --------------------------------------------------------------------------
+# Quantizing one operand for one matmul.
+# --------------------------------------------------------------------------
+
+
+def _compute_dtype(config: DotConfig):
+    if config.compute_dtype is not None:
+        return jnp.dtype(config.compute_dtype)
+    # XLA:CPU runs float32 matmuls faster than bfloat16 ones; accelerators
+    # the other way round. Both are exact for MX values.
+    return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+
+
+def _hash_bits(x: jax.Array, salt: int) -> jax.Array:
+    """Pseudo-random uint32 per element from its bits and position.
+
+    Stochastic rounding inside a backward pass needs random bits but gets no
+    key from Flax layers; a hash of the value and its index (the lowbias32
+    mixer) is cheap, differs from step to step as the values do, and is
+    deterministic for a given input.
+    """
+    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    idx = lax.iota(jnp.uint32, x.size).reshape(x.shape)
+    h = bits ^ (idx * jnp.uint32(0x9E3779B9)) ^ jnp.uint32((salt * 0x85EBCA6B) & 0xFFFFFFFF)
+    for shift, mul in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        h = (h ^ lax.shift_right_logical(h, jnp.uint32(shift))) * jnp.uint32(mul)
+    return h ^ lax.shift_right_logical(h, jnp.uint32(16))
+
+
+def _rbits(x, rounding: str, key, role: str):
+    if rounding != "stochastic":
+        return None
+    if key is None:
+        return _hash_bits(x, _ROLE_IDS[role])
+    return jax.random.bits(jax.random.fold_in(key, _ROLE_IDS[role]), x.shape, jnp.uint32)
+
+
+def _operand(x, fmt: MXFormat | None, axis: int | None, config: DotConfig, rounding, key, role):
+    """``x`` fake-quantized to ``fmt`` with blocks along ``axis``, in compute dtype.
+
+    ``axis=None``: nothing to contract, one element per block.
+    """
+    if fmt is None:
+        return x
+    rbits = _rbits(x, rounding, key, role)
+    args = (
+        (fmt, -1, 1) if axis is None else (fmt, axis - x.ndim, config.block_size or fmt.block_size)
+    )
+    if axis is None:
+        x = x[..., None]
+        rbits = None if rbits is None else rbits[..., None]
+    q = _fake_quantize_impl(x, rbits, *args, config.scale_mode, rounding, False)
+    if axis is None:
+        q = q[..., 0]
+    return q.astype(_compute_dtype(config))
+
+
+def _last(axes: tuple[int, ...]) -> int | None:
+    return axes[-1] if axes else None
+
+
+class _Side(NamedTuple):
+    """One operand of one of the three matmuls."""
+
+    x: jax.Array
+    fmt: MXFormat | None
+    contracting: tuple[int, ...]
+    rounding: str
+    role: str
+
+
+def _qmatmul(a: _Side, b: _Side, dims, static: _Static, key, out_dtype, out_sharding=None):
+    """``Q(a) . Q(b)`` with blocks along the last contracting axis of each side."""
+    cfg = static.config
+    reason = native.unsupported_reason(
+        a.fmt, b.fmt, a.contracting, b.contracting, a.x.shape, b.x.shape, cfg
+    )
+    if native.use_native(cfg, reason):
+        ta, tb = (_mx_tensor(s, cfg, key) for s in (a, b))
+        return native.scaled_dot(ta, tb, dims, out_dtype)
+    qa = _operand(a.x, a.fmt, _last(a.contracting), cfg, a.rounding, key, a.role)
+    qb = _operand(b.x, b.fmt, _last(b.contracting), cfg, b.rounding, key, b.role)
+    common = jnp.promote_types(qa.dtype, qb.dtype)
+    qa, qb = qa.astype(common), qb.astype(common)
+    kwargs = {} if out_sharding is None else {"out_sharding": out_sharding}
+    return lax.dot_general(
+        qa, qb, dims, precision=static.precision, preferred_element_type=jnp.float32, **kwargs
+    ).astype(out_dtype)
+
+
+def _mx_tensor(side: _Side, cfg: DotConfig, key) -> MXTensor:
+    axis = side.contracting[-1] - side.x.ndim
+    bs = cfg.block_size or side.fmt.block_size
+    rbits = _rbits(side.x, side.rounding, key, side.role)
+    return _quantize(side.x, rbits, side.fmt, axis, bs, cfg.scale_mode, side.rounding, False, False)
+
+
+# --------------------------------------------------------------------------
+# The custom_vjp.
+# --------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _mx_dot(lhs, rhs, key, static: _Static):
+    out, _ = _mx_dot_fwd(lhs, rhs, key, static)
+    return out
+
+
+def _mx_dot_fwd(lhs, rhs, key, static: _Static):
+    """Forward matmul ``Q(lhs) . Q(rhs)``, blocks along the last contracting axes.
+
+    Residuals: ``(lhs, rhs, key)`` in high precision, or, with
+    ``config.residuals == "quantized"``, the forward MX copies of the
+    operands as :class:`~jaxmx.MXTensor` (8 or fewer bits per element).
+    """
+    d, cfg = static.dims, static.config
+    out = _qmatmul(
+        _Side(lhs, cfg.lhs, d.lc, cfg.rounding, "lhs"),
+        _Side(rhs, cfg.rhs, d.rc, cfg.rounding, "rhs"),
+        ((d.lc, d.rc), (d.lb, d.rb)),
+        static,
+        key,
+        static.out_dtype,
+        static.out_sharding,
+    )
+    if cfg.residuals == "quantized":
+        res = (_stash(lhs, cfg.lhs, d.lc, cfg), _stash(rhs, cfg.rhs, d.rc, cfg), key)
+    else:
+        res = (lhs, rhs, key)
+    return out, res
+
+
+def _stash(x, fmt, contracting, cfg: DotConfig):
+    if fmt is None or not contracting:
+        return x
+    return _mx_tensor(_Side(x, fmt, contracting, "nearest_even", "stash"), cfg, None)
+
+
+def _unstash(x):
+    return dequantize(x, x.dtype) if isinstance(x, MXTensor) else x
+
+
+def _mx_dot_bwd(static: _Static, res, g):
+    """Both backward matmuls, each quantizing its operands along its own contraction.
+
+    * dgrad ``d_lhs = Q(g) . Q(rhs)`` contracts rhs's free axes: ``g`` and
+      ``rhs`` are blocked along the last of them (``rhs`` re-quantized from
+      the residual with ``config.rhs_bwd``);
+    * wgrad ``d_rhs = Q(lhs) . Q(g)`` contracts lhs's free axes: ``lhs`` and
+      ``g`` are blocked along the last of them (``config.lhs_bwd``).
+
+    ``g`` uses ``config.grad`` with ``config.grad_rounding`` in both.
+    """
+    d, cfg = static.dims, static.config
+    lhs, rhs, key = res
+    lhs, rhs = _unstash(lhs), _unstash(rhs)
+    nb, nlf, nrf = len(d.lb), len(d.lf), len(d.rf)
+    g_batch = tuple(range(nb))
+    g_lfree = tuple(range(nb, nb + nlf))  # g's axes of lhs's free dims
+    g_rfree = tuple(range(nb + nlf, nb + nlf + nrf))  # ... of rhs's free dims
+    g_round = cfg.effective_grad_rounding
+
+    # dgrad: contract g's rhs-free axes with rhs's free axes.
+    d_lhs = _qmatmul(
+        _Side(g, cfg.grad, g_rfree, g_round, "grad_dgrad"),
+        _Side(rhs, cfg.role("rhs_bwd"), d.rf, cfg.rounding, "rhs_bwd"),
+        ((g_rfree, d.rf), (g_batch, d.rb)),
+        static,
+        key,
+        lhs.dtype,
+    )
+    # Result axes: batch, lhs free, then rhs's remaining (contracting) axes
+    # in ascending order, which pair with lhs's contracting axes.
+    d_lhs = _to_layout(d_lhs, (*d.lb, *d.lf, *(d.lc[d.rc.index(r)] for r in sorted(d.rc))))
+
+    # wgrad: contract lhs's free axes with g's lhs-free axes.
+    d_rhs = _qmatmul(
+        _Side(lhs, cfg.role("lhs_bwd"), d.lf, cfg.rounding, "lhs_bwd"),
+        _Side(g, cfg.grad, g_lfree, g_round, "grad_wgrad"),
+        ((d.lf, g_lfree), (d.lb, g_batch)),
+        static,
+        key,
+        rhs.dtype,
+    )
+    d_rhs = _to_layout(d_rhs, (*d.rb, *(d.rc[d.lc.index(a)] for a in sorted(d.lc)), *d.rf))
+    return d_lhs, d_rhs, None
+
+
+def _to_layout(x, axes_of_result: Sequence[int]):
+    """Transposes ``x`` whose axis ``i`` is operand axis ``axes_of_result[i]``."""
+    perm = sorted(range(len(axes_of_result)), key=lambda i: axes_of_result[i])
+    return x if perm == list(range(x.ndim)) else jnp.transpose(x, perm)
+
+
+_mx_dot.defvjp(_mx_dot_fwd, _mx_dot_bwd)
+
+
+# --------------------------------------------------------------------------
+# Public entry point.
+# --------------------------------------------------------------------------
+
+
+def dot_general(
+    lhs,
+    rhs,
+    dimension_numbers: DimensionNumbers,
+    precision=None,
+    preferred_element_type=None,
+    *,
+    config: DotConfig,
+    key: jax.Array | None = None,
+    out_sharding=None,
+) -> jax.Array:
+    """``jax.lax.dot_general`` with MX-quantized operands, forward and backward.
+
+    A drop-in for ``lax.dot_general``: ``functools.partial(jaxmx.dot_general,
+    config=cfg)`` can be given to ``flax.linen.Dense(dot_general=...)``,
+    ``flax.nnx.Linear(dot_general=...)`` and the like.
+
+    Args:
+      lhs, rhs: float arrays (float32, bfloat16 or float16).
+      dimension_numbers: as for ``lax.dot_general``.
+      precision: passed to the underlying matmuls.
+      preferred_element_type: output dtype; default: the promoted operand
+        dtype, as ``lax.dot_general``. Products always accumulate in float32.
+      config: a :class:`~jaxmx.DotConfig` (or a preset name, see
+        :func:`jaxmx.preset`) saying which MX format each of the six
+        quantizations of the forward and backward pass uses.
+      key: PRNG key for stochastic rounding (``config.grad_rounding`` or
+        ``config.rounding`` set to ``"stochastic"``); without one, the random
+        bits are a hash of the rounded tensor (see ``DotConfig``).
+      out_sharding: passed to the forward ``lax.dot_general``.
+
+    Returns:
+      The product, shaped as ``lax.dot_general``'s.
+
+    >>> import jax, jax.numpy as jnp, jaxmx
+    >>> x = jnp.linspace(-1.0, 1.0, 64).reshape(2, 32)
+    >>> w = jnp.ones((32, 3))
+    >>> dims = (((1,), (0,)), ((), ()))
+    >>> y = jaxmx.dot_general(x, w, dims, config=jaxmx.preset("mxfp4"))
+    >>> y.shape, bool(jnp.allclose(y, x @ w, atol=0.5))
+    ((2, 3), True)
+    """
+    if isinstance(config, str):
+        config = preset(config)
+    if not isinstance(config, DotConfig):
+        raise TypeError(f"config must be a DotConfig or a preset name, got {type(config).__name__}")
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    for name, x in (("lhs", lhs), ("rhs", rhs)):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.float64:
+            raise TypeError(
+                f"{name} has dtype {x.dtype}; jaxmx.dot_general takes float32, bfloat16 or "
+                "float16 operands"
+            )
+    if config.is_noop:
+        kwargs = {} if out_sharding is None else {"out_sharding": out_sharding}
+        return lax.dot_general(
+            lhs, rhs, dimension_numbers, precision, preferred_element_type, **kwargs
+        )
+    dims = _dims(dimension_numbers, lhs.ndim, rhs.ndim)
+    _check_dims(dims, lhs.shape, rhs.shape)
+    out_dtype = jnp.dtype(preferred_element_type or jnp.promote_types(lhs.dtype, rhs.dtype))
+    static = _Static(dims, config, precision, out_dtype, out_sharding)
+    return _mx_dot(lhs, rhs, key, static)
+
+
+def _check_dims(d: _Dims, lshape, rshape) -> None:
+    if len(d.lc) != len(d.rc) or len(d.lb) != len(d.rb):
+        raise ValueError(
+            f"dot_general needs as many lhs as rhs contracting/batch dims, got {d.lc} vs {d.rc}"
+            f" and {d.lb} vs {d.rb}"
+        )
+    for a, b, what in ((d.lc, d.rc, "contracting"), (d.lb, d.rb, "batch")):
+        for i, j in zip(a, b, strict=True):
+            if lshape[i] != rshape[j]:
+                raise ValueError(
+                    f"{what} dims disagree: lhs axis {i} has size {lshape[i]}, rhs axis {j} has "
+                    f"size {rshape[j]} (shapes {tuple(lshape)} and {tuple(rshape)})"
+                )

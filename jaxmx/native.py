@@ -1,0 +1,131 @@
+"""Block-scaled hardware matmuls through ``jax.lax.scaled_dot``.
+
+NVIDIA Blackwell-class GPUs (compute capability 10.x and 12.x) multiply
+MXFP8 and MXFP4 blocks natively: the tensor cores read the element codes
+and the E8M0 scales and accumulate in float32. JAX reaches them through
+``jax.lax.scaled_dot``, which on other backends lowers to a reference
+decomposition (dequantize to bfloat16, then ``dot_general``), so the same
+call runs everywhere and serves as a cross-check of the emulation.
+
+``DotConfig.native`` chooses: ``"auto"`` (native where the backend has it
+and the operands fit), ``"never"``, or ``"always"`` (``lax.scaled_dot``
+wherever it runs; operands that do not fit raise an error that says why).
+The emulated and native paths agree up to float32 summation order, except
+that the reference decomposition flushes float32 subnormals (MX values
+below 2^-126) on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxmx.config import DotConfig
+from jaxmx.formats import MXFormat
+
+__all__ = ["has_native_mx", "unsupported_reason"]
+
+# Element formats the block-scaled matmul takes (XLA dtypes exist for them).
+_NATIVE_ELEMENTS = ("fp8_e4m3", "fp8_e5m2", "fp4_e2m1")
+
+
+@functools.cache
+def has_native_mx() -> bool:
+    """Whether the default backend multiplies MX blocks in hardware.
+
+    >>> import jaxmx
+    >>> jaxmx.native.has_native_mx()  # CPU: no
+    False
+    """
+    if jax.default_backend() != "gpu":
+        return False
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        major = int(str(cc).split(".")[0])
+    except ValueError:
+        return False
+    return major >= 10
+
+
+def unsupported_reason(
+    a_fmt: MXFormat | None,
+    b_fmt: MXFormat | None,
+    a_contract,
+    b_contract,
+    a_shape,
+    b_shape,
+    config: DotConfig,
+) -> str | None:
+    """Why a matmul cannot run as ``lax.scaled_dot``; ``None`` when it can."""
+    if a_fmt is None or b_fmt is None:
+        return "an operand is not quantized"
+    for f in (a_fmt, b_fmt):
+        if f.element.name not in _NATIVE_ELEMENTS or f.scale.name != "e8m0":
+            return f"{f.name} has no native block-scaled matmul (those: MXFP8, MXFP4)"
+    if not a_contract:
+        return "nothing to contract"
+    bs_a = config.block_size or a_fmt.block_size
+    bs_b = config.block_size or b_fmt.block_size
+    if bs_a != bs_b:
+        return f"block sizes differ ({bs_a} vs {bs_b})"
+    k = a_shape[a_contract[-1]]
+    if k % bs_a:
+        return f"contraction length {k} is not a multiple of the block size {bs_a}"
+    del b_shape
+    return None
+
+
+def use_native(config: DotConfig, reason: str | None) -> bool:
+    """Applies ``config.native`` to one matmul whose fit is ``reason``."""
+    if config.native == "never":
+        return False
+    if config.native == "always":
+        if reason is not None:
+            raise ValueError(
+                f"DotConfig(native='always') but this matmul cannot run natively: {reason}"
+            )
+        return True
+    return reason is None and has_native_mx()
+
+
+def scaled_dot(a, b, dims, out_dtype) -> jax.Array:
+    """``lax.scaled_dot`` of two MXTensors blocked along their contracting axes.
+
+    ``lax.scaled_dot`` takes operands of equal rank, so both are brought to
+    (batch, free, contracting) form first; the result is dot_general's layout.
+    """
+    (lc, rc), (lb, rb) = dims
+    a3, a_free = _canonical(a, tuple(lc), tuple(lb))
+    b3, b_free = _canonical(b, tuple(rc), tuple(rb))
+    out = lax.scaled_dot(
+        a3.data,
+        b3.data,
+        lhs_scale=a3.scale,
+        rhs_scale=b3.scale,
+        dimension_numbers=(((2,), (2,)), ((0,), (0,))),
+        preferred_element_type=jnp.float32,
+    )
+    batch = tuple(a.data.shape[i] for i in lb)
+    return out.reshape(batch + a_free + b_free).astype(out_dtype)
+
+
+def _canonical(t, contract: tuple[int, ...], batch: tuple[int, ...]):
+    """Transposes/reshapes an MXTensor to (prod(batch), prod(free), prod(contract)).
+
+    Several contracting axes merge into one; blocks run along the last of
+    them, whose length is a multiple of the block size, so every block stays
+    whole and in place.
+    """
+    shape = t.data.shape
+    free = tuple(i for i in range(len(shape)) if i not in contract and i not in batch)
+    perm = (*batch, *free, *contract)
+    nb = math.prod(shape[i] for i in batch)
+    nf = math.prod(shape[i] for i in free)
+    data = jnp.transpose(t.data, perm).reshape(nb, nf, -1)
+    scale = jnp.transpose(t.scale, perm).reshape(nb, nf, -1)
+    return dataclasses.replace(t, data=data, scale=scale, axis=-1), tuple(shape[i] for i in free)
