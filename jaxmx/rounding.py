@@ -94,7 +94,7 @@ def round_to(
     >>> import jax.numpy as jnp, jaxmx
     >>> x = jnp.array([1.0 + 2**-9, 3.14159, 70000.0, 1e-6])
     >>> jaxmx.round_to(x, "bfloat16")
-    Array([1.0000000e+00, 3.1406250e+00, 7.0144000e+04, 9.9837780e-07], dtype=float32)
+    Array([1.000000e+00, 3.140625e+00, 7.014400e+04, 9.983778e-07], dtype=float32)
     >>> jaxmx.round_to(x, "float16")
     Array([1.0019531e+00, 3.1406250e+00,           inf, 1.0132790e-06], dtype=float32)
     """
