@@ -76,7 +76,8 @@ class DotConfig:
     residuals: Literal["high_precision", "quantized"] = "high_precision"
     # dtype of the dequantized operands fed to the matmul. Every MX value is
     # exact in bfloat16 and products accumulate in float32 either way; None
-    # picks float32 on CPU (faster there) and bfloat16 elsewhere.
+    # picks bfloat16 on accelerators and on CPUs with bfloat16 dot
+    # instructions (AVX512-BF16, AMX), float32 on other CPUs.
     compute_dtype: str | None = None
     # Block-scaled hardware matmuls (lax.scaled_dot): "auto" uses them where
     # the backend has them natively (Blackwell-class GPUs) and the formats fit,
