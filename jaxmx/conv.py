@@ -130,11 +130,13 @@ def conv_general_dilated(
     *,
     config: DotConfig | str,
     key: jax.Array | None = None,
+    out_sharding=None,
 ) -> jax.Array:
     """``lax.conv_general_dilated`` with MX-quantized operands, forward and backward.
 
     Takes the arguments of ``lax.conv_general_dilated`` (so it can be handed
-    to ``flax.linen.Conv(conv_general_dilated=...)``) plus ``config``.
+    to ``flax.linen.Conv(conv_general_dilated=...)`` and ``flax.nnx.Conv``,
+    which also passes ``out_sharding``) plus ``config`` and ``key``.
 
     >>> import jax, jax.numpy as jnp, jaxmx
     >>> x = jnp.ones((2, 8, 8, 32)); w = jnp.ones((3, 3, 32, 16)) / 32
@@ -181,4 +183,5 @@ def conv_general_dilated(
         out_dtype,
         config,
     )
-    return _mx_conv(lhs, rhs, key, s)
+    y = _mx_conv(lhs, rhs, key, s)
+    return y if out_sharding is None else jax.lax.with_sharding_constraint(y, out_sharding)

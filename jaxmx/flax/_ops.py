@@ -1,0 +1,122 @@
+"""Hashable MX callables for Flax's injection points.
+
+Flax layers take their matmul as a field or attribute (``dot_general``,
+``einsum_op``, ``conv_general_dilated``, ``attention_fn``). These frozen
+dataclasses hold a :class:`~jaxmx.DotConfig` and compare by value, so a
+module configured with them stays hashable and jit caches stay warm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxmx.config import DotConfig
+from jaxmx.conv import conv_general_dilated
+from jaxmx.dot import dot_general
+from jaxmx.einsum import einsum
+
+__all__ = ["MXDotGeneral", "MXEinsumOp", "MXConv", "MXAttention"]
+
+
+@dataclasses.dataclass(frozen=True)
+class MXDotGeneral:
+    """``dot_general=`` for Dense / DenseGeneral / Linear / LinearGeneral."""
+
+    config: DotConfig
+
+    def __call__(self, lhs, rhs, dimension_numbers, precision=None,
+                 preferred_element_type=None, out_sharding=None):
+        return dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
+                           config=self.config, out_sharding=out_sharding)
+
+
+@dataclasses.dataclass(frozen=True)
+class MXEinsumOp:
+    """``einsum_op=`` for ``nnx.Einsum`` (and the linen counterpart)."""
+
+    config: DotConfig
+
+    def __call__(self, subscripts, a, b, precision=None, preferred_element_type=None,
+                 out_sharding=None):
+        return einsum(subscripts, a, b, config=self.config, precision=precision,
+                      preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+
+
+@dataclasses.dataclass(frozen=True)
+class MXConv:
+    """``conv_general_dilated=`` for linen ``Conv`` and ``nnx.Conv``."""
+
+    config: DotConfig
+
+    def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                 dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                 precision=None, preferred_element_type=None, out_sharding=None):
+        return conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count, batch_group_count, precision, preferred_element_type,
+            config=self.config, out_sharding=out_sharding,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class MXAttention:
+    """``attention_fn=`` computing q.k and p.v as MX matmuls.
+
+    Same contract as Flax's ``dot_product_attention`` (linen and nnx): the
+    query is scaled by ``1/sqrt(depth)``, ``bias`` is added, ``mask`` (False
+    = masked) and ``is_causal`` mask logits, softmax runs in float32, then
+    dropout. Both matmuls quantize their two activation operands: q and k
+    along the head depth, the weights and v along the key axis. Query heads
+    may be a multiple of key/value heads (grouped-query attention).
+    ``config`` is used as given; :func:`jaxmx.flax.quantize_model` passes
+    ``DotConfig.for_activations()`` so weight formats do not apply here.
+    """
+
+    config: DotConfig
+
+    def __call__(self, query, key, value, bias=None, mask=None, broadcast_dropout=True,
+                 dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
+                 precision=None, module=None, is_causal=False):
+        dtype = dtype or jnp.result_type(query, key, value)
+        query, key, value = (x.astype(dtype) for x in (query, key, value))
+        if key.shape[-2] != query.shape[-2]:  # grouped-query attention
+            rep = query.shape[-2] // key.shape[-2]
+            key, value = jnp.repeat(key, rep, axis=-2), jnp.repeat(value, rep, axis=-2)
+        query = query / jnp.sqrt(query.shape[-1]).astype(dtype)
+        logits = einsum("...qhd,...khd->...hqk", query, key, config=self.config,
+                        precision=precision)
+        if bias is not None:
+            logits = logits + bias
+        if is_causal:
+            q_len, k_len = logits.shape[-2:]
+            causal = jnp.tril(jnp.ones((q_len, k_len), bool), k_len - q_len)
+            mask = causal if mask is None else jnp.logical_and(mask, causal)
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+        if module is not None and hasattr(module, "sow"):
+            _sow(module, weights)
+        if not deterministic and dropout_rate > 0.0:
+            keep = 1.0 - dropout_rate
+            shape = weights.shape
+            if broadcast_dropout:  # one mask for every batch item and head
+                shape = (1,) * (len(shape) - 2) + shape[-2:]
+            kept = jax.random.bernoulli(dropout_rng, keep, shape)
+            weights = weights * (kept / keep).astype(dtype)
+        return einsum("...hqk,...khd->...qhd", weights, value, config=self.config,
+                      precision=precision)
+
+
+def _sow(module, weights) -> None:
+    try:  # nnx
+        from flax import nnx
+
+        if isinstance(module, nnx.Module):
+            module.sow(nnx.Intermediate, "attention_weights", weights)
+            return
+    except ImportError:  # pragma: no cover
+        pass
+    module.sow("intermediates", "attention_weights", weights)

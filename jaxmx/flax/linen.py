@@ -1,0 +1,142 @@
+"""MX counterparts of Flax linen's matmul layers.
+
+Each class is the linen layer with one more field, ``mx``: a
+:class:`~jaxmx.DotConfig` (or preset name) for its matmuls, or ``None`` for
+high precision. Parameters keep the names, shapes and dtypes of the linen
+originals, so checkpoints load both ways.
+
+>>> import jax, jax.numpy as jnp
+>>> from jaxmx.flax import linen as mxnn
+>>> layer = mxnn.Dense(8, mx="mxfp8")
+>>> params = layer.init(jax.random.key(0), jnp.ones((2, 32)))
+>>> jax.tree.map(jnp.shape, params)
+{'params': {'bias': (8,), 'kernel': (32, 8)}}
+"""
+
+from __future__ import annotations
+
+from flax import linen as nn
+from flax.linen import module as linen_module
+
+from jaxmx.config import DotConfig, preset
+from jaxmx.einsum import einsum as mx_einsum
+from jaxmx.flax._ops import MXAttention, MXConv, MXDotGeneral
+
+__all__ = ["Dense", "DenseGeneral", "Einsum", "Conv", "MultiHeadDotProductAttention"]
+
+
+def as_config(mx) -> DotConfig | None:
+    """Resolves an ``mx`` field: a DotConfig, a preset name, or None."""
+    if mx is None or isinstance(mx, DotConfig):
+        return None if mx is None or mx.is_noop else mx
+    if isinstance(mx, str):
+        cfg = preset(mx)
+        return None if cfg.is_noop else cfg
+    raise TypeError(f"mx must be a DotConfig, a preset name or None, got {type(mx).__name__}")
+
+
+def _inject(module, field: str, value, default=None) -> None:
+    current = getattr(module, field)
+    if current is not default and current != value:
+        raise ValueError(
+            f"{type(module).__name__} has a custom {field}={current!r}; it cannot also take mx="
+        )
+    object.__setattr__(module, field, value)  # linen modules are frozen dataclasses
+
+
+class Dense(nn.Dense):
+    """``nn.Dense`` whose matmul is a :func:`jaxmx.dot_general` with config ``mx``."""
+
+    mx: DotConfig | str | None = None
+
+    def __post_init__(self):
+        cfg = as_config(self.mx)
+        if cfg is not None:
+            _inject(self, "dot_general", MXDotGeneral(cfg))
+        super().__post_init__()
+
+
+class DenseGeneral(nn.DenseGeneral):
+    """``nn.DenseGeneral`` whose matmul is a :func:`jaxmx.dot_general` with config ``mx``."""
+
+    mx: DotConfig | str | None = None
+
+    def __post_init__(self):
+        cfg = as_config(self.mx)
+        if cfg is not None:
+            _inject(self, "dot_general", MXDotGeneral(cfg))
+        super().__post_init__()
+
+
+class Conv(nn.Conv):
+    """``nn.Conv`` whose convolution is a :func:`jaxmx.conv_general_dilated`."""
+
+    mx: DotConfig | str | None = None
+
+    def __post_init__(self):
+        cfg = as_config(self.mx)
+        if cfg is not None:
+            _inject(self, "conv_general_dilated", MXConv(cfg))
+        super().__post_init__()
+
+
+class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
+    """``nn.MultiHeadDotProductAttention`` with MX projections and attention matmuls.
+
+    The q/k/v/out projections use ``mx``; the two attention matmuls (q.k and
+    p.v) use ``mx.for_activations()``, since both of their operands are
+    activations.
+    """
+
+    mx: DotConfig | str | None = None
+
+    def __post_init__(self):
+        cfg = as_config(self.mx)
+        if cfg is not None:
+            _inject(self, "qkv_dot_general", MXDotGeneral(cfg))
+            _inject(self, "out_dot_general", MXDotGeneral(cfg))
+            _inject(self, "attention_fn", MXAttention(cfg.for_activations()),
+                    default=nn.dot_product_attention)
+        super().__post_init__()
+
+
+class Einsum(nn.Einsum):
+    """``nn.Einsum`` whose contraction is a :func:`jaxmx.einsum` with config ``mx``."""
+
+    mx: DotConfig | str | None = None
+
+    @nn.compact
+    def __call__(self, inputs, einsum_str: str | None = None):
+        return einsum_forward(self, inputs, einsum_str, as_config(self.mx))
+
+
+def einsum_forward(module: nn.Einsum, inputs, einsum_str, config: DotConfig | None):
+    """The computation of ``nn.Einsum`` with an MX contraction.
+
+    Runs inside the module's compact context (its own ``__call__``, or a
+    method interceptor), creating the same ``kernel`` and ``bias`` parameters.
+    """
+    einsum_str = linen_module.merge_param("einsum_str", module.einsum_str, einsum_str)
+    einsum_str = einsum_str.replace(" ", "")
+    if "->" not in einsum_str or einsum_str.count(",") != 1:
+        raise ValueError(
+            f"Einsum needs an explicit two-operand equation with '->', got {einsum_str!r}"
+        )
+    kernel = module.param("kernel", module.kernel_init, module.shape, module.param_dtype)
+    bias = None
+    if module.use_bias:
+        # The parent class's helper, so the bias shape is exactly linen's.
+        bias_shape, broadcast_shape = module._get_bias_shape(einsum_str, inputs, kernel)
+        bias = module.param("bias", module.bias_init, bias_shape, module.param_dtype)
+    inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
+    if config is None:
+        import jax.numpy as jnp
+
+        y = jnp.einsum(einsum_str, inputs, kernel, precision=module.precision,
+                       preferred_element_type=module.preferred_element_type)
+    else:
+        y = mx_einsum(einsum_str, inputs, kernel, config=config, precision=module.precision,
+                      preferred_element_type=module.preferred_element_type)
+    if bias is not None:
+        y = y + bias.reshape(broadcast_shape)
+    return y
