@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -107,7 +108,8 @@ def init_linen_params(model: nn.Module, sample_x: Any, seed: int) -> dict[str, A
     Returns:
       The float32 parameter pytree.
     """
-    return model.init(jax.random.key(seed), jnp.asarray(sample_x))["params"]
+    # Jitted: one compilation instead of dispatching every initializer eagerly.
+    return jax.jit(model.init)(jax.random.key(seed), jnp.asarray(sample_x))["params"]
 
 
 def apply_fn_for(model: nn.Module | nnx.Module) -> ApplyFn:
@@ -281,6 +283,14 @@ def make_eval_step(apply_fn: ApplyFn):
     return jax.jit(eval_fn)
 
 
+@functools.lru_cache(maxsize=8)
+def _default_steps(apply_fn: ApplyFn, config: TrainConfig):
+    # Cached so that retraining the same apply_fn with the same config in one
+    # process (resuming, repeated studies, tests) reuses the compiled steps.
+    optimizer = make_optimizer(config)
+    return optimizer, make_train_step(apply_fn, optimizer, config.seed), make_eval_step(apply_fn)
+
+
 def evaluate(eval_step, params: Any, eval_batches: EvalBatchesFn) -> dict[str, float]:
     """Mean loss and accuracy over every label of every evaluation batch."""
     loss_sum, correct, count = 0.0, 0, 0
@@ -314,6 +324,10 @@ def _summarise(metrics: dict[str, Any], step_times_ms: list[float]) -> None:
     metrics["step_time_ms_median"] = statistics.median(step_times_ms) if step_times_ms else None
     metrics["steps_timed"] = len(step_times_ms)
     metrics["final_eval"] = metrics["eval"][-1] if metrics["eval"] else None
+
+
+def _commit(tree: Any) -> Any:
+    return jax.tree.map(lambda a: jax.device_put(a, a.sharding), jax.tree.map(jnp.asarray, tree))
 
 
 def _config_diff(saved: Mapping[str, Any], wanted: Mapping[str, Any], prefix: str = "") -> str:
@@ -381,13 +395,19 @@ def train(
       ValueError: if a checkpoint in ``out_dir`` was written with another config.
     """
     _check_master_params(params)
-    optimizer = optimizer or make_optimizer(config)
     schedule = lr_schedule(config)
     full_config = {"train": dataclasses.asdict(config), **dict(run_info or {})}
     json.dumps(full_config)  # fail now, not at the first checkpoint
-    step_fn = make_train_step(apply_fn, optimizer, config.seed)
-    eval_step = make_eval_step(apply_fn)
-    opt_state = optimizer.init(params)
+    if optimizer is None:
+        optimizer, step_fn, eval_step = _default_steps(apply_fn, config)
+    else:
+        step_fn = make_train_step(apply_fn, optimizer, config.seed)
+        eval_step = make_eval_step(apply_fn)
+    # Commit arrays to their devices up front: jit outputs and restored
+    # checkpoints are committed, and jit keys its cache on that, so without this
+    # the train step would compile twice (and again after a resume).
+    params = _commit(params)
+    opt_state = _commit(optimizer.init(params))
     metrics: dict[str, Any] = {"name": name, "config": full_config, "train": [], "eval": []}
     pending, step_times, start, elapsed = [], [], 0, 0.0
     out = pathlib.Path(out_dir) if out_dir is not None else None
@@ -397,7 +417,7 @@ def train(
         manager = _checkpoint_manager(out)
         if manager.latest_step() is not None:
             abstract = jax.tree.map(
-                lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)),
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                 {"params": params, "opt_state": opt_state},
             )
             restored = manager.restore(
@@ -421,6 +441,9 @@ def train(
     def save(step: int) -> None:
         meta = {"step": step, "elapsed": elapsed, "metrics": metrics}
         meta.update(pending=pending, step_times=step_times)
+        # Orbax writes asynchronously while the loop keeps appending to these
+        # lists, so hand it a snapshot (a JSON round trip is an exact deep copy).
+        meta = json.loads(json.dumps(meta))
         manager.save(
             step,
             args=ocp.args.Composite(
