@@ -342,12 +342,46 @@ def _config_diff(saved: Mapping[str, Any], wanted: Mapping[str, Any], prefix: st
 
 
 def _checkpoint_manager(out_dir: pathlib.Path, keep: int = 2) -> ocp.CheckpointManager:
+    out_dir.mkdir(parents=True, exist_ok=True)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.LatestN(keep), create=True
     )
     return ocp.CheckpointManager(
         out_dir.resolve() / "checkpoints", options=options, item_names=("state", "meta")
     )
+
+
+def _save(
+    manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any, meta: dict
+) -> None:
+    # Orbax writes asynchronously while the loop keeps appending to the lists
+    # in meta, so hand it a snapshot (a JSON round trip is an exact deep copy).
+    meta = json.loads(json.dumps(meta))
+    state = {"params": params, "opt_state": opt_state}
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    manager.save(step, args=args)
+
+
+def _restore(
+    manager: ocp.CheckpointManager, params: Any, opt_state: Any, full_config: dict[str, Any]
+) -> tuple[Any, Any, dict[str, Any]]:
+    step = manager.latest_step()
+    # Check the recorded configuration before touching the arrays, so another
+    # model's checkpoint gives a readable error rather than a tree mismatch.
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    diff = _config_diff(meta["metrics"]["config"], full_config)
+    if diff:
+        raise ValueError(
+            f"{manager.directory} holds a checkpoint of a different configuration "
+            f"(saved -> requested: {diff}); use another output directory or delete it"
+        )
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+        {"params": params, "opt_state": opt_state},
+    )
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    state = manager.restore(step, args=args).state
+    return state["params"], state["opt_state"], meta
 
 
 def train(
@@ -385,7 +419,8 @@ def train(
 
     Returns:
       A :class:`TrainResult`. ``metrics`` holds ``train`` (``step``, mean
-      ``loss`` over the last ``log_every`` steps, ``lr``), ``eval`` (``step``,
+      ``loss`` over the last ``log_every`` steps, ``lr`` of the config's
+      schedule, i.e. of the default optimizer), ``eval`` (``step``,
       ``loss``, ``accuracy``, including step 0), ``step_time_ms_median``
       (excluding each invocation's first, compiling, step), ``total_time_s``
       and ``final_eval``.
@@ -411,49 +446,15 @@ def train(
     metrics: dict[str, Any] = {"name": name, "config": full_config, "train": [], "eval": []}
     pending, step_times, start, elapsed = [], [], 0, 0.0
     out = pathlib.Path(out_dir) if out_dir is not None else None
-    manager = None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        manager = _checkpoint_manager(out)
-        if manager.latest_step() is not None:
-            abstract = jax.tree.map(
-                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                {"params": params, "opt_state": opt_state},
-            )
-            restored = manager.restore(
-                manager.latest_step(),
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
-                ),
-            )
-            meta = restored.meta
-            diff = _config_diff(meta["metrics"]["config"], full_config)
-            if diff:
-                manager.close()
-                raise ValueError(
-                    f"{out} holds a checkpoint of a different configuration "
-                    f"(saved -> requested: {diff}); use another output directory or delete it"
-                )
-            params, opt_state = restored.state["params"], restored.state["opt_state"]
+    manager = _checkpoint_manager(out) if out is not None else None
+    bar = None
+    try:
+        if manager is not None and manager.latest_step() is not None:
+            params, opt_state, meta = _restore(manager, params, opt_state, full_config)
             metrics, pending, step_times = meta["metrics"], meta["pending"], meta["step_times"]
             start, elapsed = meta["step"], meta["elapsed"]
 
-    def save(step: int) -> None:
-        meta = {"step": step, "elapsed": elapsed, "metrics": metrics}
-        meta.update(pending=pending, step_times=step_times)
-        # Orbax writes asynchronously while the loop keeps appending to these
-        # lists, so hand it a snapshot (a JSON round trip is an exact deep copy).
-        meta = json.loads(json.dumps(meta))
-        manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
-                meta=ocp.args.JsonSave(meta),
-            ),
-        )
-
-    bar = tqdm.tqdm(total=config.steps, initial=start, desc=name, disable=not progress)
-    try:
+        bar = tqdm.tqdm(total=config.steps, initial=start, desc=name, disable=not progress)
         t_start = time.perf_counter() - elapsed
         if start == 0:
             metrics["eval"].append({"step": 0, **evaluate(eval_step, params, eval_batches)})
@@ -484,14 +485,17 @@ def train(
                 done == config.steps
                 or (config.checkpoint_every and done % config.checkpoint_every == 0)
             ):
-                save(done)
+                snapshot = {"step": done, "elapsed": elapsed, "metrics": metrics}
+                snapshot.update(pending=pending, step_times=step_times)
+                _save(manager, done, params, opt_state, snapshot)
             if out is not None and (done % config.eval_every == 0 or done == config.steps):
                 _write_json(out / "metrics.json", metrics)
             bar.update(1)
             if on_step is not None:
                 on_step(done, loss)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if manager is not None:
             manager.close()  # waits for in-flight asynchronous saves
     _summarise(metrics, step_times)
