@@ -33,10 +33,13 @@ def test_einsum_matches_dot_general_bitwise():
     e = jaxmx.einsum("bsk,nk->bsn", x, w, config=cfg)
     d = jaxmx.dot_general(x, w, (((2,), (1,)), ((), ())), config=cfg)
     np.testing.assert_array_equal(np.asarray(e), np.asarray(d))
-    ge = jax.grad(lambda a, b: (jaxmx.einsum("bsk,nk->bsn", a, b, config=cfg) ** 2).sum(),
-                  argnums=(0, 1))(x, w)
-    gd = jax.grad(lambda a, b: (jaxmx.dot_general(a, b, (((2,), (1,)), ((), ())),
-                                                  config=cfg) ** 2).sum(), argnums=(0, 1))(x, w)
+    ge = jax.grad(
+        lambda a, b: (jaxmx.einsum("bsk,nk->bsn", a, b, config=cfg) ** 2).sum(), argnums=(0, 1)
+    )(x, w)
+    gd = jax.grad(
+        lambda a, b: (jaxmx.dot_general(a, b, (((2,), (1,)), ((), ())), config=cfg) ** 2).sum(),
+        argnums=(0, 1),
+    )(x, w)
     for a, b in zip(ge, gd, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -80,15 +83,19 @@ def test_einsum_subscript_forms_and_errors():
     b = rng.standard_normal((32, 5)).astype(np.float32)
     cfg = jaxmx.preset("mxfp8")
     explicit = jaxmx.einsum("ik,kj->ij", a, b, config=cfg)
-    np.testing.assert_array_equal(np.asarray(jaxmx.einsum("ik,kj", a, b, config=cfg)),
-                                  np.asarray(explicit))
-    np.testing.assert_array_equal(np.asarray(jaxmx.einsum("ik,kj->ji", a, b, config=cfg)),
-                                  np.asarray(explicit).T)
+    np.testing.assert_array_equal(
+        np.asarray(jaxmx.einsum("ik,kj", a, b, config=cfg)), np.asarray(explicit)
+    )
+    np.testing.assert_array_equal(
+        np.asarray(jaxmx.einsum("ik,kj->ji", a, b, config=cfg)), np.asarray(explicit).T
+    )
     # A label only in one operand and not in the output is summed first.
     c = rng.standard_normal((3, 4, 32)).astype(np.float32)
     np.testing.assert_allclose(
         np.asarray(jaxmx.einsum("zik,kj->ij", c, b, config=cfg)),
-        np.asarray(jaxmx.einsum("ik,kj->ij", c.sum(0), b, config=cfg)), rtol=1e-6)
+        np.asarray(jaxmx.einsum("ik,kj->ij", c.sum(0), b, config=cfg)),
+        rtol=1e-6,
+    )
     with pytest.raises(ValueError, match="exactly two operands"):
         jaxmx.einsum("ij,jk,kl->il", a, b, config=cfg)
     with pytest.raises(ValueError, match="repeated within one term"):
@@ -104,8 +111,13 @@ def test_einsum_subscript_forms_and_errors():
 
 def _conv(x, w, dn=("NHWC", "HWIO", "NHWC"), groups=1, strides=(1, 1), padding="SAME"):
     return lax.conv_general_dilated(
-        jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), strides, padding,
-        dimension_numbers=dn, feature_group_count=groups, precision=lax.Precision.HIGHEST,
+        jnp.asarray(x, jnp.float32),
+        jnp.asarray(w, jnp.float32),
+        strides,
+        padding,
+        dimension_numbers=dn,
+        feature_group_count=groups,
+        precision=lax.Precision.HIGHEST,
     )
 
 
@@ -120,12 +132,19 @@ def test_conv_forward_and_gradients(fmt, groups):
     cfg = jaxmx.DotConfig(lhs=fmt, rhs=fmt, grad=fmt, block_size=bs)
 
     def f(a, b):
-        return jaxmx.conv_general_dilated(a, b, (1, 1), "SAME",
-                                          dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                          feature_group_count=groups, config=cfg)
+        return jaxmx.conv_general_dilated(
+            a,
+            b,
+            (1, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=groups,
+            config=cfg,
+        )
 
     y, vjp = jax.vjp(f, x, w)
     dx, dw = vjp(jnp.asarray(g))
+
     # Blocks within a group: quantize each group's channels separately.
     def q_grouped(a, axis):
         parts = np.split(np.asarray(a), groups, axis=axis)
@@ -150,18 +169,44 @@ def test_conv_nchw_and_flax_style_call():
     x = rng.standard_normal((2, 32, 5, 5)).astype(np.float32)  # N C H W
     w = rng.standard_normal((16, 32, 3, 3)).astype(np.float32)  # O I H W
     cfg = jaxmx.preset("mxfp8")
-    y = jaxmx.conv_general_dilated(x, w, (2, 2), [(1, 1), (1, 1)], lhs_dilation=(1, 1),
-                                   rhs_dilation=(1, 1), dimension_numbers=("NCHW", "OIHW", "NCHW"),
-                                   feature_group_count=1, precision=None, config=cfg)
-    want = _conv(_q(x, "mxfp8", 1), _q(w, "mxfp8", 1), dn=("NCHW", "OIHW", "NCHW"),
-                 strides=(2, 2), padding=[(1, 1), (1, 1)])
+    y = jaxmx.conv_general_dilated(
+        x,
+        w,
+        (2, 2),
+        [(1, 1), (1, 1)],
+        lhs_dilation=(1, 1),
+        rhs_dilation=(1, 1),
+        dimension_numbers=("NCHW", "OIHW", "NCHW"),
+        feature_group_count=1,
+        precision=None,
+        config=cfg,
+    )
+    want = _conv(
+        _q(x, "mxfp8", 1),
+        _q(w, "mxfp8", 1),
+        dn=("NCHW", "OIHW", "NCHW"),
+        strides=(2, 2),
+        padding=[(1, 1), (1, 1)],
+    )
     _close(y, np.asarray(want), 32 * 9 * 16)
-    fp = jaxmx.conv_general_dilated(x, w, (2, 2), [(1, 1), (1, 1)],
-                                    dimension_numbers=("NCHW", "OIHW", "NCHW"), config="fp32")
+    fp = jaxmx.conv_general_dilated(
+        x, w, (2, 2), [(1, 1), (1, 1)], dimension_numbers=("NCHW", "OIHW", "NCHW"), config="fp32"
+    )
     np.testing.assert_array_equal(
         np.asarray(fp),
-        np.asarray(lax.conv_general_dilated(x, w, (2, 2), [(1, 1), (1, 1)],
-                                            dimension_numbers=("NCHW", "OIHW", "NCHW"))))
+        np.asarray(
+            lax.conv_general_dilated(
+                x, w, (2, 2), [(1, 1), (1, 1)], dimension_numbers=("NCHW", "OIHW", "NCHW")
+            )
+        ),
+    )
     with pytest.raises(ValueError, match="batch_group_count=1 only"):
-        jaxmx.conv_general_dilated(x, w, (1, 1), "SAME", batch_group_count=2,
-                                   dimension_numbers=("NCHW", "OIHW", "NCHW"), config=cfg)
+        jaxmx.conv_general_dilated(
+            x,
+            w,
+            (1, 1),
+            "SAME",
+            batch_group_count=2,
+            dimension_numbers=("NCHW", "OIHW", "NCHW"),
+            config=cfg,
+        )

@@ -15,15 +15,31 @@ def _inputs(seed=0, n=50000):
     rng = np.random.default_rng(seed)
     v = np.clip(rng.standard_normal(n) * np.exp2(rng.integers(-150, 128, n)), -3e38, 3e38)
     v = v.astype(np.float32)
-    v[:12] = [0.0, -0.0, 1e-45, -1e-45, 1.1754942e-38, 65504, 65520, 65519.99, -70000,
-              3.4e38, 448, 464]
+    v[:12] = [
+        0.0,
+        -0.0,
+        1e-45,
+        -1e-45,
+        1.1754942e-38,
+        65504,
+        65520,
+        65519.99,
+        -70000,
+        3.4e38,
+        448,
+        464,
+    ]
     return v
 
 
 CASTS = {
-    "bfloat16": jnp.bfloat16, "float16": jnp.float16, "fp8_e4m3": ml_dtypes.float8_e4m3fn,
-    "fp8_e5m2": ml_dtypes.float8_e5m2, "fp6_e3m2": ml_dtypes.float6_e3m2fn,
-    "fp6_e2m3": ml_dtypes.float6_e2m3fn, "fp4_e2m1": ml_dtypes.float4_e2m1fn,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+    "fp8_e4m3": ml_dtypes.float8_e4m3fn,
+    "fp8_e5m2": ml_dtypes.float8_e5m2,
+    "fp6_e3m2": ml_dtypes.float6_e3m2fn,
+    "fp6_e2m3": ml_dtypes.float6_e2m3fn,
+    "fp4_e2m1": ml_dtypes.float4_e2m1fn,
 }
 
 
@@ -58,10 +74,11 @@ def test_custom_formats_against_grid_model(ebits, mbits, rounding):
     fmt = formats.float_format(ebits, mbits)
     codes = np.arange(fmt.max_code + 1)
     e, m = codes >> mbits, codes & ((1 << mbits) - 1)
-    grid = np.where(e == 0, m * 2.0 ** (1 - fmt.bias - mbits),
-                    (1 + m / 2**mbits) * 2.0 ** (e - fmt.bias))
+    grid = np.where(
+        e == 0, m * 2.0 ** (1 - fmt.bias - mbits), (1 + m / 2**mbits) * 2.0 ** (e - fmt.bias)
+    )
     rng = np.random.default_rng(1)
-    v = (rng.uniform(-1, 1, 20000) * fmt.max_normal * 2.0 ** -rng.integers(0, 40, 20000))
+    v = rng.uniform(-1, 1, 20000) * fmt.max_normal * 2.0 ** -rng.integers(0, 40, 20000)
     v = v.astype(np.float32)
     got = np.asarray(jaxmx.round_to(v, fmt, rounding=rounding), np.float64)
     want = np.copysign(reference.round_to_grid(np.abs(v.astype(np.float64)), grid, rounding), v)

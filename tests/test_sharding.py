@@ -9,7 +9,6 @@ difference in what was quantized, not summation order.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
@@ -44,8 +43,13 @@ LAYOUTS = {
     # name: (mesh shape, axis names, x spec, w spec, g spec)
     "data_parallel": ((8,), ("data",), P("data", None), P(None, None), P("data", None)),
     "tensor_parallel_out": ((8,), ("model",), P(None, None), P(None, "model"), P(None, "model")),
-    "tensor_parallel_contraction": ((8,), ("model",), P(None, "model"), P("model", None),
-                                    P(None, None)),
+    "tensor_parallel_contraction": (
+        (8,),
+        ("model",),
+        P(None, "model"),
+        P("model", None),
+        P(None, None),
+    ),
     "2d_mesh": ((2, 4), ("data", "model"), P("data", "model"), P("model", None), P("data", None)),
 }
 

@@ -27,10 +27,24 @@ class MXDotGeneral:
 
     config: DotConfig
 
-    def __call__(self, lhs, rhs, dimension_numbers, precision=None,
-                 preferred_element_type=None, out_sharding=None):
-        return dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
-                           config=self.config, out_sharding=out_sharding)
+    def __call__(
+        self,
+        lhs,
+        rhs,
+        dimension_numbers,
+        precision=None,
+        preferred_element_type=None,
+        out_sharding=None,
+    ):
+        return dot_general(
+            lhs,
+            rhs,
+            dimension_numbers,
+            precision,
+            preferred_element_type,
+            config=self.config,
+            out_sharding=out_sharding,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +53,18 @@ class MXEinsumOp:
 
     config: DotConfig
 
-    def __call__(self, subscripts, a, b, precision=None, preferred_element_type=None,
-                 out_sharding=None):
-        return einsum(subscripts, a, b, config=self.config, precision=precision,
-                      preferred_element_type=preferred_element_type, out_sharding=out_sharding)
+    def __call__(
+        self, subscripts, a, b, precision=None, preferred_element_type=None, out_sharding=None
+    ):
+        return einsum(
+            subscripts,
+            a,
+            b,
+            config=self.config,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+            out_sharding=out_sharding,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,13 +73,35 @@ class MXConv:
 
     config: DotConfig
 
-    def __call__(self, lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                 dimension_numbers=None, feature_group_count=1, batch_group_count=1,
-                 precision=None, preferred_element_type=None, out_sharding=None):
+    def __call__(
+        self,
+        lhs,
+        rhs,
+        window_strides,
+        padding,
+        lhs_dilation=None,
+        rhs_dilation=None,
+        dimension_numbers=None,
+        feature_group_count=1,
+        batch_group_count=1,
+        precision=None,
+        preferred_element_type=None,
+        out_sharding=None,
+    ):
         return conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, batch_group_count, precision, preferred_element_type,
-            config=self.config, out_sharding=out_sharding,
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            batch_group_count,
+            precision,
+            preferred_element_type,
+            config=self.config,
+            out_sharding=out_sharding,
         )
 
 
@@ -77,17 +121,31 @@ class MXAttention:
 
     config: DotConfig
 
-    def __call__(self, query, key, value, bias=None, mask=None, broadcast_dropout=True,
-                 dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
-                 precision=None, module=None, is_causal=False):
+    def __call__(
+        self,
+        query,
+        key,
+        value,
+        bias=None,
+        mask=None,
+        broadcast_dropout=True,
+        dropout_rng=None,
+        dropout_rate=0.0,
+        deterministic=False,
+        dtype=None,
+        precision=None,
+        module=None,
+        is_causal=False,
+    ):
         dtype = dtype or jnp.result_type(query, key, value)
         query, key, value = (x.astype(dtype) for x in (query, key, value))
         if key.shape[-2] != query.shape[-2]:  # grouped-query attention
             rep = query.shape[-2] // key.shape[-2]
             key, value = jnp.repeat(key, rep, axis=-2), jnp.repeat(value, rep, axis=-2)
         query = query / jnp.sqrt(query.shape[-1]).astype(dtype)
-        logits = einsum("...qhd,...khd->...hqk", query, key, config=self.config,
-                        precision=precision)
+        logits = einsum(
+            "...qhd,...khd->...hqk", query, key, config=self.config, precision=precision
+        )
         if bias is not None:
             logits = logits + bias
         if is_causal:
@@ -106,8 +164,9 @@ class MXAttention:
                 shape = (1,) * (len(shape) - 2) + shape[-2:]
             kept = jax.random.bernoulli(dropout_rng, keep, shape)
             weights = weights * (kept / keep).astype(dtype)
-        return einsum("...hqk,...khd->...qhd", weights, value, config=self.config,
-                      precision=precision)
+        return einsum(
+            "...hqk,...khd->...qhd", weights, value, config=self.config, precision=precision
+        )
 
 
 def _sow(module, weights) -> None:

@@ -95,8 +95,12 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
         if cfg is not None:
             _inject(self, "qkv_dot_general", MXDotGeneral(cfg))
             _inject(self, "out_dot_general", MXDotGeneral(cfg))
-            _inject(self, "attention_fn", MXAttention(cfg.for_activations()),
-                    default=nn.dot_product_attention)
+            _inject(
+                self,
+                "attention_fn",
+                MXAttention(cfg.for_activations()),
+                default=nn.dot_product_attention,
+            )
         super().__post_init__()
 
 
@@ -132,11 +136,22 @@ def einsum_forward(module: nn.Einsum, inputs, einsum_str, config: DotConfig | No
     if config is None:
         import jax.numpy as jnp
 
-        y = jnp.einsum(einsum_str, inputs, kernel, precision=module.precision,
-                       preferred_element_type=module.preferred_element_type)
+        y = jnp.einsum(
+            einsum_str,
+            inputs,
+            kernel,
+            precision=module.precision,
+            preferred_element_type=module.preferred_element_type,
+        )
     else:
-        y = mx_einsum(einsum_str, inputs, kernel, config=config, precision=module.precision,
-                      preferred_element_type=module.preferred_element_type)
+        y = mx_einsum(
+            einsum_str,
+            inputs,
+            kernel,
+            config=config,
+            precision=module.precision,
+            preferred_element_type=module.preferred_element_type,
+        )
     if bias is not None:
         y = y + bias.reshape(broadcast_shape)
     return y

@@ -63,9 +63,14 @@ def configure(module: nnx.Module, config) -> bool:
     }.get(field, None)
     value = MXAttention(cfg.for_activations()) if value is None else value(cfg)
     current = getattr(module, field)
-    if current is not default and not isinstance(current, type(value)):
+    # Some layers default to None (meaning the lax function), others to the function.
+    if current not in (None, default) and not isinstance(current, type(value)):
         raise ValueError(
             f"{type(module).__name__} has a custom {field}={current!r}; jaxmx cannot replace it"
+        )
+    if getattr(module, f"{field}_cls", None) is not None:
+        raise ValueError(
+            f"{type(module).__name__} has a custom {field}_cls; jaxmx cannot replace it"
         )
     setattr(module, field, value)
     return True

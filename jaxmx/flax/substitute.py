@@ -51,7 +51,9 @@ class Rule:
         try:
             re.compile(self.pattern)
         except re.error as err:
-            raise ValueError(f"rule pattern {self.pattern!r} is not a regular expression: {err}")
+            raise ValueError(
+                f"rule pattern {self.pattern!r} is not a regular expression: {err}"
+            ) from None
         object.__setattr__(self, "config", as_config(self.config) if self.config else None)
 
     def matches(self, path: str) -> bool:
@@ -147,6 +149,8 @@ def _substitute_nnx(model: nnx.Module, sub: Substitution) -> nnx.Module:
         rule = sub.match(p)
         cfg = None if rule is None else rule.config
         changed = mxnnx.configure(module, cfg)
+        if changed and isinstance(module, nnx.MultiHeadAttention):
+            cfg = cfg.for_activations()  # what its q.k and p.v use
         sub.record(p, type(module).__name__, cfg if changed else None)
     return model
 
@@ -193,8 +197,14 @@ def _linen_interceptor(sub: Substitution):
         if context.method_name != "__call__" or id(module) in _swap.active:
             return next_fun(*args, **kwargs)
         is_mx_class = isinstance(
-            module, (mxlinen.Dense, mxlinen.DenseGeneral, mxlinen.Conv, mxlinen.Einsum,
-                     mxlinen.MultiHeadDotProductAttention)
+            module,
+            (
+                mxlinen.Dense,
+                mxlinen.DenseGeneral,
+                mxlinen.Conv,
+                mxlinen.Einsum,
+                mxlinen.MultiHeadDotProductAttention,
+            ),
         )
         kind = _linen_kind(module)
         if kind is None or is_mx_class:
@@ -202,7 +212,11 @@ def _linen_interceptor(sub: Substitution):
         path = _path_str(module.path)
         rule = sub.match(path)
         cfg = None if rule is None else rule.config
-        sub.record(path, type(module).__name__, cfg)
+        sub.record(
+            path,
+            type(module).__name__,
+            cfg.for_activations() if cfg is not None and kind == "attention" else cfg,
+        )
         if cfg is None:
             return next_fun(*args, **kwargs)
         if kind == "einsum":
@@ -323,9 +337,9 @@ def quantize_model(model, rules, *, warn: bool = True):
     ...         return nn.Dense(4, name="head")(nn.relu(nn.Dense(64, name="hidden")(x)))
     >>> mx = quantize_model(MLP(), [("head", None), (".*", "mxfp8")])
     >>> params = mx.init(jax.random.key(0), jnp.ones((2, 32)))
-    >>> print(substitution_of(mx).summary())  # doctest: +NORMALIZE_WHITESPACE
+    >>> print(substitution_of(mx).summary())  # doctest: +NORMALIZE_WHITESPACE +ELLIPSIS
     1 matmul modules in MX, 1 kept
-      MX    hidden        Dense     fwd mxfp8_e4m3 x mxfp8_e4m3; dgrad mxfp8_e4m3 x mxfp8_e4m3; wgrad mxfp8_e4m3 x mxfp8_e4m3
+      MX    hidden        Dense     fwd mxfp8_e4m3 x mxfp8_e4m3; dgrad ...
       high  head          Dense
     """
     sub = Substitution(_rules(rules))
