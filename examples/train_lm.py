@@ -71,7 +71,10 @@ QUICK = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parses and resolves the command line (``--quick`` changes the defaults)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=f"defaults: {DEFAULTS}; with --quick: {QUICK}",
+    )
     training.add_common_args(parser)
     parser.add_argument("--context", type=int, help="tokens per sequence")
     parser.add_argument("--depth", type=int, help="transformer blocks")

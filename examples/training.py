@@ -644,9 +644,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     Numeric flags default to None so :func:`resolve_defaults` can tell an
     explicit value from a default (``--quick`` only changes the defaults).
     """
-    parser.add_argument(
-        "--recipes", default="fp32", help=f"comma-separated, from {sorted(RECIPES)}"
-    )
+    known = ", ".join(sorted(RECIPES))
+    parser.add_argument("--recipes", default="fp32", help=f"comma-separated, from: {known}")
     parser.add_argument("--steps", type=int, help="optimizer updates")
     parser.add_argument("--batch-size", type=int, help="examples per batch")
     parser.add_argument("--lr", type=float, help="peak learning rate")
