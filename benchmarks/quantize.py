@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
-import jaxmx  # noqa: E402
+import jaxmx
 
 GOALS = {"mxfp8": 1.5, "mxfp6": 2.0, "mxfp4": 2.0}
 
@@ -54,16 +54,29 @@ def main() -> None:
             goal = next((g for k, g in GOALS.items() if name.startswith(k)), None)
             verdict = "" if goal is None else ("yes" if ratios[0] <= goal else "NO")
             rows.append(
-                [name, str(axis), f"{ms * 1e3:.1f}", *(f"{r:.2f}x" for r in ratios),
-                 f"{goal}x {verdict}" if goal else "-"]
+                [
+                    name,
+                    str(axis),
+                    f"{ms * 1e3:.1f}",
+                    *(f"{r:.2f}x" for r in ratios),
+                    f"{goal}x {verdict}" if goal else "-",
+                ]
             )
             print(" ".join(rows[-1]), file=sys.stderr, flush=True)
     print(f"\n{args.size}x{args.size} float32, median of {args.repeats} runs; {common.machine()}")
     print("ratios are to a jitted x * 1.0001 over the same array, measured interleaved\n")
     print(
         common.table(
-            ["format", "axis", "fake_quantize ms", "fake_quantize", "quantize", "quantize packed",
-             "dequantize", "goal (fake_quantize)"],
+            [
+                "format",
+                "axis",
+                "fake_quantize ms",
+                "fake_quantize",
+                "quantize",
+                "quantize packed",
+                "dequantize",
+                "goal (fake_quantize)",
+            ],
             rows,
         )
     )

@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+import common
 
-import jaxmx  # noqa: E402
-from jaxmx.dot import _compute_dtype  # noqa: E402
+import jaxmx
+from jaxmx.dot import _compute_dtype
 
 DN = (((1,), (0,)), ((), ()))
 
@@ -40,18 +40,27 @@ def _ops(mode: str, cfg: jaxmx.DotConfig):
     """(dense, einsum) for a mode: fp32, bf16 (matmuls in bf16), or mx."""
     if mode == "mx":
         dense = lambda x, w: jaxmx.dot_general(  # noqa: E731
-            x, w, (((x.ndim - 1,), (0,)), ((), ())), config=cfg)
+            x, w, (((x.ndim - 1,), (0,)), ((), ())), config=cfg
+        )
         ein = functools.partial(jaxmx.einsum, config=cfg.for_activations())
         return dense, ein
     if mode == "bf16":
+
         def dense(x, w):
             return jax.lax.dot_general(
-                x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), (((x.ndim - 1,), (0,)), ((), ())),
-                preferred_element_type=jnp.float32)
+                x.astype(jnp.bfloat16),
+                w.astype(jnp.bfloat16),
+                (((x.ndim - 1,), (0,)), ((), ())),
+                preferred_element_type=jnp.float32,
+            )
 
         def ein(s, a, b):
-            return jnp.einsum(s, a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
-                              preferred_element_type=jnp.float32)
+            return jnp.einsum(
+                s,
+                a.astype(jnp.bfloat16),
+                b.astype(jnp.bfloat16),
+                preferred_element_type=jnp.float32,
+            )
 
         return dense, ein
     return (lambda x, w: jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))), jnp.einsum
@@ -60,8 +69,10 @@ def _ops(mode: str, cfg: jaxmx.DotConfig):
 def mlp_case(key):
     k = jax.random.split(key, 3)
     x = jax.random.normal(k[0], (256, 1024))
-    params = (jax.random.normal(k[1], (1024, 1024)) * 0.03,
-              jax.random.normal(k[2], (1024, 1024)) * 0.03)
+    params = (
+        jax.random.normal(k[1], (1024, 1024)) * 0.03,
+        jax.random.normal(k[2], (1024, 1024)) * 0.03,
+    )
 
     def make(mode, cfg):
         dense, _ = _ops(mode, cfg)
@@ -118,8 +129,10 @@ def main() -> None:
     for name, case in (("mlp 256x1024x1024x1024", mlp_case), ("transformer block", block_case)):
         make, fargs = case(jax.random.key(0))
         fp32 = make("fp32", cfg)
-        for mode, label in (("mx", f"{args.recipe} (6 quantizations/matmul)"),
-                            ("bf16", "float32 model, bf16 matmuls")):
+        for mode, label in (
+            ("mx", f"{args.recipe} (6 quantizations/matmul)"),
+            ("bf16", "float32 model, bf16 matmuls"),
+        ):
             t, base = common.compare(make(mode, cfg), fp32, fargs, repeats=args.repeats)
             rows.append([name, label, f"{base * 1e3:.1f}", f"{t * 1e3:.1f}", f"{t / base:.2f}x"])
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)

@@ -38,9 +38,7 @@ def stats(x: jax.Array, fmt: str, block_size: int) -> dict[str, float]:
     x64, q64 = np.asarray(x, np.float64), np.asarray(q, np.float64)
     err = np.abs(q64 - x64)
     nz = x64 != 0
-    amax = np.repeat(
-        np.abs(x64).reshape(x64.shape[0], -1, block_size).max(-1), block_size, axis=-1
-    )
+    amax = np.repeat(np.abs(x64).reshape(x64.shape[0], -1, block_size).max(-1), block_size, axis=-1)
     return {
         "bits": 8 * t.nbytes / x.size,
         "bytes": t.nbytes,
@@ -54,17 +52,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size", type=int, default=1024)
     args = p.parse_args()
-    print(f"jaxmx {jaxmx.__version__}: {args.size}x{args.size} float32 tensors "
-          f"({args.size * args.size * 4:,} bytes), blocks of 32 along the last axis\n")
-    header = f"{'format':<12} {'bits/elem':>9} {'bytes':>10} {'QSNR dB':>8} {'max rel err':>12} {'max err/blk max':>16}"
+    print(
+        f"jaxmx {jaxmx.__version__}: {args.size}x{args.size} float32 tensors "
+        f"({args.size * args.size * 4:,} bytes), blocks of 32 along the last axis\n"
+    )
+    header = (
+        f"{'format':<12} {'bits/elem':>9} {'bytes':>10} {'QSNR dB':>8} {'max rel err':>12} "
+        f"{'max err/blk max':>16}"
+    )
     for name, x in tensors(args.size).items():
         print(f"{name} tensor")
         print(header)
         print("-" * len(header))
         for fmt in jaxmx.list_formats():
             s = stats(x, fmt, jaxmx.get_format(fmt).block_size)
-            print(f"{fmt:<12} {s['bits']:>9.2f} {s['bytes']:>10,} {s['qsnr']:>8.1f} "
-                  f"{s['max_rel']:>12.3g} {s['max_blk']:>16.3g}")
+            print(
+                f"{fmt:<12} {s['bits']:>9.2f} {s['bytes']:>10,} {s['qsnr']:>8.1f} "
+                f"{s['max_rel']:>12.3g} {s['max_blk']:>16.3g}"
+            )
         print()
     print("QSNR: 10 log10(sum x^2 / sum (q - x)^2); every ~6 dB is one more bit of precision.")
     print("Max rel err reaches 1 where a small element rounds to zero beside a large block max.")

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make `models`/`examples` impor
 import jax
 from flax import nnx
 
-from examples import data, training
+from examples import data, study, training
 from models import CNN, CNNnnx
 
 # On a 2-core CPU: about 100 ms/step, 2 minutes in all, test accuracy ~0.90.
@@ -60,12 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         epilog=f"defaults: {DEFAULTS}; with --quick: {QUICK}",
     )
-    training.add_common_args(parser)
+    study.add_common_args(parser)
     parser.add_argument(
         "--eval-examples", type=int, help="test images per evaluation (first N of 10000)"
     )
     parser.add_argument("--api", choices=("linen", "nnx"), default="linen", help="Flax API")
-    args = training.resolve_defaults(parser.parse_args(argv), DEFAULTS, QUICK)
+    args = study.resolve_defaults(parser.parse_args(argv), DEFAULTS, QUICK)
     if args.out is None:
         args.out = f"runs/fashion_mnist{'_quick' if args.quick else ''}"
     if not 1 <= args.eval_examples <= 10000:
@@ -82,7 +82,7 @@ def build(args: argparse.Namespace, dataset: dict):
 
     Returns:
       ``(model, params, train_batch, eval_batches, run_info)`` for
-      :func:`examples.training.run_recipes`.
+      :func:`examples.study.run_recipes`.
     """
     train_images, train_labels = dataset["train"]
     test_images, test_labels = dataset["test"]
@@ -118,22 +118,22 @@ def build(args: argparse.Namespace, dataset: dict):
 def main(argv: list[str] | None = None) -> list[dict]:
     """Runs the study and prints the summary table; returns each recipe's metrics."""
     args = parse_args(argv)
-    recipes = training.parse_recipes(args.recipes)
+    recipes = study.parse_recipes(args.recipes)
     model, params, train_batch, eval_batches, run_info = build(args, data.load_fashion_mnist())
     n_params = sum(p.size for p in jax.tree.leaves(params))
     print(f"CNN ({args.api}) with {n_params:,} params; recipes: {recipes}")
-    results = training.run_recipes(
+    results = study.run_recipes(
         recipes,
         model,
         params,
         train_batch,
         eval_batches,
-        training.train_config_from_args(args),
+        study.train_config_from_args(args),
         args.out,
         run_info=run_info,
         progress=not args.no_progress,
     )
-    print(training.report_study(results, args.out, "accuracy"))
+    print(study.report_study(results, args.out, "accuracy"))
     return results
 
 

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make `models`/`examples` impor
 import jax
 from flax import nnx
 
-from examples import data, training
+from examples import data, study, training
 from models import GPT, GPTConfig, GPTnnx
 
 # Tuned on a 2-core CPU: one FP32 run takes about 3 minutes (~85 ms/step)
@@ -75,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0],
         epilog=f"defaults: {DEFAULTS}; with --quick: {QUICK}",
     )
-    training.add_common_args(parser)
+    study.add_common_args(parser)
     parser.add_argument("--context", type=int, help="tokens per sequence")
     parser.add_argument("--depth", type=int, help="transformer blocks")
     parser.add_argument("--width", type=int, help="embedding width")
@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dropout", type=float, help="dropout rate")
     parser.add_argument("--eval-batches", type=int, help="validation batches per evaluation")
     parser.add_argument("--api", choices=("linen", "nnx"), default="linen", help="Flax API")
-    args = training.resolve_defaults(parser.parse_args(argv), DEFAULTS, QUICK)
+    args = study.resolve_defaults(parser.parse_args(argv), DEFAULTS, QUICK)
     if args.out is None:
         args.out = f"runs/shakespeare{'_quick' if args.quick else ''}"
     return args
@@ -98,7 +98,7 @@ def build(args: argparse.Namespace, dataset: data.CharDataset):
 
     Returns:
       ``(model, params, train_batch, eval_batches, run_info)`` for
-      :func:`examples.training.run_recipes`.
+      :func:`examples.study.run_recipes`.
     """
     config = GPTConfig(
         vocab_size=dataset.vocab_size,
@@ -131,22 +131,22 @@ def build(args: argparse.Namespace, dataset: data.CharDataset):
 def main(argv: list[str] | None = None) -> list[dict]:
     """Runs the study and prints the summary table; returns each recipe's metrics."""
     args = parse_args(argv)
-    recipes = training.parse_recipes(args.recipes)
+    recipes = study.parse_recipes(args.recipes)
     model, params, train_batch, eval_batches, run_info = build(args, data.load_shakespeare())
     n_params = sum(p.size for p in jax.tree.leaves(params))
     print(f"GPT {run_info['model']} with {n_params:,} params; recipes: {recipes}")
-    results = training.run_recipes(
+    results = study.run_recipes(
         recipes,
         model,
         params,
         train_batch,
         eval_batches,
-        training.train_config_from_args(args),
+        study.train_config_from_args(args),
         args.out,
         run_info=run_info,
         progress=not args.no_progress,
     )
-    print(training.report_study(results, args.out, "loss"))
+    print(study.report_study(results, args.out, "loss"))
     return results
 
 

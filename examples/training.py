@@ -3,11 +3,9 @@
 The loop is functional: a model is ``apply_fn(params, x, *, train=False,
 rng=None) -> logits`` plus a float32 ``params`` pytree (the master weights).
 Linen modules and nnx modules are adapted with :func:`linen_apply_fn` and
-:func:`nnx_apply_fn`. The loop never quantizes anything itself; a numeric
-recipe (FP32 today, MX formats later) is just a different ``apply_fn`` built
-from the same model by a function registered in :data:`RECIPES`, and
-:func:`run_recipes` trains every requested recipe from the same initial
-params on the same batches, for the command-line examples.
+:func:`nnx_apply_fn`. The loop never quantizes anything itself: MX is a
+compute format inside ``apply_fn`` (see :mod:`examples.study` for the
+recipes), while the optimizer updates the float32 master weights.
 
 Exact resume: batch ``i`` is ``train_batch(i)`` and the dropout key of step
 ``i`` is ``fold_in(key(seed), i)``, so the only state a run has is params,
@@ -18,7 +16,6 @@ and resumed therefore reproduces an uninterrupted run bit for bit.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -26,7 +23,7 @@ import os
 import pathlib
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -36,8 +33,8 @@ import orbax.checkpoint as ocp
 import tqdm
 from flax import linen as nn
 from flax import nnx
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+from jaxmx.flax import MXLinen
 
 # apply_fn(params, x, *, train=False, rng=None) -> logits
 ApplyFn = Callable[..., jax.Array]
@@ -112,63 +109,17 @@ def init_linen_params(model: nn.Module, sample_x: Any, seed: int) -> dict[str, A
     return jax.jit(model.init)(jax.random.key(seed), jnp.asarray(sample_x))["params"]
 
 
-def apply_fn_for(model: nn.Module | nnx.Module) -> ApplyFn:
-    """Dispatches to :func:`linen_apply_fn` or :func:`nnx_apply_fn`."""
-    if isinstance(model, nn.Module):
+def apply_fn_for(model) -> ApplyFn:
+    """Dispatches to :func:`linen_apply_fn` or :func:`nnx_apply_fn`.
+
+    A linen model substituted by ``jaxmx.flax.quantize_model`` (an
+    ``MXLinen``) has the linen ``apply`` and is adapted the same way.
+    """
+    if isinstance(model, (nn.Module, MXLinen)):
         return linen_apply_fn(model)
     if isinstance(model, nnx.Module):
         return nnx_apply_fn(model)
     raise TypeError(f"expected a flax linen or nnx Module, got {type(model).__name__}")
-
-
-# --- Recipes ---------------------------------------------------------------
-# A recipe maps the FP32 model to an apply_fn that consumes the *same* float32
-# parameter pytree. MX recipes substitute the model's matmul layers; they are
-# added here, in this one dict, and the CLIs pick them up via --recipes.
-
-
-def fp32(model: nn.Module | nnx.Module) -> ApplyFn:
-    """The reference recipe: the model exactly as written, in float32."""
-    return apply_fn_for(model)
-
-
-RECIPES: dict[str, Callable[[Any], ApplyFn]] = {"fp32": fp32}
-
-
-def get_recipe(name: str) -> Callable[[Any], ApplyFn]:
-    """Looks up a recipe in :data:`RECIPES`.
-
-    Args:
-      name: recipe name, e.g. ``"fp32"``.
-
-    Returns:
-      The recipe function ``model -> apply_fn``.
-
-    Raises:
-      ValueError: for an unknown name; the message lists the known ones.
-
-    >>> get_recipe("fp32").__name__
-    'fp32'
-    """
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
-    return RECIPES[name]
-
-
-def parse_recipes(spec: str) -> list[str]:
-    """Splits a comma-separated recipe list and validates every name.
-
-    >>> parse_recipes("fp32")
-    ['fp32']
-    """
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    if not names:
-        raise ValueError(f"no recipe names in {spec!r}; known: {', '.join(sorted(RECIPES))}")
-    for name in names:
-        get_recipe(name)
-    if len(set(names)) != len(names):
-        raise ValueError(f"recipe list {spec!r} repeats a name")
-    return names
 
 
 # --- Optimisation ------------------------------------------------------------
@@ -502,182 +453,3 @@ def train(
     if out is not None:
         _write_json(out / "metrics.json", metrics)
     return TrainResult(params=params, opt_state=opt_state, metrics=metrics)
-
-
-# --- Plots and recipe studies --------------------------------------------------
-
-
-def load_metrics(run: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
-    """Returns a metrics dict given the dict itself or a ``metrics.json`` path."""
-    if isinstance(run, Mapping):
-        return dict(run)
-    return json.loads(pathlib.Path(run).read_text())
-
-
-def plot_runs(
-    runs: Sequence[str | os.PathLike | Mapping[str, Any]], path: str | os.PathLike
-) -> pathlib.Path:
-    """Plots train loss, eval loss and eval accuracy of several runs on one figure.
-
-    Uses matplotlib's Agg canvas directly (no pyplot), so it works headless
-    and never touches global backend state.
-
-    Args:
-      runs: metrics dicts (as returned by :func:`train`) or ``metrics.json`` paths.
-      path: output PNG path; parent folders are created.
-
-    Returns:
-      The PNG path.
-    """
-    if not runs:
-        raise ValueError("plot_runs needs at least one run")
-    fig = Figure(figsize=(14, 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 3)
-    titles = ("train loss", "eval loss", "eval accuracy")
-    runs = [load_metrics(r) for r in runs]
-    for run in runs:
-        curves = (run["train"], run["eval"], run["eval"])
-        for ax, key, points in zip(axes, ("loss", "loss", "accuracy"), curves, strict=True):
-            ax.plot([p["step"] for p in points], [p[key] for p in points], label=run["name"])
-    for ax, kind in zip(axes[:2], ("train", "eval"), strict=True):
-        # Recipes differ by a few percent at the end; clipping the initial
-        # transient (first 10% of steps) keeps those gaps visible.
-        tails = [
-            p["loss"]
-            for run in runs
-            for p in run[kind]
-            if p["step"] >= 0.1 * run["config"]["train"]["steps"]
-        ]
-        if tails:
-            low, high = min(tails), max(tails)
-            ax.set_ylim(low - 0.05 * (high - low) - 1e-3, high + 0.05 * (high - low) + 1e-3)
-    for ax, title in zip(axes, titles, strict=True):
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
-
-
-def run_recipes(
-    recipes: Sequence[str],
-    model: Any,
-    params: Any,
-    train_batch: BatchFn,
-    eval_batches: EvalBatchesFn,
-    config: TrainConfig,
-    out_root: str | os.PathLike,
-    *,
-    run_info: Mapping[str, Any] | None = None,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Trains each recipe in turn from the same params on the same batches.
-
-    Args:
-      recipes: names in :data:`RECIPES`.
-      model: the FP32 model handed to each recipe.
-      params: shared initial float32 params.
-      train_batch: see :func:`train`.
-      eval_batches: see :func:`train`.
-      config: shared loop settings.
-      out_root: each recipe writes to ``out_root/<recipe>/`` (and resumes from it).
-      run_info: description of model and data, recorded with each run.
-      progress: show progress bars.
-
-    Returns:
-      The metrics dict of each recipe, in order.
-    """
-    results = []
-    for name in recipes:
-        apply_fn = get_recipe(name)(model)
-        result = train(
-            apply_fn,
-            params,
-            train_batch,
-            eval_batches,
-            config,
-            out_dir=pathlib.Path(out_root) / name,
-            name=name,
-            run_info={**dict(run_info or {}), "recipe": name},
-            progress=progress,
-        )
-        results.append(result.metrics)
-    return results
-
-
-def format_table(results: Sequence[Mapping[str, Any]], metric: str) -> str:
-    """Formats final ``metric`` ("loss" or "accuracy") per recipe, with the gap to fp32.
-
-    The gap is relative: ``100 * (value - fp32) / fp32``.
-    """
-    if metric not in ("loss", "accuracy"):
-        raise ValueError(f"metric must be 'loss' or 'accuracy', got {metric!r}")
-    ref = next((r["final_eval"][metric] for r in results if r["name"] == "fp32"), None)
-    label = "final val loss" if metric == "loss" else "test accuracy"
-    lines = [f"{'recipe':<16} {label:>14} {'gap to fp32 %':>14} {'median step ms':>15}"]
-    for r in results:
-        value = r["final_eval"][metric]
-        gap = f"{100 * (value - ref) / ref:+.2f}" if ref else "n/a"
-        ms = r["step_time_ms_median"]
-        ms_text = f"{ms:.1f}" if ms is not None else "n/a"
-        lines.append(f"{r['name']:<16} {value:>14.4f} {gap:>14} {ms_text:>15}")
-    return "\n".join(lines)
-
-
-def report_study(results: Sequence[Mapping[str, Any]], out_root, metric: str) -> str:
-    """Plots the runs to ``out_root/loss.png``, writes ``summary.txt`` and returns the table."""
-    out_root = pathlib.Path(out_root)
-    plot = plot_runs(results, out_root / "loss.png")
-    table = format_table(results, metric)
-    text = f"{table}\nplot: {plot}"
-    (out_root / "summary.txt").write_text(text + "\n")
-    return text
-
-
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """Adds the flags shared by the example CLIs.
-
-    Numeric flags default to None so :func:`resolve_defaults` can tell an
-    explicit value from a default (``--quick`` only changes the defaults).
-    """
-    known = ", ".join(sorted(RECIPES))
-    parser.add_argument("--recipes", default="fp32", help=f"comma-separated, from: {known}")
-    parser.add_argument("--steps", type=int, help="optimizer updates")
-    parser.add_argument("--batch-size", type=int, help="examples per batch")
-    parser.add_argument("--lr", type=float, help="peak learning rate")
-    parser.add_argument("--warmup-steps", type=int, help="linear warmup steps")
-    parser.add_argument("--eval-every", type=int, help="evaluation interval (steps)")
-    parser.add_argument("--log-every", type=int, help="train-loss logging interval")
-    parser.add_argument("--checkpoint-every", type=int, help="checkpoint interval; 0 = at the end")
-    parser.add_argument("--seed", type=int, default=0, help="init, data and dropout seed")
-    parser.add_argument("--out", help="output folder (default runs/<name>); reruns resume")
-    parser.add_argument("--quick", action="store_true", help="tiny smoke-test configuration")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def resolve_defaults(
-    args: argparse.Namespace, defaults: Mapping[str, Any], quick: Mapping[str, Any]
-) -> argparse.Namespace:
-    """Fills every flag left at None from ``quick`` (with --quick) or ``defaults``."""
-    table = {**defaults, **quick} if args.quick else defaults
-    for key, value in table.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    return args
-
-
-def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Builds the :class:`TrainConfig` from resolved common flags."""
-    return TrainConfig(
-        steps=args.steps,
-        learning_rate=args.lr,
-        warmup_steps=args.warmup_steps,
-        eval_every=args.eval_every,
-        log_every=args.log_every,
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
-    )

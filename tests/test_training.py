@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from examples import data, train_lm, training
+from examples import data, study, train_lm, training
 from models import CNN, GPT, GPTConfig, GPTnnx
 
 VOCAB, CONTEXT, BATCH = 8, 16, 16
@@ -55,7 +55,7 @@ def test_gpt_loss_goes_down(api):
         params = training.nnx_params(model)
     config = training.TrainConfig(steps=60, learning_rate=1e-2, warmup_steps=5, eval_every=60)
     result = training.train(
-        training.fp32(model), params, counting_batch, counting_eval, config, progress=False
+        study.fp32(model), params, counting_batch, counting_eval, config, progress=False
     )
     first, last = result.metrics["eval"][0], result.metrics["eval"][-1]
     assert first["step"] == 0 and last["step"] == 60
@@ -68,7 +68,7 @@ def test_cnn_loss_goes_down():
     params = training.init_linen_params(model, blob_images(0)[0], seed=0)
     config = training.TrainConfig(steps=30, learning_rate=3e-3, warmup_steps=3, eval_every=30)
     result = training.train(
-        training.fp32(model),
+        study.fp32(model),
         params,
         blob_images,
         lambda: [blob_images(i, seed=1) for i in range(2)],
@@ -91,7 +91,7 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
     config = training.TrainConfig(
         steps=12, warmup_steps=2, eval_every=3, log_every=2, checkpoint_every=4
     )
-    apply_fn = training.fp32(model)
+    apply_fn = study.fp32(model)
 
     def run(out, on_step=None):
         return training.train(
@@ -146,8 +146,8 @@ def test_metrics_json_table_and_plot_through_the_cli_path(tmp_path):
     model, params, train_batch, eval_batches, run_info = train_lm.build(
         args, data.CharDataset.from_text(text)
     )
-    config = training.train_config_from_args(args)
-    results = training.run_recipes(
+    config = study.train_config_from_args(args)
+    results = study.run_recipes(
         ["fp32"],
         model,
         params,
@@ -165,14 +165,14 @@ def test_metrics_json_table_and_plot_through_the_cli_path(tmp_path):
     assert metrics["final_eval"]["step"] == 6
     assert metrics["step_time_ms_median"] > 0 and metrics["steps_timed"] == 5
     assert metrics == json.loads(json.dumps(results[0]))
-    summary = training.report_study(results, tmp_path, "loss")
+    summary = study.report_study(results, tmp_path, "loss")
     assert summary.splitlines()[1].split()[:1] == ["fp32"] and "+0.00" in summary
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_unknown_recipe_lists_the_known_ones():
     with pytest.raises(ValueError, match="unknown recipe 'mxfp9'; known recipes: fp32"):
-        training.parse_recipes("fp32,mxfp9")
+        study.parse_recipes("fp32,mxfp9")
     with pytest.raises(ValueError, match="unknown recipe"):
         train_lm.main(["--recipes", "nope"])
 
@@ -183,7 +183,7 @@ def test_master_params_must_be_float32():
     half = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
     config = training.TrainConfig(steps=2, warmup_steps=0)
     with pytest.raises(TypeError, match="float32"):
-        training.train(training.fp32(model), half, counting_batch, counting_eval, config)
+        training.train(study.fp32(model), half, counting_batch, counting_eval, config)
 
 
 def test_char_batches_depend_only_on_seed_and_index():

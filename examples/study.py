@@ -1,0 +1,295 @@
+"""Recipe studies: the same model trained in FP32 and in MX recipes, side by side.
+
+A recipe maps the FP32 model to an ``apply_fn`` that consumes the *same*
+float32 parameter pytree (the optimizer's master weights): ``fp32`` runs the
+model as written; each MX recipe substitutes every matmul of the model with
+``jaxmx.flax.quantize_model`` and a :func:`jaxmx.preset`, without editing the
+model's code. :func:`run_recipes` trains every requested recipe from the same
+initial params on the same batches; :func:`report_study` prints the table
+and writes the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from flax import nnx
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+import jaxmx
+import jaxmx.flax
+from examples.training import (
+    ApplyFn,
+    BatchFn,
+    EvalBatchesFn,
+    TrainConfig,
+    apply_fn_for,
+    train,
+)
+
+# --- Recipes ---------------------------------------------------------------
+# A recipe maps the FP32 model to an apply_fn that consumes the *same* float32
+# parameter pytree. MX recipes substitute the model's matmul layers; they are
+# added here, in this one dict, and the CLIs pick them up via --recipes.
+
+
+def fp32(model: Any) -> ApplyFn:
+    """The reference recipe: the model exactly as written, in float32."""
+    return apply_fn_for(model)
+
+
+def mx_recipe(preset: str, *, keep: Sequence[str] = ()) -> Callable[[Any], ApplyFn]:
+    """A recipe running every matmul of the model in ``jaxmx.preset(preset)``.
+
+    Args:
+      preset: a :func:`jaxmx.list_presets` name.
+      keep: path patterns of matmul modules to leave in high precision.
+
+    Returns:
+      ``recipe(model) -> apply_fn``. nnx models are cloned first, so the
+      model handed in stays FP32 for the other recipes.
+    """
+    config = jaxmx.preset(preset)
+
+    def recipe(model: Any) -> ApplyFn:
+        if isinstance(model, nnx.Module):
+            model = nnx.clone(model)
+        rules = [*((k, None) for k in keep), (".*", config)]
+        return apply_fn_for(jaxmx.flax.quantize_model(model, rules))
+
+    recipe.__name__ = preset
+    recipe.__doc__ = jaxmx.list_presets()[preset]
+    return recipe
+
+
+# fp32 and the training recipes of the MX paper and its successors; every
+# matmul in the chosen formats (attention's q.k and p.v and the output head
+# included; the embedding is a lookup, not a matmul).
+RECIPES: dict[str, Callable[[Any], ApplyFn]] = {
+    "fp32": fp32,
+    **{
+        name: mx_recipe(name)
+        for name in ("mxfp8", "mxfp8_rceil", "mxfp8_e5m2_grads", "mxfp6", "mxfp4_weights", "mxfp4")
+    },
+}
+
+
+def get_recipe(name: str) -> Callable[[Any], ApplyFn]:
+    """Looks up a recipe in :data:`RECIPES`.
+
+    Args:
+      name: recipe name, e.g. ``"fp32"``.
+
+    Returns:
+      The recipe function ``model -> apply_fn``.
+
+    Raises:
+      ValueError: for an unknown name; the message lists the known ones.
+
+    >>> get_recipe("fp32").__name__
+    'fp32'
+    """
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}")
+    return RECIPES[name]
+
+
+def parse_recipes(spec: str) -> list[str]:
+    """Splits a comma-separated recipe list and validates every name.
+
+    >>> parse_recipes("fp32")
+    ['fp32']
+    """
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"no recipe names in {spec!r}; known: {', '.join(sorted(RECIPES))}")
+    for name in names:
+        get_recipe(name)
+    if len(set(names)) != len(names):
+        raise ValueError(f"recipe list {spec!r} repeats a name")
+    return names
+
+
+# --- Plots and tables -----------------------------------------------------------
+
+
+def load_metrics(run: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """Returns a metrics dict given the dict itself or a ``metrics.json`` path."""
+    if isinstance(run, Mapping):
+        return dict(run)
+    return json.loads(pathlib.Path(run).read_text())
+
+
+def plot_runs(
+    runs: Sequence[str | os.PathLike | Mapping[str, Any]], path: str | os.PathLike
+) -> pathlib.Path:
+    """Plots train loss, eval loss and eval accuracy of several runs on one figure.
+
+    Uses matplotlib's Agg canvas directly (no pyplot), so it works headless
+    and never touches global backend state.
+
+    Args:
+      runs: metrics dicts (as returned by :func:`train`) or ``metrics.json`` paths.
+      path: output PNG path; parent folders are created.
+
+    Returns:
+      The PNG path.
+    """
+    if not runs:
+        raise ValueError("plot_runs needs at least one run")
+    fig = Figure(figsize=(14, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 3)
+    titles = ("train loss", "eval loss", "eval accuracy")
+    runs = [load_metrics(r) for r in runs]
+    for run in runs:
+        curves = (run["train"], run["eval"], run["eval"])
+        for ax, key, points in zip(axes, ("loss", "loss", "accuracy"), curves, strict=True):
+            ax.plot([p["step"] for p in points], [p[key] for p in points], label=run["name"])
+    for ax, kind in zip(axes[:2], ("train", "eval"), strict=True):
+        # Recipes differ by a few percent at the end; clipping the initial
+        # transient (first 10% of steps) keeps those gaps visible.
+        tails = [
+            p["loss"]
+            for run in runs
+            for p in run[kind]
+            if p["step"] >= 0.1 * run["config"]["train"]["steps"]
+        ]
+        if tails:
+            low, high = min(tails), max(tails)
+            ax.set_ylim(low - 0.05 * (high - low) - 1e-3, high + 0.05 * (high - low) + 1e-3)
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def run_recipes(
+    recipes: Sequence[str],
+    model: Any,
+    params: Any,
+    train_batch: BatchFn,
+    eval_batches: EvalBatchesFn,
+    config: TrainConfig,
+    out_root: str | os.PathLike,
+    *,
+    run_info: Mapping[str, Any] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Trains each recipe in turn from the same params on the same batches.
+
+    Args:
+      recipes: names in :data:`RECIPES`.
+      model: the FP32 model handed to each recipe.
+      params: shared initial float32 params.
+      train_batch: see :func:`train`.
+      eval_batches: see :func:`train`.
+      config: shared loop settings.
+      out_root: each recipe writes to ``out_root/<recipe>/`` (and resumes from it).
+      run_info: description of model and data, recorded with each run.
+      progress: show progress bars.
+
+    Returns:
+      The metrics dict of each recipe, in order.
+    """
+    results = []
+    for name in recipes:
+        apply_fn = get_recipe(name)(model)
+        result = train(
+            apply_fn,
+            params,
+            train_batch,
+            eval_batches,
+            config,
+            out_dir=pathlib.Path(out_root) / name,
+            name=name,
+            run_info={**dict(run_info or {}), "recipe": name},
+            progress=progress,
+        )
+        results.append(result.metrics)
+    return results
+
+
+def format_table(results: Sequence[Mapping[str, Any]], metric: str) -> str:
+    """Formats final ``metric`` ("loss" or "accuracy") per recipe, with the gap to fp32.
+
+    The gap is relative: ``100 * (value - fp32) / fp32``.
+    """
+    if metric not in ("loss", "accuracy"):
+        raise ValueError(f"metric must be 'loss' or 'accuracy', got {metric!r}")
+    ref = next((r["final_eval"][metric] for r in results if r["name"] == "fp32"), None)
+    label = "final val loss" if metric == "loss" else "test accuracy"
+    lines = [f"{'recipe':<16} {label:>14} {'gap to fp32 %':>14} {'median step ms':>15}"]
+    for r in results:
+        value = r["final_eval"][metric]
+        gap = f"{100 * (value - ref) / ref:+.2f}" if ref else "n/a"
+        ms = r["step_time_ms_median"]
+        ms_text = f"{ms:.1f}" if ms is not None else "n/a"
+        lines.append(f"{r['name']:<16} {value:>14.4f} {gap:>14} {ms_text:>15}")
+    return "\n".join(lines)
+
+
+def report_study(results: Sequence[Mapping[str, Any]], out_root, metric: str) -> str:
+    """Plots the runs to ``out_root/loss.png``, writes ``summary.txt`` and returns the table."""
+    out_root = pathlib.Path(out_root)
+    plot = plot_runs(results, out_root / "loss.png")
+    table = format_table(results, metric)
+    text = f"{table}\nplot: {plot}"
+    (out_root / "summary.txt").write_text(text + "\n")
+    return text
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """Adds the flags shared by the example CLIs.
+
+    Numeric flags default to None so :func:`resolve_defaults` can tell an
+    explicit value from a default (``--quick`` only changes the defaults).
+    """
+    known = ", ".join(sorted(RECIPES))
+    parser.add_argument("--recipes", default="fp32", help=f"comma-separated, from: {known}")
+    parser.add_argument("--steps", type=int, help="optimizer updates")
+    parser.add_argument("--batch-size", type=int, help="examples per batch")
+    parser.add_argument("--lr", type=float, help="peak learning rate")
+    parser.add_argument("--warmup-steps", type=int, help="linear warmup steps")
+    parser.add_argument("--eval-every", type=int, help="evaluation interval (steps)")
+    parser.add_argument("--log-every", type=int, help="train-loss logging interval")
+    parser.add_argument("--checkpoint-every", type=int, help="checkpoint interval; 0 = at the end")
+    parser.add_argument("--seed", type=int, default=0, help="init, data and dropout seed")
+    parser.add_argument("--out", help="output folder (default runs/<name>); reruns resume")
+    parser.add_argument("--quick", action="store_true", help="tiny smoke-test configuration")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def resolve_defaults(
+    args: argparse.Namespace, defaults: Mapping[str, Any], quick: Mapping[str, Any]
+) -> argparse.Namespace:
+    """Fills every flag left at None from ``quick`` (with --quick) or ``defaults``."""
+    table = {**defaults, **quick} if args.quick else defaults
+    for key, value in table.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Builds the :class:`TrainConfig` from resolved common flags."""
+    return TrainConfig(
+        steps=args.steps,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup_steps,
+        eval_every=args.eval_every,
+        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
