@@ -4,13 +4,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 JOBS ?= 2
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+RECIPES := fp32,mxfp8,mxfp6,mxfp4_weights,mxfp4
+STUDY := fp32,mxfp8,mxfp8_rceil,mxfp6,mxfp6_rceil,mxfp4_weights,mxfp4_weights_rceil,mxfp4,mxfp4_rceil
 
-.PHONY: help venv test test-slow lint demo bench clean
+.PHONY: help venv test test-slow lint demo study tour bench fashion-mnist clean
 
 help:
-	@echo "make demo       set up and run the main job (MX training study on Shakespeare)"
+	@echo "make demo       set up and run the main job: a short MX training study (a few minutes)"
 	@echo "make test       set up and run the default test suite"
-	@echo "make test-slow  run the slow studies (training to convergence, accuracy)"
+	@echo "make test-slow  run the slow studies (real training runs)"
+	@echo "make study      the runs behind the README tables (about an hour on 2 cores)"
+	@echo "make tour       quantize two tensors to every format and compare"
 	@echo "make bench      run the benchmarks in benchmarks/"
 	@echo "make lint       ruff check + format check"
 
@@ -22,21 +28,37 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist package.
+fashion-mnist:
+	@test -f $(FASHION) || $(SUDO) apt-get install -y dataset-fashion-mnist
+
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(JOBS) -m "not slow" jaxmx tests
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) fashion-mnist
 	$(PY) -m pytest -q -m slow tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The main job: the Shakespeare char-GPT in FP32 and four MX recipes, 400 steps each.
 demo: $(STAMP)
+	$(PY) examples/train_lm.py --recipes $(RECIPES) --steps 400 --eval-every 100 --out runs/demo
+
+study: $(STAMP) fashion-mnist
+	$(PY) examples/train_lm.py --recipes $(STUDY) --out runs/shakespeare
+	$(PY) examples/train_fashion_mnist.py --recipes fp32,mxfp8,mxfp8_rceil,mxfp6,mxfp4_weights,mxfp4 \
+		--out runs/fashion_mnist
+	$(PY) examples/ablate_lm.py
+
+tour: $(STAMP)
 	$(PY) examples/format_tour.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/quantize.py
+	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/gpt_step.py --recipes mxfp8,mxfp6,mxfp4
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis runs

@@ -44,18 +44,21 @@ def fp32(model: Any) -> ApplyFn:
     return apply_fn_for(model)
 
 
-def mx_recipe(preset: str, *, keep: Sequence[str] = ()) -> Callable[[Any], ApplyFn]:
+def mx_recipe(
+    preset: str, *, keep: Sequence[str] = (), **overrides: Any
+) -> Callable[[Any], ApplyFn]:
     """A recipe running every matmul of the model in ``jaxmx.preset(preset)``.
 
     Args:
       preset: a :func:`jaxmx.list_presets` name.
       keep: path patterns of matmul modules to leave in high precision.
+      **overrides: DotConfig fields to change, e.g. ``scale_mode="rceil"``.
 
     Returns:
       ``recipe(model) -> apply_fn``. nnx models are cloned first, so the
       model handed in stays FP32 for the other recipes.
     """
-    config = jaxmx.preset(preset)
+    config = jaxmx.preset(preset, **overrides)
 
     def recipe(model: Any) -> ApplyFn:
         if isinstance(model, nnx.Module):
@@ -64,7 +67,7 @@ def mx_recipe(preset: str, *, keep: Sequence[str] = ()) -> Callable[[Any], Apply
         return apply_fn_for(jaxmx.flax.quantize_model(model, rules))
 
     recipe.__name__ = preset
-    recipe.__doc__ = jaxmx.list_presets()[preset]
+    recipe.__doc__ = jaxmx.list_presets()[preset] + (f"; with {overrides}" if overrides else "")
     return recipe
 
 
@@ -76,6 +79,11 @@ RECIPES: dict[str, Callable[[Any], ApplyFn]] = {
     **{
         name: mx_recipe(name)
         for name in ("mxfp8", "mxfp8_rceil", "mxfp8_e5m2_grads", "mxfp6", "mxfp4_weights", "mxfp4")
+    },
+    # The same recipes with round-up (RCEIL) scales, which never clip a block max.
+    **{
+        f"{name}_rceil": mx_recipe(name, scale_mode="rceil")
+        for name in ("mxfp6", "mxfp4_weights", "mxfp4")
     },
 }
 

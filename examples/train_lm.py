@@ -51,7 +51,7 @@ DEFAULTS = {
     "eval_every": 200,
     "log_every": 10,
     "checkpoint_every": 400,
-    "eval_batches": 8,
+    "eval_batches": 32,
 }
 # A configuration that compiles and runs in seconds, for smoke tests.
 QUICK = {

@@ -173,9 +173,7 @@ class _Side(NamedTuple):
 def _qmatmul(a: _Side, b: _Side, dims, static: _Static, key, out_dtype, out_sharding=None):
     """``Q(a) . Q(b)`` with blocks along the last contracting axis of each side."""
     cfg = static.config
-    reason = native.unsupported_reason(
-        a.fmt, b.fmt, a.contracting, b.contracting, a.x.shape, b.x.shape, cfg
-    )
+    reason = native.unsupported_reason(a.fmt, b.fmt, a.contracting, a.x.shape, cfg)
     if native.use_native(cfg, reason):
         ta, tb = (_mx_tensor(s, cfg, key) for s in (a, b))
         return native.scaled_dot(ta, tb, dims, out_dtype)

@@ -53,22 +53,20 @@ def has_native_mx() -> bool:
 
 
 def unsupported_reason(
-    a_fmt: MXFormat | None,
-    b_fmt: MXFormat | None,
-    a_contract,
-    b_contract,
-    a_shape,
-    b_shape,
-    config: DotConfig,
+    a_fmt: MXFormat | None, b_fmt: MXFormat | None, a_contract, a_shape, config: DotConfig
 ) -> str | None:
-    """Why a matmul cannot run as ``lax.scaled_dot``; ``None`` when it can."""
+    """Why a matmul cannot run as ``lax.scaled_dot``; ``None`` when it can.
+
+    ``a_contract`` / ``a_shape``: the left operand's contracting axes and
+    shape (the right operand's are paired with them, so they agree).
+    """
     if a_fmt is None or b_fmt is None:
         return "an operand is not quantized"
     for f in (a_fmt, b_fmt):
         if f.element.name not in _NATIVE_ELEMENTS or f.scale.name != "e8m0":
             return f"{f.name} has no native block-scaled matmul (those: MXFP8, MXFP4)"
     if not a_contract:
-        return "nothing to contract"
+        return "nothing to contract"  # paired axes: b contracts as many as a
     bs_a = config.block_size or a_fmt.block_size
     bs_b = config.block_size or b_fmt.block_size
     if bs_a != bs_b:
@@ -76,7 +74,6 @@ def unsupported_reason(
     k = a_shape[a_contract[-1]]
     if k % bs_a:
         return f"contraction length {k} is not a multiple of the block size {bs_a}"
-    del b_shape
     return None
 
 

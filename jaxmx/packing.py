@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxmx.blocks import from_blocks, to_blocks
 from jaxmx.codes import raw_to_storage, storage_to_raw
 from jaxmx.formats import ElementFormat
 from jaxmx.tensor import MXTensor
@@ -41,44 +42,31 @@ def _group(bits: int) -> tuple[int, int]:
 def pack_codes(raw: jax.Array, bits: int, axis: int) -> jax.Array:
     """Packs uint8 arrays of ``bits``-wide codes along ``axis`` (negative)."""
     g, nbytes = _group(bits)
-    n = raw.shape[axis]
-    ng = -(-n // g)
-    if ng * g != n:
-        pad = [(0, 0)] * raw.ndim
-        pad[axis] = (0, ng * g - n)
-        raw = jnp.pad(raw, pad)
-    ax = raw.ndim + axis
-    grouped = raw.reshape(raw.shape[:ax] + (ng, g) + raw.shape[ax + 1 :]).astype(jnp.uint32)
-    word = jnp.zeros_like(jnp.take(grouped, 0, axis=ax + 1))
+    grouped = to_blocks(raw, axis, g).astype(jnp.uint32)  # (..., groups, g, ...)
+    ax = grouped.ndim + axis  # the within-group axis
+    word = jnp.zeros_like(jnp.take(grouped, 0, axis=ax))
     for j in range(g):
-        word = word | lax.shift_left(jnp.take(grouped, j, axis=ax + 1), jnp.uint32(bits * j))
+        word = word | lax.shift_left(jnp.take(grouped, j, axis=ax), jnp.uint32(bits * j))
     out = [
         lax.shift_right_logical(word, jnp.uint32(8 * b)).astype(jnp.uint8) for b in range(nbytes)
     ]
-    packed = jnp.stack(out, axis=ax + 1)
-    return packed.reshape(raw.shape[:ax] + (ng * nbytes,) + raw.shape[ax + 1 :])
+    return from_blocks(jnp.stack(out, axis=ax), axis, grouped.shape[ax - 1] * nbytes)
 
 
 def unpack_codes(packed: jax.Array, bits: int, axis: int, length: int) -> jax.Array:
     """Inverse of :func:`pack_codes`: uint8 codes, ``length`` along ``axis``."""
     g, nbytes = _group(bits)
-    ax = packed.ndim + axis
-    ng = packed.shape[ax] // nbytes
-    grouped = packed.reshape(packed.shape[:ax] + (ng, nbytes) + packed.shape[ax + 1 :])
-    grouped = grouped.astype(jnp.uint32)
-    word = jnp.zeros_like(jnp.take(grouped, 0, axis=ax + 1))
+    grouped = to_blocks(packed, axis, nbytes).astype(jnp.uint32)  # (..., groups, bytes, ...)
+    ax = grouped.ndim + axis
+    word = jnp.zeros_like(jnp.take(grouped, 0, axis=ax))
     for b in range(nbytes):
-        word = word | lax.shift_left(jnp.take(grouped, b, axis=ax + 1), jnp.uint32(8 * b))
+        word = word | lax.shift_left(jnp.take(grouped, b, axis=ax), jnp.uint32(8 * b))
     mask = jnp.uint32((1 << bits) - 1)
     codes = [
         (lax.shift_right_logical(word, jnp.uint32(bits * j)) & mask).astype(jnp.uint8)
         for j in range(g)
     ]
-    raw = jnp.stack(codes, axis=ax + 1)
-    raw = raw.reshape(packed.shape[:ax] + (ng * g,) + packed.shape[ax + 1 :])
-    if ng * g != length:
-        raw = lax.slice_in_dim(raw, 0, length, axis=ax)
-    return raw
+    return from_blocks(jnp.stack(codes, axis=ax), axis, length)
 
 
 def _packable(elem: ElementFormat) -> bool:

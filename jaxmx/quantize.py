@@ -25,6 +25,7 @@ import numpy as np
 from jax import lax
 
 from jaxmx import codes, numerics
+from jaxmx.blocks import from_blocks, to_blocks
 from jaxmx.formats import ElementFormat, MXFormat, get_format
 from jaxmx.numerics import ROUNDINGS, SCALE_MODES
 from jaxmx.packing import pack_codes, unpack
@@ -101,29 +102,8 @@ def _random_bits(key, shape) -> jax.Array:
 
 
 # --------------------------------------------------------------------------
-# Blocks: the quantized axis of length n becomes (num_blocks, block_size).
+# Quantizing in blocks (see jaxmx.blocks for the layout).
 # --------------------------------------------------------------------------
-
-
-def _to_blocks(a: jax.Array, axis: int, block_size: int) -> jax.Array:
-    """(..., n, ...) -> (..., nb, bs, ...), zero-padding a partial last block."""
-    n = a.shape[axis]
-    nb = -(-n // block_size)
-    if nb * block_size != n:
-        pad = [(0, 0)] * a.ndim
-        pad[axis] = (0, nb * block_size - n)
-        a = jnp.pad(a, pad)
-    ax = a.ndim + axis
-    return a.reshape(a.shape[:ax] + (nb, block_size) + a.shape[ax + 1 :])
-
-
-def _from_blocks(a: jax.Array, axis: int, n: int) -> jax.Array:
-    """Inverse of :func:`_to_blocks`; ``axis`` is relative to the unblocked rank."""
-    ax = a.ndim - 1 + axis
-    a = a.reshape(a.shape[:ax] + (a.shape[ax] * a.shape[ax + 1],) + a.shape[ax + 2 :])
-    if a.shape[ax] != n:
-        a = lax.slice_in_dim(a, 0, n, axis=ax)
-    return a
 
 
 class _Blocks(NamedTuple):
@@ -144,7 +124,7 @@ def _quantize_blocks(
     flush_subnormals: bool,
     rbits: jax.Array | None,
 ) -> _Blocks:
-    bits = _to_blocks(numerics.f32_to_bits(x), axis, block_size)
+    bits = to_blocks(numerics.f32_to_bits(x), axis, block_size)
     sign = lax.shift_right_logical(bits, jnp.uint32(31))
     mag = bits & jnp.uint32(0x7FFFFFFF)
     if flush_subnormals:
@@ -160,7 +140,7 @@ def _quantize_blocks(
         max_exponent=fmt.scale.max_exponent,
     )
     if rbits is not None:
-        rbits = _to_blocks(rbits, axis, block_size)
+        rbits = to_blocks(rbits, axis, block_size)
     # Non-finite blocks: any finite placeholder; their scale is NaN.
     mag = jnp.where(nonfinite, jnp.uint32(0), mag)
     code = numerics.encode_magnitude(mag, e, elem, rounding, rbits)
@@ -274,12 +254,12 @@ def _quantize(x, rbits, fmt, axis, bs, scale_mode, rounding, flush_subnormals, p
     code = jnp.where(blk.nonfinite, jnp.uint32(0), blk.code)
     sign = jnp.where(blk.nonfinite, jnp.uint32(0), blk.sign)
     if packed:
-        raw = _from_blocks(codes.raw_codes(sign, code, elem), axis, x.shape[axis])
+        raw = from_blocks(codes.raw_codes(sign, code, elem), axis, x.shape[axis])
         # Kept out of the packing fusion: fused, its strided loop runs ~2x slower on CPU.
         raw = lax.optimization_barrier(raw)
         data = pack_codes(raw, elem.bits, axis)
     else:
-        data = _from_blocks(codes.signed_codes(sign, code, elem), axis, x.shape[axis])
+        data = from_blocks(codes.signed_codes(sign, code, elem), axis, x.shape[axis])
     biased = (blk.exponent + fmt.scale.bias).astype(jnp.uint8)
     biased = jnp.where(blk.nonfinite, jnp.uint8(fmt.scale.nan_code), biased)
     scale = lax.bitcast_convert_type(jnp.squeeze(biased, axis), fmt.scale.storage_dtype)
@@ -320,7 +300,7 @@ def dequantize(t: MXTensor, dtype=jnp.float32) -> jax.Array:
 @functools.partial(jax.jit, static_argnums=(1,))
 def _dequantize(t: MXTensor, dtype) -> jax.Array:
     elem, fmt = t.format.element, t.format
-    sign, mag, special = codes.split_codes(_to_blocks(t.data, t.axis, t.block_size), elem)
+    sign, mag, special = codes.split_codes(to_blocks(t.data, t.axis, t.block_size), elem)
     biased = jnp.expand_dims(lax.bitcast_convert_type(t.scale, jnp.uint8), t.axis)
     e = biased.astype(jnp.int32) - fmt.scale.bias
     nan_block = biased == jnp.uint8(fmt.scale.nan_code)
@@ -329,7 +309,7 @@ def _dequantize(t: MXTensor, dtype) -> jax.Array:
         # Codes above the largest finite one are the element's own Inf/NaN.
         bits = jnp.where(special, _special_bits(mag, sign, elem), bits)
     bits = jnp.where(nan_block, jnp.uint32(0x7FC00000), bits)
-    return _from_blocks(_bits_to_dtype(bits, dtype), t.axis, t.length)
+    return from_blocks(_bits_to_dtype(bits, dtype), t.axis, t.length)
 
 
 def _special_bits(mag, sign, elem: ElementFormat) -> jax.Array:
@@ -394,4 +374,4 @@ def _fake_quantize_impl(x, rbits, fmt, axis, bs, scale_mode, rounding, flush_sub
     bits = numerics.decode_magnitude(blk.code, blk.exponent, elem)
     bits = bits | lax.shift_left(blk.sign, jnp.uint32(31))
     bits = jnp.where(blk.nonfinite, jnp.uint32(0x7FC00000), bits)
-    return _from_blocks(_bits_to_dtype(bits, x.dtype), axis, x.shape[axis])
+    return from_blocks(_bits_to_dtype(bits, x.dtype), axis, x.shape[axis])

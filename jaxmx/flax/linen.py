@@ -15,6 +15,9 @@ originals, so checkpoints load both ways.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
+import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import module as linen_module
 
@@ -44,43 +47,44 @@ def _inject(module, field: str, value, default=None) -> None:
     object.__setattr__(module, field, value)  # linen modules are frozen dataclasses
 
 
-class Dense(nn.Dense):
+class _MXFields:
+    """Mixin: points the layer's matmul fields at jaxmx when ``mx`` is set.
+
+    ``_mx_fields`` lists ``(field, make(config), Flax's default)``.
+    """
+
+    _mx_fields: ClassVar[tuple] = ()
+
+    def __post_init__(self):
+        cfg = as_config(self.mx)
+        if cfg is not None:
+            for field, make, default in self._mx_fields:
+                _inject(self, field, make(cfg), default)
+        super().__post_init__()
+
+
+class Dense(_MXFields, nn.Dense):
     """``nn.Dense`` whose matmul is a :func:`jaxmx.dot_general` with config ``mx``."""
 
     mx: DotConfig | str | None = None
-
-    def __post_init__(self):
-        cfg = as_config(self.mx)
-        if cfg is not None:
-            _inject(self, "dot_general", MXDotGeneral(cfg))
-        super().__post_init__()
+    _mx_fields: ClassVar[tuple] = (("dot_general", MXDotGeneral, None),)
 
 
-class DenseGeneral(nn.DenseGeneral):
+class DenseGeneral(_MXFields, nn.DenseGeneral):
     """``nn.DenseGeneral`` whose matmul is a :func:`jaxmx.dot_general` with config ``mx``."""
 
     mx: DotConfig | str | None = None
-
-    def __post_init__(self):
-        cfg = as_config(self.mx)
-        if cfg is not None:
-            _inject(self, "dot_general", MXDotGeneral(cfg))
-        super().__post_init__()
+    _mx_fields: ClassVar[tuple] = (("dot_general", MXDotGeneral, None),)
 
 
-class Conv(nn.Conv):
+class Conv(_MXFields, nn.Conv):
     """``nn.Conv`` whose convolution is a :func:`jaxmx.conv_general_dilated`."""
 
     mx: DotConfig | str | None = None
-
-    def __post_init__(self):
-        cfg = as_config(self.mx)
-        if cfg is not None:
-            _inject(self, "conv_general_dilated", MXConv(cfg))
-        super().__post_init__()
+    _mx_fields: ClassVar[tuple] = (("conv_general_dilated", MXConv, None),)
 
 
-class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
+class MultiHeadDotProductAttention(_MXFields, nn.MultiHeadDotProductAttention):
     """``nn.MultiHeadDotProductAttention`` with MX projections and attention matmuls.
 
     The q/k/v/out projections use ``mx``; the two attention matmuls (q.k and
@@ -89,19 +93,12 @@ class MultiHeadDotProductAttention(nn.MultiHeadDotProductAttention):
     """
 
     mx: DotConfig | str | None = None
-
-    def __post_init__(self):
-        cfg = as_config(self.mx)
-        if cfg is not None:
-            _inject(self, "qkv_dot_general", MXDotGeneral(cfg))
-            _inject(self, "out_dot_general", MXDotGeneral(cfg))
-            _inject(
-                self,
-                "attention_fn",
-                MXAttention(cfg.for_activations()),
-                default=nn.dot_product_attention,
-            )
-        super().__post_init__()
+    _mx_fields: ClassVar[tuple] = (
+        ("qkv_dot_general", MXDotGeneral, None),
+        ("out_dot_general", MXDotGeneral, None),
+        ("attention_fn", lambda cfg: MXAttention(cfg.for_activations()),
+         nn.dot_product_attention),
+    )
 
 
 class Einsum(nn.Einsum):
@@ -134,8 +131,6 @@ def einsum_forward(module: nn.Einsum, inputs, einsum_str, config: DotConfig | No
         bias = module.param("bias", module.bias_init, bias_shape, module.param_dtype)
     inputs, kernel, bias = module.promote_dtype(inputs, kernel, bias, dtype=module.dtype)
     if config is None:
-        import jax.numpy as jnp
-
         y = jnp.einsum(
             einsum_str,
             inputs,
