@@ -33,7 +33,7 @@ fashion-mnist:
 	@test -f $(FASHION) || $(SUDO) apt-get install -y dataset-fashion-mnist
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(JOBS) -m "not slow" jaxmx tests
+	$(PY) -m pytest -q -n $(JOBS) -m "not slow" jaxmx models examples tests
 
 test-slow: $(STAMP) fashion-mnist
 	$(PY) -m pytest -q -m slow tests
