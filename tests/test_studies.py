@@ -23,10 +23,19 @@ def test_mx_language_model_tracks_fp32(tmp_path):
     At 600 steps the README's ablation measured +0.6% (MXFP8, rceil) and
     +2.6% (MXFP6 E3M2, rceil); the bounds leave room for run-to-run noise.
     """
-    results = train_lm.main([
-        "--recipes", "fp32,mxfp8_rceil,mxfp6_rceil,mxfp4", "--steps", "600",
-        "--eval-every", "300", "--out", str(tmp_path), "--no-progress",
-    ])
+    results = train_lm.main(
+        [
+            "--recipes",
+            "fp32,mxfp8_rceil,mxfp6_rceil,mxfp4",
+            "--steps",
+            "600",
+            "--eval-every",
+            "300",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     loss = _final(results, "loss")
     assert loss["mxfp8_rceil"] < 1.015 * loss["fp32"], loss
     assert loss["mxfp6_rceil"] < 1.04 * loss["fp32"], loss
@@ -38,10 +47,19 @@ def test_mx_language_model_tracks_fp32(tmp_path):
 def test_mx_cnn_on_fashion_mnist(tmp_path):
     """Fashion-MNIST CNN, 300 steps: MXFP8 within 1.5 points of FP32 accuracy."""
     try:
-        results = train_fashion_mnist.main([
-            "--recipes", "fp32,mxfp8", "--steps", "300", "--eval-every", "300",
-            "--out", str(tmp_path), "--no-progress",
-        ])
+        results = train_fashion_mnist.main(
+            [
+                "--recipes",
+                "fp32,mxfp8",
+                "--steps",
+                "300",
+                "--eval-every",
+                "300",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
     except FileNotFoundError as err:  # the Debian dataset package is not installed
         pytest.skip(str(err))
     acc = _final(results, "accuracy")

@@ -96,8 +96,7 @@ class MultiHeadDotProductAttention(_MXFields, nn.MultiHeadDotProductAttention):
     _mx_fields: ClassVar[tuple] = (
         ("qkv_dot_general", MXDotGeneral, None),
         ("out_dot_general", MXDotGeneral, None),
-        ("attention_fn", lambda cfg: MXAttention(cfg.for_activations()),
-         nn.dot_product_attention),
+        ("attention_fn", lambda cfg: MXAttention(cfg.for_activations()), nn.dot_product_attention),
     )
 
 
