@@ -18,6 +18,7 @@ import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 from flax import nnx
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -226,6 +227,38 @@ def run_recipes(
             progress=progress,
         )
         results.append(result.metrics)
+    return results
+
+
+def run_cli(args: argparse.Namespace, built: tuple, metric: str, title: str) -> list[dict]:
+    """The common tail of the example CLIs: train every recipe, print the table.
+
+    Args:
+      args: resolved arguments (``recipes``, ``out``, ``no_progress`` and the
+        common training flags).
+      built: ``(model, params, train_batch, eval_batches, run_info)``.
+      metric: ``"loss"`` or ``"accuracy"`` for the summary table.
+      title: what is trained, for the first line printed.
+
+    Returns:
+      The metrics dict of each recipe.
+    """
+    recipes = parse_recipes(args.recipes)
+    model, params, train_batch, eval_batches, run_info = built
+    n_params = sum(p.size for p in jax.tree.leaves(params))
+    print(f"{title} with {n_params:,} params; recipes: {recipes}")
+    results = run_recipes(
+        recipes,
+        model,
+        params,
+        train_batch,
+        eval_batches,
+        train_config_from_args(args),
+        args.out,
+        run_info=run_info,
+        progress=not args.no_progress,
+    )
+    print(report_study(results, args.out, metric))
     return results
 
 

@@ -26,7 +26,6 @@ import sys
 if __package__ in (None, ""):  # run as a script: make `models`/`examples` importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-import jax
 from flax import nnx
 
 from examples import data, study, training
@@ -131,23 +130,9 @@ def build(args: argparse.Namespace, dataset: data.CharDataset):
 def main(argv: list[str] | None = None) -> list[dict]:
     """Runs the study and prints the summary table; returns each recipe's metrics."""
     args = parse_args(argv)
-    recipes = study.parse_recipes(args.recipes)
-    model, params, train_batch, eval_batches, run_info = build(args, data.load_shakespeare())
-    n_params = sum(p.size for p in jax.tree.leaves(params))
-    print(f"GPT {run_info['model']} with {n_params:,} params; recipes: {recipes}")
-    results = study.run_recipes(
-        recipes,
-        model,
-        params,
-        train_batch,
-        eval_batches,
-        study.train_config_from_args(args),
-        args.out,
-        run_info=run_info,
-        progress=not args.no_progress,
-    )
-    print(study.report_study(results, args.out, "loss"))
-    return results
+    study.parse_recipes(args.recipes)  # fail on a bad name before loading data
+    built = build(args, data.load_shakespeare())
+    return study.run_cli(args, built, "loss", f"GPT {built[4]['model']}")
 
 
 if __name__ == "__main__":
