@@ -140,7 +140,8 @@ def shared_exponent(
     elif mode == "even":
         m = elem.mantissa_bits
         drop = _MANT_BITS - m
-        lsb = lax.shift_right_logical(frac, _u32(drop)) & _u32(1)
+        # The kept bit may be the implicit one (mantissa_bits = 0, e.g. INT2).
+        lsb = lax.shift_right_logical(frac | _u32(_IMPLICIT), _u32(drop)) & _u32(1)
         rounded = frac + _u32((1 << (drop - 1)) - 1) + lsb
         e = log2 + (rounded > _u32(_MANT_MASK)).astype(jnp.int32) - emax
     else:

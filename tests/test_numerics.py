@@ -245,3 +245,13 @@ def test_element_specials_in_hand_made_tensors_decode():
             dtype=np.dtype(np.float32),
         )
         np.testing.assert_array_equal(np.asarray(jaxmx.dequantize(t))[0], want)
+
+
+def test_even_scale_mode_with_no_mantissa_bits():
+    """'even' rounds amax to the element's mantissa width; for INT2 that is the
+    implicit bit alone, so 3 = 1.5 * 2 is a tie that rounds up to 4 (found by
+    hypothesis)."""
+    x = jnp.full((1, 4), 3.0, jnp.float32)
+    t = jaxmx.quantize(x, "mxint2", block_size=4, scale_mode="even")
+    assert int(jax.lax.bitcast_convert_type(t.scale, jnp.uint8)[0, 0]) == 127 + 2
+    np.testing.assert_array_equal(np.asarray(jaxmx.dequantize(t)), np.full((1, 4), 4.0))
