@@ -39,6 +39,7 @@ __all__ = [
     "bits_to_f32",
     "encode_magnitude",
     "decode_magnitude",
+    "round_magnitude",
     "shared_exponent",
 ]
 
@@ -203,15 +204,31 @@ def encode_magnitude(
       for floats, ``|code|`` for integer formats (the same number, since an
       integer format is a float grid with minimum exponent 0).
     """
-    m = elem.mantissa_bits
+    k, uy = _round_significand(mag, e, elem, rounding, rbits)
+    # Exponent field of the scaled value; k may carry into the next binade,
+    # which the addition performs. Capped so the shift cannot overflow.
     emin = elem.emin
+    expo = jnp.clip(uy, emin, elem.emax + 1) - emin
+    code = lax.shift_left(expo.astype(jnp.uint32), _u32(elem.mantissa_bits)) + k
+    if saturate:
+        code = jnp.minimum(code, _u32(elem.max_code))
+    return code
+
+
+def _round_significand(mag, e, elem: ElementFormat, rounding, rbits):
+    """The rounding step shared by :func:`encode_magnitude` and :func:`round_magnitude`.
+
+    Returns ``(k, uy)``: the rounded value is ``k * 2**(max(uy, emin) - m)`` in
+    units of the block scale, with ``k <= 2**(m + 1)`` (a carry included), and
+    ``uy`` the unbiased exponent of ``mag * 2**-e``.
+    """
+    m = elem.mantissa_bits
     log2, frac = _normalize(mag)
     # value = sig * 2^(log2 - 23) with the leading bit of sig at bit 23.
     sig = frac | _u32(_IMPLICIT)
-    # Unbiased exponent of the scaled value mag * 2^-e.
     uy = log2 - e
     # Bits to drop: 23 - m within a binade, more below the element's min normal.
-    drop = (_MANT_BITS - m) + jnp.maximum(emin - uy, 0)
+    drop = (_MANT_BITS - m) + jnp.maximum(elem.emin - uy, 0)
     if rounding == "stochastic":
         # Beyond 31 dropped bits, pre-shift so the noise still fits in 32 bits
         # (a bias of at most 2^-31 of a grid step).
@@ -221,14 +238,55 @@ def encode_magnitude(
     else:
         # sig < 2^24, so dropping 31 bits already rounds to 0 in every mode.
         drop = jnp.minimum(drop, 31)
-    k = _round_shift(sig, drop, rounding, rbits)
-    # Exponent field of the scaled value; k may carry into the next binade,
-    # which the addition performs. Capped so the shift cannot overflow.
-    expo = jnp.clip(uy, emin, elem.emax + 1) - emin
-    code = lax.shift_left(expo.astype(jnp.uint32), _u32(m)) + k
-    if saturate:
-        code = jnp.minimum(code, _u32(elem.max_code))
-    return code
+    return _round_shift(sig, drop, rounding, rbits), uy
+
+
+def round_magnitude(
+    mag: jax.Array,
+    e: jax.Array | int,
+    elem: ElementFormat,
+    rounding: Rounding = "nearest_even",
+    rbits: jax.Array | None = None,
+) -> jax.Array:
+    """float32 pattern of ``mag`` rounded onto the grid ``2**e * elem``, saturated.
+
+    The fused form of ``decode_magnitude(encode_magnitude(mag, e, ...), e)``
+    (same bits), which skips the element code: the value ``k * 2**t`` is
+    assembled from the rounded significand directly, and saturation is one
+    integer ``min`` against the pattern of the largest grid value, which is
+    computed per distinct ``e`` (per block) rather than per element.
+    """
+    k, uy = _round_significand(mag, e, elem, rounding, rbits)
+    t = jnp.maximum(uy, elem.emin) - elem.mantissa_bits + e
+    bits = _assemble(k, t)
+    # Largest grid value; above float32 it is Inf (MX values reach 448 * 2^127).
+    top = _assemble(_u32(_max_significand(elem)), _max_exponent(elem) + e)
+    return jnp.minimum(bits, top)
+
+
+def _max_significand(elem: ElementFormat) -> int:
+    return round(elem.max_normal / 2.0 ** (elem.emax - elem.mantissa_bits))
+
+
+def _max_exponent(elem: ElementFormat) -> int:
+    return elem.emax - elem.mantissa_bits
+
+
+def _assemble(k: jax.Array, t: jax.Array) -> jax.Array:
+    """float32 pattern of ``k * 2**t`` for integers ``0 <= k < 2**24``, exactly.
+
+    Subnormal results are built as subnormal patterns (no float arithmetic
+    that could flush them); results above float32 become patterns at or
+    above Inf's, which callers clamp.
+    """
+    t = jnp.asarray(t, jnp.int32)
+    fb = lax.bitcast_convert_type(k.astype(jnp.float32), jnp.uint32)  # exact
+    lead = lax.shift_right_logical(fb, _u32(_MANT_BITS)).astype(jnp.int32)  # 127 + log2(k)
+    normal = (lead + t >= 1) & (lead > 0)
+    as_normal = fb + lax.shift_left(t.astype(jnp.uint32), _u32(_MANT_BITS))
+    as_normal = jnp.where(lead + t >= 255, _u32(_INF_BITS), as_normal)
+    as_sub = lax.shift_left(k, jnp.clip(t + 149, 0, 31).astype(jnp.uint32))
+    return jnp.where(normal, as_normal, as_sub)
 
 
 def decode_magnitude(code: jax.Array, e: jax.Array | int, elem: ElementFormat) -> jax.Array:
@@ -245,15 +303,6 @@ def decode_magnitude(code: jax.Array, e: jax.Array | int, elem: ElementFormat) -
     m = elem.mantissa_bits
     field = lax.shift_right_logical(code, _u32(m)).astype(jnp.int32)
     eff = jnp.maximum(field, 1)
+    # value = sig * 2^t with sig < 2^(m + 1).
     sig = code - lax.shift_left((eff - 1).astype(jnp.uint32), _u32(m))
-    # value = sig * 2^t, sig < 2^(m + 1).
-    t = eff - elem.bias - m + e
-    # sig -> float is exact; its pattern carries sig's normalized exponent.
-    fb = lax.bitcast_convert_type(sig.astype(jnp.float32), jnp.uint32)
-    lead = lax.shift_right_logical(fb, _u32(_MANT_BITS)).astype(jnp.int32)  # 127 + log2(sig)
-    normal = (lead + t >= 1) & (sig != 0)
-    as_normal = fb + lax.shift_left(t.astype(jnp.uint32), _u32(_MANT_BITS))
-    # MX values reach 448 * 2^127, beyond float32: those overflow to Inf.
-    as_normal = jnp.where(lead + t >= 255, _u32(_INF_BITS), as_normal)
-    as_sub = lax.shift_left(sig, jnp.clip(t + 149, 0, 31).astype(jnp.uint32))
-    return jnp.where(normal, as_normal, as_sub)
+    return _assemble(sig, eff - elem.bias - m + e)

@@ -108,7 +108,8 @@ def _random_bits(key, shape) -> jax.Array:
 
 class _Blocks(NamedTuple):
     sign: jax.Array  # uint32 0/1, blocked layout
-    code: jax.Array  # uint32 code magnitudes, blocked layout
+    mag: jax.Array  # uint32 magnitude patterns, blocked layout (Inf/NaN left in)
+    rbits: jax.Array | None  # random bits for stochastic rounding, blocked layout
     exponent: jax.Array  # int32 shared exponent per block, kept-dims layout
     nonfinite: jax.Array  # bool per block, kept-dims layout
 
@@ -120,7 +121,6 @@ def _quantize_blocks(
     axis: int,
     block_size: int,
     scale_mode: str,
-    rounding: str,
     flush_subnormals: bool,
     rbits: jax.Array | None,
 ) -> _Blocks:
@@ -141,10 +141,7 @@ def _quantize_blocks(
     )
     if rbits is not None:
         rbits = to_blocks(rbits, axis, block_size)
-    # Non-finite blocks: any finite placeholder; their scale is NaN.
-    mag = jnp.where(nonfinite, jnp.uint32(0), mag)
-    code = numerics.encode_magnitude(mag, e, elem, rounding, rbits)
-    return _Blocks(sign, code, e, nonfinite)
+    return _Blocks(sign, mag, rbits, e, nonfinite)
 
 
 def _bits_to_dtype(bits: jax.Array, dtype) -> jax.Array:
@@ -250,8 +247,10 @@ def quantize(
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7, 8))
 def _quantize(x, rbits, fmt, axis, bs, scale_mode, rounding, flush_subnormals, packed) -> MXTensor:
     elem = fmt.element
-    blk = _quantize_blocks(x, elem, fmt, axis, bs, scale_mode, rounding, flush_subnormals, rbits)
-    code = jnp.where(blk.nonfinite, jnp.uint32(0), blk.code)
+    blk = _quantize_blocks(x, elem, fmt, axis, bs, scale_mode, flush_subnormals, rbits)
+    # Blocks holding Inf/NaN get the NaN scale and all-zero codes.
+    mag = jnp.where(blk.nonfinite, jnp.uint32(0), blk.mag)
+    code = numerics.encode_magnitude(mag, blk.exponent, elem, rounding, blk.rbits)
     sign = jnp.where(blk.nonfinite, jnp.uint32(0), blk.sign)
     if packed:
         raw = from_blocks(codes.raw_codes(sign, code, elem), axis, x.shape[axis])
@@ -370,8 +369,10 @@ def _fake_quantize_jvp(static, primals, tangents):
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
 def _fake_quantize_impl(x, rbits, fmt, axis, bs, scale_mode, rounding, flush_subnormals):
     elem = fmt.element
-    blk = _quantize_blocks(x, elem, fmt, axis, bs, scale_mode, rounding, flush_subnormals, rbits)
-    bits = numerics.decode_magnitude(blk.code, blk.exponent, elem)
+    blk = _quantize_blocks(x, elem, fmt, axis, bs, scale_mode, flush_subnormals, rbits)
+    # Rounded values straight from the significands, no codes in between;
+    # Inf/NaN lanes compute garbage that the NaN of their block replaces.
+    bits = numerics.round_magnitude(blk.mag, blk.exponent, elem, rounding, blk.rbits)
     bits = bits | lax.shift_left(blk.sign, jnp.uint32(31))
     bits = jnp.where(blk.nonfinite, jnp.uint32(0x7FC00000), bits)
     return from_blocks(_bits_to_dtype(bits, x.dtype), axis, x.shape[axis])

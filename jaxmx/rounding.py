@@ -15,13 +15,15 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxmx import numerics
+from jaxmx import formats, numerics
 from jaxmx.formats import BF16, FP16, ElementFormat, get_format
 from jaxmx.quantize import _bits_to_dtype, _check_array, _random_bits
 
 __all__ = ["round_to"]
 
 _NAMED = {"bfloat16": BF16, "bf16": BF16, "float16": FP16, "fp16": FP16, "half": FP16}
+# Element formats by card name ("fp8_e4m3", "int8", ...).
+_ELEMENTS = {f.name: f for f in vars(formats).values() if isinstance(f, ElementFormat)}
 
 
 def _element_format(fmt) -> ElementFormat:
@@ -31,16 +33,13 @@ def _element_format(fmt) -> ElementFormat:
         key = fmt.lower()
         if key in _NAMED:
             return _NAMED[key]
-        from jaxmx import formats
-
-        by_name = {f.name: f for f in vars(formats).values() if isinstance(f, ElementFormat)}
-        if key in by_name:
-            return by_name[key]
+        if key in _ELEMENTS:
+            return _ELEMENTS[key]
         try:  # an MX format name: round to its element grid
             return get_format(key).element
         except ValueError:
             pass
-        known = sorted(set(_NAMED) | set(by_name))
+        known = sorted(set(_NAMED) | set(_ELEMENTS))
         raise ValueError(
             f"unknown float format {fmt!r}; known: {', '.join(known)}, an MX format name, "
             "or jaxmx.formats.float_format(exponent_bits, mantissa_bits)"

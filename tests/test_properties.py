@@ -98,3 +98,14 @@ def test_stochastic_rounding_is_unbiased(fmt):
     assert (draws.min(0) < draws.max(0)).sum() > 20
     nearest = np.asarray(jaxmx.fake_quantize(x, fmt))
     assert np.abs(mean - x).mean() < np.abs(nearest - x).mean() / 4
+
+
+@given(x=any_f32, fmt=formats, rounding=nearest)
+def test_fused_fake_quantize_equals_quantize_then_dequantize(x, fmt, rounding):
+    """fake_quantize skips the element codes; it must give the same bits."""
+    fq = np.asarray(jaxmx.fake_quantize(x, fmt, block_size=BLOCK, rounding=rounding))
+    t = jaxmx.quantize(x, fmt, block_size=BLOCK, rounding=rounding)
+    dq = np.asarray(jaxmx.dequantize(t))
+    np.testing.assert_array_equal(fq, dq)  # NaN == NaN, and exact values otherwise
+    same_bits = (fq.view(np.uint32) == dq.view(np.uint32)) | np.isnan(fq)
+    assert same_bits.all()  # -0.0 included

@@ -21,30 +21,18 @@ from jaxmx.einsum import einsum
 __all__ = ["MXDotGeneral", "MXEinsumOp", "MXConv", "MXAttention"]
 
 
+# Each forwards the arguments Flax passes (those of the lax function it
+# replaces, plus out_sharding) unchanged, adding only the config.
+
+
 @dataclasses.dataclass(frozen=True)
 class MXDotGeneral:
     """``dot_general=`` for Dense / DenseGeneral / Linear / LinearGeneral."""
 
     config: DotConfig
 
-    def __call__(
-        self,
-        lhs,
-        rhs,
-        dimension_numbers,
-        precision=None,
-        preferred_element_type=None,
-        out_sharding=None,
-    ):
-        return dot_general(
-            lhs,
-            rhs,
-            dimension_numbers,
-            precision,
-            preferred_element_type,
-            config=self.config,
-            out_sharding=out_sharding,
-        )
+    def __call__(self, *args, **kwargs):
+        return dot_general(*args, config=self.config, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,18 +41,8 @@ class MXEinsumOp:
 
     config: DotConfig
 
-    def __call__(
-        self, subscripts, a, b, precision=None, preferred_element_type=None, out_sharding=None
-    ):
-        return einsum(
-            subscripts,
-            a,
-            b,
-            config=self.config,
-            precision=precision,
-            preferred_element_type=preferred_element_type,
-            out_sharding=out_sharding,
-        )
+    def __call__(self, *args, **kwargs):
+        return einsum(*args, config=self.config, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,36 +51,8 @@ class MXConv:
 
     config: DotConfig
 
-    def __call__(
-        self,
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation=None,
-        rhs_dilation=None,
-        dimension_numbers=None,
-        feature_group_count=1,
-        batch_group_count=1,
-        precision=None,
-        preferred_element_type=None,
-        out_sharding=None,
-    ):
-        return conv_general_dilated(
-            lhs,
-            rhs,
-            window_strides,
-            padding,
-            lhs_dilation,
-            rhs_dilation,
-            dimension_numbers,
-            feature_group_count,
-            batch_group_count,
-            precision,
-            preferred_element_type,
-            config=self.config,
-            out_sharding=out_sharding,
-        )
+    def __call__(self, *args, **kwargs):
+        return conv_general_dilated(*args, config=self.config, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -76,36 +76,28 @@ def configure(module: nnx.Module, config) -> bool:
     return True
 
 
-class Linear(nnx.Linear):
+class _MXInit:
+    """Mixin: the layer's own constructor, then :func:`configure` with ``mx``."""
+
+    def __init__(self, *args, mx=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        configure(self, mx)
+
+
+class Linear(_MXInit, nnx.Linear):
     """``nnx.Linear`` whose matmul is a :func:`jaxmx.dot_general` with config ``mx``."""
 
-    def __init__(self, *args, mx=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        configure(self, mx)
 
-
-class LinearGeneral(nnx.LinearGeneral):
+class LinearGeneral(_MXInit, nnx.LinearGeneral):
     """``nnx.LinearGeneral`` with an MX matmul."""
 
-    def __init__(self, *args, mx=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        configure(self, mx)
 
-
-class Einsum(nnx.Einsum):
+class Einsum(_MXInit, nnx.Einsum):
     """``nnx.Einsum`` whose contraction is a :func:`jaxmx.einsum`."""
 
-    def __init__(self, *args, mx=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        configure(self, mx)
 
-
-class Conv(nnx.Conv):
+class Conv(_MXInit, nnx.Conv):
     """``nnx.Conv`` whose convolution is a :func:`jaxmx.conv_general_dilated`."""
-
-    def __init__(self, *args, mx=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        configure(self, mx)
 
 
 class MultiHeadAttention(nnx.MultiHeadAttention):
