@@ -27,6 +27,11 @@ def _same(a, b):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def _changed(q, x):
+    """Quantization did something: a test of it must not pass on a no-op."""
+    assert not np.array_equal(np.asarray(q, np.float32), np.asarray(x, np.float32))
+
+
 def _same_tensor(a: jaxmx.MXTensor, b: jaxmx.MXTensor):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for la, lb in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
@@ -50,6 +55,7 @@ def test_jit_matches_eager(fmt):
     jitted = jax.jit(lambda v: jaxmx.quantize(v, fmt))(x)
     _same_tensor(eager, jitted)
     _same(eager_fq, jax.jit(lambda v: jaxmx.fake_quantize(v, fmt))(x))
+    _changed(eager_fq, x)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -88,6 +94,7 @@ def test_any_axis_rank_and_partial_blocks(fmt):
 def test_vmap_and_scan(fmt):
     x = _x((5, 4, 64))
     per_item = jnp.stack([jaxmx.fake_quantize(x[i], fmt) for i in range(5)])
+    _changed(per_item, x)
     _same(jax.vmap(lambda v: jaxmx.fake_quantize(v, fmt))(x), per_item)
     # An MXTensor made under vmap has leading batch axes; its axis is counted
     # from the end, so it still dequantizes correctly outside the vmap.
@@ -106,7 +113,9 @@ def test_vmap_and_scan(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_pytree_round_trip(fmt):
-    t = jaxmx.quantize(_x((4, 64)), fmt)
+    x = _x((4, 64))
+    t = jaxmx.quantize(x, fmt)
+    _changed(jaxmx.dequantize(t), x)
     leaves, treedef = jax.tree.flatten(t)
     assert len(leaves) == 2
     _same_tensor(jax.tree.unflatten(treedef, leaves), t)
@@ -125,6 +134,7 @@ def test_pack_round_trip_and_nbytes(fmt):
         p = jaxmx.pack(t)
         _same_tensor(jaxmx.unpack(p), t)
         _same(jaxmx.dequantize(p), jaxmx.dequantize(t))
+        _changed(jaxmx.dequantize(p), x)
         _same_tensor(jaxmx.quantize(x, fmt, axis=axis, packed=True), p)
     elem = jaxmx.get_format(fmt).element
     big = jaxmx.quantize(jnp.ones((64, 1024)), fmt, packed=True)
@@ -162,6 +172,7 @@ def test_sharded_quantize_matches_unsharded(fmt):
     got = jax.jit(lambda v: jaxmx.quantize(v, fmt))(xs)
     _same_tensor(got, want)
     _same(jax.jit(jaxmx.dequantize)(got), jaxmx.dequantize(want))
+    _changed(jaxmx.dequantize(want), x)
 
 
 def test_repr_and_properties():

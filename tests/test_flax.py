@@ -192,6 +192,7 @@ def test_substituted_gpt_trains_under_every_recipe(recipe, gpt):
     """Loss goes down: learn to copy the previous token."""
     model, params = gpt
     mx = jf.quantize_model(model, [("head", None), (".*", recipe)])
+    assert _differs(mx.apply(params, TOKENS), model.apply(params, TOKENS))  # MX is on
     opt = optax.adam(1e-2)
     state = opt.init(params)
     x = jax.random.randint(jax.random.key(2), (8, 16), 0, 13)
@@ -217,7 +218,10 @@ def test_substituted_gpt_trains_under_every_recipe(recipe, gpt):
 
 def test_substituted_nnx_cnn_trains():
     model = CNNnnx(rngs=nnx.Rngs(0))
+    x0 = jax.random.normal(jax.random.key(1), (2, 28, 28, 1))
+    fp32 = model(x0)
     jf.quantize_model(model, "mxfp8")
+    assert _differs(model(x0), fp32)  # MX is on
     assert len(jf.substitution_of(model).substituted) == 4
     opt = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
     x = jax.random.normal(jax.random.key(0), (16, 28, 28, 1))

@@ -84,3 +84,4 @@ def test_sharded_einsum_batch_and_heads():
     spec = NamedSharding(mesh, P("data", None, "model", None))
     got = f(jax.device_put(q, spec), jax.device_put(k, spec))
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert not np.array_equal(np.asarray(want), np.einsum("bqhd,bkhd->bhqk", q, k))
