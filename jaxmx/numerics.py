@@ -88,7 +88,11 @@ def _normalize(mag: jax.Array) -> tuple[jax.Array, jax.Array]:
     exponent and fraction (no per-element count-leading-zeros needed). Zero
     comes out with log2 = -276, far below every grid, so it rounds to 0.
     """
-    sub = lax.bitcast_convert_type(mag.astype(jnp.float32), jnp.uint32)
+    # Converted as int32 (mag < 2^31): a signed convert is one vector
+    # instruction everywhere, an unsigned one is emulated on some CPUs.
+    sub = lax.bitcast_convert_type(
+        lax.bitcast_convert_type(mag, jnp.int32).astype(jnp.float32), jnp.uint32
+    )
     sub = sub - _u32(149 << _MANT_BITS)  # wraps: a "biased exponent" <= 0
     norm = lax.bitcast_convert_type(jnp.where(mag < _u32(_IMPLICIT), sub, mag), jnp.int32)
     log2 = lax.shift_right_arithmetic(norm, jnp.int32(_MANT_BITS)) - _EXP_BIAS
@@ -280,7 +284,8 @@ def _assemble(k: jax.Array, t: jax.Array) -> jax.Array:
     above Inf's, which callers clamp.
     """
     t = jnp.asarray(t, jnp.int32)
-    fb = lax.bitcast_convert_type(k.astype(jnp.float32), jnp.uint32)  # exact
+    # Exact (k < 2^24); through int32 for the signed vector convert.
+    fb = lax.bitcast_convert_type(k.astype(jnp.int32).astype(jnp.float32), jnp.uint32)
     lead = lax.shift_right_logical(fb, _u32(_MANT_BITS)).astype(jnp.int32)  # 127 + log2(k)
     normal = (lead + t >= 1) & (lead > 0)
     as_normal = fb + lax.shift_left(t.astype(jnp.uint32), _u32(_MANT_BITS))
