@@ -373,6 +373,9 @@ def _fake_quantize_impl(x, rbits, fmt, axis, bs, scale_mode, rounding, flush_sub
     # Rounded values straight from the significands, no codes in between;
     # Inf/NaN lanes compute garbage that the NaN of their block replaces.
     bits = numerics.round_magnitude(blk.mag, blk.exponent, elem, rounding, blk.rbits)
-    bits = bits | lax.shift_left(blk.sign, jnp.uint32(31))
+    sign = blk.sign
+    if elem.kind == "int":  # two's complement has no -0: zero results are +0, as stored
+        sign = jnp.where(bits == 0, jnp.uint32(0), sign)
+    bits = bits | lax.shift_left(sign, jnp.uint32(31))
     bits = jnp.where(blk.nonfinite, jnp.uint32(0x7FC00000), bits)
     return from_blocks(_bits_to_dtype(bits, x.dtype), axis, x.shape[axis])
