@@ -1,0 +1,476 @@
+"""State codecs: how one optimizer-state tensor is stored compressed.
+
+A codec turns a float32 tensor into a :class:`Compressed` pytree (codes plus
+scales, with the codec and the shape as static metadata) and back. Four are
+provided:
+
+* :func:`blockwise` -- blocks of consecutive elements of the flattened
+  tensor, each scaled by its absolute maximum and coded through a
+  :class:`~jaxmx.optax.maps.QuantMap`. ``blockwise(dynamic_map(signed=True),
+  256)`` and ``blockwise(dynamic_map(signed=False), 256)`` are the 8-bit
+  optimizer states of bitsandbytes (Dettmers et al. 2022, "8-bit Optimizers
+  via Block-wise Quantization", ICLR); ``blockwise(dynamic_map(signed=True,
+  bits=4), 128)`` is the first moment of Li et al. 2023.
+* :func:`rank1` -- the second moment of Li et al. 2023 ("Memory Efficient
+  Optimizers with 4-bit States", NeurIPS, section 4.3): every element is
+  scaled by the smallest of the maxima of its row and its column (for rank
+  > 2, of every axis-slice through it), then coded with the linear map
+  without zero. One-dimensional tensors fall back to blocks of 128, as in
+  the reference implementation.
+* :func:`mx` -- an MX format from jaxmx (``jaxmx.quantize`` along the last
+  axis), e.g. MXFP8 or MXINT8.
+* :func:`cast` -- a plain narrower float (bfloat16, float16), the precedent
+  of optax's ``scale_by_adam(mu_dtype=...)``.
+
+Every codec can round stochastically (``rounding="stochastic"``); its
+:meth:`encode` then takes a PRNG key. Sub-byte codes are packed two per byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+import jaxmx
+from jaxmx.optax.maps import QuantMap, dynamic_map, linear_map
+
+__all__ = ["Codec", "Compressed", "blockwise", "rank1", "mx", "cast"]
+
+ROUNDINGS = ("nearest", "stochastic")
+_FLT_MIN = float(np.finfo(np.float32).tiny)  # 2**-126: smaller scales are treated as 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Compressed:
+    """One compressed state tensor: a pytree of codes and scales.
+
+    Attributes:
+      codes: uint8 codes (sub-byte codes packed two per byte), or the
+        narrower float values for :func:`cast`.
+      scales: the scale arrays: per-block absolute maxima (float32), the
+        per-axis maxima of a rank-1 codec, or the E8M0 scale bytes of MX.
+      codec: the :class:`Codec` that wrote it (static).
+      shape: shape of the tensor it stands for (static).
+
+    >>> import jax.numpy as jnp
+    >>> c = blockwise(dynamic_map(signed=True), 256).encode(jnp.ones((64, 64)))
+    >>> c.codes.shape, c.codes.dtype, c.scales[0].shape, c.nbytes
+    ((16, 256), dtype('uint8'), (16,), 4160)
+    """
+
+    codes: jax.Array
+    scales: tuple[jax.Array, ...]
+    codec: Codec = dataclasses.field(metadata=dict(static=True))
+    shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the codes and scales."""
+        return sum(_nbytes(a) for a in (self.codes, *self.scales))
+
+    @property
+    def size(self) -> int:
+        """Elements of the tensor it stands for."""
+        return math.prod(self.shape)
+
+
+def _nbytes(a) -> int:
+    return math.prod(a.shape) * np.dtype(a.dtype).itemsize
+
+
+def _check_rounding(rounding) -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; allowed: {', '.join(ROUNDINGS)}")
+    return rounding
+
+
+def _check_block(block_size, what="block_size") -> int:
+    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
+        raise TypeError(f"{what} must be a positive int, got {block_size!r}")
+    if block_size < 2 or block_size % 2:
+        raise ValueError(f"{what} must be an even int >= 2, got {block_size}")
+    return int(block_size)
+
+
+class Codec:
+    """Base class of the state codecs (frozen dataclasses, hashable).
+
+    Subclasses implement ``_encode(x, rbits_or_key) -> (codes, scales)`` and
+    ``_decode(codes, scales, shape) -> float32``; :meth:`encode` and
+    :meth:`decode` add the checks and the :class:`Compressed` wrapper.
+    """
+
+    rounding: str
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether encoding needs a PRNG key."""
+        return self.rounding == "stochastic"
+
+    def encode(self, x, key: jax.Array | None = None) -> Compressed:
+        """Compresses a float tensor.
+
+        Args:
+          x: float32 (or narrower float) array.
+          key: PRNG key, required when the codec rounds stochastically.
+
+        Returns:
+          A :class:`Compressed` pytree.
+        """
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{type(self).__name__} encodes float arrays, got dtype {x.dtype}")
+        if self.stochastic and key is None:
+            raise ValueError(f"{self!r} rounds stochastically: pass key=jax.random.key(...)")
+        codes, scales = self._encode(x.astype(jnp.float32), key if self.stochastic else None)
+        return Compressed(codes=codes, scales=tuple(scales), codec=self, shape=tuple(x.shape))
+
+    def decode(self, c: Compressed) -> jax.Array:
+        """The float32 tensor a :class:`Compressed` stands for."""
+        if not isinstance(c, Compressed):
+            raise TypeError(f"decode expects a Compressed, got {type(c).__name__}")
+        return self._decode(c.codes, c.scales, c.shape)
+
+    def _encode(self, x, key):
+        raise NotImplementedError
+
+    def _decode(self, codes, scales, shape):
+        raise NotImplementedError
+
+
+def _rbits(key, shape):
+    return None if key is None else jax.random.bits(key, shape, jnp.uint32)
+
+
+def _encode_codes(qmap: QuantMap, n: jax.Array, rbits) -> jax.Array:
+    """Codes of ``n`` along its last axis (even length); 4-bit codes two per byte.
+
+    Two 4-bit codes share a byte, the even element in the low nibble. The
+    pairs are formed by viewing the byte codes as uint16 (a bitcast, which
+    XLA fuses into the encoding loop); strided slices of the codes run about
+    ten times slower on XLA:CPU.
+    """
+    codes = qmap.encode(n, rbits)
+    if qmap.bits != 4:
+        return codes
+    pairs = lax.bitcast_convert_type(codes.reshape(*codes.shape[:-1], -1, 2), jnp.uint16)
+    return ((pairs & 0xF) | ((pairs >> 4) & 0xF0)).astype(jnp.uint8)
+
+
+def _decode_codes(qmap: QuantMap, codes: jax.Array) -> jax.Array:
+    """Map values of :func:`_encode_codes`' output (last axis doubled for 4 bits)."""
+    if qmap.bits != 4:
+        return qmap.decode(codes)
+    pair = jnp.stack([qmap.decode(codes & 15), qmap.decode(codes >> 4)], axis=-1)
+    return pair.reshape(*codes.shape[:-1], -1)
+
+
+def _to_blocks(x: jax.Array, block: int) -> jax.Array:
+    flat = x.reshape(-1)
+    pad = -flat.size % block
+    if pad:
+        flat = jnp.pad(flat, (0, pad))
+    return flat.reshape(-1, block)
+
+
+def _from_blocks(blocks: jax.Array, shape) -> jax.Array:
+    return blocks.reshape(-1)[: math.prod(shape)].reshape(shape)
+
+
+def _absmax_encode(qmap: QuantMap, blocks: jax.Array, key):
+    absmax = jnp.max(jnp.abs(blocks), axis=-1)
+    # Multiply by the reciprocal, as bitsandbytes' kernel does; a block whose
+    # maximum is below the float32 normal range holds nothing XLA:CPU does
+    # not flush, so it codes as zeros.
+    ok = absmax >= _FLT_MIN
+    recip = jnp.where(ok, 1.0 / jnp.where(ok, absmax, 1.0), 0.0)
+    codes = _encode_codes(qmap, blocks * recip[:, None], _rbits(key, blocks.shape))
+    return codes, absmax
+
+
+def _absmax_decode(qmap: QuantMap, codes, absmax):
+    return _decode_codes(qmap, codes) * absmax[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Blockwise(Codec):
+    """Block-wise absmax scaling with a quantization map (see :func:`blockwise`)."""
+
+    qmap: QuantMap  # the value table codes index
+    block_size: int  # consecutive elements of the flattened tensor sharing one scale
+    rounding: str = "nearest"  # "nearest" or "stochastic"
+
+    def __post_init__(self):
+        if not isinstance(self.qmap, QuantMap):
+            raise TypeError(f"qmap must be a QuantMap, got {type(self.qmap).__name__}")
+        if self.qmap.bits not in (4, 8):
+            raise ValueError(f"blockwise stores 4- or 8-bit codes, got a {self.qmap.bits}-bit map")
+        _check_block(self.block_size)
+        _check_rounding(self.rounding)
+
+    def _encode(self, x, key):
+        codes, absmax = _absmax_encode(self.qmap, _to_blocks(x, self.block_size), key)
+        return codes, (absmax,)
+
+    def _decode(self, codes, scales, shape):
+        return _from_blocks(_absmax_decode(self.qmap, codes, scales[0]), shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class Rank1(Codec):
+    """Rank-1 normalization with the linear map without zero (see :func:`rank1`)."""
+
+    bits: int = 4  # code width of the linear map
+    block_size: int = 128  # block size used for 1-D tensors
+    rounding: str = "nearest"  # "nearest" or "stochastic"
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise ValueError(f"rank1 stores 4- or 8-bit codes, got bits={self.bits!r}")
+        _check_block(self.block_size)
+        _check_rounding(self.rounding)
+
+    @property
+    def qmap(self) -> QuantMap:
+        return linear_map(bits=self.bits)
+
+    def _encode(self, x, key):
+        if x.ndim < 2:
+            codes, absmax = _absmax_encode(self.qmap, _to_blocks(x, self.block_size), key)
+            return codes, (absmax,)
+        a = jnp.abs(x)
+        maxima = tuple(
+            jnp.max(a, axis=tuple(j for j in range(x.ndim) if j != i)) for i in range(x.ndim)
+        )
+        scale = _rank1_scale(maxima)
+        ok = scale >= _FLT_MIN
+        n = jnp.where(ok, x / jnp.where(ok, scale, 1.0), 0.0)
+        if x.shape[-1] % 2:  # an odd last axis gets one zero column, cropped on decode
+            n = jnp.pad(n, [(0, 0)] * (x.ndim - 1) + [(0, 1)])
+        return _encode_codes(self.qmap, n, _rbits(key, n.shape)), maxima
+
+    def _decode(self, codes, scales, shape):
+        if len(shape) < 2:
+            return _from_blocks(_absmax_decode(self.qmap, codes, scales[0]), shape)
+        n = _decode_codes(self.qmap, codes)[..., : shape[-1]]
+        return n * _rank1_scale(scales)
+
+
+def _rank1_scale(maxima) -> jax.Array:
+    """``min_i maxima[i]`` broadcast along axis ``i``: the rank-1 scale of each element."""
+    ndim = len(maxima)
+    scale = None
+    for i, m in enumerate(maxima):
+        m = m.reshape((1,) * i + (-1,) + (1,) * (ndim - i - 1))
+        scale = m if scale is None else jnp.minimum(scale, m)
+    return scale
+
+
+@dataclasses.dataclass(frozen=True)
+class MX(Codec):
+    """An MX format from jaxmx along the last axis (see :func:`mx`)."""
+
+    format: str  # a jaxmx MX format name, e.g. "mxfp8_e4m3", "mxint8"
+    block_size: int = 32  # elements per MX block along the last axis
+    scale_mode: str = "floor"  # jaxmx.quantize scale rule ("floor", "rceil", ...)
+    rounding: str = "nearest"  # "nearest" (to even) or "stochastic"
+
+    def __post_init__(self):
+        fmt = jaxmx.get_format(self.format)  # ValueError names the known formats
+        object.__setattr__(self, "format", fmt.name)
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
+            raise TypeError(f"block_size must be a positive int, got {self.block_size!r}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        if self.scale_mode not in jaxmx.numerics.SCALE_MODES:
+            raise ValueError(
+                f"unknown scale_mode {self.scale_mode!r}; "
+                f"allowed: {', '.join(jaxmx.numerics.SCALE_MODES)}"
+            )
+        _check_rounding(self.rounding)
+
+    def _quantize(self, x, key):
+        return jaxmx.quantize(
+            x,
+            self.format,
+            axis=-1,
+            block_size=self.block_size,
+            scale_mode=self.scale_mode,
+            rounding="stochastic" if key is not None else "nearest_even",
+            key=key,
+            packed=True,
+        )
+
+    def _encode(self, x, key):
+        if x.ndim == 0:
+            raise ValueError("the MX codec needs at least one axis; keep scalars uncompressed")
+        t = self._quantize(x, key)
+        # Bytes, not float8/E8M0 arrays: every checkpoint backend stores uint8.
+        return _as_bytes(t.data), (_as_bytes(t.scale),)
+
+    def _decode(self, codes, scales, shape):
+        like = _mx_like(self, shape)
+        t = dataclasses.replace(
+            like,
+            data=lax.bitcast_convert_type(codes, like.data.dtype),
+            scale=lax.bitcast_convert_type(scales[0], like.scale.dtype),
+        )
+        return jaxmx.dequantize(t)
+
+
+def _as_bytes(a: jax.Array) -> jax.Array:
+    return a if a.dtype == jnp.uint8 else lax.bitcast_convert_type(a, jnp.uint8)
+
+
+@functools.cache
+def _mx_like(codec: MX, shape) -> jaxmx.MXTensor:
+    # The static metadata (and leaf dtypes) of the MXTensor this codec writes.
+    return jax.eval_shape(lambda: codec._quantize(jnp.zeros(shape, jnp.float32), None))
+
+
+@dataclasses.dataclass(frozen=True)
+class Cast(Codec):
+    """A narrower float, elementwise (see :func:`cast`)."""
+
+    dtype: str = "bfloat16"  # "bfloat16" or "float16"
+    rounding: str = "nearest"  # "nearest" (to even) or "stochastic"
+
+    def __post_init__(self):
+        allowed = ("bfloat16", "float16")
+        name = jnp.dtype(self.dtype).name if not isinstance(self.dtype, str) else self.dtype
+        if name not in allowed:
+            raise ValueError(f"cast stores {', '.join(allowed)}; got dtype {self.dtype!r}")
+        object.__setattr__(self, "dtype", name)
+        _check_rounding(self.rounding)
+
+    def _encode(self, x, key):
+        if key is not None:
+            x = jaxmx.round_to(x, self.dtype, rounding="stochastic", key=key)
+        return x.astype(self.dtype), ()
+
+    def _decode(self, codes, scales, shape):
+        return codes.astype(jnp.float32)
+
+
+def blockwise(qmap: QuantMap, block_size: int = 256, *, rounding: str = "nearest") -> Blockwise:
+    """Block-wise dynamic quantization (bitsandbytes; Li et al. for 4 bits).
+
+    The tensor is flattened and cut into blocks of ``block_size`` (the last
+    one zero-padded); each block stores its absolute maximum (float32) and
+    one code per element: the map value nearest to ``x / absmax``.
+
+    Args:
+      qmap: a :func:`~jaxmx.optax.maps.dynamic_map` (or any 4/8-bit map).
+      block_size: elements per block (256 in bitsandbytes, 128 in Li et al.).
+      rounding: ``"nearest"`` or ``"stochastic"`` (unbiased between the two
+        neighbouring map values).
+
+    Returns:
+      The codec.
+
+    >>> import jax.numpy as jnp
+    >>> codec = blockwise(dynamic_map(signed=True), 256)
+    >>> x = jnp.linspace(-1.0, 1.0, 4096)
+    >>> float(jnp.abs(codec.decode(codec.encode(x)) - x).max()) < 0.008
+    True
+    """
+    return Blockwise(qmap=qmap, block_size=block_size, rounding=rounding)
+
+
+def rank1(bits: int = 4, *, block_size: int = 128, rounding: str = "nearest") -> Rank1:
+    """Rank-1 normalization plus the linear map without zero (Li et al. 2023).
+
+    For a matrix, element ``(i, j)`` is scaled by ``min(max_k |x_ik|, max_k
+    |x_kj|)`` and coded as the nearest of ``1/16, 2/16, ..., 1`` (4 bits).
+    Only the row and column maxima are stored besides the codes. Meant for
+    second moments (non-negative); zero is not representable, so a tiny
+    second moment decodes to at least 1/16 of its scale, never to 0.
+
+    Args:
+      bits: 4 (the paper) or 8.
+      block_size: block size for 1-D tensors.
+      rounding: ``"nearest"`` or ``"stochastic"``.
+
+    Returns:
+      The codec.
+
+    >>> import jax.numpy as jnp
+    >>> codec = rank1()
+    >>> v = jnp.array([[4.0, 1.0], [0.01, 2.0]])
+    >>> codec.decode(codec.encode(v))  # 0.01 keeps 1/16 of min(0.01's row max 2, col max 4)
+    Array([[4.   , 1.   ],
+           [0.125, 2.   ]], dtype=float32)
+    """
+    return Rank1(bits=bits, block_size=block_size, rounding=rounding)
+
+
+def mx(
+    format: str = "mxfp8",
+    *,
+    block_size: int = 32,
+    scale_mode: str = "floor",
+    rounding: str = "nearest",
+) -> MX:
+    """An MX format (jaxmx.quantize along the last axis, codes packed).
+
+    Args:
+      format: any :func:`jaxmx.list_formats` name or alias.
+      block_size: elements per shared scale.
+      scale_mode: the shared-exponent rule of :func:`jaxmx.quantize`.
+      rounding: ``"nearest"`` (to even) or ``"stochastic"``.
+
+    Returns:
+      The codec.
+
+    >>> import jax.numpy as jnp
+    >>> c = mx("mxint8").encode(jnp.linspace(-1.0, 1.0, 64))
+    >>> c.nbytes  # 64 one-byte codes and 2 scale bytes
+    66
+    """
+    return MX(format=format, block_size=block_size, scale_mode=scale_mode, rounding=rounding)
+
+
+def cast(dtype="bfloat16", *, rounding: str = "nearest") -> Cast:
+    """A narrower float per element (bfloat16 or float16).
+
+    >>> import jax.numpy as jnp
+    >>> cast("bfloat16").encode(jnp.ones(3)).codes.dtype
+    dtype(bfloat16)
+    """
+    return Cast(dtype=dtype, rounding=rounding)
+
+
+# Presets: the codecs of each published scheme and the size rule it uses.
+PRESETS: dict[str, dict] = {
+    # bitsandbytes' Adam8bit: tensors with fewer than 4096 elements stay float32.
+    "8bit": {
+        "codecs": {
+            "mu": blockwise(dynamic_map(signed=True, bits=8), 256),
+            "nu": blockwise(dynamic_map(signed=False, bits=8), 256),
+        },
+        "min_size": 4096,
+        "min_ndim": 0,
+    },
+    # Li et al. 2023 (lpmm defaults): more than 4096 elements and at least 2-D.
+    "4bit": {
+        "codecs": {"mu": blockwise(dynamic_map(signed=True, bits=4), 128), "nu": rank1(4)},
+        "min_size": 4097,
+        "min_ndim": 2,
+    },
+    # jaxmx: MX first moments, float32 second moments.
+    "mxfp8": {"codecs": {"mu": mx("mxfp8")}, "min_size": 4096, "min_ndim": 1},
+    "mxint8": {"codecs": {"mu": mx("mxint8")}, "min_size": 4096, "min_ndim": 1},
+    # optax's mu_dtype precedent, both moments.
+    "bf16": {
+        "codecs": {"mu": cast("bfloat16"), "nu": cast("bfloat16")},
+        "min_size": 1,
+        "min_ndim": 0,
+    },
+}

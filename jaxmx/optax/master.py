@@ -1,0 +1,187 @@
+"""Low-precision master weights: parameters kept in bfloat16 (or narrower), updated in float32.
+
+The BFLOAT16 training study (Kalamkar et al. 2019, "A Study of BFLOAT16 for
+Deep Learning Training", arXiv:1905.12322) and the stochastic-rounding line
+before it (Gupta et al. 2015) keep no float32 copy of the weights: each
+step computes ``p + u`` in float32 and rounds the sum back to bfloat16. With
+round-to-nearest-even an update smaller than half a bfloat16 ulp of ``p`` is
+lost entirely; stochastic rounding keeps it in expectation. Collage (Yu et
+al. 2024, "Collage: Light-Weight Low-Precision Strategy for LLM Training",
+ICML) instead carries the rounding error in a second low-precision buffer and
+adds it back at the next step (Kahan-style compensated summation).
+
+:func:`low_precision_params` wraps an inner transformation (e.g.
+``optax.adamw``) and does exactly that: the inner transformation sees
+float32 gradients and float32 params, its update is added in float32 (plus
+the compensation, if any), the sum is rounded with :func:`jaxmx.round_to`
+to the target format, and the returned update is the difference, so that
+``optax.apply_updates(params, updates)`` lands on the rounded value.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import jaxmx
+from jaxmx.optax import _util
+
+__all__ = ["LowPrecisionParamsState", "low_precision_params", "round_params"]
+
+ROUNDINGS = ("nearest_even", "stochastic")
+_CONTAINERS = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+class LowPrecisionParamsState(NamedTuple):
+    """State of :func:`low_precision_params`."""
+
+    inner_state: Any  # the inner transformation's state (built from float32 params)
+    key: jax.Array  # uint32[2] PRNG key data for stochastic rounding (unused otherwise)
+    compensation: Any  # tree like params, in the compensation dtype; () when off
+
+
+def _check_format(fmt):
+    jaxmx.round_to(jnp.zeros((1,), jnp.float32), fmt)  # ValueError/TypeError naming the formats
+    return fmt
+
+
+def round_params(params: Any, fmt="bfloat16") -> Any:
+    """Rounds every float leaf to ``fmt`` (nearest even), keeping each leaf's dtype.
+
+    Use it once on the initial params before training with
+    :func:`low_precision_params` in float32 containers (or cast to
+    ``jnp.bfloat16`` to hold them in bfloat16 arrays).
+
+    >>> import jax.numpy as jnp
+    >>> round_params({"w": jnp.array([1.0 + 2**-10, 3.0])})["w"]
+    Array([1., 3.], dtype=float32)
+    """
+    _check_format(fmt)
+    return jax.tree.map(
+        lambda p: jaxmx.round_to(p, fmt) if jnp.issubdtype(p.dtype, jnp.floating) else p, params
+    )
+
+
+def low_precision_params(
+    inner: optax.GradientTransformation,
+    fmt="bfloat16",
+    *,
+    rounding: str = "nearest_even",
+    compensation=None,
+    key: jax.Array | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Keeps params on a low-precision grid: update in float32, round back.
+
+    Params may be ``bfloat16`` / ``float16`` arrays, or float32 arrays whose
+    values lie on the ``fmt`` grid (e.g. from :func:`round_params`); either
+    way each new param value is ``round(p + u + c)`` on the grid, with ``u``
+    the inner update computed from float32 gradients and params, and ``c``
+    the compensation carried from the previous step (zero when off).
+
+    Apply the result with ``optax.apply_updates``; it lands exactly on the
+    rounded value for bfloat16 and float16 arrays, and for float32 arrays
+    whenever the old and new values are within a factor ``2**15`` of each
+    other or either is 0 (their difference is then exact in float32; an
+    update that shrinks a weight more than that can leave it one float32
+    rounding off the grid, and the next step puts it back). The format's
+    values must be representable in the params' dtype: any format in
+    float32 arrays, ``"bfloat16"`` (or narrower) in bfloat16 arrays.
+
+    Args:
+      inner: the float32 optimizer, e.g. ``optax.adamw(1e-3)``; its state is
+        initialised from float32 copies of the params.
+      fmt: any :func:`jaxmx.round_to` format: ``"bfloat16"``, ``"float16"``,
+        ``"fp8_e4m3"``, ``jaxmx.formats.float_format(8, 3)``, ...
+      rounding: ``"nearest_even"`` or ``"stochastic"`` (needs ``key``).
+      compensation: None, or the dtype of a Kahan/Collage compensation buffer
+        holding the rounding error of the last step (``"bfloat16"`` as in
+        Collage, or ``"float32"``). Costs one buffer the size of the params.
+      key: PRNG key for stochastic rounding.
+
+    Returns:
+      A transformation with a :class:`LowPrecisionParamsState`.
+
+    Raises:
+      ValueError: unknown format, rounding or compensation dtype, or a
+        stochastic rounding without key.
+
+    >>> import jax.numpy as jnp, optax, jaxmx.optax
+    >>> params = {"w": jnp.ones(4, jnp.bfloat16)}
+    >>> opt = jaxmx.optax.low_precision_params(optax.sgd(1e-3), "bfloat16")
+    >>> state = opt.init(params)
+    >>> grads = {"w": jnp.ones(4, jnp.bfloat16)}
+    >>> updates, state = opt.update(grads, state, params)
+    >>> optax.apply_updates(params, updates)["w"]  # 1 - 1e-3 rounds back to 1 in bf16
+    Array([1, 1, 1, 1], dtype=bfloat16)
+    """
+    _check_format(fmt)
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}; allowed: {', '.join(ROUNDINGS)}")
+    stochastic = rounding == "stochastic"
+    if stochastic and key is None:
+        raise ValueError("rounding='stochastic' needs key=jax.random.key(...)")
+    if compensation is not None:
+        allowed = ("bfloat16", "float16", "float32")
+        name = compensation if isinstance(compensation, str) else jnp.dtype(compensation).name
+        if name not in allowed:
+            raise ValueError(f"compensation must be None or one of {allowed}, got {compensation!r}")
+        compensation = jnp.dtype(name)
+    raw_key = _util.key_data(key) if key is not None else jnp.zeros(2, jnp.uint32)
+    inner = optax.with_extra_args_support(inner)
+
+    def check(params):
+        if params is None:
+            raise ValueError("low_precision_params needs params in update(); pass them")
+        bad = {
+            jax.tree_util.keystr(path): str(leaf.dtype)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+            if not any(leaf.dtype == d for d in _CONTAINERS)
+        }
+        if bad:
+            raise TypeError(f"params must be float32, bfloat16 or float16 arrays; got {bad}")
+
+    def f32(tree):
+        return jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+
+    def init_fn(params):
+        check(params)
+        comp = (
+            jax.tree.map(lambda p: jnp.zeros(p.shape, compensation), params)
+            if compensation is not None
+            else ()
+        )
+        return LowPrecisionParamsState(inner.init(f32(params)), raw_key, comp)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        check(params)
+        p32 = f32(params)
+        u, inner_state = inner.update(f32(updates), state.inner_state, p32, **extra_args)
+        if stochastic:
+            next_raw, step_key = _util.next_key(state.key)
+        else:
+            next_raw, step_key = state.key, None
+        leaves, treedef = jax.tree.flatten(p32)
+        u_leaves = treedef.flatten_up_to(u)
+        c_leaves = (
+            treedef.flatten_up_to(state.compensation)
+            if compensation is not None
+            else [None] * len(leaves)
+        )
+        new_u, new_c = [], []
+        for i, (p, du, c) in enumerate(zip(leaves, u_leaves, c_leaves, strict=True)):
+            exact = p + du.astype(jnp.float32)
+            if c is not None:
+                exact = exact + c.astype(jnp.float32)
+            k = jax.random.fold_in(step_key, i) if stochastic else None
+            rounded = jaxmx.round_to(exact, fmt, rounding=rounding, key=k)
+            new_u.append(rounded - p)
+            if c is not None:
+                new_c.append((exact - rounded).astype(compensation))
+        comp = treedef.unflatten(new_c) if compensation is not None else ()
+        state = LowPrecisionParamsState(inner_state, next_raw, comp)
+        return treedef.unflatten(new_u), state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
