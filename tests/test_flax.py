@@ -48,7 +48,7 @@ def test_linen_substitution_swaps_exactly_what_the_rules_say(gpt):
         for name in ("mlp_fc", "mlp_proj"):
             assert got.pop(f"block_{i}/{name}") == "fwd mxfp8_e4m3 x mxfp8_e4m3"
     assert got == {}
-    assert sub.kept == [("head", "Dense")]
+    assert sub.kept == [("head", "Dense", "rule 'head' keeps it")]
     assert _differs(y, model.apply(params, TOKENS))
 
 
@@ -60,7 +60,7 @@ def test_nnx_substitution_swaps_exactly_what_the_rules_say():
     assert sorted(p for p, *_ in sub.substituted) == [
         f"block_{i}/{n}" for i in range(CFG.depth) for n in ("mlp_fc", "mlp_proj")
     ]
-    assert ("head", "Linear") in sub.kept
+    assert ("head", "Linear", "rule 'head' keeps it") in sub.kept
     assert all(
         isinstance(m.dot_general, jf.MXDotGeneral)
         for p, m in nnx.iter_modules(model)

@@ -21,21 +21,11 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax.linen import module as linen_module
 
-from jaxmx.config import DotConfig, preset
+from jaxmx.config import DotConfig
 from jaxmx.einsum import einsum as mx_einsum
-from jaxmx.flax._ops import MXAttention, MXConv, MXDotGeneral
+from jaxmx.flax._ops import MXAttention, MXConv, MXDotGeneral, as_config
 
 __all__ = ["Dense", "DenseGeneral", "Einsum", "Conv", "MultiHeadDotProductAttention"]
-
-
-def as_config(mx) -> DotConfig | None:
-    """Resolves an ``mx`` field: a DotConfig, a preset name, or None."""
-    if mx is None or isinstance(mx, DotConfig):
-        return None if mx is None or mx.is_noop else mx
-    if isinstance(mx, str):
-        cfg = preset(mx)
-        return None if cfg.is_noop else cfg
-    raise TypeError(f"mx must be a DotConfig, a preset name or None, got {type(mx).__name__}")
 
 
 def _inject(module, field: str, value, default=None) -> None:
@@ -105,16 +95,31 @@ class Einsum(nn.Einsum):
 
     mx: DotConfig | str | None = None
 
+    def __post_init__(self):
+        as_config(self.mx)  # a wrong mx fails where the layer is written
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, inputs, einsum_str: str | None = None):
-        return einsum_forward(self, inputs, einsum_str, as_config(self.mx))
+        return einsum_forward(self, inputs, einsum_str, config=as_config(self.mx))
 
 
-def einsum_forward(module: nn.Einsum, inputs, einsum_str, config: DotConfig | None):
+def einsum_forward(
+    module: nn.Einsum, inputs, einsum_str: str | None = None, *, config: DotConfig | None
+):
     """The computation of ``nn.Einsum`` with an MX contraction.
 
-    Runs inside the module's compact context (its own ``__call__``, or a
-    method interceptor), creating the same ``kernel`` and ``bias`` parameters.
+    linen's ``Einsum`` has no injection point for its contraction, so jaxmx
+    restates its ``__call__`` here: same arguments (``einsum_str`` from the
+    call or, when None, from the module), same ``kernel`` and ``bias``
+    parameters, created in the module's compact context (its own
+    ``__call__``, or a method interceptor); only the contraction differs.
+
+    Args:
+      module: the ``nn.Einsum`` (or subclass) whose call this is.
+      inputs: the left operand.
+      einsum_str: the equation, if given at the call.
+      config: the contraction's DotConfig; None runs ``jnp.einsum``.
     """
     einsum_str = linen_module.merge_param("einsum_str", module.einsum_str, einsum_str)
     einsum_str = einsum_str.replace(" ", "")

@@ -19,12 +19,23 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from jaxmx.flax._ops import MXAttention, MXConv, MXDotGeneral, MXEinsumOp
-from jaxmx.flax.linen import as_config
+from jaxmx.config import DotConfig
+from jaxmx.flax._ops import MX_OPS, MXAttention, MXConv, MXDotGeneral, MXEinsumOp, as_config
 
-__all__ = ["Linear", "LinearGeneral", "Einsum", "Conv", "MultiHeadAttention", "configure"]
+__all__ = [
+    "Linear",
+    "LinearGeneral",
+    "Einsum",
+    "Conv",
+    "MultiHeadAttention",
+    "configure",
+    "held_config",
+]
 
 # The attribute each nnx layer takes its matmul from, and Flax's default.
+# Other nnx layers that multiply (ConvTranspose, Embed.attend, LoRA) call
+# lax/jnp directly and have no such attribute: jaxmx.flax.quantize_model lists
+# them as kept in high precision, with that reason.
 INJECTION_POINTS = {
     nnx.Linear: ("dot_general", lax.dot_general),
     nnx.LinearGeneral: ("dot_general", lax.dot_general),
@@ -35,36 +46,44 @@ INJECTION_POINTS = {
 
 
 def configure(module: nnx.Module, config) -> bool:
-    """Points an nnx matmul layer's injection point at jaxmx; in place.
+    """Points an nnx matmul layer's injection point at jaxmx, or back at Flax; in place.
 
     Args:
       module: an ``nnx.Linear``, ``LinearGeneral``, ``Einsum``, ``Conv`` or
         ``MultiHeadAttention`` (or subclass).
-      config: a DotConfig, preset name or None (leaves the module alone).
+      config: a DotConfig or preset name: the layer's matmul runs in MX with
+        it (replacing an earlier jaxmx config). ``None`` (or an all-high-
+        precision config): a matmul that jaxmx configured earlier goes back
+        to Flax's default; Flax's default or the user's own function is left
+        as it is.
 
     Returns:
       Whether the module was changed.
 
     Raises:
-      ValueError: the module already has a custom matmul function.
-      TypeError: the module is not one of the supported layers.
+      ValueError: an MX config was asked for a module that has a custom
+        matmul function (not Flax's, not jaxmx's).
+      TypeError: the module is not one of the supported layers, or
+        ``config`` is not a config.
+
+    >>> from flax import nnx
+    >>> layer = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+    >>> configure(layer, "mxfp8"), held_config(layer).lhs.name
+    (True, 'mxfp8_e4m3')
+    >>> configure(layer, None), held_config(layer), layer.dot_general is lax.dot_general
+    (True, None, True)
     """
     cfg = as_config(config)
-    kind = next((k for k in INJECTION_POINTS if isinstance(module, k)), None)
-    if kind is None:
-        raise TypeError(f"{type(module).__name__} is not an nnx matmul layer jaxmx can configure")
-    if cfg is None:
-        return False
-    field, default = INJECTION_POINTS[kind]
-    value = {
-        "dot_general": MXDotGeneral,
-        "einsum_op": MXEinsumOp,
-        "conv_general_dilated": MXConv,
-    }.get(field, None)
-    value = MXAttention(cfg.for_activations()) if value is None else value(cfg)
+    field, default = _injection_point(module)
     current = getattr(module, field)
+    if cfg is None:
+        if not isinstance(current, MX_OPS):
+            return False
+        setattr(module, field, default)
+        return True
+    value = _MAKE[field](cfg)
     # Some layers default to None (meaning the lax function), others to the function.
-    if current not in (None, default) and not isinstance(current, type(value)):
+    if current not in (None, default) and not isinstance(current, MX_OPS):
         raise ValueError(
             f"{type(module).__name__} has a custom {field}={current!r}; jaxmx cannot replace it"
         )
@@ -74,6 +93,44 @@ def configure(module: nnx.Module, config) -> bool:
         )
     setattr(module, field, value)
     return True
+
+
+def held_config(module: nnx.Module) -> DotConfig | None:
+    """The DotConfig the layer's matmul runs with now; None if not jaxmx's.
+
+    For ``MultiHeadAttention`` this is the config of its q.k and p.v
+    matmuls (its projections are layers of their own).
+    """
+    field, _ = _injection_point(module)
+    current = getattr(module, field)
+    return current.config if isinstance(current, MX_OPS) else None
+
+
+def custom_op(module: nnx.Module) -> str | None:
+    """The name of the field holding the user's own matmul function, if any."""
+    field, default = _injection_point(module)
+    if getattr(module, f"{field}_cls", None) is not None:
+        return f"{field}_cls"
+    current = getattr(module, field)
+    if current in (None, default) or isinstance(current, MX_OPS):
+        return None
+    return field
+
+
+def _injection_point(module) -> tuple[str, object]:
+    kind = next((k for k in INJECTION_POINTS if isinstance(module, k)), None)
+    if kind is None:
+        raise TypeError(f"{type(module).__name__} is not an nnx matmul layer jaxmx can configure")
+    return INJECTION_POINTS[kind]
+
+
+# The jaxmx callable each injection point gets.
+_MAKE = {
+    "dot_general": MXDotGeneral,
+    "einsum_op": MXEinsumOp,
+    "conv_general_dilated": MXConv,
+    "attention_fn": lambda cfg: MXAttention(cfg.for_activations()),
+}
 
 
 class _MXInit:
