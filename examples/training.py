@@ -11,7 +11,9 @@ Exact resume: batch ``i`` is ``train_batch(i)`` and the dropout key of step
 ``i`` is ``fold_in(key(seed), i)``, so the only state a run has is params,
 optimizer state, the step number and the logged history, all of which go
 into each orbax checkpoint. A run interrupted after a checkpoint at step k
-and resumed therefore reproduces an uninterrupted run bit for bit.
+and resumed therefore reproduces an uninterrupted run bit for bit. A
+checkpoint also records the configuration, including the MX recipe the
+model ran with (:func:`mx_recipe_of`); resuming under another one is refused.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import tqdm
 from flax import linen as nn
 from flax import nnx
 
-from jaxmx.flax import MXLinen
+import jaxmx.flax
 
 # apply_fn(params, x, *, train=False, rng=None) -> logits
 ApplyFn = Callable[..., jax.Array]
@@ -44,21 +46,39 @@ BatchFn = Callable[[int], tuple[Any, Any]]
 EvalBatchesFn = Callable[[], Iterable[tuple[Any, Any]]]
 
 
+def mx_recipe_of(model) -> list | None:
+    """The MX rules a model runs with, as JSON data; None for a model as written.
+
+    >>> import flax.linen as nn
+    >>> mx_recipe_of(nn.Dense(4)) is None
+    True
+    >>> mx_recipe_of(jaxmx.flax.quantize_model(nn.Dense(4), [("head", None)]))
+    [['head', None]]
+    """
+    try:
+        return jaxmx.flax.substitution_of(model).recipe()
+    except ValueError:  # not made by quantize_model
+        return None
+
+
 def linen_apply_fn(model: nn.Module) -> ApplyFn:
     """Adapts a linen module whose ``__call__(x, *, train)`` returns logits.
 
     Args:
-      model: the module; dropout (if any) uses the ``'dropout'`` rng stream.
+      model: the module (a model substituted by ``jaxmx.flax.quantize_model``
+        is one too); dropout (if any) uses the ``'dropout'`` rng stream.
 
     Returns:
       ``apply_fn(params, x, *, train=False, rng=None)`` where ``params`` is the
-      ``"params"`` collection.
+      ``"params"`` collection; its ``mx_recipe`` attribute is
+      :func:`mx_recipe_of` the model, which :func:`train` records.
     """
 
     def apply_fn(params, x, *, train: bool = False, rng: jax.Array | None = None):
         rngs = {"dropout": rng} if rng is not None else None
         return model.apply({"params": params}, x, train=train, rngs=rngs)
 
+    apply_fn.mx_recipe = mx_recipe_of(model)
     return apply_fn
 
 
@@ -74,7 +94,8 @@ def nnx_apply_fn(model: nnx.Module) -> ApplyFn:
       model: the module.
 
     Returns:
-      ``apply_fn(params, x, *, train=False, rng=None)``.
+      ``apply_fn(params, x, *, train=False, rng=None)``, with ``mx_recipe``
+      as :func:`linen_apply_fn`'s.
     """
     graphdef, param_state, rest = nnx.split(model, nnx.Param, ...)
 
@@ -86,6 +107,7 @@ def nnx_apply_fn(model: nnx.Module) -> ApplyFn:
         rngs = nnx.Rngs(dropout=rng) if rng is not None else None
         return module(x, train=train, rngs=rngs)
 
+    apply_fn.mx_recipe = mx_recipe_of(model)
     return apply_fn
 
 
@@ -112,10 +134,10 @@ def init_linen_params(model: nn.Module, sample_x: Any, seed: int) -> dict[str, A
 def apply_fn_for(model) -> ApplyFn:
     """Dispatches to :func:`linen_apply_fn` or :func:`nnx_apply_fn`.
 
-    A linen model substituted by ``jaxmx.flax.quantize_model`` (an
-    ``MXLinen``) has the linen ``apply`` and is adapted the same way.
+    A linen model substituted by ``jaxmx.flax.quantize_model`` is a linen
+    module (``jaxmx.flax.MXLinen``) and is adapted the same way.
     """
-    if isinstance(model, (nn.Module, MXLinen)):
+    if isinstance(model, nn.Module):
         return linen_apply_fn(model)
     if isinstance(model, nnx.Module):
         return nnx_apply_fn(model)
@@ -313,14 +335,66 @@ def _save(
     manager.save(step, args=args)
 
 
+_ITEMS = ("state", "meta")  # what _save writes into each step folder
+
+
+def _check_step_folder(manager: ocp.CheckpointManager, step: int) -> None:
+    # Orbax takes any folder named by a number for a step; one without our
+    # items (a stray mkdir, a half-copied run) would fail with a bare KeyError.
+    folder = pathlib.Path(str(manager.directory)) / str(step)
+    found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    missing = [item for item in _ITEMS if item not in found]
+    if missing:
+        has = f"it holds {', '.join(found)}" if found else "it is empty"
+        lacks = " and ".join(map(repr, missing)) + (" items" if len(missing) > 1 else " item")
+        raise ValueError(
+            f"checkpoint folder {folder} lacks the {lacks} ({has}), so it is not a "
+            "checkpoint written by this training loop; delete that folder (the latest "
+            "earlier step is then resumed) or use another output directory"
+        )
+
+
+def _recipe_text(config: Mapping[str, Any]) -> str:
+    """The MX recipe a run's recorded configuration names, for error messages."""
+    if "mx" not in config:
+        rules = "MX rules not recorded"
+    elif config["mx"] is None:
+        rules = "no MX substitution"
+    else:
+        rules = "; ".join(
+            f"{pattern!r} -> "
+            + (
+                "high precision"
+                if fields is None
+                else ", ".join(f"{k}={v}" for k, v in fields.items() if v not in (None, "forward"))
+            )
+            for pattern, fields in config["mx"]
+        )
+    name = config.get("recipe")
+    return f"recipe {name!r} ({rules})" if name is not None else rules
+
+
 def _restore(
     manager: ocp.CheckpointManager, params: Any, opt_state: Any, full_config: dict[str, Any]
 ) -> tuple[Any, Any, dict[str, Any]]:
     step = manager.latest_step()
+    _check_step_folder(manager, step)
     # Check the recorded configuration before touching the arrays, so another
     # model's checkpoint gives a readable error rather than a tree mismatch.
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-    diff = _config_diff(meta["metrics"]["config"], full_config)
+    saved = meta.get("metrics", {}).get("config") if isinstance(meta, dict) else None
+    if not isinstance(saved, dict):
+        raise ValueError(
+            f"checkpoint {manager.directory}/{step}: its 'meta' item records no configuration; "
+            "it was not written by this training loop"
+        )
+    if any(saved.get(k, None) != full_config.get(k) for k in ("mx", "recipe")):
+        raise ValueError(
+            f"{manager.directory} holds a checkpoint trained with {_recipe_text(saved)}, but "
+            f"this run uses {_recipe_text(full_config)}; use another output directory or "
+            "delete it"
+        )
+    diff = _config_diff(saved, full_config)
     if diff:
         raise ValueError(
             f"{manager.directory} holds a checkpoint of a different configuration "
@@ -364,6 +438,9 @@ def train(
       name: run label for the progress bar, metrics and plots.
       run_info: JSON-serialisable description of the model, data and recipe,
         stored under ``metrics["config"]``; resuming requires it to match.
+        ``metrics["config"]["mx"]`` records ``apply_fn.mx_recipe`` (set by
+        :func:`apply_fn_for`; None for a function without one), so resuming
+        under another MX recipe is refused too.
       progress: show a tqdm progress bar.
       on_step: called as ``on_step(step, loss)`` after each update (``step``
         counts completed updates), e.g. for custom logging or early exits.
@@ -378,11 +455,17 @@ def train(
 
     Raises:
       TypeError: if a param is not float32.
-      ValueError: if a checkpoint in ``out_dir`` was written with another config.
+      ValueError: if a checkpoint in ``out_dir`` was written with another
+        config or MX recipe, or its latest step folder is not a complete
+        checkpoint of this loop.
     """
     _check_master_params(params)
     schedule = lr_schedule(config)
-    full_config = {"train": dataclasses.asdict(config), **dict(run_info or {})}
+    full_config = {
+        "train": dataclasses.asdict(config),
+        "mx": getattr(apply_fn, "mx_recipe", None),
+        **dict(run_info or {}),
+    }
     json.dumps(full_config)  # fail now, not at the first checkpoint
     if optimizer is None:
         optimizer, step_fn, eval_step = _default_steps(apply_fn, config)

@@ -49,9 +49,7 @@ class Rule:
 
     def __post_init__(self):
         if not isinstance(self.pattern, str):
-            raise TypeError(
-                f"a rule pattern is a regular expression string, got {self.pattern!r}"
-            )
+            raise TypeError(f"a rule pattern is a regular expression string, got {self.pattern!r}")
         try:
             re.compile(self.pattern)
         except re.error as err:
@@ -119,6 +117,9 @@ class Substitution:
     rules: tuple[Rule, ...]
     # Warn once about rules that matched nothing (False: never).
     warn: bool = True
+    # How many leading rules were given to this substitution; the others come
+    # from an earlier one (re-substituting an MXLinen) and are not warned about.
+    own: int | None = None
     # (path, kind) -> (config description or None, reason kept).
     _entries: dict = dataclasses.field(default_factory=dict, repr=False)
     _hits: dict = dataclasses.field(default_factory=dict, repr=False)
@@ -155,8 +156,10 @@ class Substitution:
         if self._warned or not self.warn:
             return
         self._warned = True
-        for rule in self.unmatched:
-            warn_at_caller(f"jaxmx substitution rule {rule.pattern!r} matched no matmul module")
+        own = self.rules[: self.own] if self.own is not None else self.rules
+        for i, rule in enumerate(own):
+            if not self._hits.get(i):
+                warn_at_caller(f"jaxmx substitution rule {rule.pattern!r} matched no matmul module")
 
     def summary(self) -> str:
         """A table of what runs in MX and what stays in high precision."""
@@ -176,7 +179,9 @@ class Substitution:
         >>> Substitution(parse_rules([("head", None)])).recipe()
         [['head', None]]
         """
-        return [[r.pattern, None if r.config is None else config_fields(r.config)] for r in self.rules]
+        return [
+            [r.pattern, None if r.config is None else config_fields(r.config)] for r in self.rules
+        ]
 
 
 def config_fields(config: DotConfig) -> dict:
@@ -190,9 +195,8 @@ def config_fields(config: DotConfig) -> dict:
 
 # Frames in these folders are library code between the user and a warning.
 _LIBRARY_DIRS = tuple(
-    os.path.dirname(m.__file__) + os.sep
-    for m in (flax, jax)
-) + (os.path.dirname(__file__) + os.sep,)
+    os.path.dirname(path) + os.sep for path in (flax.__file__, jax.__file__, __file__)
+)
 
 
 def warn_at_caller(message: str) -> None:

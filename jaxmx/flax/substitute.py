@@ -36,7 +36,7 @@ __all__ = ["Rule", "Substitution", "MXLinen", "quantize_model", "substitution_of
 # listed as kept in high precision, with this reason.
 _NNX_NO_INJECTION_POINT = (
     (nnx.ConvTranspose, "Flax's ConvTranspose calls lax.conv_transpose directly"),
-    (nnx.Embed, "Flax's Embed.attend (if used) calls jnp.dot directly; the lookup is no matmul"),
+    (nnx.Embed, "Flax's Embed.attend (if used) calls jnp.dot directly; the lookup is not a matmul"),
     (nnx.LoRA, "Flax's LoRA multiplies by its low-rank factors with @ directly"),
 )
 
@@ -115,11 +115,12 @@ def quantize_model(model, rules, *, warn: bool = True):
       high  head          Dense     rule 'head' keeps it
     """
     parsed = parse_rules(rules)
+    own = len(parsed)
     if isinstance(model, MXLinen):
         # As for nnx: the new rules decide where they match, the earlier
         # ones where they do not.
         model, parsed = model.module, parsed + model.rules
-    sub = Substitution(parsed, warn=warn)
+    sub = Substitution(parsed, warn=warn, own=own)
     if isinstance(model, nnx.Module):
         _substitute_nnx(model, sub)
         _SUBSTITUTIONS[model] = sub
