@@ -8,6 +8,12 @@ model's, at the same paths), and runs each call under a method interceptor
 at jaxmx for the duration of that layer's call. Being a module, it works
 wherever a module does: ``init``, ``apply``, ``bind``, ``tabulate``,
 ``init_with_output``, and inside another module.
+
+Why a wrapper and not a subclass of the model's class (as qwix builds): a
+subclass would have to re-wrap each of the user's methods through linen's
+private method-wrapping machinery, while the wrapper needs only public API
+(``Module.clone(parent=scope)``, ``nn.share_scope``, ``nn.intercept_methods``).
+The cost is that ``isinstance(mx, ModelClass)`` is False.
 """
 
 from __future__ import annotations

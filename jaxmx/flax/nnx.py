@@ -38,7 +38,7 @@ __all__ = [
 # them as kept in high precision, with that reason.
 INJECTION_POINTS = {
     nnx.Linear: ("dot_general", lax.dot_general),
-    nnx.LinearGeneral: ("dot_general", lax.dot_general),
+    nnx.LinearGeneral: ("dot_general", None),  # None: lax.dot_general
     nnx.Einsum: ("einsum_op", jnp.einsum),
     nnx.Conv: ("conv_general_dilated", lax.conv_general_dilated),
     nnx.MultiHeadAttention: ("attention_fn", nnx.dot_product_attention),
@@ -82,8 +82,7 @@ def configure(module: nnx.Module, config) -> bool:
         setattr(module, field, default)
         return True
     value = _MAKE[field](cfg)
-    # Some layers default to None (meaning the lax function), others to the function.
-    if current not in (None, default) and not isinstance(current, MX_OPS):
+    if not _is_flax_own(field, current) and not isinstance(current, MX_OPS):
         raise ValueError(
             f"{type(module).__name__} has a custom {field}={current!r}; jaxmx cannot replace it"
         )
@@ -100,6 +99,12 @@ def held_config(module: nnx.Module) -> DotConfig | None:
 
     For ``MultiHeadAttention`` this is the config of its q.k and p.v
     matmuls (its projections are layers of their own).
+
+    >>> from flax import nnx
+    >>> held_config(Linear(4, 2, mx="mxfp6", rngs=nnx.Rngs(0))).rhs.name
+    'mxfp6_e3m2'
+    >>> held_config(nnx.Linear(4, 2, rngs=nnx.Rngs(0))) is None
+    True
     """
     field, _ = _injection_point(module)
     current = getattr(module, field)
@@ -107,12 +112,19 @@ def held_config(module: nnx.Module) -> DotConfig | None:
 
 
 def custom_op(module: nnx.Module) -> str | None:
-    """The name of the field holding the user's own matmul function, if any."""
-    field, default = _injection_point(module)
+    """The name of the field holding the user's own matmul function, if any.
+
+    >>> from flax import nnx
+    >>> custom_op(nnx.Linear(4, 2, dot_general=lambda *a, **k: None, rngs=nnx.Rngs(0)))
+    'dot_general'
+    >>> custom_op(Linear(4, 2, mx="mxfp8", rngs=nnx.Rngs(0))) is None
+    True
+    """
+    field, _ = _injection_point(module)
     if getattr(module, f"{field}_cls", None) is not None:
         return f"{field}_cls"
     current = getattr(module, field)
-    if current in (None, default) or isinstance(current, MX_OPS):
+    if _is_flax_own(field, current) or isinstance(current, MX_OPS):
         return None
     return field
 
@@ -123,6 +135,18 @@ def _injection_point(module) -> tuple[str, object]:
         raise TypeError(f"{type(module).__name__} is not an nnx matmul layer jaxmx can configure")
     return INJECTION_POINTS[kind]
 
+
+def _is_flax_own(field: str, value) -> bool:
+    # None means the lax function to the layers that default to None.
+    return value is None or value is _FLAX_FUNCTIONS[field]
+
+
+_FLAX_FUNCTIONS = {
+    "dot_general": lax.dot_general,
+    "einsum_op": jnp.einsum,
+    "conv_general_dilated": lax.conv_general_dilated,
+    "attention_fn": nnx.dot_product_attention,
+}
 
 # The jaxmx callable each injection point gets.
 _MAKE = {
