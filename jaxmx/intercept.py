@@ -65,7 +65,7 @@ _P = jcore.primitives
 _DOT = _P.dot_general_p
 _CONV = _P.conv_general_dilated_p
 # Matmul primitives jaxmx has no MX version of: reported, never replaced.
-_OTHER_MATMULS = frozenset({"ragged_dot_general", "ragged_dot", "scaled_dot"})
+_OTHER_MATMULS = frozenset({"ragged_dot_general", "ragged_dot"})
 # Ops whose output is a view of their first operand's values (for argument
 # paths: a weight reshaped, transposed, cast or sliced is still that weight).
 _VIEWS = frozenset(
@@ -83,10 +83,10 @@ _VIEWS = frozenset(
         "copy_p",
         "reduce_precision",
         "sharding_constraint",
-        "device_put",
-        "optimization_barrier",
     }
 )
+# Ops whose i-th output is their i-th operand, moved or fenced.
+_IDENTITIES = frozenset({"device_put", "optimization_barrier"})
 _JAXMX_DIR = os.path.dirname(os.path.abspath(__file__))
 _JAXMX_OPS = {"_mx_dot": "dot_general", "_mx_conv": "conv_general_dilated"}
 
@@ -163,6 +163,13 @@ class MatmulSite:
     """One matmul of the traced program and what runs there.
 
     A matmul inside a loop body is one site however many times it runs.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxmx.intercept import intercept
+    >>> f = intercept(lambda p, x: jnp.int32(2) * (x @ p["w"]), "mxfp8")
+    >>> (site,) = f.coverage_for({"w": jnp.ones((32, 4))}, jnp.ones((2, 32))).sites
+    >>> site.path, site.operands, site.shapes, site.mx
+    ('dot_general', ('', 'w'), ((2, 32), (32, 4)), True)
     """
 
     # Name stack of the operation plus the op: "Model/attn/q/dot_general".
@@ -210,6 +217,22 @@ class Coverage:
       sites: every matmul of the program, in program order.
       unmatched: patterns of the rules that decided no matmul (shadowed
         rules included).
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxmx.intercept import intercept
+    >>> def f(x, w):
+    ...     with jax.named_scope("proj"):
+    ...         y = x @ w
+    ...     return y, jnp.arange(3) @ jnp.arange(3)  # an integer dot
+    >>> mx_f = intercept(f, [("proj", "mxfp6"), ("never", None)], warn=False)
+    >>> cov = mx_f.coverage_for(jnp.ones((2, 32)), jnp.ones((32, 4)))
+    >>> cov.counts, cov.unmatched
+    ('1 of 2 matmuls in MX', ('never',))
+    >>> print(cov.summary())
+    1 of 2 matmuls in MX
+      MX    proj/dot_general  (2, 32) x (32, 4)  fwd mxfp6_e3m2 x mxfp6_e3m2; ...
+      high  dot_general  (3,) x (3,)  high (no rule matched)
+      rule 'never' matched no matmul
     """
 
     rules: tuple[tuple[str, DotConfig | None], ...]
@@ -376,6 +399,8 @@ class _Planner:
                     )
             if name in _VIEWS and eqn.invars:
                 env[eqn.outvars[0]] = ins[0]
+            elif name in _IDENTITIES:
+                env.update(zip(eqn.outvars, ins, strict=False))
 
     def _jaxmx_site(self, eqn, ns, op, ins, within):
         closed = eqn.params["call_jaxpr"]
@@ -542,11 +567,18 @@ def _rebuild_jit(eqn, invals, a, plan):
 
 
 def _constrain(xs, shardings):
-    # A jit boundary is inlined; its explicit shardings become constraints.
-    return [
-        lax.with_sharding_constraint(x, s) if isinstance(s, jax.sharding.Sharding) else x
-        for x, s in zip(xs, shardings, strict=True)
-    ]
+    # A jit boundary is inlined; its explicit shardings become sharding
+    # constraints (Auto mesh axes) or transfers (Explicit axes, where the
+    # sharding is part of the type).
+    return [_constrain_one(x, s) for x, s in zip(xs, shardings, strict=True)]
+
+
+def _constrain_one(x, s):
+    if not isinstance(s, jax.sharding.Sharding):  # unspecified
+        return x
+    if jax.sharding.AxisType.Explicit in tuple(getattr(getattr(s, "mesh", None), "axis_types", ())):
+        return jax.device_put(x, s)  # what jit does with such an input: a transfer
+    return lax.with_sharding_constraint(x, s)
 
 
 def _rebuild_call(eqn, invals, a, plan):
@@ -677,6 +709,16 @@ class Intercepted:
 
     Call it as ``fn``. ``coverage`` is the :class:`Coverage` of the last
     traced call; ``coverage_for(*args)`` traces without running.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxmx.intercept import intercept
+    >>> mx_matmul = intercept(jnp.matmul, "mxfp8")
+    >>> x = jax.ShapeDtypeStruct((8, 64), jnp.float32)
+    >>> mx_matmul.coverage_for(x, x.update(shape=(64, 16))).counts
+    '1 of 1 matmuls in MX'
+    >>> y = mx_matmul(jnp.ones((8, 64)), jnp.ones((64, 16)))
+    >>> mx_matmul.coverage.sites[0].shapes
+    ((8, 64), (64, 16))
     """
 
     def __init__(self, fn, rules, custom_derivatives, weights, warn, origin):

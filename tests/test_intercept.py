@@ -184,6 +184,21 @@ def test_shard_map_body_is_entered():
     assert mx.coverage.sites[0].within == "shard_map"
 
 
+@pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
+def test_inlined_jit_keeps_its_shardings(axis_type):
+    mesh = jax.make_mesh((2,), ("d",), axis_types=(getattr(jax.sharding.AxisType, axis_type),))
+    rows = jax.NamedSharding(mesh, jax.P("d"))
+
+    def f(x, w):
+        return jax.jit(jnp.matmul, in_shardings=(rows, None), out_shardings=rows)(x, w)
+
+    x, w = np.ones((4, 32), np.float32), np.ones((32, 32), np.float32)  # uncommitted
+    mx = intercept(f, CFG)
+    for out in (mx(x, w), jax.jit(mx)(x, w)):
+        assert out.sharding.spec[0] == "d"
+    assert mx.coverage.sites[0].within == "jit(matmul)"
+
+
 def test_weights_get_the_weight_formats_wherever_they_sit():
     cfg = jaxmx.preset("mxfp4_weights")  # MXFP4 weights, MXFP6 activations
 
@@ -368,6 +383,23 @@ def test_linen_attention_by_op_path(linen_lm, tokens):
     cfgs = {s.path.split("/")[-2]: s.config for s in mx.coverage_for(params, tokens).sites}
     assert cfgs["bqhd,bkhd->bhqk"] == cfgs["bhqk,bkhd->bqhd"] == CFG4
     assert cfgs["q"] == cfgs["head"] == CFG
+
+
+def test_linen_module_substitution_plus_intercept(linen_lm, tokens):
+    """jaxmx.flax.quantize_model swaps the layers; intercept adds what no layer owns."""
+    import jaxmx.flax
+
+    model, params = linen_lm
+    layers = jaxmx.flax.quantize_model(model, CFG)
+    mx = intercept(layers.apply, CFG)
+    cov = mx.coverage_for(params, tokens)
+    assert cov.counts == "18 of 18 matmuls in MX"
+    jaxmx_ops = [s for s in cov.sites if s.config is None]  # quantized by the layers
+    assert len(jaxmx_ops) == 14
+    assert {s.path.split("/")[-2] for s in cov.sites if s.config == CFG} == {
+        "bqhd,bkhd->bhqk",
+        "bhqk,bkhd->bqhd",
+    }
 
 
 class NNXBlock(nnx.Module):
