@@ -129,20 +129,32 @@ class Codec:
             raise TypeError(f"{type(self).__name__} encodes float arrays, got dtype {x.dtype}")
         if self.stochastic and key is None:
             raise ValueError(f"{self!r} rounds stochastically: pass key=jax.random.key(...)")
-        codes, scales = self._encode(x.astype(jnp.float32), key if self.stochastic else None)
+        codes, scales = _encode(self, x.astype(jnp.float32), key if self.stochastic else None)
         return Compressed(codes=codes, scales=tuple(scales), codec=self, shape=tuple(x.shape))
 
     def decode(self, c: Compressed) -> jax.Array:
         """The float32 tensor a :class:`Compressed` stands for."""
         if not isinstance(c, Compressed):
             raise TypeError(f"decode expects a Compressed, got {type(c).__name__}")
-        return self._decode(c.codes, c.scales, c.shape)
+        return _decode(self, c.codes, c.scales, c.shape)
 
     def _encode(self, x, key):
         raise NotImplementedError
 
     def _decode(self, codes, scales, shape):
         raise NotImplementedError
+
+
+# Jitted entry points (inlined under an outer jit): called eagerly, e.g. by an
+# optimizer's init, each codec compiles once instead of dispatching op by op.
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(codec: Codec, x, key):
+    return codec._encode(x, key)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _decode(codec: Codec, codes, scales, shape):
+    return codec._decode(codes, scales, shape)
 
 
 def _rbits(key, shape):

@@ -1,0 +1,229 @@
+"""DropBack and Procrustes on Fashion-MNIST: LeNet-300-100, plain SGD, fewer tracked weights.
+
+The setting of the DropBack paper (Golub et al., arXiv:1806.06949, section 4:
+LeNet-300-100 trained with plain SGD), on Fashion-MNIST instead of MNIST.
+Every variant starts from the same initial weights (drawn by
+``jaxmx.optax.initial_params``, so DropBack can regenerate them) and sees the
+same batches; FP32 is plain SGD, the others chain
+``jaxmx.optax.dropback`` after it with a budget of 1/5, 1/10 and 1/25 of
+the weights, and Procrustes adds decaying initial values and the running
+threshold estimate. Each run writes ``metrics.json`` and orbax checkpoints
+to ``<out>/<variant>/`` (reruns resume); at the end a table (test accuracy,
+gap to FP32, tracked weights, weights that differ from their initial
+value, state bytes) is printed and written with a plot.
+
+Usage::
+
+    python examples/dropback_fashion_mnist.py              # the study (a few minutes)
+    python examples/dropback_fashion_mnist.py --quick      # smoke test, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import sys
+
+if __package__ in (None, ""):  # run as a script: make `models`/`examples` importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import jaxmx.optax
+from examples import data, study, training
+from models import LeNet300100
+
+# name -> dropback arguments (None: plain SGD, the FP32 baseline).
+VARIANTS: dict[str, dict | None] = {
+    "fp32": None,
+    "dropback_5x": {"tracked": 1 / 5},
+    "dropback_10x": {"tracked": 1 / 10},
+    "dropback_25x": {"tracked": 1 / 25},
+    "dropback_10x_per_tensor": {"tracked": 1 / 10, "scope": "per_tensor"},
+    "procrustes_10x": {"tracked": 1 / 10, "init_decay": 0.999, "threshold": "quantile"},
+    "procrustes_10x_fast_decay": {"tracked": 1 / 10, "init_decay": 0.99, "threshold": "quantile"},
+}
+DEFAULT_VARIANTS = ",".join(VARIANTS)
+DEFAULTS = {
+    "steps": 12000,  # 20 epochs of 60000 images
+    "batch_size": 100,
+    "lr": 0.1,
+    "eval_every": 1000,
+    "log_every": 50,
+    "checkpoint_every": 3000,
+    "min_lr_ratio": 1.0,  # 1: constant learning rate; below 1: cosine decay to that fraction
+}
+QUICK = {"steps": 60, "batch_size": 32, "eval_every": 30, "log_every": 10, "checkpoint_every": 30}
+EVAL_BATCH = 1000
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parses the command line (``--quick`` changes the defaults)."""
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog=f"defaults: {DEFAULTS}"
+    )
+    p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"from: {', '.join(VARIANTS)}")
+    for name in DEFAULTS:
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(DEFAULTS[name]))
+    p.add_argument("--seed", type=int, default=0, help="init, data and threshold seed")
+    p.add_argument("--out", help="output folder (default runs/dropback_fashion_mnist)")
+    p.add_argument("--results", help="also write the JSON results here (e.g. docs/results/...)")
+    p.add_argument("--plot", help="also write the plot here (e.g. docs/img/optax_dropback.png)")
+    p.add_argument("--eval-examples", type=int, default=10000, help="test images (first N)")
+    p.add_argument("--quick", action="store_true", help="tiny smoke-test configuration")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = p.parse_args(argv)
+    table = {**DEFAULTS, **QUICK} if args.quick else DEFAULTS
+    for key, value in table.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.out is None:
+        args.out = f"runs/dropback_fashion_mnist{'_quick' if args.quick else ''}"
+    args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in args.variant_list if v not in VARIANTS]
+    if unknown or not args.variant_list:
+        p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    return args
+
+
+def make_optimizer(variant: str, lr, init_key) -> optax.GradientTransformation:
+    """Plain SGD (no momentum), followed by DropBack for every variant but ``fp32``."""
+    sgd = optax.sgd(lr)
+    spec = VARIANTS[variant]
+    if spec is None:
+        return sgd
+    return optax.chain(sgd, jaxmx.optax.dropback(init_key=init_key, **spec))
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Trains every variant; returns one result row per variant."""
+    fm = data.load_fashion_mnist()
+    train_images, train_labels = fm["train"]
+    test_images = fm["test"][0][: args.eval_examples]
+    test_labels = fm["test"][1][: args.eval_examples]
+    train_batch = functools.partial(
+        data.classification_batch,
+        train_images,
+        train_labels,
+        batch_size=args.batch_size,
+        seed=args.seed,
+    )
+
+    def eval_batches():
+        for i in range(0, len(test_images), EVAL_BATCH):
+            yield test_images[i : i + EVAL_BATCH], test_labels[i : i + EVAL_BATCH]
+
+    model = LeNet300100()
+    init_key = jax.random.key(args.seed)
+    shapes = jax.eval_shape(model.init, init_key, jnp.zeros((1, 28, 28, 1)))["params"]
+    params0 = jaxmx.optax.initial_params(init_key, shapes)
+    config = training.TrainConfig(
+        steps=args.steps,
+        learning_rate=args.lr,
+        warmup_steps=0,
+        min_lr_ratio=args.min_lr_ratio,
+        eval_every=args.eval_every,
+        log_every=args.log_every,
+        checkpoint_every=args.checkpoint_every,
+        seed=args.seed,
+    )
+    apply_fn = training.apply_fn_for(model)
+    total = sum(p.size for p in jax.tree.leaves(params0))
+    print(f"LeNet-300-100 with {total:,} params; variants: {args.variant_list}")
+    rows, metrics = [], []
+    for variant in args.variant_list:
+        opt = make_optimizer(variant, training.lr_schedule(config), init_key)
+        result = training.train(
+            apply_fn,
+            params0,
+            train_batch,
+            eval_batches,
+            config,
+            optimizer=opt,
+            out_dir=pathlib.Path(args.out) / variant,
+            name=variant,
+            run_info={
+                "model": "LeNet-300-100",
+                "data": "fashion-mnist",
+                "batch_size": args.batch_size,
+                "min_lr_ratio": args.min_lr_ratio,
+                "variant": variant,
+                "dropback": VARIANTS[variant],
+            },
+            progress=not args.no_progress,
+        )
+        metrics.append(result.metrics)
+        changed = sum(
+            int(jnp.sum(a != b))
+            for a, b in zip(jax.tree.leaves(result.params), jax.tree.leaves(params0), strict=True)
+        )
+        row = {
+            "variant": variant,
+            "dropback": VARIANTS[variant],
+            "test_accuracy": result.metrics["final_eval"]["accuracy"],
+            "step_ms": result.metrics["step_time_ms_median"],
+            "total": total,
+            "changed_from_init": changed,
+        }
+        if VARIANTS[variant] is not None:
+            stats = jaxmx.optax.dropback_stats(result.opt_state[1], result.params)
+            row.update(
+                tracked=stats["tracked"],
+                budget=round(VARIANTS[variant]["tracked"] * total),
+                compression=stats["compression"],
+                zero_fraction=stats["zero_fraction"],
+                state_bytes=stats["state_bytes"],
+            )
+        else:
+            row.update(tracked=total, budget=total, compression=1.0, zero_fraction=0.0)
+            row["state_bytes"] = jaxmx.optax.state_nbytes(result.opt_state)
+        rows.append(row)
+    ref = next((r["test_accuracy"] for r in rows if r["variant"] == "fp32"), None)
+    for r in rows:
+        r["gap_points"] = 100 * (r["test_accuracy"] - ref) if ref is not None else None
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    study.plot_runs(metrics, out / "curves.png")
+    if args.plot:
+        study.plot_runs(metrics, args.plot)
+    text = json.dumps({"config": vars(args) | {"variant_list": None}, "rows": rows}, indent=1)
+    (out / "results.json").write_text(text)
+    if args.results:
+        pathlib.Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(args.results).write_text(text)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The README table: accuracy, gap, tracked weights, weights off their init, state."""
+    lines = [
+        "| variant | test accuracy | gap to FP32 (points) | tracked weights | compression "
+        "| weights != init | weights == 0 | optimizer state bytes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        gap = "-" if r["variant"] == "fp32" else f"{r['gap_points']:+.2f}"
+        lines.append(
+            f"| {r['variant']} | {100 * r['test_accuracy']:.2f}% | {gap} | {r['tracked']:,} "
+            f"| {r['compression']:.1f}x | {r['changed_from_init']:,} "
+            f"| {100 * r['zero_fraction']:.1f}% | {r['state_bytes']:,} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    """Runs the study and prints the table."""
+    args = parse_args(argv)
+    rows = run(args)
+    table = format_table(rows)
+    (pathlib.Path(args.out) / "table.md").write_text(table + "\n")
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

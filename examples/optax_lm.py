@@ -1,0 +1,224 @@
+"""Low-precision optimizer state and master weights on the char-GPT of train_lm.py.
+
+The model, data and schedule are ``examples/train_lm.py``'s (AdamW, 1600
+steps, same initial params and batches for every run). What changes is the
+optimizer, through ``jaxmx.optax``:
+
+* the AdamW moments stored compressed (``compress_state``): bitsandbytes'
+  8-bit blockwise state, Li et al.'s 4-bit state, MXFP8 or MXINT8 first
+  moments, both moments in bfloat16;
+* bfloat16 master weights (``low_precision_params``) rounded to nearest
+  even, stochastically, or with a Kahan/Collage compensation buffer;
+* combinations of the two;
+
+each under two matmul recipes: FP32, and ``jaxmx.preset("mxfp8")`` in every
+matmul (the ``mxfp8`` recipe of ``examples/study.py``). Runs write to
+``<out>/<recipe>-<variant>/`` and resume; the table (final validation loss,
+gap to FP32, optimizer bytes per parameter) and the plot are written at the end.
+
+Usage::
+
+    python examples/optax_lm.py                       # the full grid (about an hour on 2 cores)
+    python examples/optax_lm.py --variants fp32,8bit --recipes fp32
+    python examples/optax_lm.py --quick               # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+if __package__ in (None, ""):  # run as a script: make `models`/`examples` importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import jax
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+import jaxmx.optax
+from examples import data, study, train_lm, training
+
+
+def _adamw(config, key):
+    return training.make_optimizer(config)
+
+
+def _compressed(preset):
+    def build(config, key):
+        return jaxmx.optax.compress_state(training.make_optimizer(config), preset)
+
+    return build
+
+
+def _bf16(rounding="nearest_even", compensation=None, state=None):
+    def build(config, key):
+        inner = training.make_optimizer(config)
+        if state is not None:
+            inner = jaxmx.optax.compress_state(inner, state)
+        return jaxmx.optax.low_precision_params(
+            inner, "bfloat16", rounding=rounding, compensation=compensation, key=key
+        )
+
+    return build
+
+
+# name -> (optimizer builder (config, key) -> transformation, params format or None)
+VARIANTS = {
+    "fp32": (_adamw, None),
+    "8bit": (_compressed("8bit"), None),
+    "4bit": (_compressed("4bit"), None),
+    "mxfp8_mu": (_compressed("mxfp8"), None),
+    "mxint8_mu": (_compressed("mxint8"), None),
+    "bf16_state": (_compressed("bf16"), None),
+    "bf16_params_nearest": (_bf16(), "bfloat16"),
+    "bf16_params_stochastic": (_bf16("stochastic"), "bfloat16"),
+    "bf16_params_kahan": (_bf16(compensation="bfloat16"), "bfloat16"),
+    "8bit+bf16_stochastic": (_bf16("stochastic", state="8bit"), "bfloat16"),
+    "4bit+bf16_stochastic": (_bf16("stochastic", state="4bit"), "bfloat16"),
+}
+RECIPES = ("fp32", "mxfp8")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Own flags (--variants, --recipes, --results, --plot); the rest go to train_lm's parser."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=False)
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"from: {', '.join(VARIANTS)}")
+    p.add_argument("--recipes", default=",".join(RECIPES), help="matmul recipes: fp32, mxfp8")
+    p.add_argument("--results", help="also write the JSON results here")
+    p.add_argument("--plot", help="also write the plot here")
+    own, rest = p.parse_known_args(argv)
+    if "-h" in rest or "--help" in rest:
+        p.print_help()
+    args = train_lm.parse_args(rest)  # model, data and loop flags, with train_lm's defaults
+    if args.out == "runs/shakespeare" or args.out == "runs/shakespeare_quick":
+        args.out = f"runs/optax_lm{'_quick' if args.quick else ''}"
+    args.variant_list = [v.strip() for v in own.variants.split(",") if v.strip()]
+    args.recipe_list = [r.strip() for r in own.recipes.split(",") if r.strip()]
+    bad = [v for v in args.variant_list if v not in VARIANTS]
+    bad += [r for r in args.recipe_list if r not in study.RECIPES]
+    if bad or not args.variant_list or not args.recipe_list:
+        raise ValueError(
+            f"unknown variants/recipes {bad}; variants: {', '.join(VARIANTS)}; "
+            f"recipes: {', '.join(study.RECIPES)}"
+        )
+    args.results, args.plot = own.results, own.plot
+    return args
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Trains the grid; returns one row per (recipe, variant)."""
+    model, params, train_batch, eval_batches, run_info = train_lm.build(
+        args, data.load_shakespeare()
+    )
+    config = study.train_config_from_args(args)
+    n_params = sum(p.size for p in jax.tree.leaves(params))
+    print(f"GPT with {n_params:,} params; recipes {args.recipe_list}; variants {args.variant_list}")
+    rows, metrics = [], []
+    key = jax.random.key(args.seed + 1)  # stochastic rounding
+    for recipe in args.recipe_list:
+        apply_fn = study.get_recipe(recipe)(model)
+        for variant in args.variant_list:
+            build, fmt = VARIANTS[variant]
+            optimizer = build(config, key)
+            start = jaxmx.optax.round_params(params, fmt) if fmt else params
+            name = f"{recipe}-{variant}"
+            result = training.train(
+                apply_fn,
+                start,
+                train_batch,
+                eval_batches,
+                config,
+                optimizer=optimizer,
+                out_dir=pathlib.Path(args.out) / name,
+                name=name,
+                run_info={**run_info, "recipe": recipe, "optimizer": variant},
+                progress=not args.no_progress,
+            )
+            result.metrics["name"] = name
+            metrics.append(result.metrics)
+            state_bpp = jaxmx.optax.bytes_per_param(optimizer.init(start), start)
+            rows.append(
+                {
+                    "recipe": recipe,
+                    "variant": variant,
+                    "val_loss": result.metrics["final_eval"]["loss"],
+                    "step_ms": result.metrics["step_time_ms_median"],
+                    "state_bytes_per_param": state_bpp,
+                    "param_bytes_per_param": 2.0 if fmt else 4.0,
+                }
+            )
+    ref = {r["recipe"]: r["val_loss"] for r in rows if r["variant"] == "fp32"}
+    base = ref.get("fp32")
+    for r in rows:
+        r["gap_pct"] = 100 * (r["val_loss"] / base - 1) if base else None
+        same = ref.get(r["recipe"])
+        r["gap_same_recipe_pct"] = 100 * (r["val_loss"] / same - 1) if same else None
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"n_params": n_params, "steps": args.steps, "rows": rows}, indent=1)
+    (out / "results.json").write_text(text)
+    if args.results:
+        pathlib.Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(args.results).write_text(text)
+    for path in [out / "loss.png", *([args.plot] if args.plot else [])]:
+        plot(metrics, args.recipe_list, path)
+    return rows
+
+
+def plot(metrics: list[dict], recipes: list[str], path) -> pathlib.Path:
+    """Validation loss against step, one panel per matmul recipe."""
+    fig = Figure(figsize=(7 * len(recipes), 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(recipes), squeeze=False)[0]
+    for ax, recipe in zip(axes, recipes, strict=True):
+        runs = [m for m in metrics if m["name"].startswith(f"{recipe}-")]
+        tails = []
+        for m in runs:
+            steps = [e["step"] for e in m["eval"]]
+            losses = [e["loss"] for e in m["eval"]]
+            ax.plot(steps, losses, label=m["name"].split("-", 1)[1], marker=".")
+            tails += [v for s, v in zip(steps, losses, strict=True) if s >= 0.25 * max(steps)]
+        if tails:
+            ax.set_ylim(min(tails) - 0.02, max(tails) + 0.02)
+        ax.set_title(f"validation loss, {recipe} matmuls")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def format_table(rows: list[dict]) -> str:
+    """The README table."""
+    lines = [
+        "| matmuls | optimizer | final val loss | gap to FP32 | gap to same matmuls "
+        "| optimizer state B/param | params B/param | step ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        gap = "-" if r["recipe"] == "fp32" and r["variant"] == "fp32" else f"{r['gap_pct']:+.2f}%"
+        same = "-" if r["variant"] == "fp32" else f"{r['gap_same_recipe_pct']:+.2f}%"
+        ms = f"{r['step_ms']:.1f}" if r["step_ms"] else "n/a"
+        lines.append(
+            f"| {r['recipe']} | {r['variant']} | {r['val_loss']:.4f} | {gap} | {same} "
+            f"| {r['state_bytes_per_param']:.2f} | {r['param_bytes_per_param']:.0f} | {ms} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    """Runs the grid and prints the table."""
+    args = parse_args(argv)
+    rows = run(args)
+    table = format_table(rows)
+    (pathlib.Path(args.out) / "table.md").write_text(table + "\n")
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
