@@ -8,11 +8,29 @@ maximum and packs as zero codes. Axes are given counted from the end
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["to_blocks", "from_blocks"]
+__all__ = ["to_blocks", "from_blocks", "pack_group", "packed_length"]
+
+
+def pack_group(bits: int) -> tuple[int, int]:
+    """(codes per group, bytes per group) of ``bits``-wide codes packed into bytes.
+
+    A group is the fewest codes that fill whole bytes: 2 four-bit codes in
+    one byte, 4 six-bit codes in three, 8 five-bit codes in five.
+    """
+    codes = 8 // math.gcd(bits, 8)
+    return codes, codes * bits // 8
+
+
+def packed_length(length: int, bits: int) -> int:
+    """Bytes that ``length`` packed ``bits``-wide codes take (whole groups)."""
+    g, nbytes = pack_group(bits)
+    return -(-length // g) * nbytes
 
 
 def to_blocks(a: jax.Array, axis: int, block_size: int) -> jax.Array:

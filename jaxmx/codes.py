@@ -18,36 +18,66 @@ from jax import lax
 
 from jaxmx.formats import ElementFormat
 
-__all__ = ["raw_codes", "signed_codes", "raw_to_storage", "storage_to_raw", "split_codes"]
+__all__ = [
+    "raw_codes",
+    "raw_dtype",
+    "signed_codes",
+    "raw_to_storage",
+    "storage_dtype",
+    "storage_to_raw",
+    "split_codes",
+]
+
+
+def raw_dtype(bits: int):
+    """Unsigned dtype holding one ``bits``-wide wire code."""
+    return jnp.uint8 if bits <= 8 else jnp.uint16
+
+
+def storage_dtype(elem: ElementFormat) -> np.dtype:
+    """dtype of the element codes of an unpacked MXTensor on the default backend.
+
+    The format's own ``storage_dtype`` (the ml_dtypes float where XLA has
+    one), except for 4-bit floats on CPU: XLA:CPU miscompiles some programs
+    that carry ``float4_e2m1fn`` arrays (a ``lax.scan`` over them fails with
+    "Invalid LLVM IR: bitcast i8 to i4"), and its 4-bit arrays are slow, so
+    there the 4-bit code is held in a uint8, as FP6 codes are everywhere.
+    ``tests/test_regressions.py`` keeps the upstream failure under watch.
+    """
+    dtype = np.dtype(elem.storage_dtype)
+    if elem.kind == "float" and dtype.itemsize * 8 != elem.bits and jax.default_backend() == "cpu":
+        return np.dtype(raw_dtype(elem.bits))
+    return dtype
 
 
 def raw_codes(sign: jax.Array, code: jax.Array, elem: ElementFormat) -> jax.Array:
     """Sign + code magnitude -> uint8 holding the ``bits``-wide wire code."""
     if elem.kind == "int":
         c = jnp.where(sign != 0, -code.astype(jnp.int32), code.astype(jnp.int32))
-        return (c & ((1 << elem.bits) - 1)).astype(jnp.uint8)
-    return (code | lax.shift_left(sign, jnp.uint32(elem.bits - 1))).astype(jnp.uint8)
+        return (c & ((1 << elem.bits) - 1)).astype(raw_dtype(elem.bits))
+    return (code | lax.shift_left(sign, jnp.uint32(elem.bits - 1))).astype(raw_dtype(elem.bits))
 
 
 def signed_codes(sign: jax.Array, code: jax.Array, elem: ElementFormat) -> jax.Array:
     """Code magnitudes + signs -> the element storage of an MXTensor."""
     if elem.kind == "int":
         c = code.astype(jnp.int32)
-        return jnp.where(sign != 0, -c, c).astype(jnp.int8)
+        return jnp.where(sign != 0, -c, c).astype(storage_dtype(elem))
     return raw_to_storage(raw_codes(sign, code, elem), elem)
 
 
 def raw_to_storage(raw: jax.Array, elem: ElementFormat) -> jax.Array:
-    """uint8 holding a ``bits``-wide raw code -> the storage dtype."""
-    dtype = elem.storage_dtype
-    if dtype == np.uint8:
-        return raw
-    if dtype == np.int8:
+    """Unsigned array holding a ``bits``-wide raw code -> the storage dtype."""
+    dtype = storage_dtype(elem)
+    if dtype in (np.uint8, np.uint16):
+        return raw.astype(dtype)
+    if dtype in (np.int8, np.int16):
         # Sign-extend a bits-wide two's-complement code.
-        shift = 8 - elem.bits
-        return lax.shift_right_arithmetic(
-            lax.shift_left(raw, jnp.uint8(shift)).view(jnp.int8), jnp.int8(shift)
-        )
+        width = dtype.itemsize * 8
+        shift = width - elem.bits
+        u = raw.astype(np.dtype(f"uint{width}"))
+        s = lax.bitcast_convert_type(lax.shift_left(u, u.dtype.type(shift)), dtype)
+        return lax.shift_right_arithmetic(s, dtype.type(shift))
     if dtype.itemsize * 8 == elem.bits:
         return lax.bitcast_convert_type(raw, dtype)
     if elem.bits == 4:
@@ -56,11 +86,13 @@ def raw_to_storage(raw: jax.Array, elem: ElementFormat) -> jax.Array:
 
 
 def storage_to_raw(data: jax.Array, elem: ElementFormat) -> jax.Array:
-    """The storage dtype -> uint8 holding the ``bits``-wide raw code."""
-    if data.dtype == jnp.uint8:
-        return data
-    if data.dtype == jnp.int8:
-        return data.view(jnp.uint8) & jnp.uint8((1 << elem.bits) - 1)
+    """The storage dtype -> unsigned array holding the ``bits``-wide raw code."""
+    rd = raw_dtype(elem.bits)
+    if data.dtype in (jnp.uint8, jnp.uint16):
+        return data.astype(rd)
+    if data.dtype in (jnp.int8, jnp.int16):
+        u = lax.bitcast_convert_type(data, jnp.dtype(f"uint{data.dtype.itemsize * 8}"))
+        return (u & u.dtype.type((1 << elem.bits) - 1)).astype(rd)
     if np.dtype(data.dtype).itemsize * 8 == elem.bits:
         return lax.bitcast_convert_type(data, jnp.uint8)
     if elem.bits == 4:

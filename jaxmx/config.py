@@ -20,10 +20,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+import numpy as np
+
 from jaxmx.formats import MXFormat, get_format
 from jaxmx.numerics import ROUNDINGS, SCALE_MODES
 
-__all__ = ["DotConfig", "FORWARD", "preset", "list_presets"]
+__all__ = ["DotConfig", "FORWARD", "as_dot_config", "preset", "list_presets"]
 
 FORWARD = "forward"
 """Sentinel for ``lhs_bwd`` / ``rhs_bwd``: reuse the operand's forward format."""
@@ -94,29 +96,43 @@ class DotConfig:
             # FORWARD stays a sentinel, so replace(lhs=...) moves lhs_bwd along.
             if not (isinstance(value, str) and value == FORWARD):
                 set_(role, _resolve(role, value))
-        if self.block_size is not None and (
-            isinstance(self.block_size, bool)
-            or not isinstance(self.block_size, int)
-            or self.block_size <= 0
-        ):
-            raise ValueError(f"block_size must be a positive int or None, got {self.block_size!r}")
-        if self.scale_mode not in SCALE_MODES:
+        if self.block_size is not None:
+            if isinstance(self.block_size, bool) or not isinstance(
+                self.block_size, (int, np.integer)
+            ):
+                raise TypeError(
+                    f"block_size must be a positive int or None, got {self.block_size!r}"
+                )
+            if self.block_size <= 0:
+                raise ValueError(
+                    f"block_size must be a positive int or None, got {self.block_size!r}"
+                )
+            set_("block_size", int(self.block_size))
+        if not isinstance(self.scale_mode, str) or self.scale_mode not in SCALE_MODES:
             raise ValueError(
                 f"unknown scale_mode {self.scale_mode!r}; allowed: {', '.join(SCALE_MODES)}"
             )
         for name in ("rounding", "grad_rounding"):
             value = getattr(self, name)
-            if not (value is None and name == "grad_rounding") and value not in ROUNDINGS:
+            if not (value is None and name == "grad_rounding") and (
+                not isinstance(value, str) or value not in ROUNDINGS
+            ):
                 raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(ROUNDINGS)}")
-        if self.residuals not in ("high_precision", "quantized"):
+        if not isinstance(self.residuals, str) or self.residuals not in (
+            "high_precision",
+            "quantized",
+        ):
             raise ValueError(
                 f"unknown residuals {self.residuals!r}; allowed: high_precision, quantized"
             )
-        if self.compute_dtype not in (None, "float32", "bfloat16"):
+        if self.compute_dtype is not None and (
+            not isinstance(self.compute_dtype, str)
+            or self.compute_dtype not in ("float32", "bfloat16")
+        ):
             raise ValueError(
                 f"unknown compute_dtype {self.compute_dtype!r}; allowed: None, float32, bfloat16"
             )
-        if self.native not in ("auto", "never", "always"):
+        if not isinstance(self.native, str) or self.native not in ("auto", "never", "always"):
             raise ValueError(f"unknown native {self.native!r}; allowed: auto, never, always")
 
     def role(self, name: str) -> MXFormat | None:
@@ -131,6 +147,11 @@ class DotConfig:
     @property
     def effective_grad_rounding(self) -> str:
         return self.rounding if self.grad_rounding is None else self.grad_rounding
+
+    @property
+    def uses_random_bits(self) -> bool:
+        """Whether any quantization of this config rounds stochastically."""
+        return "stochastic" in (self.rounding, self.effective_grad_rounding)
 
     @property
     def is_noop(self) -> bool:
@@ -234,3 +255,41 @@ def preset(name: str, **overrides) -> DotConfig:
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(_PRESETS)}") from None
     return cfg.replace(**overrides) if overrides else cfg
+
+
+def as_dot_config(config) -> DotConfig:
+    """Resolves what a ``config=`` argument may be to a :class:`DotConfig`.
+
+    Args:
+      config: a DotConfig (returned as it is), a preset name
+        (:func:`list_presets`), or a format name (``jaxmx.list_formats()``,
+        aliases included), which means that format for all six
+        quantizations of every matmul, or an :class:`~jaxmx.MXFormat`.
+
+    Raises:
+      TypeError: anything else, e.g. ``None``, ``0`` or ``False``.
+      ValueError: a string that is neither a preset nor a format.
+
+    >>> import jaxmx
+    >>> jaxmx.as_dot_config("mxint8").describe()
+    'fwd mxint8 x mxint8; dgrad mxint8 x mxint8; wgrad mxint8 x mxint8'
+    """
+    if isinstance(config, DotConfig):
+        return config
+    if isinstance(config, MXFormat):
+        return DotConfig(lhs=config, rhs=config, grad=config)
+    if not isinstance(config, str):
+        raise TypeError(
+            "config must be a DotConfig, a preset name, a format name or an MXFormat, got "
+            f"{config!r} ({type(config).__name__})"
+        )
+    if config in _PRESETS:
+        return _PRESETS[config][1]
+    try:
+        fmt = get_format(config)
+    except ValueError:
+        raise ValueError(
+            f"unknown config {config!r}: not a preset ({', '.join(_PRESETS)}) nor a format "
+            "name (jaxmx.list_formats(aliases=True))"
+        ) from None
+    return DotConfig(lhs=fmt, rhs=fmt, grad=fmt)

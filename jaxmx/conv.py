@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxmx.config import DotConfig, preset
-from jaxmx.dot import _compute_dtype, _operand
+from jaxmx.config import DotConfig, as_dot_config
+from jaxmx.dot import _compute_dtype, _operand, check_key
 
 __all__ = ["conv_general_dilated"]
 
@@ -145,11 +145,15 @@ def conv_general_dilated(
     >>> y.shape, float(y[0, 4, 4, 0])
     ((2, 8, 8, 16), 9.0)
     """
-    if isinstance(config, str):
-        config = preset(config)
-    if not isinstance(config, DotConfig):
-        raise TypeError(f"config must be a DotConfig or a preset name, got {type(config).__name__}")
+    config = as_dot_config(config)
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    for name, x in (("lhs", lhs), ("rhs", rhs)):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.float64:
+            raise TypeError(
+                f"{name} has dtype {x.dtype}; jaxmx.conv_general_dilated takes float32, "
+                "bfloat16 or float16 operands"
+            )
+    check_key(key, config)
     if config.is_noop:
         return lax.conv_general_dilated(
             lhs,
@@ -168,6 +172,22 @@ def conv_general_dilated(
         raise ValueError(
             f"jaxmx.conv_general_dilated supports batch_group_count=1 only, got {batch_group_count}"
         )
+    # lax's own shape rule validates strides, padding, dilations, feature
+    # groups and dimension numbers, raising what lax.conv_general_dilated raises.
+    jax.eval_shape(
+        lambda a, b: lax.conv_general_dilated(
+            a,
+            b,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+        ),
+        jax.ShapeDtypeStruct(lhs.shape, lhs.dtype),
+        jax.ShapeDtypeStruct(rhs.shape, rhs.dtype),
+    )
     dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     out_dtype = jnp.dtype(preferred_element_type or jnp.promote_types(lhs.dtype, rhs.dtype))
     if isinstance(padding, list):

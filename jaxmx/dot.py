@@ -25,6 +25,7 @@ exact; see :mod:`jaxmx.native` for block-scaled hardware matmuls.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxmx import native
-from jaxmx.config import DotConfig, preset
+from jaxmx.config import DotConfig, as_dot_config
 from jaxmx.formats import MXFormat
 from jaxmx.quantize import _fake_quantize_impl, _quantize, dequantize
 from jaxmx.tensor import MXTensor
@@ -66,10 +67,6 @@ def _dims(dimension_numbers, lhs_ndim: int, rhs_ndim: int) -> _Dims:
             "dimension_numbers must be ((lhs_contracting, rhs_contracting), "
             f"(lhs_batch, rhs_batch)), got {dimension_numbers!r}"
         ) from None
-    lc = tuple(d % lhs_ndim for d in lc)
-    lb = tuple(d % lhs_ndim for d in lb)
-    rc = tuple(d % rhs_ndim for d in rc)
-    rb = tuple(d % rhs_ndim for d in rb)
     lf = tuple(d for d in range(lhs_ndim) if d not in lc and d not in lb)
     rf = tuple(d for d in range(rhs_ndim) if d not in rc and d not in rb)
     return _Dims(lc, rc, lb, rb, lf, rf)
@@ -179,12 +176,43 @@ def _qmatmul(a: _Side, b: _Side, dims, static: _Static, key, out_dtype, out_shar
         return native.scaled_dot(ta, tb, dims, out_dtype)
     qa = _operand(a.x, a.fmt, _last(a.contracting), cfg, a.rounding, key, a.role)
     qb = _operand(b.x, b.fmt, _last(b.contracting), cfg, b.rounding, key, b.role)
+    return _matmul(qa, qb, dims, static.precision, out_dtype, out_sharding)
+
+
+def _matmul(qa, qb, dims, precision, out_dtype, out_sharding=None):
+    """float32-accumulating dot_general of two dequantized operands.
+
+    In bfloat16 the operands are first brought to the (batch, M, K) x
+    (batch, K, N) layout: XLA:CPU's bfloat16 dot with a float32 result is
+    implemented for that canonical layout only, and some legal layouts
+    ("DotThunk::Execute: BF16 x BF16 = F32") would otherwise fail to run.
+    """
     common = jnp.promote_types(qa.dtype, qb.dtype)
     qa, qb = qa.astype(common), qb.astype(common)
+    if common == jnp.bfloat16 and out_sharding is None:
+        return _canonical_dot(qa, qb, dims, precision).astype(out_dtype)
     kwargs = {} if out_sharding is None else {"out_sharding": out_sharding}
     return lax.dot_general(
-        qa, qb, dims, precision=static.precision, preferred_element_type=jnp.float32, **kwargs
+        qa, qb, dims, precision=precision, preferred_element_type=jnp.float32, **kwargs
     ).astype(out_dtype)
+
+
+def _canonical_dot(a, b, dims, precision):
+    (lc, rc), (lb, rb) = dims
+    lf = tuple(i for i in range(a.ndim) if i not in lc and i not in lb)
+    rf = tuple(i for i in range(b.ndim) if i not in rc and i not in rb)
+    batch = tuple(a.shape[i] for i in lb)
+    nb, k = math.prod(batch), math.prod(a.shape[i] for i in lc)
+    a3 = jnp.transpose(a, (*lb, *lf, *lc)).reshape(nb, -1, k)
+    b3 = jnp.transpose(b, (*rb, *rc, *rf)).reshape(nb, k, -1)
+    out = lax.dot_general(
+        a3,
+        b3,
+        (((2,), (1,)), ((0,), (0,))),
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )
+    return out.reshape(batch + tuple(a.shape[i] for i in lf) + tuple(b.shape[i] for i in rf))
 
 
 def _mx_tensor(side: _Side, cfg: DotConfig, key) -> MXTensor:
@@ -213,26 +241,35 @@ def _mx_dot_fwd(lhs, rhs, key, static: _Static):
     operands as :class:`~jaxmx.MXTensor` (8 or fewer bits per element).
     """
     d, cfg = static.dims, static.config
-    out = _qmatmul(
-        _Side(lhs, cfg.lhs, d.lc, cfg.rounding, "lhs"),
-        _Side(rhs, cfg.rhs, d.rc, cfg.rounding, "rhs"),
-        ((d.lc, d.rc), (d.lb, d.rb)),
-        static,
-        key,
-        static.out_dtype,
-        static.out_sharding,
-    )
-    if cfg.residuals == "quantized":
-        res = (_stash(lhs, cfg.lhs, d.lc, cfg), _stash(rhs, cfg.rhs, d.rc, cfg), key)
+    a = _Side(lhs, cfg.lhs, d.lc, cfg.rounding, "lhs")
+    b = _Side(rhs, cfg.rhs, d.rc, cfg.rounding, "rhs")
+    dims = ((d.lc, d.rc), (d.lb, d.rb))
+    if cfg.residuals != "quantized":
+        out = _qmatmul(a, b, dims, static, key, static.out_dtype, static.out_sharding)
+        return out, (lhs, rhs, key)
+    # The stash is the forward MX copy itself (same rounding, same random
+    # bits), quantized once and used by the forward matmul too.
+    ta, tb = _stash(a, cfg, key), _stash(b, cfg, key)
+    reason = native.unsupported_reason(a.fmt, b.fmt, a.contracting, a.x.shape, cfg)
+    if native.use_native(cfg, reason):
+        out = native.scaled_dot(ta, tb, dims, static.out_dtype)
     else:
-        res = (lhs, rhs, key)
-    return out, res
+        cdt = _compute_dtype(cfg)
+        qa, qb = (dequantize(t, cdt) if isinstance(t, MXTensor) else t for t in (ta, tb))
+        out = _matmul(qa, qb, dims, static.precision, static.out_dtype, static.out_sharding)
+    return out, (ta, tb, key)
 
 
-def _stash(x, fmt, contracting, cfg: DotConfig):
-    if fmt is None or not contracting:
-        return x
-    return _mx_tensor(_Side(x, fmt, contracting, "nearest_even", "stash"), cfg, None)
+def _stash(side: _Side, cfg: DotConfig, key):
+    if side.fmt is None or not side.contracting:
+        return (
+            side.x
+            if side.fmt is None
+            else _operand(side.x, side.fmt, None, cfg, side.rounding, key, side.role).astype(
+                side.x.dtype
+            )
+        )
+    return _mx_tensor(side, cfg, key)
 
 
 def _unstash(x):
@@ -341,10 +378,7 @@ def dot_general(
     >>> y.shape, bool(jnp.allclose(y, x @ w, atol=0.5))
     ((2, 3), True)
     """
-    if isinstance(config, str):
-        config = preset(config)
-    if not isinstance(config, DotConfig):
-        raise TypeError(f"config must be a DotConfig or a preset name, got {type(config).__name__}")
+    config = as_dot_config(config)
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
     for name, x in (("lhs", lhs), ("rhs", rhs)):
         if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.float64:
@@ -352,28 +386,30 @@ def dot_general(
                 f"{name} has dtype {x.dtype}; jaxmx.dot_general takes float32, bfloat16 or "
                 "float16 operands"
             )
+    check_key(key, config)
     if config.is_noop:
         kwargs = {} if out_sharding is None else {"out_sharding": out_sharding}
         return lax.dot_general(
             lhs, rhs, dimension_numbers, precision, preferred_element_type, **kwargs
         )
+    # lax's own shape rule validates the dimension numbers (range, duplicates,
+    # sizes), so invalid ones raise exactly what lax.dot_general raises.
+    jax.eval_shape(
+        functools.partial(lax.dot_general, dimension_numbers=dimension_numbers),
+        jax.ShapeDtypeStruct(lhs.shape, lhs.dtype),
+        jax.ShapeDtypeStruct(rhs.shape, rhs.dtype),
+    )
     dims = _dims(dimension_numbers, lhs.ndim, rhs.ndim)
-    _check_dims(dims, lhs.shape, rhs.shape)
     out_dtype = jnp.dtype(preferred_element_type or jnp.promote_types(lhs.dtype, rhs.dtype))
     static = _Static(dims, config, precision, out_dtype, out_sharding)
     return _mx_dot(lhs, rhs, key, static)
 
 
-def _check_dims(d: _Dims, lshape, rshape) -> None:
-    if len(d.lc) != len(d.rc) or len(d.lb) != len(d.rb):
+def check_key(key, config: DotConfig) -> None:
+    """A key is only for configs that round stochastically; anything else is a mistake."""
+    if key is not None and not config.uses_random_bits:
         raise ValueError(
-            f"dot_general needs as many lhs as rhs contracting/batch dims, got {d.lc} vs {d.rc}"
-            f" and {d.lb} vs {d.rb}"
+            "a key was given but the config rounds nothing stochastically "
+            f"(rounding={config.rounding!r}, grad_rounding={config.grad_rounding!r}); "
+            "drop the key or set rounding/grad_rounding='stochastic'"
         )
-    for a, b, what in ((d.lc, d.rc, "contracting"), (d.lb, d.rb, "batch")):
-        for i, j in zip(a, b, strict=True):
-            if lshape[i] != rshape[j]:
-                raise ValueError(
-                    f"{what} dims disagree: lhs axis {i} has size {lshape[i]}, rhs axis {j} has "
-                    f"size {rshape[j]} (shapes {tuple(lshape)} and {tuple(rshape)})"
-                )

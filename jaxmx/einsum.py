@@ -21,7 +21,15 @@ __all__ = ["einsum"]
 
 def _split(subscripts: str, a_ndim: int, b_ndim: int) -> tuple[str, str, str]:
     """Parses ``"ab,bc->ac"``; expands ``...``; infers an implicit output."""
+    if not isinstance(subscripts, str):
+        raise TypeError(f"einsum subscripts must be a string, got {subscripts!r}")
     s = subscripts.replace(" ", "")
+    if s.count("->") > 1:
+        raise ValueError(f"einsum subscripts {subscripts!r} have more than one '->'")
+    if set(s) - set(string.ascii_letters + ".,->"):
+        raise ValueError(
+            f"einsum subscripts {subscripts!r}: labels must be letters (plus ',', '->', '...')"
+        )
     if "->" in s:
         ins, out = s.split("->")
     else:

@@ -48,6 +48,9 @@ __all__ = [
 ]
 
 
+_UINT8 = np.dtype(np.uint8)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ElementFormat:
     """The number format of one element of a block.
@@ -85,8 +88,32 @@ class ElementFormat:
     has_nan: bool = False
     # One-line description of the special values, for the card.
     specials: str = "none"
-    # ml_dtypes / numpy dtype that holds one element code in an MXTensor.
-    storage_dtype: np.dtype = dataclasses.field(default=np.dtype(np.uint8), compare=False)
+    # ml_dtypes / numpy dtype that holds one element code in an MXTensor;
+    # None: uint8/uint16 (floats) or int8/int16 (integers), by width.
+    storage_dtype: np.dtype | None = None
+
+    def __post_init__(self):
+        _check_element(self)
+        if self.storage_dtype is None:
+            wide = self.bits > 8
+            dtype = (
+                (np.int16 if wide else np.int8)
+                if self.kind == "int"
+                else (np.uint16 if wide else np.uint8)
+            )
+            object.__setattr__(self, "storage_dtype", np.dtype(dtype))
+        else:
+            object.__setattr__(self, "storage_dtype", np.dtype(self.storage_dtype))
+        held = (
+            4
+            if self.storage_dtype == np.dtype(ml_dtypes.float4_e2m1fn)
+            else (8 * self.storage_dtype.itemsize)
+        )
+        if held < self.bits:
+            raise ValueError(
+                f"element format {self.name!r}: storage_dtype {self.storage_dtype} holds "
+                f"{held} bits, fewer than the format's {self.bits}"
+            )
 
     @property
     def emin(self) -> int:
@@ -138,7 +165,29 @@ class ScaleFormat:
     max_exponent: int
     # Byte that encodes NaN (a block holding NaN or Inf gets this scale).
     nan_code: int
-    storage_dtype: np.dtype = dataclasses.field(default=np.dtype(np.uint8), compare=False)
+    storage_dtype: np.dtype = _UINT8
+
+    def __post_init__(self):
+        if self.kind != "pow2":
+            raise ValueError(
+                f"scale format {self.name!r}: unknown kind {self.kind!r}; allowed: pow2"
+            )
+        if _not_int(self.bits) or not 1 <= self.bits <= 8:
+            raise ValueError(f"scale format {self.name!r}: bits must be 1..8, got {self.bits!r}")
+        top = (1 << self.bits) - 1
+        if not (
+            0 <= self.min_exponent + self.bias <= self.max_exponent + self.bias <= top
+            and 0 <= self.nan_code <= top
+        ):
+            raise ValueError(
+                f"scale format {self.name!r}: exponents {self.min_exponent}..{self.max_exponent} "
+                f"with bias {self.bias} and NaN code {self.nan_code} do not fit {self.bits} bits"
+            )
+        if np.dtype(self.storage_dtype).itemsize != 1:
+            raise ValueError(
+                f"scale format {self.name!r}: storage_dtype must be one byte, "
+                f"got {self.storage_dtype}"
+            )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -152,6 +201,26 @@ class MXFormat:
     block_size: int = 32
     # Where the format is defined.
     reference: str = "OCP MX v1.0"
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"MXFormat name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.element, ElementFormat):
+            raise TypeError(
+                f"MXFormat {self.name!r}: element must be an ElementFormat, got "
+                f"{type(self.element).__name__}"
+            )
+        if not isinstance(self.scale, ScaleFormat):
+            raise TypeError(
+                f"MXFormat {self.name!r}: scale must be a ScaleFormat, got "
+                f"{type(self.scale).__name__}"
+            )
+        if _not_int(self.block_size) or self.block_size < 1:
+            raise ValueError(
+                f"MXFormat {self.name!r}: block_size must be a positive int, got "
+                f"{self.block_size!r}"
+            )
+        object.__setattr__(self, "block_size", int(self.block_size))
 
     @property
     def bits_per_element(self) -> float:
@@ -167,6 +236,65 @@ class MXFormat:
             f"{self.element.name} elements sharing one {self.scale.name} scale, "
             f"{self.bits_per_element:g} bits per element.\n  element: {self.element.card()}"
         )
+
+
+def _not_int(v) -> bool:
+    return isinstance(v, bool) or not isinstance(v, (int, np.integer))
+
+
+def _check_element(f: ElementFormat) -> None:
+    """Refuses element formats the numerics cannot represent exactly.
+
+    Every field must agree with the others (a card whose ``max_normal`` does
+    not match its ``max_code`` would silently decode wrong values).
+    """
+
+    def bad(why: str):
+        raise ValueError(f"element format {f.name!r}: {why}")
+
+    if not isinstance(f.name, str) or not f.name:
+        raise ValueError(f"element format name must be a non-empty string, got {f.name!r}")
+    if f.kind not in ("float", "int"):
+        bad(f"kind must be 'float' or 'int', got {f.kind!r}")
+    for field in ("bits", "exponent_bits", "mantissa_bits", "bias", "max_code"):
+        if _not_int(getattr(f, field)):
+            bad(f"{field} must be an int, got {getattr(f, field)!r}")
+    if not 2 <= f.bits <= 16:
+        bad(f"bits must be 2..16 (codes are held in at most 16 bits), got {f.bits}")
+    m = f.mantissa_bits
+    if f.kind == "float":
+        if f.exponent_bits < 1 or m < 0 or 1 + f.exponent_bits + m != f.bits:
+            bad(
+                f"a float needs bits == 1 + exponent_bits + mantissa_bits with exponent_bits "
+                f">= 1, got bits={f.bits}, exponent_bits={f.exponent_bits}, mantissa_bits={m}"
+            )
+        field, mant = f.max_code >> m, f.max_code & ((1 << m) - 1)
+        top = (
+            (1 + mant / 2**m) * 2.0 ** (field - f.bias) if field else mant * 2.0 ** (1 - f.bias - m)
+        )
+    else:
+        if f.exponent_bits != 0 or f.bias != 1 or not 0 <= m <= f.bits - 2:
+            bad(
+                "an int needs exponent_bits=0, bias=1 and 0 <= mantissa_bits <= bits - 2, got "
+                f"exponent_bits={f.exponent_bits}, bias={f.bias}, mantissa_bits={m}"
+            )
+        if f.max_code != (1 << (f.bits - 1)) - 1:
+            bad(f"an int's max_code must be 2^(bits-1) - 1 = {(1 << (f.bits - 1)) - 1}")
+        top = f.max_code * 2.0**-m
+    if not 0 < f.max_code < 1 << (f.bits - 1):
+        bad(f"max_code {f.max_code:#x} does not fit {f.bits - 1} magnitude bits")
+    if f.max_normal != top:
+        bad(f"max_normal {f.max_normal!r} is not the value of max_code {f.max_code:#x} ({top!r})")
+    if f.min_normal != 2.0 ** (1 - f.bias) or f.min_subnormal != 2.0 ** (1 - f.bias - m):
+        bad(
+            f"min_normal {f.min_normal!r} / min_subnormal {f.min_subnormal!r} must be "
+            f"2^(1 - bias) = {2.0 ** (1 - f.bias)!r} / 2^(1 - bias - mantissa_bits) = "
+            f"{2.0 ** (1 - f.bias - m)!r}"
+        )
+    if (f.has_inf or f.has_nan) and f.kind == "int":
+        bad("integer formats have no Inf or NaN codes")
+    if f.kind == "float" and f.max_code >= (1 << (f.bits - 1)) - 1 and (f.has_inf or f.has_nan):
+        bad("has_inf/has_nan need codes above max_code, but max_code is the largest magnitude")
 
 
 # --------------------------------------------------------------------------

@@ -298,14 +298,24 @@ def _dtype_reason(dtypes) -> str | None:
 class _Planner:
     """Decides each matmul and records where the interpreter must rebuild."""
 
-    def __init__(self, rules: tuple[_Rule, ...], custom_derivatives: str, weights):
+    def __init__(self, rules: tuple[_Rule, ...], custom_derivatives: str, weights, path_root):
         self.rules = rules
         self.custom_derivatives = custom_derivatives
         self.weights = weights  # compiled regex or None
+        self.path_root = path_root  # name-stack prefix to drop, or None
         self.sites: list[MatmulSite] = []
         self.decisions: dict[tuple, DotConfig] = {}  # eqn address -> config
         self.rebuild: set[tuple] = set()  # addresses of eqns with MX inside
         self.hits: collections.Counter = collections.Counter()
+
+    def _path(self, ns, op: str) -> str:
+        scope = str(ns)
+        if self.path_root is not None:
+            if scope == self.path_root:
+                scope = ""
+            elif scope.startswith(self.path_root + "/"):
+                scope = scope[len(self.path_root) + 1 :]
+        return f"{scope}/{op}" if scope else op
 
     def _decide(self, path: str, operands) -> tuple[_Rule | None, int]:
         for i, rule in enumerate(self.rules):
@@ -382,8 +392,7 @@ class _Planner:
             name = eqn.primitive.name
             ins = [src(v) for v in eqn.invars]
             if eqn.primitive in (_DOT, _CONV) or name in _OTHER_MATMULS:
-                path = "/".join(p for p in (str(ns), name) if p)
-                self._site(eqn, path, name, tuple(ins[:2]), within, blocked, a)
+                self._site(eqn, self._path(ns, name), name, tuple(ins[:2]), within, blocked, a)
             elif (op := _jaxmx_op(eqn)) is not None:
                 if op:  # jaxmx's own MX matmul: counted, never entered
                     self._jaxmx_site(eqn, ns, op, ins, within)
@@ -408,7 +417,7 @@ class _Planner:
         avals = [v.aval for v in closed.jaxpr.invars[n : n + 2]]
         self.sites.append(
             MatmulSite(
-                path="/".join(p for p in (str(ns), op) if p),
+                path=self._path(ns, op),
                 op=op,
                 operands=tuple(ins[n : n + 2]),
                 shapes=tuple(tuple(a.shape) for a in avals),
@@ -721,11 +730,12 @@ class Intercepted:
     ((8, 64), (64, 16))
     """
 
-    def __init__(self, fn, rules, custom_derivatives, weights, warn, origin):
+    def __init__(self, fn, rules, custom_derivatives, weights, path_root, warn, origin):
         self.fn = fn
         self.rules = rules
         self.custom_derivatives = custom_derivatives
         self.weights = weights
+        self.path_root = path_root
         self.warn = warn
         self._origin = origin  # (filename, lineno, module) of the intercept() call
         self._cache: dict = {}
@@ -800,7 +810,7 @@ class Intercepted:
 
         closed = jax.make_jaxpr(flat_fn)(*arrays)
         srcs = [_arg_path(path) for (path, _), m in zip(flat, mask, strict=True) if m]
-        planner = _Planner(self.rules, self.custom_derivatives, self.weights)
+        planner = _Planner(self.rules, self.custom_derivatives, self.weights, self.path_root)
         planner.walk(closed.jaxpr, [""] * len(closed.consts) + srcs, siu.new_name_stack())
         coverage = Coverage(
             rules=tuple((r.pattern, r.config) for r in self.rules),
@@ -841,6 +851,7 @@ def intercept(
     *,
     custom_derivatives: Literal["keep", "inline"] = "keep",
     weights: str | None = None,
+    path_root: str | None = None,
     warn: bool = True,
 ) -> Intercepted:
     """``fn`` with every ``dot_general`` / ``einsum`` / ``@`` / convolution it runs in MX.
@@ -885,6 +896,10 @@ def intercept(
         (attention's q.k and p.v) gets ``config.for_activations()``, as
         ``jaxmx.flax`` gives attention. Only weights passed in as arguments
         (or as leaves of ``fn``) have argument paths.
+      path_root: a name-stack prefix dropped from the start of op paths.
+        linen pushes the top module's class name first (``"LM/block_0/q"``);
+        ``path_root="LM"`` makes op paths read as linen module paths
+        (``module.path``), so rules written for those match the same way.
       warn: warn (pointing at this call) about rules that decide no matmul.
 
     Returns:
@@ -922,4 +937,9 @@ def intercept(
             weights = re.compile(weights)
         except re.error as err:
             raise ValueError(f"weights {weights!r} is not a regular expression: {err}") from None
-    return Intercepted(fn, _rules(rules), custom_derivatives, weights, warn, _caller())
+    if path_root is not None and not isinstance(path_root, str):
+        raise TypeError(f"path_root must be a string or None, got {path_root!r}")
+    if path_root is not None:
+        path_root = path_root.strip("/")
+    rules = _rules(rules)
+    return Intercepted(fn, rules, custom_derivatives, weights, path_root, warn, _caller())

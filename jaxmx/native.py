@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxmx.codes import storage_to_raw
 from jaxmx.config import DotConfig
 from jaxmx.formats import MXFormat
 
@@ -118,6 +119,13 @@ def _canonical(t, contract: tuple[int, ...], batch: tuple[int, ...]):
     them, whose length is a multiple of the block size, so every block stays
     whole and in place.
     """
+    t = t.canonical()
+    elem = t.format.element
+    if t.data.dtype != elem.storage_dtype:  # 4-bit codes held in bytes on CPU
+        raw = storage_to_raw(t.data, elem)
+        t = dataclasses.replace(
+            t, data=lax.bitcast_convert_type(raw.astype(jnp.uint4), elem.storage_dtype)
+        )
     shape = t.data.shape
     free = tuple(i for i in range(len(shape)) if i not in contract and i not in batch)
     perm = (*batch, *free, *contract)

@@ -9,7 +9,9 @@ low-precision storage the codes are packed along the quantized axis:
 * 6-bit codes (FP6): four per three bytes, little-endian: code ``j`` of a
   group occupies bits ``6j .. 6j + 5`` of the 24-bit word formed by the bytes
   ``b0 | b1 << 8 | b2 << 16``;
-* 2-bit codes (INT2): four per byte, element ``4i + j`` in bits ``2j, 2j + 1``.
+* 2-bit codes (INT2): four per byte, element ``4i + j`` in bits ``2j, 2j + 1``;
+* any other width (custom 3-, 5-, 7-, 9- to 15-bit formats): the same
+  little-endian bit stream, 8 / gcd(bits, 8) codes per group.
 
 An axis whose length is not a multiple of the group is padded with zero
 codes; the original length is kept in the tensor's metadata. Packing and
@@ -19,29 +21,24 @@ unpacking are exact inverses.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxmx.blocks import from_blocks, to_blocks
-from jaxmx.codes import raw_to_storage, storage_to_raw
+from jaxmx.blocks import from_blocks, pack_group, to_blocks
+from jaxmx.codes import raw_dtype, raw_to_storage, storage_to_raw
 from jaxmx.formats import ElementFormat
 from jaxmx.tensor import MXTensor
 
 __all__ = ["pack", "unpack", "pack_codes", "unpack_codes"]
 
 
-def _group(bits: int) -> tuple[int, int]:
-    """(codes per group, bytes per group) for ``bits``-wide codes."""
-    codes = 8 // math.gcd(bits, 8)
-    return codes, codes * bits // 8
-
-
 def pack_codes(raw: jax.Array, bits: int, axis: int) -> jax.Array:
-    """Packs uint8 arrays of ``bits``-wide codes along ``axis`` (negative)."""
-    g, nbytes = _group(bits)
+    """Packs unsigned arrays of ``bits``-wide codes along ``axis`` (negative)."""
+    g, nbytes = pack_group(bits)
+    if g * bits > 32:  # 5-, 7- and 9- to 16-bit codes: no 32-bit word holds a group
+        return _pack_bitwise(raw, bits, axis)
     grouped = to_blocks(raw, axis, g).astype(jnp.uint32)  # (..., groups, g, ...)
     ax = grouped.ndim + axis  # the within-group axis
     word = jnp.zeros_like(jnp.take(grouped, 0, axis=ax))
@@ -54,8 +51,10 @@ def pack_codes(raw: jax.Array, bits: int, axis: int) -> jax.Array:
 
 
 def unpack_codes(packed: jax.Array, bits: int, axis: int, length: int) -> jax.Array:
-    """Inverse of :func:`pack_codes`: uint8 codes, ``length`` along ``axis``."""
-    g, nbytes = _group(bits)
+    """Inverse of :func:`pack_codes`: unsigned codes, ``length`` along ``axis``."""
+    g, nbytes = pack_group(bits)
+    if g * bits > 32:
+        return _unpack_bitwise(packed, bits, axis, length)
     grouped = to_blocks(packed, axis, nbytes).astype(jnp.uint32)  # (..., groups, bytes, ...)
     ax = grouped.ndim + axis
     word = jnp.zeros_like(jnp.take(grouped, 0, axis=ax))
@@ -63,20 +62,46 @@ def unpack_codes(packed: jax.Array, bits: int, axis: int, length: int) -> jax.Ar
         word = word | lax.shift_left(jnp.take(grouped, b, axis=ax), jnp.uint32(8 * b))
     mask = jnp.uint32((1 << bits) - 1)
     codes = [
-        (lax.shift_right_logical(word, jnp.uint32(bits * j)) & mask).astype(jnp.uint8)
+        (lax.shift_right_logical(word, jnp.uint32(bits * j)) & mask).astype(raw_dtype(bits))
         for j in range(g)
     ]
     return from_blocks(jnp.stack(codes, axis=ax), axis, length)
 
 
+# The same little-endian bit stream, built one bit at a time: code j of a
+# group occupies stream bits bits*j .. bits*j + bits - 1, byte b holds stream
+# bits 8b .. 8b + 7. Slower than the word path, so used only where a group
+# does not fit in 32 bits.
+
+
+def _pack_bitwise(raw: jax.Array, bits: int, axis: int) -> jax.Array:
+    g, _ = pack_group(bits)
+    r = jnp.moveaxis(to_blocks(raw, axis, g), (raw.ndim + axis, raw.ndim + axis + 1), (-2, -1))
+    r = r.reshape(r.shape[:-2] + (-1,)).astype(jnp.uint32)  # whole groups, block axis last
+    stream = jnp.right_shift(r[..., None], jnp.arange(bits, dtype=jnp.uint32)) & 1
+    stream = stream.reshape(r.shape[:-1] + (-1, 8))
+    out = jnp.sum(jnp.left_shift(stream, jnp.arange(8, dtype=jnp.uint32)), axis=-1)
+    return jnp.moveaxis(out.astype(jnp.uint8), -1, axis)
+
+
+def _unpack_bitwise(packed: jax.Array, bits: int, axis: int, length: int) -> jax.Array:
+    p = jnp.moveaxis(packed, axis, -1).astype(jnp.uint32)
+    stream = jnp.right_shift(p[..., None], jnp.arange(8, dtype=jnp.uint32)) & 1
+    stream = stream.reshape(p.shape[:-1] + (-1, bits))
+    codes = jnp.sum(jnp.left_shift(stream, jnp.arange(bits, dtype=jnp.uint32)), axis=-1)
+    codes = lax.slice_in_dim(codes, 0, length, axis=-1).astype(raw_dtype(bits))
+    return jnp.moveaxis(codes, -1, axis)
+
+
 def _packable(elem: ElementFormat) -> bool:
-    return elem.bits < 8
+    return elem.bits % 8 != 0
 
 
 def pack(t: MXTensor) -> MXTensor:
-    """Packs the codes of a sub-byte format (FP4, FP6, INT4, INT2) into bytes.
+    """Packs the codes of a format whose width is not whole bytes into bytes.
 
-    8-bit formats are already one byte per element and are returned as they
+    FP4, FP6, INT4, INT2 and custom 3- to 15-bit formats. 8- and 16-bit
+    formats are already whole bytes per element and are returned as they
     are; so is a tensor that is already packed.
 
     >>> import jax.numpy as jnp, jaxmx
@@ -95,6 +120,7 @@ def pack(t: MXTensor) -> MXTensor:
 @jax.jit
 def _pack(t: MXTensor) -> MXTensor:
     elem = t.format.element
+    t = t.canonical()
     raw = storage_to_raw(t.data, elem)
     return dataclasses.replace(t, data=pack_codes(raw, elem.bits, t.axis), packed=True)
 
@@ -118,5 +144,6 @@ def unpack(t: MXTensor) -> MXTensor:
 @jax.jit
 def _unpack(t: MXTensor) -> MXTensor:
     elem = t.format.element
+    t = t.canonical()
     raw = unpack_codes(t.data, elem.bits, t.axis, t.length)
     return dataclasses.replace(t, data=raw_to_storage(raw, elem), packed=False)

@@ -87,13 +87,30 @@ def _check_block_size(block_size, fmt: MXFormat) -> int:
     return int(block_size)
 
 
+def _check_flag(value, name: str) -> bool:
+    # Only real booleans: bool("no") is True, and a flag must not flip silently.
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def _check_modes(scale_mode, rounding, key) -> None:
-    if scale_mode not in SCALE_MODES:
+    if not isinstance(scale_mode, str) or scale_mode not in SCALE_MODES:
         raise ValueError(f"unknown scale_mode {scale_mode!r}; allowed: {', '.join(SCALE_MODES)}")
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"unknown rounding {rounding!r}; allowed: {', '.join(ROUNDINGS)}")
+    check_rounding(rounding, key)
+
+
+def check_rounding(rounding, key, what: str = "rounding") -> None:
+    """Validates a rounding name and its key: stochastic needs one, others take none."""
+    if not isinstance(rounding, str) or rounding not in ROUNDINGS:
+        raise ValueError(f"unknown {what} {rounding!r}; allowed: {', '.join(ROUNDINGS)}")
     if rounding == "stochastic" and key is None:
-        raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(...)")
+        raise ValueError(f"{what}='stochastic' needs a PRNG key: pass key=jax.random.key(...)")
+    if rounding != "stochastic" and key is not None:
+        raise ValueError(
+            f"a key was given but {what} is {rounding!r}, which uses no random bits; "
+            "pass rounding='stochastic' or drop the key"
+        )
 
 
 def _random_bits(key, shape) -> jax.Array:
@@ -162,10 +179,12 @@ def _bits_to_dtype(bits: jax.Array, dtype) -> jax.Array:
 
 
 def _check_out_dtype(dtype) -> jnp.dtype:
+    if dtype is None:
+        raise TypeError("dtype must be float32, bfloat16 or float16, got None")
     try:
         dtype = jnp.dtype(dtype)
     except TypeError:
-        raise TypeError(f"dtype must be a float dtype, got {dtype!r}") from None
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}") from None
     if not any(dtype == d for d in _FLOAT_INPUTS):
         raise TypeError(f"cannot dequantize to {dtype}; allowed: float32, bfloat16, float16")
     return dtype
@@ -239,9 +258,26 @@ def quantize(
     axis = _check_axis(axis, x.ndim)
     bs = _check_block_size(block_size, fmt)
     _check_modes(scale_mode, rounding, key)
+    flush = _check_flag(flush_subnormals, "flush_subnormals")
+    packed = _check_flag(packed, "packed") and fmt.element.bits % 8 != 0
     rbits = _random_bits(key, x.shape) if rounding == "stochastic" else None
-    packed = bool(packed) and fmt.element.bits < 8
-    return _quantize(x, rbits, fmt, axis, bs, scale_mode, rounding, flush_subnormals, packed)
+    return _quantize_nodiff(x, rbits, (fmt, axis, bs, scale_mode, rounding, flush, packed))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _quantize_nodiff(x, rbits, static):
+    return _quantize(x, rbits, *static)
+
+
+@_quantize_nodiff.defjvp
+def _quantize_jvp(static, primals, tangents):
+    # Rounding to codes has a zero derivative almost everywhere; a silent zero
+    # gradient through dequantize(quantize(x)) is never what a user wants.
+    raise TypeError(
+        "jaxmx.quantize is not differentiable (its codes are integers); use "
+        "jaxmx.fake_quantize for a straight-through gradient, or wrap the input in "
+        "jax.lax.stop_gradient if no gradient should flow"
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7, 8))
@@ -298,6 +334,7 @@ def dequantize(t: MXTensor, dtype=jnp.float32) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(1,))
 def _dequantize(t: MXTensor, dtype) -> jax.Array:
+    t = t.canonical()
     elem, fmt = t.format.element, t.format
     sign, mag, special = codes.split_codes(to_blocks(t.data, t.axis, t.block_size), elem)
     biased = jnp.expand_dims(lax.bitcast_convert_type(t.scale, jnp.uint8), t.axis)
@@ -351,8 +388,9 @@ def fake_quantize(
     axis = _check_axis(axis, x.ndim)
     bs = _check_block_size(block_size, fmt)
     _check_modes(scale_mode, rounding, key)
+    flush = _check_flag(flush_subnormals, "flush_subnormals")
     rbits = _random_bits(key, x.shape) if rounding == "stochastic" else None
-    return _fake_quantize(x, rbits, (fmt, axis, bs, scale_mode, rounding, flush_subnormals))
+    return _fake_quantize(x, rbits, (fmt, axis, bs, scale_mode, rounding, flush))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jaxmx import formats, numerics
 from jaxmx.formats import BF16, FP16, ElementFormat, get_format
-from jaxmx.quantize import _bits_to_dtype, _check_array, _random_bits
+from jaxmx.quantize import _bits_to_dtype, _check_array, _check_flag, _random_bits, check_rounding
 
 __all__ = ["round_to"]
 
@@ -99,10 +99,9 @@ def round_to(
     """
     elem = _element_format(fmt)
     x = _check_array(x)
-    if rounding not in numerics.ROUNDINGS:
-        raise ValueError(f"unknown rounding {rounding!r}; allowed: {', '.join(numerics.ROUNDINGS)}")
-    if rounding == "stochastic" and key is None:
-        raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(...)")
+    check_rounding(rounding, key)
+    subnormals = _check_flag(subnormals, "subnormals")
+    saturate = _check_flag(saturate, "saturate")
     rbits = _random_bits(key, x.shape) if rounding == "stochastic" else None
     return _round_to(x, rbits, elem, rounding, bool(subnormals), bool(saturate))
 

@@ -8,6 +8,7 @@ import math
 import jax
 import numpy as np
 
+from jaxmx.blocks import packed_length
 from jaxmx.formats import MXFormat
 
 __all__ = ["MXTensor"]
@@ -33,8 +34,11 @@ class MXTensor:
       scale: ``float8_e8m0fnu`` scales, shaped like the input with the
         quantized axis replaced by the number of blocks.
       format: the :class:`~jaxmx.MXFormat`.
-      axis: the quantized axis, counted from the end (negative), so that a
-        ``vmap`` that adds leading batch axes leaves it valid.
+      axis: the quantized axis, counted from the end (negative), as it was
+        when the tensor was made. ``vmap`` can insert or remove axes anywhere,
+        so consumers never trust it blindly: :meth:`block_axis` checks it
+        against the shapes of ``data`` and ``scale`` (which differ only along
+        the block axis) and finds the block axis from them when it went stale.
       block_size: elements per block along ``axis``; the last block may be
         partial.
       length: size of the quantized axis of the original tensor.
@@ -58,11 +62,48 @@ class MXTensor:
     dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
     packed: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
+    def block_axis(self) -> int:
+        """The axis (negative) along which blocks run, read off the leaves' shapes.
+
+        ``data`` and ``scale`` have the same rank and agree on every axis but
+        the block axis, where ``data`` holds ``length`` codes (or their packed
+        bytes) and ``scale`` one entry per block. Under ``vmap`` the stored
+        ``axis`` can point at the wrong axis (a batch axis inserted after the
+        block axis shifts it); the shapes cannot, since ``vmap`` inserts and
+        removes the same axis in both leaves.
+
+        Raises:
+          ValueError: the leaves' shapes fit no block axis, or fit several
+            and the stored one is not among them.
+        """
+        dshape, sshape = tuple(self.data.shape), tuple(self.scale.shape)
+        nd = len(dshape)
+        want = (_stored_length(self), self.num_blocks)
+        if len(sshape) == nd and nd > 0:
+            fits = [
+                a - nd
+                for a in range(nd)
+                if (dshape[a], sshape[a]) == want
+                and all(dshape[i] == sshape[i] for i in range(nd) if i != a)
+            ]
+            if self.axis in fits:
+                return self.axis
+            if len(fits) == 1 or (fits and want[0] == want[1] and not self.packed):
+                # Several fits with one code per block: every choice decodes alike.
+                return fits[0]
+        raise ValueError(
+            f"cannot tell the block axis of this {self.format.name} MXTensor: data shape "
+            f"{dshape} and scale shape {sshape} (length {self.length}, block_size "
+            f"{self.block_size}{', packed' if self.packed else ''}) fit "
+            f"{'no axis' if not len(sshape) == nd else 'several axes'}; an MXTensor mapped by "
+            "vmap over its block axis, or with leaves replaced by other shapes, is not valid"
+        )
+
     @property
     def shape(self) -> tuple[int, ...]:
         """Shape of the tensor this represents (of the dequantized array)."""
         shape = list(self.data.shape)
-        shape[self.axis] = self.length
+        shape[self.block_axis()] = self.length
         return tuple(shape)
 
     @property
@@ -96,9 +137,27 @@ class MXTensor:
             shape, nbytes = "?", ""
         return (
             f"MXTensor({self.format.name}, shape={shape}, dtype={np.dtype(self.dtype).name}, "
-            f"axis={self.axis}, block_size={self.block_size}"
+            f"axis={self._axis_for_repr()}, block_size={self.block_size}"
             f"{', packed' if self.packed else ''}{nbytes})"
         )
+
+    def _axis_for_repr(self):
+        try:
+            return self.block_axis()
+        except Exception:
+            return self.axis
+
+    def canonical(self) -> MXTensor:
+        """This tensor with ``axis`` set to the block axis its leaves show."""
+        axis = self.block_axis()
+        return self if axis == self.axis else dataclasses.replace(self, axis=axis)
+
+
+def _stored_length(t: MXTensor) -> int:
+    """Entries of ``data`` along the block axis: codes, or packed bytes."""
+    if not t.packed:
+        return t.length
+    return packed_length(t.length, t.format.element.bits)
 
 
 def _nbytes(a) -> int:
