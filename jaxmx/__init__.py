@@ -9,6 +9,7 @@ MXTensor(mxfp8_e4m3, shape=(2, 32), dtype=float32, axis=-1, block_size=32, nbyte
 # ruff: noqa: I001 (one re-export per line, grouped by layer)
 
 # Numerics: formats, bit-level rounding, scales.
+from jaxmx import codes
 from jaxmx import formats
 from jaxmx import numerics
 from jaxmx.formats import ElementFormat
@@ -31,6 +32,7 @@ from jaxmx.packing import unpack
 from jaxmx import native
 from jaxmx.config import FORWARD
 from jaxmx.config import DotConfig
+from jaxmx.config import as_dot_config
 from jaxmx.config import list_presets
 from jaxmx.config import preset
 from jaxmx.dot import dot_general
@@ -45,7 +47,9 @@ __all__ = [
     "ElementFormat",
     "MXFormat",
     "MXTensor",
+    "as_dot_config",
     "ScaleFormat",
+    "codes",
     "conv_general_dilated",
     "dequantize",
     "dot_general",

@@ -1,0 +1,270 @@
+"""Regression tests for the reliability review of the core (one test per bug).
+
+Each test fails on the code before its fix. The Flax ones live in
+tests/test_flax_regressions.py; the fuzzers that would have found them in
+tests/test_fuzz.py.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import jaxmx
+
+DIMS = (((1,), (0,)), ((), ()))
+
+
+def _same(a, b):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# 1. vmap: the block axis must follow the leaves, not a stale static index.
+
+
+def test_vmap_out_axes_after_the_block_axis():
+    x = jax.random.normal(jax.random.key(0), (32, 32))
+    t = jax.vmap(lambda r: jaxmx.quantize(r, "mxfp8", axis=0), in_axes=1, out_axes=1)(x)
+    want = jaxmx.fake_quantize(x, "mxfp8", axis=0)
+    assert not np.array_equal(np.asarray(want), np.asarray(x))
+    _same(jaxmx.dequantize(t), want)
+    assert t.shape == (32, 32)
+
+
+def test_vmap_dequantize_over_an_axis_after_the_block_axis():
+    x = jax.random.normal(jax.random.key(1), (4, 64, 3))
+    t = jaxmx.quantize(x, "mxfp8", axis=1)
+    got = jax.vmap(jaxmx.dequantize, in_axes=2, out_axes=2)(t)
+    _same(got, jaxmx.fake_quantize(x, "mxfp8", axis=1))
+
+
+def test_shape_of_a_non_square_tensor_made_under_vmap():
+    x = jax.random.normal(jax.random.key(2), (64, 4))
+    t = jax.vmap(lambda r: jaxmx.quantize(r, "mxfp4"), in_axes=1, out_axes=1)(x)
+    assert t.shape == (64, 4)
+    _same(jaxmx.dequantize(t), jaxmx.fake_quantize(x, "mxfp4", axis=0))
+
+
+def test_vmap_in_axes_1_on_a_2d_tensor():
+    x = jax.random.normal(jax.random.key(3), (64, 4))
+    t = jaxmx.quantize(x, "mxfp8", axis=0)
+    got = jax.vmap(jaxmx.dequantize, in_axes=1, out_axes=1)(t)
+    _same(got, jaxmx.dequantize(t))
+
+
+def test_leaves_that_fit_no_block_axis_are_refused():
+    t = jaxmx.quantize(jnp.ones((4, 64)), "mxfp8")
+    bad = dataclasses.replace(t, scale=t.scale[:, :1].repeat(3, axis=1))
+    with pytest.raises(ValueError, match="cannot tell the block axis"):
+        jaxmx.dequantize(bad)
+
+
+# 2. dot_general dimension numbers are validated by lax's own rule.
+
+
+def test_out_of_range_dimension_numbers_raise_like_lax():
+    a, b = jnp.ones((2, 8)), jnp.ones((8, 3))
+    bad = (((5,), (0,)), ((), ()))
+    with pytest.raises(TypeError) as lax_err:
+        lax.dot_general(a, b, bad)
+    with pytest.raises(TypeError) as mx_err:
+        jaxmx.dot_general(a, b, bad, config="mxfp8")
+    assert str(mx_err.value) == str(lax_err.value)
+
+
+# 3. conv checks operand dtypes.
+
+
+@pytest.mark.parametrize("dtype", [jnp.complex64, jnp.int32, jnp.bool_])
+def test_conv_refuses_non_float_operands(dtype):
+    x = jnp.ones((1, 4, 4, 8), dtype)
+    w = jnp.ones((3, 3, 8, 8), jnp.float32)
+    with pytest.raises(TypeError, match=str(jnp.dtype(dtype))):
+        jaxmx.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), config="mxfp8"
+        )
+
+
+def test_conv_feature_groups_that_do_not_divide_raise_lax_error():
+    with pytest.raises(ValueError, match="feature_group_count"):
+        jaxmx.conv_general_dilated(
+            jnp.ones((1, 4, 4, 8)),
+            jnp.ones((3, 3, 3, 8)),
+            (1, 1),
+            "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=3,
+            config="mxfp8",
+        )
+
+
+# 4. scan over an MXFP4 tensor.
+
+
+def test_scan_over_an_unpacked_mxfp4_tensor():
+    x = jax.random.normal(jax.random.key(4), (3, 4, 64))
+    t = jaxmx.quantize(x, "mxfp4")
+    total, _ = lax.scan(lambda c, q: (c + jaxmx.dequantize(q).sum(), None), 0.0, t)
+    total_p, _ = lax.scan(lambda c, q: (c + jaxmx.dequantize(jaxmx.pack(q)).sum(), None), 0.0, t)
+    want = jaxmx.fake_quantize(x, "mxfp4").sum(axis=(1, 2))
+    np.testing.assert_allclose(float(total), float(want.sum()), rtol=1e-6)
+    np.testing.assert_allclose(float(total_p), float(want.sum()), rtol=1e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the XLA:CPU bug")
+def test_upstream_float4_scan_bug_still_present():
+    """Watches the XLA:CPU bug that makes jaxmx hold 4-bit codes in bytes on CPU.
+
+    When this test fails, XLA:CPU compiles float4 arrays in scans again:
+    jaxmx.codes.storage_dtype can then keep float4_e2m1fn on CPU too.
+    """
+    t = jaxmx.quantize(jnp.ones((3, 4, 64)), "mxfp4")
+    raw = jaxmx.codes.storage_to_raw(t.data, t.format.element)
+    f4 = dataclasses.replace(
+        t, data=lax.bitcast_convert_type(raw.astype(jnp.uint4), jnp.float4_e2m1fn)
+    )
+    with pytest.raises(Exception, match="LLVM IR|bitcast"):
+        lax.scan(lambda c, q: (c + jaxmx.dequantize(q).sum(), None), 0.0, f4)
+
+
+# 5. The bf16 compute path must run every legal layout.
+
+
+@pytest.mark.parametrize(
+    "shapes,dims",
+    [
+        (((64, 15), (64, 14, 32)), (((0,), (0,)), ((), ()))),
+        (((3, 64, 5), (64, 3, 7)), (((1,), (0,)), ((0,), (1,)))),
+        (((5, 2, 64), (7, 64, 2)), (((2,), (1,)), ((1,), (2,)))),
+    ],
+)
+def test_bf16_compute_runs_non_canonical_layouts(shapes, dims):
+    a = jax.random.normal(jax.random.key(5), shapes[0])
+    b = jax.random.normal(jax.random.key(6), shapes[1])
+    bf = jaxmx.DotConfig(lhs="mxfp8", rhs="mxfp8", grad="mxfp8", compute_dtype="bfloat16")
+    f32 = bf.replace(compute_dtype="float32")
+    got = jaxmx.dot_general(a, b, dims, config=bf)
+    want = jaxmx.dot_general(a, b, dims, config=f32)
+    # Both multiply the same exact MX values with float32 accumulation.
+    bound = lax.dot_general(jnp.abs(a), jnp.abs(b), dims) * 2.0**-20
+    assert np.all(np.abs(np.asarray(got) - np.asarray(want)) <= np.asarray(bound))
+
+
+# 6. Custom formats: supported fully or refused.
+
+
+@pytest.mark.parametrize("e,m", [(2, 2), (3, 3), (4, 4), (5, 4), (5, 5), (8, 7)])
+def test_custom_widths_pack_and_decode_exactly(e, m):
+    f = jaxmx.MXFormat(
+        name=f"c{e}{m}", element=jaxmx.formats.float_format(e, m), scale=jaxmx.formats.E8M0
+    )
+    x = jax.random.normal(jax.random.key(7), (4, 64)) * 3
+    fq = jaxmx.fake_quantize(x, f)
+    assert not np.array_equal(np.asarray(fq), np.asarray(x))
+    _same(jaxmx.dequantize(jaxmx.quantize(x, f)), fq)
+    _same(jaxmx.dequantize(jaxmx.quantize(x, f, packed=True)), fq)
+    assert jaxmx.quantize(x, f, packed=True).nbytes == 4 * (64 * (1 + e + m) // 8 + 2)
+
+
+def test_bad_formats_are_refused_at_construction():
+    with pytest.raises(ValueError, match="block_size"):
+        jaxmx.MXFormat(
+            name="b0", element=jaxmx.formats.FP8_E4M3, scale=jaxmx.formats.E8M0, block_size=0
+        )
+    with pytest.raises(ValueError, match="max_normal"):
+        dataclasses.replace(jaxmx.formats.FP8_E4M3, max_normal=400.0)
+    with pytest.raises(ValueError, match="bits must be 2..16"):
+        jaxmx.formats.ElementFormat(
+            name="i32",
+            kind="int",
+            bits=32,
+            exponent_bits=0,
+            mantissa_bits=6,
+            bias=1,
+            max_normal=1.0,
+            min_normal=1.0,
+            min_subnormal=1.0,
+            max_code=1,
+        )
+
+
+def test_storage_dtype_is_part_of_format_equality():
+    a = jaxmx.formats.FP6_E3M2
+    b = dataclasses.replace(a, storage_dtype=np.dtype(np.uint16))
+    assert a != b and hash(a) != hash(b)
+
+
+# 7. residuals="quantized" stashes the forward MX copy itself.
+
+
+@pytest.mark.parametrize("rounding", ["toward_zero", "nearest_away"])
+def test_quantized_residuals_reuse_the_forward_copy(rounding):
+    x = jax.random.normal(jax.random.key(8), (16, 64))
+    w = jax.random.normal(jax.random.key(9), (64, 32))
+    cfg = jaxmx.DotConfig(
+        lhs="mxfp8", rhs="mxfp8", grad="mxfp8", rounding=rounding, residuals="quantized"
+    )
+    got = jax.grad(lambda x: jaxmx.dot_general(x, w, DIMS, config=cfg).sum())(x)
+    # Documented: the backward pass re-quantizes the forward MX copy of w.
+    wq = jaxmx.fake_quantize(w, "mxfp8", axis=0, rounding=rounding)
+    hp = cfg.replace(residuals="high_precision")
+    want = jax.grad(lambda x: jaxmx.dot_general(x, wq, DIMS, config=hp).sum())(x)
+    _same(got, want)
+    plain = jax.grad(lambda x: jaxmx.dot_general(x, w, DIMS, config=hp).sum())(x)
+    assert not np.array_equal(np.asarray(got), np.asarray(plain))
+
+
+# Smaller ones.
+
+
+def test_dequantize_to_none_names_none():
+    t = jaxmx.quantize(jnp.ones((2, 32)), "mxfp8")
+    with pytest.raises(TypeError, match="got None"):
+        jaxmx.dequantize(t, None)
+
+
+def test_dot_config_takes_numpy_ints():
+    assert jaxmx.DotConfig(block_size=np.int64(16)).block_size == 16
+
+
+def test_einsum_with_two_arrows_is_refused():
+    with pytest.raises(ValueError, match="more than one"):
+        jaxmx.einsum("ij,jk->ik->ik", jnp.ones((2, 2)), jnp.ones((2, 2)), config="mxfp8")
+
+
+@pytest.mark.parametrize("value", ["no", 0, None, 1.0])
+def test_flags_take_bools_only(value):
+    with pytest.raises(TypeError, match=repr(value)):
+        jaxmx.quantize(jnp.ones((2, 32)), "mxfp8", flush_subnormals=value)
+
+
+def test_key_without_stochastic_rounding_is_refused():
+    x = jnp.ones((2, 32))
+    with pytest.raises(ValueError, match="key was given"):
+        jaxmx.quantize(x, "mxfp8", key=jax.random.key(0))
+    with pytest.raises(ValueError, match="key was given"):
+        jaxmx.round_to(x, "bfloat16", key=jax.random.key(0))
+    with pytest.raises(ValueError, match="key was given"):
+        jaxmx.dot_general(x, x.T, DIMS, config="mxfp8", key=jax.random.key(0))
+
+
+def test_differentiating_quantize_raises_instead_of_a_silent_zero():
+    x = jnp.linspace(0.1, 1, 64).reshape(2, 32)
+    with pytest.raises(TypeError, match="fake_quantize"):
+        jax.grad(lambda v: jaxmx.dequantize(jaxmx.quantize(v, "mxfp8")).sum())(x)
+    # Not differentiating through it is fine.
+    g = jax.grad(lambda w: (w * jaxmx.dequantize(jaxmx.quantize(x, "mxfp8"))).sum())(1.0)
+    assert float(g) != 0.0
+
+
+def test_format_names_are_configs():
+    x = jax.random.normal(jax.random.key(10), (4, 64))
+    w = jax.random.normal(jax.random.key(11), (64, 8))
+    got = jaxmx.dot_general(x, w, DIMS, config="mxint8")
+    want = jaxmx.dot_general(
+        x, w, DIMS, config=jaxmx.DotConfig(lhs="mxint8", rhs="mxint8", grad="mxint8")
+    )
+    _same(got, want)
