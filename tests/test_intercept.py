@@ -376,6 +376,18 @@ def test_linen_none_rule_keeps_head_exact(linen_lm, tokens):
     assert_same(intercept(model.apply, [(".*", None)])(params, tokens), model.apply(params, tokens))
 
 
+def test_linen_path_root_gives_module_paths(linen_lm, tokens):
+    model, params = linen_lm
+    mx = intercept(model.apply, [("^block_1/", None), (".*", CFG)], path_root="LinenLM")
+    cov = mx.coverage_for(params, tokens)
+    assert cov.sites[0].path == "embed/dot_general"
+    assert [s.path for s in cov.high_precision][:2] == [
+        "block_1/q/dot_general",
+        "block_1/k/dot_general",
+    ]
+    assert cov.counts == "10 of 18 matmuls in MX"
+
+
 def test_linen_attention_by_op_path(linen_lm, tokens):
     model, params = linen_lm
     # The einsums of attend() have no module of their own; their op path names them.
