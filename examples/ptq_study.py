@@ -1,0 +1,658 @@
+"""Post-training MX: direct-cast accuracy of two pretrained models, every format.
+
+Two models, loaded offline by :mod:`examples.pretrained`:
+
+* SmolLM2-135M-Instruct, perplexity on held-out text: 8 windows of 512
+  tokens at evenly spaced offsets over the World English Bible's Acts of
+  the Apostles (4,088 scored predictions). Its "FP32" baseline is the
+  published 4-bit GGUF (llama.cpp Q4_1, embedding Q8_0) dequantized to
+  float32, not the bf16 original: every figure here is relative to those
+  weights.
+* all-MiniLM-L6-v2, on 998 parallel verses (every 31st verse of the Bible,
+  both translations at least 6 words) of the King James Version and the
+  World English Bible: cosine similarity of each quantized embedding to its
+  FP32 embedding (all 1,996 sentences), and retrieval recall@1 (each KJV
+  verse retrieves its WEB rendering among the 998, and back).
+
+A recipe (:class:`Recipe`) names the element format, weights only or
+weights and activations, the scale rule (floor = OCP, rceil), the scope
+(``"dense"``: the Flax Dense layers by module substitution, so attention's
+q.k / p.v einsums and the tied output head stay FP32; ``"all"``: every
+matmul of the function, through jaxmx's jaxpr-level interception) and the
+method (``"direct"`` cast; PTQ methods register in :data:`METHODS`). Every
+recipe goes through one function, :func:`apply_recipe`.
+
+Results go to ``docs/results/ptq_study.json`` one run at a time (a rerun
+resumes), then to a Markdown table and a plot::
+
+    python examples/ptq_study.py                  # the full study (~30 min on 2 cores)
+    python examples/ptq_study.py --quick          # a smoke run (~2 min), into runs/
+    python examples/ptq_study.py --report-only    # redraw the table and plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the repo importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import jaxmx
+import jaxmx.flax
+from examples import pretrained
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = REPO / "docs" / "results" / "ptq_study.json"
+REPORT = REPO / "docs" / "results" / "ptq_study.md"
+PLOT = REPO / "docs" / "img" / "ptq_study.png"
+
+# The OCP MX v1.0 formats of the study, in the table's order.
+FORMATS = ("mxfp8_e4m3", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1", "mxint8")
+# Formats other work adds to jaxmx (NVIDIA's NVFP4; the MX9/MX6 shared-
+# microexponent formats of Rouhani et al. 2023a). Each is run as soon as
+# jaxmx.list_formats() has it, and skipped (and said so) until then.
+PENDING_FORMATS = ("nvfp4", "mx9", "mx6")
+MODES = {"w": "weights only", "wa": "weights + activations"}
+SCALE_MODES = ("floor", "rceil")
+
+
+# --- Recipes ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """One way of running a pretrained model in MX.
+
+    >>> Recipe(fmt="mxfp4_e2m1", mode="w").key
+    'dense/direct/mxfp4_e2m1/w/floor'
+    >>> Recipe(fmt=None).key
+    'fp32'
+    """
+
+    # Element format (a jaxmx format name); None: the FP32 baseline.
+    fmt: str | None
+    # "w": weights only (x @ W quantizes W); "wa": weights and activations.
+    mode: str = "wa"
+    # Shared-exponent rule: "floor" (OCP) or "rceil" (NVIDIA, never clips).
+    scale_mode: str = "floor"
+    # "dense": Flax matmul layers by module substitution (quantize_model);
+    # "all": every dot_general the model runs (jaxpr-level interception).
+    scope: str = "dense"
+    # "direct" cast; post-training methods (GPTQ, Hadamard rotations, scale
+    # search) register in METHODS under their own names.
+    method: str = "direct"
+    # Module-path patterns kept in high precision.
+    keep: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"Recipe.mode must be one of {sorted(MODES)}, got {self.mode!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"Recipe.scope must be one of {sorted(SCOPES)}, got {self.scope!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"Recipe.method must be one of {sorted(METHODS)}, got {self.method!r}")
+
+    @property
+    def key(self) -> str:
+        """A stable identifier (the results JSON is keyed by it)."""
+        if self.fmt is None:
+            return "fp32"
+        keep = f"/keep={','.join(self.keep)}" if self.keep else ""
+        return f"{self.scope}/{self.method}/{self.fmt}/{self.mode}/{self.scale_mode}{keep}"
+
+    def weight_config(self) -> jaxmx.DotConfig | None:
+        """The config of a matmul of an activation and a weight (``x @ W``)."""
+        if self.fmt is None:
+            return None
+        lhs = self.fmt if self.mode == "wa" else None
+        return jaxmx.DotConfig(lhs=lhs, rhs=self.fmt, scale_mode=self.scale_mode)
+
+    def activation_config(self) -> jaxmx.DotConfig | None:
+        """The config of a matmul of two activations (attention's q.k and p.v)."""
+        if self.fmt is None or self.mode == "w":
+            return None
+        return jaxmx.DotConfig(lhs=self.fmt, rhs=self.fmt, scale_mode=self.scale_mode)
+
+
+class Quantized(NamedTuple):
+    """What :func:`apply_recipe` returns."""
+
+    apply_fn: Callable  # apply_fn(params, *inputs, **kwargs), like model.apply
+    params: Any  # the variables to call it with (a PTQ method may change them)
+
+
+def _scope_dense(model, recipe: Recipe) -> Callable:
+    # Flax Dense layers only: nn.Embed.attend (the tied head) and jnp.einsum
+    # have no injection point, so they stay FP32 whatever the rules say.
+    rules = [*((k, None) for k in recipe.keep), (".*", recipe.weight_config())]
+    return jaxmx.flax.quantize_model(model, rules).apply
+
+
+def _intercept_fn() -> Callable | None:
+    fn = getattr(jaxmx, "intercept", None)
+    if fn is None:
+        try:
+            import jaxmx.intercept as fn
+        except ImportError:
+            return None
+    return fn if callable(fn) else getattr(fn, "intercept", None)
+
+
+def _scope_all(model, recipe: Recipe) -> Callable:
+    # Every dot_general: matmuls with an operand read from the params get the
+    # weight config, the others (q.k, p.v) the activation config.
+    intercept = _intercept_fn()
+    if intercept is None:
+        raise NotImplementedError(
+            "scope 'all' needs jaxmx's jaxpr-level interception (jaxmx.intercept), "
+            "which this jaxmx does not have"
+        )
+    rules = [
+        *((k, None) for k in recipe.keep),
+        ("params/", recipe.weight_config()),
+        (".*", recipe.activation_config()),
+    ]
+    return intercept(model.apply, rules, warn=False)
+
+
+# scope name -> (model, recipe) -> apply_fn.
+SCOPES: dict[str, Callable[[Any, Recipe], Callable]] = {
+    "dense": _scope_dense,
+    "all": _scope_all,
+}
+
+
+def _method_direct(model, params, recipe: Recipe, calibration) -> tuple[Any, Any]:
+    del recipe, calibration  # a direct cast changes neither the model nor its weights
+    return model, params
+
+
+# method name -> (model, params, recipe, calibration) -> (model, params). A
+# method may rewrite the weights (GPTQ: to values the cast keeps; scale search)
+# or the model (Hadamard rotations); the scope then applies the cast.
+METHODS: dict[str, Callable[[Any, Any, Recipe, Any], tuple[Any, Any]]] = {
+    "direct": _method_direct,
+}
+
+
+def apply_recipe(model, params, recipe: Recipe, *, calibration: Any = None) -> Quantized:
+    """Runs ``recipe``'s method, then its scope: the one way every recipe is applied.
+
+    Args:
+      model: a ``flax.linen`` module (FP32).
+      params: its variables, ``{"params": ...}``.
+      recipe: what to do.
+      calibration: data for methods that need activations (token windows for
+        SmolLM2, :data:`examples.pretrained.LM_TEXTS` ``["calibration"]``);
+        unused by the direct cast.
+
+    Returns:
+      A :class:`Quantized` ``(apply_fn, params)``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from models.llama import Llama, LlamaConfig
+    >>> cfg = LlamaConfig(vocab_size=64, width=64, depth=1, heads=2, kv_heads=1, mlp_width=64)
+    >>> model, tokens = Llama(cfg), jnp.arange(8)[None]
+    >>> params = model.init(jax.random.key(0), tokens)
+    >>> q = apply_recipe(model, params, Recipe(fmt="mxfp4_e2m1", mode="w"))
+    >>> bool(jnp.allclose(q.apply_fn(q.params, tokens), model.apply(params, tokens)))
+    False
+    """
+    if recipe.fmt is None:
+        return Quantized(model.apply, params)
+    model, params = METHODS[recipe.method](model, params, recipe, calibration)
+    return Quantized(SCOPES[recipe.scope](model, recipe), params)
+
+
+def available_formats(formats: Iterable[str]) -> tuple[list[str], list[str]]:
+    """``(known, unknown)``: which formats this jaxmx has."""
+    have = set(jaxmx.list_formats())
+    formats = list(formats)
+    return [f for f in formats if f in have], [f for f in formats if f not in have]
+
+
+def recipes_for(
+    formats: Sequence[str], modes: Sequence[str], scales: Sequence[str], scope: str, method: str
+) -> list[Recipe]:
+    """The grid of recipes, format-major (the table's order)."""
+    return [
+        Recipe(fmt=f, mode=m, scale_mode=s, scope=scope, method=method)
+        for f in formats
+        for m in modes
+        for s in scales
+    ]
+
+
+# --- Evaluations ----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LMEval:
+    """SmolLM2 perplexity on fixed token windows of the eval text."""
+
+    pre: pretrained.Pretrained
+    windows: np.ndarray  # int32 (n, L)
+    spec: dict  # what the windows are, for the results JSON
+
+    @classmethod
+    def load(cls, windows: int, length: int) -> LMEval:
+        pre = pretrained.load_smollm2()
+        translation, book = pretrained.LM_TEXTS["eval"]
+        tokens = pretrained.token_windows(
+            pre.tokenizer, pretrained.lm_text("eval"), windows=windows, length=length
+        )
+        spec = {
+            "model": "SmolLM2-135M-Instruct",
+            "weights": pre.source,
+            "baseline_note": "FP32 = the Q4_1 GGUF (Q8_0 embedding) dequantized to float32",
+            "text": f"{translation.upper()} {book} "
+            f"(SWORD module {pretrained.SWORD_MODULES[translation]})",
+            "windows": windows,
+            "length": length,
+            "selection": "windows at evenly spaced token offsets over the whole book",
+            "predictions": int(windows * (length - 1)),
+            "first_tokens": tokens[:, :4].tolist(),
+        }
+        return cls(pre, tokens, spec)
+
+    def run(self, q: Quantized, progress=None) -> dict:
+        nll, n = pretrained.lm_nll(q.apply_fn, q.params, self.windows, progress=progress)
+        return {"nll": nll, "predictions": n, "ppl": float(np.exp(nll / n))}
+
+    @property
+    def units(self) -> int:
+        return len(self.windows)
+
+
+@dataclasses.dataclass
+class EmbedEval:
+    """MiniLM embeddings of parallel KJV/WEB verses: fidelity to FP32 and retrieval."""
+
+    pre: pretrained.Pretrained
+    sentences: list[str]  # KJV verses, then their WEB renderings in the same order
+    reference: np.ndarray  # FP32 embeddings of `sentences`
+    spec: dict
+
+    @classmethod
+    def load(cls, pairs: int | None) -> EmbedEval:
+        pre = pretrained.load_minilm()
+        chosen = pretrained.bible_pairs()[:pairs]
+        sentences = [p[1] for p in chosen] + [p[2] for p in chosen]
+        spec = {
+            "model": "all-MiniLM-L6-v2",
+            "weights": pre.source,
+            "pairs": len(chosen),
+            "selection": (
+                f"one verse in {pretrained.BIBLE_STRIDE} (KJV versification, indices 0, "
+                f"{pretrained.BIBLE_STRIDE}, ..., from Gen 1:1), "
+                f"kept if both KJV and WEB have >= {pretrained.BIBLE_MIN_WORDS} words"
+            ),
+            "first_refs": [p[0] for p in chosen[:3]],
+        }
+        reference = cls._embed(pre, Quantized(pre.model.apply, pre.params), sentences)
+        return cls(pre, sentences, reference, spec)
+
+    @staticmethod
+    def _embed(pre, q: Quantized, sentences, progress=None) -> np.ndarray:
+        return pretrained.embed_sentences(
+            q.apply_fn,
+            q.params,
+            pre.tokenizer,
+            sentences,
+            max_len=pre.config.max_len,
+            progress=progress,
+        )
+
+    def run(self, q: Quantized, progress=None) -> dict:
+        emb = self._embed(self.pre, q, self.sentences, progress)
+        cos = np.sum(emb * self.reference, axis=-1) / (
+            np.linalg.norm(emb, axis=-1) * np.linalg.norm(self.reference, axis=-1)
+        )
+        n = len(self.sentences) // 2
+        return {
+            "cos_mean": float(cos.mean()),
+            "cos_min": float(cos.min()),
+            "recall1_kjv_to_web": pretrained.retrieval_recall_at_1(emb[:n], emb[n:]),
+            "recall1_web_to_kjv": pretrained.retrieval_recall_at_1(emb[n:], emb[:n]),
+        }
+
+    @property
+    def units(self) -> int:
+        return len(self.sentences)
+
+
+# --- Results file -----------------------------------------------------------------
+
+
+def load_results(path: pathlib.Path) -> dict:
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"about": __doc__.split("\n\n")[0], "models": {}}
+
+
+def save_results(results: dict, path: pathlib.Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
+    os.replace(tmp, path)  # never a half-written file, whenever the run stops
+
+
+def _machine() -> dict:
+    return {
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+
+
+def run_study(
+    *,
+    models: Sequence[str],
+    formats: Sequence[str],
+    modes: Sequence[str],
+    scales: Sequence[str],
+    scope: str,
+    method: str,
+    windows: int,
+    length: int,
+    pairs: int | None,
+    out: pathlib.Path,
+    fresh: bool = False,
+) -> dict:
+    """Runs every missing (model, recipe) and saves after each one."""
+    from tqdm.auto import tqdm
+
+    results = {"about": __doc__.split("\n\n")[0], "models": {}} if fresh else load_results(out)
+    known, unknown = available_formats(formats)
+    for f in unknown:
+        print(f"skipping {f}: not a jaxmx format yet (jaxmx.list_formats())")
+    grid = [Recipe(fmt=None)] + recipes_for(known, modes, scales, scope, method)
+    for name in models:
+        evaluation = LMEval.load(windows, length) if name == "smollm2" else EmbedEval.load(pairs)
+        entry = results["models"].setdefault(name, {"spec": evaluation.spec, "runs": {}})
+        if entry["spec"] != evaluation.spec:
+            raise SystemExit(
+                f"{out} holds {name} results for another evaluation:\n  {entry['spec']}\n"
+                f"now:\n  {evaluation.spec}\nuse --fresh or another --out"
+            )
+        todo = [r for r in grid if r.key not in entry["runs"]]
+        print(f"{name}: {len(grid) - len(todo)} of {len(grid)} recipes done, {len(todo)} to run")
+        for recipe in tqdm(todo, desc=name, unit="recipe"):
+            start = time.perf_counter()
+            load_before = os.getloadavg()[0]
+            try:
+                q = apply_recipe(evaluation.pre.model, evaluation.pre.params, recipe)
+            except (NotImplementedError, ValueError) as err:
+                tqdm.write(f"  {recipe.key}: skipped ({err})")
+                continue
+            with tqdm(total=evaluation.units, desc=recipe.key, leave=False) as bar:
+                metrics = evaluation.run(q, progress=bar.update)
+            entry["runs"][recipe.key] = {
+                "recipe": dataclasses.asdict(recipe),
+                **metrics,
+                "seconds": round(time.perf_counter() - start, 1),
+                "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+                "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            }
+            entry["machine"] = _machine()
+            save_results(results, out)
+            tqdm.write(f"  {recipe.key}: {_summary(name, entry['runs'][recipe.key])}")
+    return results
+
+
+def _summary(model: str, run: dict) -> str:
+    if model == "smollm2":
+        return f"ppl {run['ppl']:.3f}"
+    return (
+        f"cos {run['cos_mean']:.5f} (min {run['cos_min']:.4f}), "
+        f"R@1 {run['recall1_kjv_to_web']:.3f}/{run['recall1_web_to_kjv']:.3f}"
+    )
+
+
+# --- Report -------------------------------------------------------------------------
+
+_COLUMNS = [(m, s) for m in MODES for s in SCALE_MODES]
+_SHORT = {"w": "W", "wa": "W+A"}
+
+
+def _cell(model: str, run: dict | None, base: dict) -> str:
+    if run is None:
+        return "-"
+    if model == "smollm2":
+        return f"{run['ppl']:.2f} ({100 * (run['ppl'] / base['ppl'] - 1):+.1f}%)"
+    r1 = (run["recall1_kjv_to_web"] + run["recall1_web_to_kjv"]) / 2
+    return f"{run['cos_mean']:.4f} / {100 * r1:.1f}%"
+
+
+def report(results: dict, md_path: pathlib.Path, png_path: pathlib.Path | None) -> str:
+    """Writes the Markdown tables (and the plot) from the results JSON; returns the Markdown."""
+    lines = [
+        "# Post-training MX: direct cast on pretrained models",
+        "",
+        "Generated by `python examples/ptq_study.py` from `ptq_study.json` (do not edit).",
+        "Direct cast: weights (and activations) rounded to the format at run time, no",
+        "calibration. Columns: weights only (W) or weights and activations (W+A), with OCP",
+        "floor or rceil shared-exponent scales. Scope `dense`: the Flax Dense layers, by module",
+        "substitution; attention's q.k / p.v einsums and the tied output head stay FP32.",
+        "Scope `all`: every matmul, including those.",
+        "",
+    ]
+    for model, entry in results["models"].items():
+        runs, spec = entry["runs"], entry["spec"]
+        base = runs.get("fp32")
+        if base is None:
+            continue
+        if model == "smollm2":
+            lines += [
+                f"## {spec['model']}: perplexity on {spec['text']}",
+                "",
+                f"{spec['windows']} windows of {spec['length']} tokens ({spec['selection']}; "
+                f"{spec['predictions']} predictions). **The FP32 baseline is not the bf16 model:** "
+                f"{spec['baseline_note']}. Cells: perplexity (change vs that baseline).",
+                "",
+                f"FP32 (dequantized Q4_1): **{base['ppl']:.3f}**",
+                "",
+            ]
+        else:
+            r1 = (base["recall1_kjv_to_web"] + base["recall1_web_to_kjv"]) / 2
+            lines += [
+                f"## {spec['model']}: embedding fidelity and KJV/WEB verse retrieval",
+                "",
+                f"{spec['pairs']} verse pairs ({spec['selection']}). Cells: mean cosine "
+                "similarity of the quantized to the FP32 embedding over all "
+                f"{2 * spec['pairs']} verses / recall@1 (mean of KJV->WEB and WEB->KJV).",
+                "",
+                f"FP32: recall@1 **{100 * r1:.1f}%** (KJV->WEB "
+                f"{100 * base['recall1_kjv_to_web']:.1f}%, WEB->KJV "
+                f"{100 * base['recall1_web_to_kjv']:.1f}%)",
+                "",
+            ]
+        scope_of = lambda r: f"{r['recipe']['scope']}/{r['recipe']['method']}"  # noqa: E731
+        for sm in sorted({scope_of(r) for k, r in runs.items() if k != "fp32"}):
+            header = " | ".join(f"{_SHORT[m]} {s}" for m, s in _COLUMNS)
+            rule = "|---" * (1 + len(_COLUMNS)) + "|"
+            lines += [f"Scope / method `{sm}`:", "", f"| format | {header} |", rule]
+            done = {
+                r["recipe"]["fmt"] for k, r in runs.items() if k != "fp32" and scope_of(r) == sm
+            }
+            for f in [f for f in FORMATS + PENDING_FORMATS if f in done]:
+                cells = [_cell(model, runs.get(f"{sm}/{f}/{m}/{s}"), base) for m, s in _COLUMNS]
+                lines.append(f"| {f} | " + " | ".join(cells) + " |")
+            lines.append("")
+        machine = entry.get("machine", {})
+        loads = [x for r in runs.values() for x in r.get("load_avg_1min", [])]
+        secs = [r["seconds"] for k, r in runs.items() if k != "fp32" and "seconds" in r]
+        if machine:
+            lines += [
+                f"Measured with jax {machine.get('jax')} on {machine.get('backend')} "
+                f"({machine.get('cpus')} cores, shared: 1-minute load average "
+                f"{min(loads):.1f} to {max(loads):.1f}); "
+                f"{np.median(secs):.0f} s per recipe (median).",
+                "",
+            ]
+    text = "\n".join(lines)
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(text)
+    if png_path is not None:
+        plot(results, png_path)
+    return text
+
+
+def plot(results: dict, path: pathlib.Path, scope: str = "dense/direct") -> None:
+    """Bar charts: perplexity change, 1 - cosine, recall@1; one group per format."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = []
+    models = results["models"]
+    if "smollm2" in models and "fp32" in models["smollm2"]["runs"]:
+        base = models["smollm2"]["runs"]["fp32"]["ppl"]
+        panels.append(
+            (
+                "smollm2",
+                "SmolLM2-135M: perplexity change vs FP32*",
+                "%",
+                True,
+                lambda r: 100 * (r["ppl"] / base - 1),
+            )
+        )
+    if "minilm" in models and "fp32" in models["minilm"]["runs"]:
+        base_r = models["minilm"]["runs"]["fp32"]
+        panels.append(
+            (
+                "minilm",
+                "MiniLM-L6: 1 - cosine(quantized, FP32)",
+                "",
+                True,
+                lambda r: 1 - r["cos_mean"],
+            )
+        )
+        panels.append(
+            (
+                "minilm",
+                "MiniLM-L6: KJV<->WEB recall@1 (line: FP32)",
+                "%",
+                False,
+                lambda r: 50 * (r["recall1_kjv_to_web"] + r["recall1_web_to_kjv"]),
+            )
+        )
+    if not panels:
+        return
+    fig = Figure(figsize=(5.2 * len(panels), 4.2), layout="constrained")
+    colors = {
+        ("w", "floor"): "#9ecae1",
+        ("w", "rceil"): "#3182bd",
+        ("wa", "floor"): "#fdae6b",
+        ("wa", "rceil"): "#e6550d",
+    }
+    for i, (model, title, unit, log, value) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        runs = models[model]["runs"]
+        fmts = [
+            f for f in FORMATS + PENDING_FORMATS if any(k.startswith(f"{scope}/{f}/") for k in runs)
+        ]
+        width = 0.8 / len(_COLUMNS)
+        for j, (m, s) in enumerate(_COLUMNS):
+            xs, ys = [], []
+            for x, f in enumerate(fmts):
+                r = runs.get(f"{scope}/{f}/{m}/{s}")
+                if r is not None:
+                    xs.append(x + (j - (len(_COLUMNS) - 1) / 2) * width)
+                    ys.append(value(r))
+            label = f"{'W' if m == 'w' else 'W+A'} {s}"
+            ax.bar(xs, ys, width, label=label, color=colors[(m, s)])
+        if model == "minilm" and unit == "%":
+            ax.axhline(value(base_r), color="k", lw=1)
+        ax.set_xticks(range(len(fmts)), [f.replace("_", "\n", 1) for f in fmts], fontsize=8)
+        ax.set_title(title, fontsize=10)
+        if unit:
+            ax.set_ylabel(unit)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(axis="y", alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=8)
+    fig.text(
+        0.01,
+        0.0,
+        "*FP32 = dequantized 4-bit GGUF weights. Scope: Flax Dense layers "
+        "(attention einsums and tied head FP32).",
+        fontsize=7,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig).print_png(str(path))
+
+
+# --- CLI ----------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", default="smollm2,minilm", help="comma list: smollm2, minilm")
+    parser.add_argument(
+        "--formats", default=None, help=f"default: {','.join(FORMATS + PENDING_FORMATS)}"
+    )
+    parser.add_argument("--modes", default="w,wa", help="w (weights only), wa (and activations)")
+    parser.add_argument("--scales", default="floor,rceil")
+    parser.add_argument("--scope", default="dense", choices=sorted(SCOPES))
+    parser.add_argument("--method", default="direct", choices=sorted(METHODS))
+    parser.add_argument("--windows", type=int, default=8, help="SmolLM2 eval windows")
+    parser.add_argument("--length", type=int, default=512, help="tokens per window")
+    parser.add_argument("--pairs", type=int, default=None, help="MiniLM verse pairs (default all)")
+    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument("--fresh", action="store_true", help="ignore earlier results in --out")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 2 windows of 128 tokens, 64 pairs, MXFP8 and MXFP4 (unless "
+        "--formats), into runs/ptq_quick.json",
+    )
+    args = parser.parse_args(argv)
+    md, png = REPORT, PLOT
+    if args.quick:
+        args.windows, args.length, args.pairs = 2, 128, 64
+        args.formats = args.formats or "mxfp8_e4m3,mxfp4_e2m1"
+        args.out = REPO / "runs" / "ptq_quick.json"
+    if args.out != RESULTS:
+        md, png = args.out.with_suffix(".md"), args.out.with_suffix(".png")
+    args.formats = args.formats or ",".join(FORMATS + PENDING_FORMATS)
+    split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    if not args.report_only:
+        results = run_study(
+            models=split(args.models),
+            formats=split(args.formats),
+            modes=split(args.modes),
+            scales=split(args.scales),
+            scope=args.scope,
+            method=args.method,
+            windows=args.windows,
+            length=args.length,
+            pairs=args.pairs,
+            out=args.out,
+            fresh=args.fresh,
+        )
+    else:
+        results = load_results(args.out)
+    print(report(results, md, png))
+    print(f"wrote {args.out}, {md}, {png}")
+
+
+if __name__ == "__main__":
+    main()
