@@ -15,7 +15,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxmx.config import DotConfig, preset
+from jaxmx.config import DotConfig, as_dot_config
 from jaxmx.conv import conv_general_dilated
 from jaxmx.dot import dot_general
 from jaxmx.einsum import einsum
@@ -57,7 +57,7 @@ def as_config(mx, *, what: str = "mx") -> DotConfig | None:
         cfg = mx
     elif isinstance(mx, str):
         try:
-            cfg = preset(mx)  # the one place a name becomes a DotConfig
+            cfg = as_dot_config(mx)  # the one place a name becomes a DotConfig
         except ValueError as err:
             raise ValueError(f"{what}: {err}") from None
     else:
