@@ -76,10 +76,10 @@ class DotConfig:
     # them), or their forward MX copies (less memory; the backward operands are
     # then quantized twice, which is not the paper's recipe).
     residuals: Literal["high_precision", "quantized"] = "high_precision"
-    # dtype of the dequantized operands fed to the matmul. Every MX value is
-    # exact in bfloat16 and products accumulate in float32 either way; None
-    # picks bfloat16 on accelerators and on CPUs with bfloat16 dot
-    # instructions (AVX512-BF16, AMX), float32 on other CPUs.
+    # dtype of the dequantized operands fed to the matmul. Every MX value down
+    # to 2^-133 is exact in bfloat16 and products accumulate in float32 either
+    # way; None picks bfloat16 on accelerators and float32 on CPU (XLA:CPU's
+    # bfloat16 dot with a float32 result fails on some layouts).
     compute_dtype: str | None = None
     # Block-scaled hardware matmuls (lax.scaled_dot): "auto" uses them where
     # the backend has them natively (Blackwell-class GPUs) and the formats fit,

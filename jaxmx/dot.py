@@ -90,23 +90,17 @@ class _Static(NamedTuple):
 def _compute_dtype(config: DotConfig):
     if config.compute_dtype is not None:
         return jnp.dtype(config.compute_dtype)
-    # Every MX value is exact in bfloat16 and products accumulate in float32,
-    # so the choice is only about speed: bfloat16 on accelerators and on CPUs
-    # with bfloat16 dot instructions, float32 on other CPUs (where XLA would
-    # widen bfloat16 operands to float32 anyway, at a cost).
-    if jax.default_backend() != "cpu" or _cpu_has_bf16_dot():
+    # Every MX value (down to 2^-133) is exact in bfloat16 and products
+    # accumulate in float32, so the choice is only about speed: bfloat16 on
+    # accelerators. Not on CPU, even with bfloat16 dot instructions: XLA:CPU
+    # implements a bfloat16 x bfloat16 -> float32 dot for some layouts only
+    # ("DotThunk::Execute: BF16 x BF16 = F32"), and its layout passes can
+    # re-create such a layout after jaxmx canonicalized it (seen in the
+    # gradient of a rematerialized scan), so a default there could crash
+    # where float32 works. compute_dtype="bfloat16" opts in.
+    if jax.default_backend() != "cpu":
         return jnp.dtype(jnp.bfloat16)
     return jnp.dtype(jnp.float32)
-
-
-@functools.cache
-def _cpu_has_bf16_dot() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def _hash_bits(x: jax.Array, salt: int) -> jax.Array:

@@ -110,7 +110,7 @@ def test_nnx_record_says_what_runs_after_a_none_rule_on_an_mx_model():
 @pytest.mark.parametrize("falsy", [0, "", False, 0.0])
 def test_falsy_rule_configs_are_errors_not_high_precision(falsy):
     error = ValueError if isinstance(falsy, str) else TypeError
-    match = "unknown preset ''" if isinstance(falsy, str) else "must be a DotConfig"
+    match = "unknown config ''" if isinstance(falsy, str) else "must be a DotConfig"
     with pytest.raises(error, match=match) as info:
         jf.quantize_model(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), [("hidden", falsy)])
     assert "rule 'hidden'" in str(info.value)
