@@ -37,6 +37,7 @@ test: $(STAMP)
 
 test-slow: $(STAMP) fashion-mnist
 	$(PY) -m pytest -q -m slow tests
+	JAXMX_FUZZ=large $(PY) -m pytest -q tests/test_fuzz.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -51,6 +52,8 @@ study: $(STAMP) fashion-mnist
 	$(PY) examples/train_fashion_mnist.py --recipes fp32,mxfp8,mxfp8_rceil,mxfp6,mxfp4_weights,mxfp4 \
 		--out runs/fashion_mnist
 	$(PY) examples/ablate_lm.py
+	$(PY) examples/dropback_fashion_mnist.py
+	$(PY) examples/optax_lm.py
 
 tour: $(STAMP)
 	$(PY) examples/format_tour.py
@@ -59,6 +62,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/quantize.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/gpt_step.py --recipes mxfp8,mxfp6,mxfp4
+	$(PY) benchmarks/optimizer.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis runs

@@ -39,14 +39,21 @@ from jaxmx.dot import dot_general
 from jaxmx.einsum import einsum
 from jaxmx.conv import conv_general_dilated
 
+# Whole-program MX: every matmul a function runs, by rules.
+from jaxmx.intercept import Coverage
+from jaxmx.intercept import MatmulSite
+from jaxmx.intercept import intercept
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "Coverage",
     "FORWARD",
     "DotConfig",
     "ElementFormat",
     "MXFormat",
     "MXTensor",
+    "MatmulSite",
     "as_dot_config",
     "ScaleFormat",
     "codes",
@@ -55,6 +62,7 @@ __all__ = [
     "dot_general",
     "einsum",
     "fake_quantize",
+    "intercept",
     "formats",
     "get_format",
     "list_formats",
