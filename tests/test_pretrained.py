@@ -654,7 +654,8 @@ def test_smollm2_tokenizer_round_trip(smollm2):
     assert tok.decode(enc.ids, skip_special_tokens=False) == text
     assert enc.tokens[-2:] == ["<|im_start|>", "user"]  # one special token, never split
     assert enc.ids[-2] == 1
-    assert [t for t in enc.tokens if t in "0123456789"] == list("2024")  # digits apart
+    digits = [c for c in text if c.isdigit()]
+    assert [t for t in enc.tokens if t.isdigit()] == digits  # every digit its own token
 
 
 @pytest.mark.slow
@@ -669,3 +670,29 @@ def test_minilm_matches_float64_reference_and_ranks_paraphrases(minilm):
     np.testing.assert_allclose(got, _bert_np(sd, minilm.config, ids, mask), atol=1e-5)
     sim = got @ got.T
     assert sim[0, 1] > 0.5 > max(sim[0, 2], sim[1, 2])
+
+
+def test_report_tables_and_plot(tmp_path):
+    def run(fmt, mode, scale, scope="dense", **metrics):
+        r = S.Recipe(fmt=fmt, mode=mode, scale_mode=scale, scope=scope)
+        return r.key, {"recipe": {"fmt": fmt, "scope": scope, "method": "direct"}, **metrics}
+
+    lm = dict([run("mxint8", "wa", "floor", ppl=11.0), run("mxfp4_e2m1", "w", "rceil", ppl=30.0),
+               run("mxint8", "wa", "floor", scope="all", ppl=12.0)])  # fmt: skip
+    emb = dict([run("mxint8", "w", "floor", cos_mean=0.999, recall1_kjv_to_web=0.9,
+                    recall1_web_to_kjv=0.8)])  # fmt: skip
+    spec_lm = {"model": "LM", "text": "T", "windows": 1, "length": 2, "selection": "s",
+               "predictions": 1, "baseline_note": "note"}  # fmt: skip
+    spec_emb = {"model": "E", "pairs": 3, "selection": "s"}
+    results = {"models": {
+        "smollm2": {"spec": spec_lm, "runs": {"fp32": {"ppl": 10.0}, **lm}},
+        "minilm": {"spec": spec_emb, "runs": {
+            "fp32": {"cos_mean": 1.0, "recall1_kjv_to_web": 1.0, "recall1_web_to_kjv": 1.0},
+            **emb}},
+    }}  # fmt: skip
+    md = S.report(results, tmp_path / "r.md", tmp_path / "r.png", "r.json")
+    assert "| mxint8 | - | - | 11.00 (+10.0%) | - |" in md
+    assert "| mxfp4_e2m1 | - | 30.00 (+200.0%) | - | - |" in md
+    assert "Scope / method `all/direct`" in md and "12.00 (+20.0%)" in md
+    assert "| mxint8 | 0.9990 / 85.0% | - | - | - |" in md
+    assert (tmp_path / "r.png").stat().st_size > 10_000
