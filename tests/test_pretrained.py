@@ -696,3 +696,17 @@ def test_report_tables_and_plot(tmp_path):
     assert "Scope / method `all/direct`" in md and "12.00 (+20.0%)" in md
     assert "| mxint8 | 0.9990 / 85.0% | - | - | - |" in md
     assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
+def test_generate_with_mx_recipe_matches_its_full_forward(tiny):
+    # The serving path: a substituted model decodes through the KV cache, and
+    # (activations quantized per token, along the contraction axis) greedily
+    # picks what its own full forward picks.
+    model, params = tiny
+    q = S.apply_recipe(model, params, S.Recipe(fmt="mxfp6_e2m3", scale_mode="rceil"))
+    prompt = _tokens(5, seed=13)
+    got = np.asarray(generate(q.apply_fn, q.params, prompt, config=TINY, max_new_tokens=4))
+    seq = np.asarray(prompt[0]).tolist()
+    for _ in range(4):
+        seq.append(int(jnp.argmax(q.apply_fn(q.params, jnp.asarray([seq], jnp.int32))[0, -1])))
+    assert got[0].tolist() == seq[5:]
