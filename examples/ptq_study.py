@@ -514,6 +514,12 @@ def report(
                 cells = [_cell(model, runs.get(f"{sm}/{f}/{m}/{s}"), base) for m, s in _COLUMNS]
                 lines.append(f"| {f} | " + " | ".join(cells) + " |")
             lines.append("")
+            if model == "minilm" and sm.startswith("all/"):
+                lines += [
+                    "MiniLM multiplies by weights only in its Dense layers, so its weights-only",
+                    "recipes are the same under both scopes (not rerun where `-`).",
+                    "",
+                ]
         machine = entry.get("machine", {})
         loads = [x for r in runs.values() for x in r.get("load_avg_1min", [])]
         secs = [r["seconds"] for k, r in runs.items() if k != "fp32" and "seconds" in r]

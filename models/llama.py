@@ -282,11 +282,10 @@ class Llama(nn.Module):
           (``dynamic_update_slice`` clamps); :func:`generate` sizes it.
         """
         cfg = self.config
-        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-            raise ValueError(
-                "tokens must be an integer array (batch, length), "
-                f"got {tokens.dtype} {tokens.shape}"
-            )
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must have shape (batch, length), got shape {tokens.shape}")
+        if not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise TypeError(f"tokens must be an integer array, got dtype {tokens.dtype}")
         t = tokens.shape[1]
         if cache is None:
             start = jnp.zeros((), jnp.int32)

@@ -203,6 +203,14 @@ def test_kv_cache_under_jit(tiny):
     assert isinstance(cache, KVCache)
 
 
+def test_llama_rejects_bad_tokens(tiny):
+    model, params = tiny
+    with pytest.raises(ValueError, match="shape"):
+        model.apply(params, jnp.zeros((4,), jnp.int32))
+    with pytest.raises(TypeError, match="integer"):
+        model.apply(params, jnp.zeros((1, 4)))
+
+
 def test_cache_capacity_checked(tiny):
     model, params = tiny
     with pytest.raises(ValueError, match="capacity"):
