@@ -257,13 +257,15 @@ class Rank1(Codec):
         if x.ndim < 2:
             codes, absmax = _absmax_encode(self.qmap, _to_blocks(x, self.block_size), key)
             return codes, (absmax,)
-        a = jnp.abs(x)
+        # Second moments are non-negative, so the maxima are taken of x itself:
+        # an |x| pass would be a full extra read and write (XLA:CPU does not fuse
+        # it into the reductions). Negative entries are taken as 0.
         maxima = tuple(
-            jnp.max(a, axis=tuple(j for j in range(x.ndim) if j != i)) for i in range(x.ndim)
+            jnp.max(x, axis=tuple(j for j in range(x.ndim) if j != i)) for i in range(x.ndim)
         )
         scale = _rank1_scale(maxima)
         ok = scale >= _FLT_MIN
-        n = jnp.where(ok, x / jnp.where(ok, scale, 1.0), 0.0)
+        n = jnp.where(ok, jnp.maximum(x, 0.0) / jnp.where(ok, scale, 1.0), 0.0)
         if x.shape[-1] % 2:  # an odd last axis gets one zero column, cropped on decode
             n = jnp.pad(n, [(0, 0)] * (x.ndim - 1) + [(0, 1)])
         return _encode_codes(self.qmap, n, _rbits(key, n.shape)), maxima
@@ -401,6 +403,8 @@ def rank1(bits: int = 4, *, block_size: int = 128, rounding: str = "nearest") ->
 
     For a matrix, element ``(i, j)`` is scaled by ``min(max_k |x_ik|, max_k
     |x_kj|)`` and coded as the nearest of ``1/16, 2/16, ..., 1`` (4 bits).
+    Inputs are second moments, non-negative; a negative entry is stored as 0
+    (Li et al. take ``|x|``, which costs one more pass over the tensor here).
     Only the row and column maxima are stored besides the codes. Meant for
     second moments (non-negative); zero is not representable, so a tiny
     second moment decodes to at least 1/16 of its scale, never to 0.
