@@ -57,6 +57,7 @@ study: $(STAMP) fashion-mnist
 
 tour: $(STAMP)
 	$(PY) examples/format_tour.py
+	$(PY) examples/format_study.py --out runs/format_study/format_study --png runs/format_study/format_study.png
 
 bench: $(STAMP)
 	$(PY) benchmarks/quantize.py

@@ -25,6 +25,10 @@ from jaxmx.tensor import MXTensor
 from jaxmx.quantize import quantize
 from jaxmx.quantize import dequantize
 from jaxmx.quantize import fake_quantize
+
+# Analysis: what a format keeps.
+from jaxmx import analysis
+from jaxmx.analysis import qsnr
 from jaxmx.packing import pack
 from jaxmx.packing import unpack
 
@@ -54,6 +58,7 @@ __all__ = [
     "MXFormat",
     "MXTensor",
     "MatmulSite",
+    "analysis",
     "as_dot_config",
     "ScaleFormat",
     "codes",
@@ -71,6 +76,7 @@ __all__ = [
     "numerics",
     "pack",
     "preset",
+    "qsnr",
     "quantize",
     "register_format",
     "round_to",
