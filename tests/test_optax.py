@@ -359,7 +359,8 @@ def test_orbax_round_trip_resumes_bit_identically(tmp_path, rng):
     assert _bitwise_equal(resumed_state, full_state)
 
 
-def test_sharded_update_equals_unsharded(rng):
+@pytest.mark.parametrize("piece", ["compressed_bf16_params", "dropback"])
+def test_sharded_update_equals_unsharded(piece, rng):
     devices = np.array(jax.devices()[:8])
     if devices.size < 8:
         pytest.skip("needs 8 (virtual) devices")
@@ -367,7 +368,13 @@ def test_sharded_update_equals_unsharded(rng):
     shard0 = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
     repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     params = _params(rng)
-    opt = jo.compress_state(optax.adamw(1e-3), "4bit")
+    if piece == "dropback":
+        params = jo.initial_params(jax.random.key(0), params)
+        opt = optax.chain(optax.sgd(0.1), jo.dropback(0.1, init_key=jax.random.key(0)))
+    else:  # 4-bit state inside bfloat16 master weights with stochastic rounding
+        params = jo.round_params(params)
+        inner = jo.compress_state(optax.adamw(1e-3), "4bit")
+        opt = jo.low_precision_params(inner, rounding="stochastic", key=jax.random.key(1))
     params, state = _train(opt, params, 1)
     grads = _grads(params, 5)
 
@@ -377,6 +384,7 @@ def test_sharded_update_equals_unsharded(rng):
     step = jax.jit(opt.update)
     want = step(grads, state, params)
     got = step(jax.tree.map(place, grads), jax.tree.map(place, state), jax.tree.map(place, params))
-    codes = got[1].inner_state[0].mu["w"].codes
-    assert len(codes.sharding.device_set) == 8  # the state stays distributed
+    if piece != "dropback":  # the compressed state stays distributed
+        codes = got[1].inner_state.inner_state[0].mu["w"].codes
+        assert len(codes.sharding.device_set) == 8
     assert _bitwise_equal(got, want)
