@@ -26,8 +26,10 @@ class MXTensor:
 
     Attributes:
       data: element codes. FP8 and FP4 use their ml_dtypes dtype
-        (``float8_e4m3fn``, ``float8_e5m2``, ``float4_e2m1fn``); FP6 codes
-        (which XLA cannot hold) are uint8 with the sign in bit 5; MXINT codes
+        (``float8_e4m3fn``, ``float8_e5m2``, ``float4_e2m1fn``), except FP4
+        on CPU, where XLA:CPU mishandles 4-bit arrays and the code is held in
+        a uint8 (see :func:`jaxmx.codes.storage_dtype`); FP6 codes (which XLA
+        cannot hold) are uint8 with the sign in bit 5; MXINT codes
         are int8 holding the two's-complement integer. When ``packed``, the
         codes of sub-byte formats are packed into uint8 along the quantized
         axis (see :func:`jaxmx.pack`). Codes of a block with a NaN scale are 0.
@@ -49,8 +51,8 @@ class MXTensor:
 
     >>> import jax.numpy as jnp, jaxmx
     >>> t = jaxmx.quantize(jnp.linspace(-1.0, 1.0, 64).reshape(2, 32), "mxfp4")
-    >>> t.shape, t.scale.shape, t.data.dtype
-    ((2, 32), (2, 1), dtype(float4_e2m1fn))
+    >>> t.shape, t.scale.shape  # on CPU t.data holds the 4-bit codes in uint8
+    ((2, 32), (2, 1))
     """
 
     data: jax.Array
