@@ -14,7 +14,7 @@ value, state bytes) is printed and written with a plot.
 
 Usage::
 
-    python examples/dropback_fashion_mnist.py              # the study (a few minutes)
+    python examples/dropback_fashion_mnist.py              # the study (about 30 minutes on 2 cores)
     python examples/dropback_fashion_mnist.py --quick      # smoke test, seconds
 """
 
@@ -40,21 +40,27 @@ from models import LeNet300100
 # name -> dropback arguments (None: plain SGD, the FP32 baseline).
 VARIANTS: dict[str, dict | None] = {
     "fp32": None,
+    "dropback_3x": {"tracked": 1 / 3},
     "dropback_5x": {"tracked": 1 / 5},
     "dropback_10x": {"tracked": 1 / 10},
     "dropback_25x": {"tracked": 1 / 25},
     "dropback_10x_per_tensor": {"tracked": 1 / 10, "scope": "per_tensor"},
+    # Procrustes: running threshold; initial values decaying slowly (0.999 per
+    # step: 2e-16 of w0 after 60 epochs) or fast enough that untracked weights
+    # are exactly 0 from about step 17,000 on (0.995).
     "procrustes_10x": {"tracked": 1 / 10, "init_decay": 0.999, "threshold": "quantile"},
-    "procrustes_10x_fast_decay": {"tracked": 1 / 10, "init_decay": 0.99, "threshold": "quantile"},
+    "procrustes_10x_sparse": {"tracked": 1 / 10, "init_decay": 0.995, "threshold": "quantile"},
 }
 DEFAULT_VARIANTS = ",".join(VARIANTS)
+# Tuned on FP32 and DropBack 10x: 60 epochs beat 20 (FP32 88.7% -> 89.5%, gap
+# 1.5 -> 1.4 points); lr 0.05 and 0.3 and a cosine decay gave larger gaps.
 DEFAULTS = {
-    "steps": 12000,  # 20 epochs of 60000 images
+    "steps": 36000,  # 60 epochs of 60000 images
     "batch_size": 100,
     "lr": 0.1,
-    "eval_every": 1000,
-    "log_every": 50,
-    "checkpoint_every": 3000,
+    "eval_every": 3000,
+    "log_every": 100,
+    "checkpoint_every": 6000,
     "min_lr_ratio": 1.0,  # 1: constant learning rate; below 1: cosine decay to that fraction
 }
 QUICK = {"steps": 60, "batch_size": 32, "eval_every": 30, "log_every": 10, "checkpoint_every": 30}
