@@ -75,10 +75,12 @@ def _threshold_bits(points: np.ndarray, strict: bool) -> np.ndarray:
 def _cells(thresholds: list[np.ndarray]) -> tuple[int, int, list[np.ndarray], list[np.ndarray]]:
     """Lookup tables keyed on ``bits >> shift``, one per threshold list.
 
-    For a key range (cell) the table holds how many thresholds lie at or
+    For a key range (cell) the tables hold how many thresholds lie at or
     below the cell's first bit pattern (``base``) and the single threshold
-    strictly inside the cell, if any (``inside``, else a sentinel above every
-    pattern), so ``count(bits >= T_j) == base + (bits >= inside)``.
+    strictly inside the cell, if any (``inside``, else 0xFFFFFFFF), so that
+    ``count(bits >= T_j) == base + (bits >= inside)``. The finest key needed
+    is the coarsest one that leaves at most one threshold inside every cell;
+    :func:`_tables` packs both into one uint32 per cell.
     """
     lowest = min(int(t.min()) for t in thresholds if len(t))
     for cell_bits in range(4, _MAX_CELL_BITS + 1):
