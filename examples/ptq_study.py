@@ -523,12 +523,15 @@ def report(
         machine = entry.get("machine", {})
         loads = [x for r in runs.values() for x in r.get("load_avg_1min", [])]
         secs = [r["seconds"] for k, r in runs.items() if k != "fp32" and "seconds" in r]
-        commits = sorted({r["jaxmx_commit"] for r in runs.values() if "jaxmx_commit" in r})
+        versions = sorted({r["jaxmx_commit"] for r in runs.values() if "jaxmx_commit" in r})
+        untagged = [r["when"] for r in runs.values() if "when" in r and "jaxmx_commit" not in r]
+        if untagged:  # runs made before the commit was recorded
+            versions.append(f"the working tree of {min(untagged)}")
         if machine:
             lines += [
                 f"Measured with jax {machine.get('jax')}, jaxmx "
-                f"{', '.join(commits) or 'of ' + min(r.get('when', '?') for r in runs.values())} "
-                f"on {machine.get('backend')} "
+                + " and ".join(versions)
+                + f" on {machine.get('backend')} "
                 f"({machine.get('cpus')} cores, shared: 1-minute load average "
                 f"{min(loads):.1f} to {max(loads):.1f}); "
                 f"{np.median(secs):.0f} s per recipe (median).",
@@ -588,6 +591,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
                 for f in FORMATS + PENDING_FORMATS
                 if any(k.startswith(f"{scope}/{f}/") for k in runs)
             ]
+            shown = [] if baseline is None else [baseline]
             for j, (m, sm) in enumerate(_COLUMNS):
                 xs, ys = [], []
                 for x, f in enumerate(fmts):
@@ -596,6 +600,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
                         xs.append(x + (j - (len(_COLUMNS) - 1) / 2) * width)
                         ys.append(value(r))
                 ax.bar(xs, ys, width, label=f"{_SHORT[m]} {sm}", color=colors[(m, sm)])
+                shown += ys
             if baseline is not None:
                 ax.axhline(baseline, color="k", lw=1)
             ax.set_xticks(range(len(fmts)), [f.replace("_", "\n", 1) for f in fmts], fontsize=8)
@@ -606,9 +611,11 @@ def plot(results: dict, path: pathlib.Path) -> None:
                 ax.set_yscale("symlog", linthresh=1.0)  # linear within +-1%, log beyond
             elif yscale == "log":
                 ax.set_yscale("log")
+            elif shown:  # recall sits near 100%: zoom in on the differences
+                ax.set_ylim(max(0.0, min(shown) - 2.0), min(100.0, max(shown) + 0.5))
             ax.grid(axis="y", alpha=0.3)
             if row == 0 and col == 0:
-                ax.legend(fontsize=8)
+                ax.legend(fontsize=8, loc="upper left")
     fig.text(
         0.01, 0.0,
         "*FP32 = dequantized 4-bit GGUF weights. dense: Flax Dense layers (attention einsums "
