@@ -10,7 +10,16 @@ import pytest
 
 # jit compiles make the first example of a property slow; never time them out.
 hypothesis.settings.register_profile("jaxmx", deadline=None, print_blob=True)
-hypothesis.settings.load_profile("jaxmx")
+# JAXMX_FUZZ=large: a long fuzzing run, ten times the examples of every
+# property (tests/test_fuzz.py scales its per-test counts by the same factor).
+hypothesis.settings.register_profile(
+    "jaxmx-large", parent=hypothesis.settings.get_profile("jaxmx"), max_examples=1000
+)
+_FUZZ_PROFILES = {"": "jaxmx", "default": "jaxmx", "large": "jaxmx-large"}
+_fuzz = os.environ.get("JAXMX_FUZZ", "")
+if _fuzz not in _FUZZ_PROFILES:
+    raise ValueError(f"JAXMX_FUZZ={_fuzz!r} is not a profile; allowed: default, large")
+hypothesis.settings.load_profile(_FUZZ_PROFILES[_fuzz])
 
 
 @pytest.fixture
