@@ -513,6 +513,9 @@ def register_format(fmt: MXFormat, *, aliases: tuple[str, ...] = ()) -> MXFormat
     """
     if not isinstance(fmt, MXFormat):
         raise TypeError(f"register_format expects an MXFormat, got {type(fmt).__name__}")
+    if isinstance(aliases, str) or not all(isinstance(a, str) and a for a in aliases):
+        # A bare string would register each of its characters as an alias.
+        raise TypeError(f"aliases must be a tuple of non-empty names, got {aliases!r}")
     for name in (fmt.name, *aliases):
         if name in _REGISTRY or name in _ALIASES:
             raise ValueError(f"format name {name!r} is already registered")
@@ -529,6 +532,8 @@ def list_formats(*, aliases: bool = False) -> list[str]:
     >>> jaxmx.list_formats()[:3]
     ['mxfp8_e4m3', 'mxfp8_e5m2', 'mxfp6_e3m2']
     """
+    if not isinstance(aliases, (bool, np.bool_)):
+        raise TypeError(f"aliases must be True or False, got {aliases!r}")
     names = list(_REGISTRY)
     if aliases:
         names += list(_ALIASES)
