@@ -25,7 +25,8 @@ recipe goes through one function, :func:`apply_recipe`.
 Results go to ``docs/results/ptq_study.json`` one run at a time (a rerun
 resumes), then to a Markdown table and a plot::
 
-    python examples/ptq_study.py                  # the full study (~30 min on 2 cores)
+    python examples/ptq_study.py                  # dense scope (~45 min on 2 shared cores)
+    python examples/ptq_study.py --scope all      # every matmul (jaxmx.intercept)
     python examples/ptq_study.py --quick          # a smoke run (~2 min), into runs/
     python examples/ptq_study.py --report-only    # redraw the table and plot
 """
@@ -546,9 +547,11 @@ def report(
 
 
 def _scopes(runs: dict) -> list[str]:
-    return sorted(
-        {f"{r['recipe']['scope']}/{r['recipe']['method']}" for k, r in runs.items() if k != "fp32"}
-    )
+    """The ``scope/method`` pairs of the runs, ``dense/direct`` (the baseline mechanism) first."""
+    found = {
+        f"{r['recipe']['scope']}/{r['recipe']['method']}" for k, r in runs.items() if k != "fp32"
+    }
+    return sorted(found, key=lambda s: (s != "dense/direct", s))
 
 
 def plot(results: dict, path: pathlib.Path) -> None:
@@ -575,16 +578,21 @@ def plot(results: dict, path: pathlib.Path) -> None:
             ("minilm", "MiniLM-L6: KJV<->WEB recall@1 (line: FP32)", "%", "linear",
              recall, recall(models["minilm"]["runs"]["fp32"])),
         ]  # fmt: skip
-    scopes = sorted({s for m in {p[0] for p in panels} for s in _scopes(models[m]["runs"])})
+    scopes = _scopes({k: r for m in {p[0] for p in panels} for k, r in models[m]["runs"].items()})
     if not panels or not scopes:
         return
     fig = Figure(figsize=(5.2 * len(panels), 3.6 * len(scopes) + 0.4), layout="constrained")
     colors = {("w", "floor"): "#9ecae1", ("w", "rceil"): "#3182bd",
               ("wa", "floor"): "#fdae6b", ("wa", "rceil"): "#e6550d"}  # fmt: skip
     width = 0.8 / len(_COLUMNS)
+    top: dict[int, Any] = {}
     for row, scope in enumerate(scopes):
         for col, (model, title, unit, yscale, value, baseline) in enumerate(panels):
-            ax = fig.add_subplot(len(scopes), len(panels), row * len(panels) + col + 1)
+            # Rows share each column's y axis, so scopes compare at a glance.
+            ax = fig.add_subplot(
+                len(scopes), len(panels), row * len(panels) + col + 1, sharey=top.get(col)
+            )
+            top.setdefault(col, ax)
             runs = models[model]["runs"]
             fmts = [
                 f
