@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a script: make `models`/`examples` impor
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import jax
+import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -189,14 +190,18 @@ def plot(metrics: list[dict], recipes: list[str], path) -> pathlib.Path:
     axes = fig.subplots(1, len(recipes), squeeze=False)[0]
     for ax, recipe in zip(axes, recipes, strict=True):
         runs = [m for m in metrics if m["name"].startswith(f"{recipe}-")]
-        tails = []
-        for m in runs:
-            steps = [e["step"] for e in m["eval"]]
-            losses = [e["loss"] for e in m["eval"]]
-            ax.plot(steps, losses, label=m["name"].split("-", 1)[1], marker=".")
-            tails += [v for s, v in zip(steps, losses, strict=True) if s >= 0.25 * max(steps)]
-        if tails:
-            ax.set_ylim(min(tails) - 0.02, max(tails) + 0.02)
+        colors = matplotlib.colormaps["tab20"].colors
+        for i, m in enumerate(runs):
+            # The last 75% of training, where the variants differ.
+            points = [e for e in m["eval"] if e["step"] >= 0.25 * m["eval"][-1]["step"]]
+            ax.plot(
+                [e["step"] for e in points],
+                [e["loss"] for e in points],
+                label=m["name"].split("-", 1)[1],
+                marker=".",
+                color=colors[i % len(colors)],
+                linestyle="-" if i < len(colors) else "--",
+            )
         ax.set_title(f"validation loss, {recipe} matmuls")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
