@@ -46,7 +46,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -55,9 +55,10 @@ from jax import lax
 from jax.extend import core as jcore
 from jax.extend import source_info_util as siu
 
-from jaxmx.config import DotConfig, preset
+from jaxmx.config import DotConfig
 from jaxmx.conv import conv_general_dilated as _mx_conv_general_dilated
 from jaxmx.dot import dot_general as _mx_dot_general
+from jaxmx.rules import Rule, parse_rules
 
 __all__ = ["Coverage", "MatmulSite", "intercept"]
 
@@ -96,61 +97,7 @@ _JAXMX_OPS = {"_mx_dot": "dot_general", "_mx_conv": "conv_general_dilated"}
 # --------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _Rule:
-    pattern: str
-    regex: re.Pattern
-    config: DotConfig | None  # None: keep high precision
-
-
-def _as_config(config, pattern: str) -> DotConfig | None:
-    if config is None:
-        return None
-    if isinstance(config, str):
-        try:
-            return preset(config)
-        except ValueError as err:
-            raise ValueError(f"rule {pattern!r}: {err}") from None
-    if isinstance(config, DotConfig):
-        return config
-    raise TypeError(
-        f"rule {pattern!r}: config must be a jaxmx.DotConfig, a preset name or None, "
-        f"got {type(config).__name__}"
-    )
-
-
-def _rule(pattern, config) -> _Rule:
-    if not isinstance(pattern, str):
-        raise TypeError(
-            f"a rule pattern is a regular expression string, got {type(pattern).__name__} "
-            f"{pattern!r}"
-        )
-    try:
-        regex = re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"rule pattern {pattern!r} is not a regular expression: {err}") from None
-    return _Rule(pattern, regex, _as_config(config, pattern))
-
-
-def _rules(rules) -> tuple[_Rule, ...]:
-    if rules is None or isinstance(rules, (DotConfig, str)):
-        return (_rule(".*", rules),)
-    if isinstance(rules, Mapping):
-        rules = list(rules.items())
-    if not isinstance(rules, Iterable):
-        raise TypeError(
-            "rules must be [(pattern, config), ...], a dict, or one DotConfig / preset name, "
-            f"got {type(rules).__name__}"
-        )
-    out = []
-    for r in rules:
-        if isinstance(r, tuple) and len(r) == 2:
-            out.append(_rule(*r))
-        elif hasattr(r, "pattern") and hasattr(r, "config"):  # e.g. jaxmx.flax.Rule
-            out.append(_rule(r.pattern, r.config))
-        else:
-            raise TypeError(f"a rule is a (pattern, config) pair, got {r!r}")
-    return tuple(out)
+# Rules are the core's (jaxmx.rules), shared with jaxmx.flax.quantize_model.
 
 
 # --------------------------------------------------------------------------
@@ -298,7 +245,7 @@ def _dtype_reason(dtypes) -> str | None:
 class _Planner:
     """Decides each matmul and records where the interpreter must rebuild."""
 
-    def __init__(self, rules: tuple[_Rule, ...], custom_derivatives: str, weights, path_root):
+    def __init__(self, rules: tuple[Rule, ...], custom_derivatives: str, weights, path_root):
         self.rules = rules
         self.custom_derivatives = custom_derivatives
         self.weights = weights  # compiled regex or None
@@ -317,9 +264,9 @@ class _Planner:
                 scope = scope[len(self.path_root) + 1 :]
         return f"{scope}/{op}" if scope else op
 
-    def _decide(self, path: str, operands) -> tuple[_Rule | None, int]:
+    def _decide(self, path: str, operands) -> tuple[Rule | None, int]:
         for i, rule in enumerate(self.rules):
-            if rule.regex.search(path) or any(o and rule.regex.search(o) for o in operands):
+            if rule.matches(path) or any(o and rule.matches(o) for o in operands):
                 return rule, i
         return None, -1
 
@@ -872,14 +819,14 @@ def intercept(
     Args:
       fn: any JAX-traceable callable: ``model.apply``, an nnx or Equinox
         module, a plain function.
-      rules: ``[(pattern, config), ...]`` (or a dict, or objects with
-        ``pattern`` and ``config`` such as ``jaxmx.flax.Rule``), tried in
+      rules: ``[(pattern, config), ...]`` (or a dict, or
+        :class:`jaxmx.rules.Rule` objects, the ones jaxmx.flax uses), tried in
         order; the first regular expression found in a matmul's path
         (``"Model/attn/q/dot_general"``) or in the argument path of one of
         its operands (``"params/attn/q/kernel"``) decides. ``config`` is a
-        :class:`~jaxmx.DotConfig`, a preset name, or ``None`` (high
+        :class:`~jaxmx.DotConfig`, a preset or format name, or ``None`` (high
         precision). Matmuls no rule matches stay in high precision. A single
-        config or preset name means ``[(".*", config)]``.
+        config, preset or format name means ``[(".*", config)]``.
       custom_derivatives: matmuls inside a user's ``custom_jvp`` /
         ``custom_vjp`` function: ``"keep"`` leaves the function as it is
         (high precision, its derivative rule intact); ``"inline"`` runs its
@@ -941,5 +888,5 @@ def intercept(
         raise TypeError(f"path_root must be a string or None, got {path_root!r}")
     if path_root is not None:
         path_root = path_root.strip("/")
-    rules = _rules(rules)
+    rules = parse_rules(rules)
     return Intercepted(fn, rules, custom_derivatives, weights, path_root, warn, _caller())

@@ -575,10 +575,10 @@ def test_jit_of_closure_over_tracers():
     [
         ([("(", CFG)], ValueError, r"rule pattern '\(' is not a regular expression"),
         ([(3, CFG)], TypeError, "a rule pattern is a regular expression string"),
-        ([("x", 3)], TypeError, "rule 'x': config must be a jaxmx.DotConfig"),
-        ([("x", "mxfp5")], ValueError, "rule 'x': unknown preset 'mxfp5'"),
-        ([("x", CFG, 1)], TypeError, r"a rule is a \(pattern, config\) pair"),
-        (3, TypeError, r"rules must be \[\(pattern, config\), ...\]"),
+        ([("x", 3)], TypeError, "the config of rule 'x' must be a DotConfig"),
+        ([("x", "mxfp5")], ValueError, "the config of rule 'x': unknown config 'mxfp5'"),
+        ([("x", CFG, 1)], TypeError, r"a rule is a Rule or a \(pattern, config\) pair"),
+        (3, TypeError, r"rules must be a list of \(pattern, config\) pairs"),
     ],
 )
 def test_bad_rules(rules, error, match):

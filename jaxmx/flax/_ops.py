@@ -4,8 +4,8 @@ Flax layers take their matmul as a field or attribute (``dot_general``,
 ``einsum_op``, ``conv_general_dilated``, ``attention_fn``). These frozen
 dataclasses hold a :class:`~jaxmx.DotConfig` and compare by value, so a
 module configured with them stays hashable and jit caches stay warm.
-:func:`as_config` is the one place where jaxmx.flax turns what a user wrote
-(``mx=``, a rule's config) into a DotConfig.
+:func:`as_config` (the core's :func:`jaxmx.rules.resolve_config`) turns what
+a user wrote (``mx=``, a rule's config) into a DotConfig.
 """
 
 from __future__ import annotations
@@ -15,57 +15,17 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxmx.config import DotConfig, as_dot_config
+from jaxmx.config import DotConfig
 from jaxmx.conv import conv_general_dilated
 from jaxmx.dot import dot_general
 from jaxmx.einsum import einsum
+from jaxmx.rules import resolve_config
 
 __all__ = ["MXDotGeneral", "MXEinsumOp", "MXConv", "MXAttention", "MX_OPS", "as_config"]
 
 
-def as_config(mx, *, what: str = "mx") -> DotConfig | None:
-    """Resolves an MX setting: a DotConfig, a preset or format name, or None.
-
-    Only ``None`` means high precision (as does a config whose every role is
-    high precision, e.g. ``"fp32"``); any other value that is not a config is
-    refused rather than read as "off", so ``0``, ``False`` or ``""`` cannot
-    silently switch MX off.
-
-    Args:
-      mx: the value given.
-      what: how to name it in an error (``"mx"``, ``"rule 'head' config"``).
-
-    Returns:
-      The DotConfig, or None for high precision.
-
-    Raises:
-      TypeError: ``mx`` is neither None, a DotConfig nor a string.
-      ValueError: ``mx`` is a string that names no preset or format.
-
-    >>> as_config("mxfp8").describe()
-    'fwd mxfp8_e4m3 x mxfp8_e4m3; dgrad mxfp8_e4m3 x mxfp8_e4m3; wgrad mxfp8_e4m3 x mxfp8_e4m3'
-    >>> as_config("fp32") is None
-    True
-    >>> as_config(False)
-    Traceback (most recent call last):
-    ...
-    TypeError: mx must be a DotConfig, a preset or format name, or None ...; got False (bool)
-    """
-    if mx is None:
-        return None
-    if isinstance(mx, DotConfig):
-        cfg = mx
-    elif isinstance(mx, str):
-        try:
-            cfg = as_dot_config(mx)  # the one place a name becomes a DotConfig
-        except ValueError as err:
-            raise ValueError(f"{what}: {err}") from None
-    else:
-        raise TypeError(
-            f"{what} must be a DotConfig, a preset or format name, or None (high precision); "
-            f"got {mx!r} ({type(mx).__name__})"
-        )
-    return None if cfg.is_noop else cfg
+# Resolving `mx=` values and rule configs is the core's job (jaxmx.rules).
+as_config = resolve_config
 
 
 # Each forwards the arguments Flax passes (those of the lax function it

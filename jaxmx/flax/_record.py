@@ -13,80 +13,16 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-import re
 import warnings
-from collections.abc import Iterable, Mapping
 
 import flax
 import jax
 
 from jaxmx.config import DotConfig
-from jaxmx.flax._ops import as_config
 from jaxmx.formats import MXFormat
+from jaxmx.rules import Rule, parse_rules
 
 __all__ = ["Rule", "Substitution", "parse_rules", "warn_at_caller"]
-
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """One substitution rule: module paths matching ``pattern`` get ``config``.
-
-    ``config`` is resolved when the rule is made: a DotConfig, a preset or
-    format name, or ``None`` for high precision. Nothing else is read as
-    "high precision": ``0``, ``False`` or ``""`` are errors.
-
-    >>> Rule("mlp", "mxfp6").config.lhs.name
-    'mxfp6_e3m2'
-    >>> Rule("head", None).config is None
-    True
-    """
-
-    # Regular expression searched (re.search) in the module path joined with
-    # "/" ("block_0/attn/query"); the model itself has the empty path "".
-    pattern: str
-    # DotConfig, preset or format name, or None (keep high precision).
-    config: DotConfig | str | None
-
-    def __post_init__(self):
-        if not isinstance(self.pattern, str):
-            raise TypeError(f"a rule pattern is a regular expression string, got {self.pattern!r}")
-        try:
-            re.compile(self.pattern)
-        except re.error as err:
-            raise ValueError(
-                f"rule pattern {self.pattern!r} is not a regular expression: {err}"
-            ) from None
-        config = as_config(self.config, what=f"the config of rule {self.pattern!r}")
-        object.__setattr__(self, "config", config)
-
-    def matches(self, path: str) -> bool:
-        return re.search(self.pattern, path) is not None
-
-
-def parse_rules(rules) -> tuple[Rule, ...]:
-    """Normalises what :func:`~jaxmx.flax.quantize_model` accepts as rules.
-
-    A single DotConfig, preset or format name, or None means
-    ``[(".*", rules)]``; a dict means its items, in order.
-    """
-    if rules is None or isinstance(rules, (DotConfig, str)):
-        return (Rule(".*", rules),)
-    if isinstance(rules, Mapping):
-        rules = list(rules.items())
-    if not isinstance(rules, Iterable):
-        raise TypeError(
-            "rules must be a list of (pattern, config) pairs or Rules, a dict, a DotConfig, "
-            f"a preset or format name, or None; got {rules!r} ({type(rules).__name__})"
-        )
-    out = []
-    for r in rules:
-        if isinstance(r, Rule):
-            out.append(r)
-        elif isinstance(r, tuple) and len(r) == 2:
-            out.append(Rule(*r))
-        else:
-            raise TypeError(f"a rule is a Rule or a (pattern, config) pair, got {r!r}")
-    return tuple(out)
 
 
 def kept_reason(rule: Rule | None) -> str:
