@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxmx.config import DotConfig, as_dot_config
-from jaxmx.dot import _compute_dtype, _operand, check_key
+from jaxmx.dot import _compute_dtype, _operand, check_key, check_operands
 
 __all__ = ["conv_general_dilated"]
 
@@ -146,27 +146,24 @@ def conv_general_dilated(
     ((2, 8, 8, 16), 9.0)
     """
     config = as_dot_config(config)
-    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
-    for name, x in (("lhs", lhs), ("rhs", rhs)):
-        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.float64:
-            raise TypeError(
-                f"{name} has dtype {x.dtype}; jaxmx.conv_general_dilated takes float32, "
-                "bfloat16 or float16 operands"
-            )
+    lhs, rhs = check_operands(lhs, rhs, "conv_general_dilated")
     check_key(key, config)
+    conv = functools.partial(
+        lax.conv_general_dilated,
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+    )
     if config.is_noop:
-        return lax.conv_general_dilated(
+        return conv(
             lhs,
             rhs,
-            window_strides,
-            padding,
-            lhs_dilation,
-            rhs_dilation,
-            dimension_numbers,
-            feature_group_count,
-            batch_group_count,
-            precision,
-            preferred_element_type,
+            batch_group_count=batch_group_count,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
         )
     if batch_group_count != 1:
         raise ValueError(
@@ -175,18 +172,7 @@ def conv_general_dilated(
     # lax's own shape rule validates strides, padding, dilations, feature
     # groups and dimension numbers, raising what lax.conv_general_dilated raises.
     jax.eval_shape(
-        lambda a, b: lax.conv_general_dilated(
-            a,
-            b,
-            window_strides,
-            padding,
-            lhs_dilation,
-            rhs_dilation,
-            dimension_numbers,
-            feature_group_count,
-        ),
-        jax.ShapeDtypeStruct(lhs.shape, lhs.dtype),
-        jax.ShapeDtypeStruct(rhs.shape, rhs.dtype),
+        conv, jax.ShapeDtypeStruct(lhs.shape, lhs.dtype), jax.ShapeDtypeStruct(rhs.shape, rhs.dtype)
     )
     dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     out_dtype = jnp.dtype(preferred_element_type or jnp.promote_types(lhs.dtype, rhs.dtype))

@@ -176,14 +176,15 @@ def _qmatmul(a: _Side, b: _Side, dims, static: _Static, key, out_dtype, out_shar
 def _matmul(qa, qb, dims, precision, out_dtype, out_sharding=None):
     """float32-accumulating dot_general of two dequantized operands.
 
-    In bfloat16 the operands are first brought to the (batch, M, K) x
+    In bfloat16 on CPU the operands are first brought to the (batch, M, K) x
     (batch, K, N) layout: XLA:CPU's bfloat16 dot with a float32 result is
     implemented for that canonical layout only, and some legal layouts
     ("DotThunk::Execute: BF16 x BF16 = F32") would otherwise fail to run.
+    Other backends take every layout, so they are spared the transposes.
     """
     common = jnp.promote_types(qa.dtype, qb.dtype)
     qa, qb = qa.astype(common), qb.astype(common)
-    if common == jnp.bfloat16 and out_sharding is None:
+    if common == jnp.bfloat16 and out_sharding is None and jax.default_backend() == "cpu":
         return _canonical_dot(qa, qb, dims, precision).astype(out_dtype)
     kwargs = {} if out_sharding is None else {"out_sharding": out_sharding}
     return lax.dot_general(
@@ -373,13 +374,7 @@ def dot_general(
     ((2, 3), True)
     """
     config = as_dot_config(config)
-    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
-    for name, x in (("lhs", lhs), ("rhs", rhs)):
-        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.float64:
-            raise TypeError(
-                f"{name} has dtype {x.dtype}; jaxmx.dot_general takes float32, bfloat16 or "
-                "float16 operands"
-            )
+    lhs, rhs = check_operands(lhs, rhs, "dot_general")
     check_key(key, config)
     if config.is_noop:
         kwargs = {} if out_sharding is None else {"out_sharding": out_sharding}
@@ -397,6 +392,18 @@ def dot_general(
     out_dtype = jnp.dtype(preferred_element_type or jnp.promote_types(lhs.dtype, rhs.dtype))
     static = _Static(dims, config, precision, out_dtype, out_sharding)
     return _mx_dot(lhs, rhs, key, static)
+
+
+def check_operands(lhs, rhs, op: str) -> tuple[jax.Array, jax.Array]:
+    """Both operands as arrays of a float dtype MX quantizes (float32, bfloat16, float16)."""
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    for name, x in (("lhs", lhs), ("rhs", rhs)):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.float64:
+            raise TypeError(
+                f"{name} has dtype {x.dtype}; jaxmx.{op} takes float32, bfloat16 or "
+                "float16 operands"
+            )
+    return lhs, rhs
 
 
 def check_key(key, config: DotConfig) -> None:
