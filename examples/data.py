@@ -16,6 +16,7 @@ numeric recipe (FP32 or MX) trained with the same seed sees identical data.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import hashlib
 import os
@@ -333,3 +334,34 @@ def classification_batch(
     order = _rng(seed, epoch).permutation(n)
     idx = np.sort(order[position * batch_size : (position + 1) * batch_size])
     return images[idx], labels[idx]
+
+
+def classification_batches(
+    dataset: dict, *, batch_size: int, seed: int, eval_examples: int, eval_batch: int = 1000
+):
+    """The two data functions of a classification run, from ``load_fashion_mnist``'s dict.
+
+    Returns:
+      ``(train_batch, eval_batches)``: ``train_batch(step)`` is
+      :func:`classification_batch` over the training split, and
+      ``eval_batches()`` yields the first ``eval_examples`` test examples in
+      batches of ``eval_batch``, the same ones on every call.
+
+    >>> ds = {"train": (np.arange(8), np.arange(8)), "test": (np.arange(5), np.arange(5))}
+    >>> train_batch, eval_batches = classification_batches(
+    ...     ds, batch_size=4, seed=0, eval_examples=5, eval_batch=2)
+    >>> len(train_batch(0)[0]), [len(x) for x, _ in eval_batches()]
+    (4, [2, 2, 1])
+    """
+    train_images, train_labels = dataset["train"]
+    test_images = dataset["test"][0][:eval_examples]
+    test_labels = dataset["test"][1][:eval_examples]
+    train_batch = functools.partial(
+        classification_batch, train_images, train_labels, batch_size=batch_size, seed=seed
+    )
+
+    def eval_batches():
+        for i in range(0, len(test_images), eval_batch):
+            yield test_images[i : i + eval_batch], test_labels[i : i + eval_batch]
+
+    return train_batch, eval_batches

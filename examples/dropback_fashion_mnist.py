@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import pathlib
 import sys
@@ -107,21 +106,13 @@ def make_optimizer(variant: str, lr, init_key) -> optax.GradientTransformation:
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Trains every variant; returns one result row per variant."""
-    fm = data.load_fashion_mnist()
-    train_images, train_labels = fm["train"]
-    test_images = fm["test"][0][: args.eval_examples]
-    test_labels = fm["test"][1][: args.eval_examples]
-    train_batch = functools.partial(
-        data.classification_batch,
-        train_images,
-        train_labels,
+    train_batch, eval_batches = data.classification_batches(
+        data.load_fashion_mnist(),
         batch_size=args.batch_size,
         seed=args.seed,
+        eval_examples=args.eval_examples,
+        eval_batch=EVAL_BATCH,
     )
-
-    def eval_batches():
-        for i in range(0, len(test_images), EVAL_BATCH):
-            yield test_images[i : i + EVAL_BATCH], test_labels[i : i + EVAL_BATCH]
 
     model = LeNet300100()
     init_key = jax.random.key(args.seed)

@@ -17,7 +17,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import functools
 import pathlib
 import sys
 
@@ -83,21 +82,14 @@ def build(args: argparse.Namespace, dataset: dict):
       ``(model, params, train_batch, eval_batches, run_info)`` for
       :func:`examples.study.run_recipes`.
     """
-    train_images, train_labels = dataset["train"]
-    test_images, test_labels = dataset["test"]
-    test_images = test_images[: args.eval_examples]
-    test_labels = test_labels[: args.eval_examples]
-    train_batch = functools.partial(
-        data.classification_batch,
-        train_images,
-        train_labels,
+    train_images = dataset["train"][0]
+    train_batch, eval_batches = data.classification_batches(
+        dataset,
         batch_size=args.batch_size,
         seed=args.seed,
+        eval_examples=args.eval_examples,
+        eval_batch=EVAL_BATCH,
     )
-
-    def eval_batches():
-        for i in range(0, len(test_images), EVAL_BATCH):
-            yield test_images[i : i + EVAL_BATCH], test_labels[i : i + EVAL_BATCH]
 
     if args.api == "linen":
         model = CNN()
