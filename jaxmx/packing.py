@@ -31,7 +31,7 @@ from jaxmx.codes import raw_dtype, raw_to_storage, storage_to_raw
 from jaxmx.formats import ElementFormat
 from jaxmx.tensor import MXTensor
 
-__all__ = ["pack", "unpack", "pack_codes", "unpack_codes"]
+__all__ = ["pack", "unpack", "pack_codes", "packable", "unpack_codes"]
 
 
 def pack_codes(raw: jax.Array, bits: int, axis: int) -> jax.Array:
@@ -93,7 +93,8 @@ def _unpack_bitwise(packed: jax.Array, bits: int, axis: int, length: int) -> jax
     return jnp.moveaxis(codes, -1, axis)
 
 
-def _packable(elem: ElementFormat) -> bool:
+def packable(elem: ElementFormat) -> bool:
+    """Whether codes of ``elem`` take less than whole bytes, so packing saves memory."""
     return elem.bits % 8 != 0
 
 
@@ -112,7 +113,7 @@ def pack(t: MXTensor) -> MXTensor:
     """
     if not isinstance(t, MXTensor):
         raise TypeError(f"pack expects an MXTensor, got {type(t).__name__}")
-    if t.packed or not _packable(t.format.element):
+    if t.packed or not packable(t.format.element):
         return t
     return _pack(t)
 

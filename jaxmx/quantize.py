@@ -28,7 +28,7 @@ from jaxmx import codes, numerics
 from jaxmx.blocks import from_blocks, to_blocks
 from jaxmx.formats import ElementFormat, MXFormat, get_format
 from jaxmx.numerics import ROUNDINGS, SCALE_MODES
-from jaxmx.packing import pack_codes, unpack
+from jaxmx.packing import pack_codes, packable, unpack
 from jaxmx.tensor import MXTensor
 
 __all__ = ["quantize", "dequantize", "fake_quantize"]
@@ -259,7 +259,7 @@ def quantize(
     bs = _check_block_size(block_size, fmt)
     _check_modes(scale_mode, rounding, key)
     flush = _check_flag(flush_subnormals, "flush_subnormals")
-    packed = _check_flag(packed, "packed") and fmt.element.bits % 8 != 0
+    packed = _check_flag(packed, "packed") and packable(fmt.element)
     rbits = _random_bits(key, x.shape) if rounding == "stochastic" else None
     return _quantize_nodiff(x, rbits, (fmt, axis, bs, scale_mode, rounding, flush, packed))
 
