@@ -25,7 +25,6 @@ exact; see :mod:`jaxmx.native` for block-scaled hardware matmuls.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -92,12 +91,8 @@ def _compute_dtype(config: DotConfig):
         return jnp.dtype(config.compute_dtype)
     # Every MX value (down to 2^-133) is exact in bfloat16 and products
     # accumulate in float32, so the choice is only about speed: bfloat16 on
-    # accelerators. Not on CPU, even with bfloat16 dot instructions: XLA:CPU
-    # implements a bfloat16 x bfloat16 -> float32 dot for some layouts only
-    # ("DotThunk::Execute: BF16 x BF16 = F32"), and its layout passes can
-    # re-create such a layout after jaxmx canonicalized it (seen in the
-    # gradient of a rematerialized scan), so a default there could crash
-    # where float32 works. compute_dtype="bfloat16" opts in.
+    # accelerators. On CPU the dot itself runs in float32 either way (see
+    # lax_dot), so converting to bfloat16 first would only cost time.
     if jax.default_backend() != "cpu":
         return jnp.dtype(jnp.bfloat16)
     return jnp.dtype(jnp.float32)
@@ -174,40 +169,40 @@ def _qmatmul(a: _Side, b: _Side, dims, static: _Static, key, out_dtype, out_shar
 
 
 def _matmul(qa, qb, dims, precision, out_dtype, out_sharding=None):
-    """float32-accumulating dot_general of two dequantized operands.
-
-    In bfloat16 on CPU the operands are first brought to the (batch, M, K) x
-    (batch, K, N) layout: XLA:CPU's bfloat16 dot with a float32 result is
-    implemented for that canonical layout only, and some legal layouts
-    ("DotThunk::Execute: BF16 x BF16 = F32") would otherwise fail to run.
-    Other backends take every layout, so they are spared the transposes.
-    """
+    """float32-accumulating dot_general of two dequantized operands."""
     common = jnp.promote_types(qa.dtype, qb.dtype)
-    qa, qb = qa.astype(common), qb.astype(common)
-    if common == jnp.bfloat16 and out_sharding is None and jax.default_backend() == "cpu":
-        return _canonical_dot(qa, qb, dims, precision).astype(out_dtype)
-    kwargs = {} if out_sharding is None else {"out_sharding": out_sharding}
-    return lax.dot_general(
-        qa, qb, dims, precision=precision, preferred_element_type=jnp.float32, **kwargs
+    return lax_dot(
+        qa.astype(common), qb.astype(common), dims, precision, jnp.float32, out_sharding
     ).astype(out_dtype)
 
 
-def _canonical_dot(a, b, dims, precision):
-    (lc, rc), (lb, rb) = dims
-    lf = tuple(i for i in range(a.ndim) if i not in lc and i not in lb)
-    rf = tuple(i for i in range(b.ndim) if i not in rc and i not in rb)
-    batch = tuple(a.shape[i] for i in lb)
-    nb, k = math.prod(batch), math.prod(a.shape[i] for i in lc)
-    a3 = jnp.transpose(a, (*lb, *lf, *lc)).reshape(nb, -1, k)
-    b3 = jnp.transpose(b, (*rb, *rc, *rf)).reshape(nb, k, -1)
-    out = lax.dot_general(
-        a3,
-        b3,
-        (((2,), (1,)), ((0,), (0,))),
-        precision=precision,
-        preferred_element_type=jnp.float32,
+def lax_dot(lhs, rhs, dims, precision=None, preferred_element_type=None, out_sharding=None):
+    """``lax.dot_general`` that runs on XLA:CPU for every legal layout.
+
+    XLA:CPU implements a bfloat16 x bfloat16 -> float32 dot for some layouts
+    only ("DotThunk::Execute: BF16 x BF16 = F32"), and its layout passes can
+    re-create such a layout after any canonicalization (seen in the gradient
+    of a rematerialized scan). Products of two bfloat16 values are exact in
+    float32, so on CPU bfloat16 operands are widened to float32 first: the
+    result is the same float32-accumulated sum, and nothing crashes where
+    float32 works. Other backends get the call as it is.
+    """
+    kwargs = {} if out_sharding is None else {"out_sharding": out_sharding}
+    out_dtype = jnp.dtype(preferred_element_type or jnp.promote_types(lhs.dtype, rhs.dtype))
+    if jax.default_backend() == "cpu" and jnp.bfloat16 in (lhs.dtype, rhs.dtype):
+        widen = jnp.promote_types(jnp.float32, out_dtype)
+        out = lax.dot_general(
+            lhs.astype(widen),
+            rhs.astype(widen),
+            dims,
+            precision,
+            preferred_element_type=widen,
+            **kwargs,
+        )
+        return out.astype(out_dtype)
+    return lax.dot_general(
+        lhs, rhs, dims, precision, preferred_element_type=preferred_element_type, **kwargs
     )
-    return out.reshape(batch + tuple(a.shape[i] for i in lf) + tuple(b.shape[i] for i in rf))
 
 
 def _mx_tensor(side: _Side, cfg: DotConfig, key) -> MXTensor:
@@ -377,10 +372,7 @@ def dot_general(
     lhs, rhs = check_operands(lhs, rhs, "dot_general")
     check_key(key, config)
     if config.is_noop:
-        kwargs = {} if out_sharding is None else {"out_sharding": out_sharding}
-        return lax.dot_general(
-            lhs, rhs, dimension_numbers, precision, preferred_element_type, **kwargs
-        )
+        return lax_dot(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding)
     # lax's own shape rule validates the dimension numbers (range, duplicates,
     # sizes), so invalid ones raise exactly what lax.dot_general raises.
     jax.eval_shape(
