@@ -25,6 +25,7 @@ exact; see :mod:`jaxmx.native` for block-scaled hardware matmuls.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -57,15 +58,47 @@ class _Dims(NamedTuple):
     rf: tuple[int, ...]  # rhs free, ascending
 
 
-def _dims(dimension_numbers, lhs_ndim: int, rhs_ndim: int) -> _Dims:
+def canonical_dimension_numbers(dimension_numbers, lhs_shape, rhs_shape):
+    """``dimension_numbers`` as ``lax.dot_general`` reads them, as tuples of ints.
+
+    Takes what lax takes: ``None`` for a plain matrix/vector product, and a
+    bare int where lax allows one index group of one axis. The ranges,
+    duplicates and sizes are left to lax's shape rule (see ``dot_general``).
+    """
+    if dimension_numbers is None:
+        if 1 <= len(lhs_shape) <= 2 and 1 <= len(rhs_shape) <= 2 and lhs_shape[-1] == rhs_shape[0]:
+            return ((len(lhs_shape) - 1,), (0,)), ((), ())
+        raise ValueError(
+            "dimension_numbers=None is only allowed for an un-batched matrix-matrix, "
+            f"matrix-vector or vector-vector product; got lhs shape {tuple(lhs_shape)} and "
+            f"rhs shape {tuple(rhs_shape)}: give ((lhs_contracting, rhs_contracting), "
+            "(lhs_batch, rhs_batch))"
+        )
+
+    def group(g):
+        if isinstance(g, (str, bytes)):
+            raise TypeError
+        try:
+            return (operator.index(g),)
+        except TypeError:
+            return tuple(operator.index(d) for d in g)
+
     try:
+        if isinstance(dimension_numbers, (str, bytes)):
+            raise TypeError
         (lc, rc), (lb, rb) = dimension_numbers
-        lc, rc, lb, rb = (tuple(int(d) for d in ds) for ds in (lc, rc, lb, rb))
+        return (group(lc), group(rc)), (group(lb), group(rb))
     except (TypeError, ValueError):
         raise ValueError(
-            "dimension_numbers must be ((lhs_contracting, rhs_contracting), "
-            f"(lhs_batch, rhs_batch)), got {dimension_numbers!r}"
+            "dimension_numbers must be ((lhs_contracting, rhs_contracting), (lhs_batch, "
+            "rhs_batch)), each a tuple of axis indices (or one int), as lax.dot_general "
+            f"takes; got {dimension_numbers!r}"
         ) from None
+
+
+def _dims(dimension_numbers, lhs_ndim: int, rhs_ndim: int) -> _Dims:
+    """Canonical dimension numbers (already checked) with the free axes listed."""
+    (lc, rc), (lb, rb) = dimension_numbers
     lf = tuple(d for d in range(lhs_ndim) if d not in lc and d not in lb)
     rf = tuple(d for d in range(rhs_ndim) if d not in rc and d not in rb)
     return _Dims(lc, rc, lb, rb, lf, rf)
@@ -371,6 +404,7 @@ def dot_general(
     config = as_dot_config(config)
     lhs, rhs = check_operands(lhs, rhs, "dot_general")
     check_key(key, config)
+    dimension_numbers = canonical_dimension_numbers(dimension_numbers, lhs.shape, rhs.shape)
     if config.is_noop:
         return lax_dot(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding)
     # lax's own shape rule validates the dimension numbers (range, duplicates,
