@@ -307,6 +307,7 @@ def _quantize(x, rbits, fmt, axis, bs, scale_mode, rounding, flush_subnormals, p
         length=x.shape[axis],
         dtype=np.dtype(x.dtype),
         packed=packed,
+        made_ndim=x.ndim,
     )
 
 

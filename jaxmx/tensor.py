@@ -46,6 +46,11 @@ class MXTensor:
       length: size of the quantized axis of the original tensor.
       dtype: dtype of the original tensor.
       packed: whether ``data`` holds packed sub-byte codes.
+      made_ndim: rank of the leaves when the tensor was made (``None``:
+        unknown). Only consulted when the block axis holds as many codes (or
+        packed bytes) as blocks, e.g. ``block_size=1``: ``vmap`` or ``scan``
+        over such an axis leaves leaves whose shapes look like a valid tensor
+        of other shape, so a changed rank is refused there instead of guessed.
 
     Example:
 
@@ -63,6 +68,7 @@ class MXTensor:
     length: int = dataclasses.field(metadata=dict(static=True))
     dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
     packed: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    made_ndim: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     def block_axis(self) -> int:
         """The axis (negative) along which blocks run, read off the leaves' shapes.
@@ -81,6 +87,16 @@ class MXTensor:
         dshape, sshape = tuple(self.data.shape), tuple(self.scale.shape)
         nd = len(dshape)
         want = (_stored_length(self), self.num_blocks)
+        if want[0] == want[1] and self.made_ndim not in (None, nd):
+            raise ValueError(
+                f"this {self.format.name} MXTensor was made with rank {self.made_ndim} and its "
+                f"leaves now have rank {nd} (data {dshape}, scale {sshape}): vmap or scan "
+                "removed or added an axis. Its block axis holds as many "
+                f"{'packed bytes' if self.packed else 'codes'} as blocks ({want[0]}), so a map "
+                "over the block axis cannot be told from one over another axis; quantize "
+                "inside the map, or use a block size whose blocks hold more "
+                f"{'bytes' if self.packed else 'codes'} than one"
+            )
         if len(sshape) == nd and nd > 0:
             fits = [
                 a - nd

@@ -71,6 +71,20 @@ def test_leaves_that_fit_no_block_axis_are_refused():
         jaxmx.dequantize(bad)
 
 
+def test_vmap_over_a_block_axis_with_one_code_per_block_is_refused():
+    # Packed FP4 in blocks of 2: one byte and one scale per block, so vmap can
+    # map over the block axis and the slices look like a valid tensor.
+    x = jax.random.normal(jax.random.key(4), (3, 8))
+    t = jaxmx.quantize(x, "mxfp4", axis=1, block_size=2, packed=True)
+    with pytest.raises(ValueError, match="as many packed bytes as blocks"):
+        jax.vmap(jaxmx.dequantize, in_axes=1)(t)
+    # The same tensor mapped over its other axis is refused too (it cannot be
+    # told apart); unmapped it decodes as usual.
+    with pytest.raises(ValueError, match="made with rank 2"):
+        jax.vmap(jaxmx.dequantize)(t)
+    _same(jaxmx.dequantize(t), jaxmx.fake_quantize(x, "mxfp4", axis=1, block_size=2))
+
+
 # 2. dot_general dimension numbers are validated by lax's own rule.
 
 
