@@ -273,9 +273,13 @@ def _check_element(f: ElementFormat) -> None:
             (1 + mant / 2**m) * 2.0 ** (field - f.bias) if field else mant * 2.0 ** (1 - f.bias - m)
         )
     else:
-        if f.exponent_bits != 0 or f.bias != 1 or not 0 <= m <= f.bits - 2:
+        if f.exponent_bits != 0 or f.bias != 1 or m != f.bits - 2:
+            # value = code * 2^-(bits - 2): magnitudes below 2, as MXINT8's
+            # 1.6 fixed point. The shared-exponent rule (emax 0) assumes it;
+            # another binary point is the same grid under another scale.
             bad(
-                "an int needs exponent_bits=0, bias=1 and 0 <= mantissa_bits <= bits - 2, got "
+                "an int needs exponent_bits=0, bias=1 and mantissa_bits = bits - 2 (a "
+                f"sign, one integer bit and bits - 2 fraction bits, as MXINT8), got "
                 f"exponent_bits={f.exponent_bits}, bias={f.bias}, mantissa_bits={m}"
             )
         if f.max_code != (1 << (f.bits - 1)) - 1:
@@ -283,6 +287,8 @@ def _check_element(f: ElementFormat) -> None:
         top = f.max_code * 2.0**-m
     if not 0 < f.max_code < 1 << (f.bits - 1):
         bad(f"max_code {f.max_code:#x} does not fit {f.bits - 1} magnitude bits")
+    if f.kind == "float":
+        _check_float32_range(f.name, f.emax, 1 - f.bias - m)
     if f.max_normal != top:
         bad(f"max_normal {f.max_normal!r} is not the value of max_code {f.max_code:#x} ({top!r})")
     if f.min_normal != 2.0 ** (1 - f.bias) or f.min_subnormal != 2.0 ** (1 - f.bias - m):
@@ -295,6 +301,17 @@ def _check_element(f: ElementFormat) -> None:
         bad("integer formats have no Inf or NaN codes")
     if f.kind == "float" and f.max_code >= (1 << (f.bits - 1)) - 1 and (f.has_inf or f.has_nan):
         bad("has_inf/has_nan need codes above max_code, but max_code is the largest magnitude")
+
+
+def _check_float32_range(name: str, emax: int, min_subnormal_exp: int) -> None:
+    """Codes decode and round through float32 arithmetic: a grid beyond
+    float32's exponents (2^-149 .. 2^127) would silently lose values."""
+    if emax > 127 or min_subnormal_exp < -149:
+        raise ValueError(
+            f"element format {name!r}: its values span 2^{min_subnormal_exp} .. 2^{emax}; "
+            "jaxmx computes in float32, so element grids must lie within 2^-149 .. 2^127 "
+            "(at most 8 exponent bits, with a bias that keeps both ends in range)"
+        )
 
 
 # --------------------------------------------------------------------------
@@ -451,8 +468,10 @@ def float_format(
         )
     bias = (1 << (exponent_bits - 1)) - 1 if bias is None else bias
     emax = (1 << exponent_bits) - 2 - bias
+    name = name or f"float_e{exponent_bits}m{mantissa_bits}"
+    _check_float32_range(name, emax, 1 - bias - mantissa_bits)
     return ElementFormat(
-        name=name or f"float_e{exponent_bits}m{mantissa_bits}",
+        name=name,
         kind="float",
         bits=1 + exponent_bits + mantissa_bits,
         exponent_bits=exponent_bits,
