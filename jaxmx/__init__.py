@@ -32,6 +32,11 @@ from jaxmx.analysis import qsnr
 from jaxmx.packing import pack
 from jaxmx.packing import unpack
 
+# Checkpoints: trees of MXTensors and arrays on disk (orbax, safetensors).
+from jaxmx.checkpoint import SaveInfo
+from jaxmx.checkpoint import save
+from jaxmx.checkpoint import load
+
 # Ops: quantized matmuls for training and inference.
 from jaxmx import native
 from jaxmx.config import FORWARD
@@ -60,6 +65,7 @@ __all__ = [
     "MatmulSite",
     "analysis",
     "as_dot_config",
+    "SaveInfo",
     "ScaleFormat",
     "codes",
     "conv_general_dilated",
@@ -72,6 +78,7 @@ __all__ = [
     "get_format",
     "list_formats",
     "list_presets",
+    "load",
     "native",
     "numerics",
     "pack",
@@ -80,5 +87,6 @@ __all__ = [
     "quantize",
     "register_format",
     "round_to",
+    "save",
     "unpack",
 ]

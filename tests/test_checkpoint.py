@@ -1,0 +1,482 @@
+"""jaxmx.save / jaxmx.load: bit-exact round trips of trees holding MXTensors.
+
+Every registered format, packed and unpacked, partial last blocks, blocks
+along a non-last axis, nested trees with plain arrays, both backends, with
+and without a target (sharded over the 8 CPU devices of conftest), custom
+formats, and the errors. Leaves are compared as raw bytes, so an E8M0 NaN
+scale (0xFF) or a negative-zero code must survive too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxmx
+from jaxmx import checkpoint
+
+BACKENDS = ["orbax", "safetensors"]
+
+
+def _suffix(backend):
+    return "ckpt.safetensors" if backend == "safetensors" else "ckpt"
+
+
+def _bits(a) -> np.ndarray:
+    a = np.asarray(a)
+    return np.asarray(a, order="C").reshape(-1).view(np.uint8)
+
+
+def _assert_same_leaf(a, b, where="leaf"):
+    assert np.dtype(a.dtype) == np.dtype(b.dtype), where
+    assert tuple(a.shape) == tuple(b.shape), where
+    assert np.array_equal(_bits(a), _bits(b)), where
+
+
+def _static(t: jaxmx.MXTensor) -> dict:
+    return {f.name: getattr(t, f.name) for f in dataclasses.fields(t) if f.metadata.get("static")}
+
+
+def _assert_same_tree(a, b):
+    is_mx = lambda x: isinstance(x, jaxmx.MXTensor)  # noqa: E731
+    la, ta = jax.tree.flatten(a, is_leaf=is_mx)
+    lb, tb = jax.tree.flatten(b, is_leaf=is_mx)
+    assert ta == tb
+    for x, y in zip(la, lb, strict=True):
+        assert type(x) is type(y) or (not is_mx(x) and not is_mx(y))
+        if is_mx(x):
+            assert _static(x) == _static(y)
+            assert x.shape == y.shape
+            _assert_same_leaf(x.data, y.data, "data")
+            _assert_same_leaf(x.scale, y.scale, "scale")
+            dx, dy = jaxmx.dequantize(x), jaxmx.dequantize(y)
+            _assert_same_leaf(dx, dy, "dequantized")
+        else:
+            assert isinstance(y, jax.Array)
+            _assert_same_leaf(x, y)
+
+
+def _weights(shape, seed, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape) * np.exp2(rng.integers(-6, 6, shape))
+    return jnp.asarray(x.astype(np.float32)).astype(dtype)
+
+
+# --------------------------------------------------------------------------
+# Every format, packed and unpacked, odd lengths, axis not last.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("fmt", jaxmx.list_formats())
+def test_every_format_round_trips_bit_exactly(tmp_path, fmt, packed, backend):
+    x = _weights((37, 5, 3), seed=hash(fmt) % 1000)
+    x = x.at[0, 0, 0].set(jnp.nan)  # a NaN block: scale 0xFF
+    tree = {
+        "last": jaxmx.quantize(x, fmt, axis=-1, packed=packed),
+        # 37 along the block axis: one whole block and a partial one of 5
+        "first": jaxmx.quantize(x, fmt, axis=0, packed=packed),
+        "middle_b16": jaxmx.quantize(
+            x.astype(jnp.bfloat16), fmt, axis=1, block_size=2, packed=packed
+        ),
+    }
+    assert jaxmx.get_format(fmt).element.bits % 8 == 0 or tree["first"].packed == packed
+    info = jaxmx.save(tmp_path / _suffix(backend), tree)
+    assert info.num_mx_tensors == 3 and info.num_arrays == 0
+    assert info.array_bytes == sum(t.nbytes for t in tree.values())
+    loaded = jaxmx.load(tmp_path / _suffix(backend))
+    assert all(isinstance(v, jaxmx.MXTensor) for v in loaded.values())
+    assert _bits(loaded["first"].scale)[0] == 0xFF
+    _assert_same_tree(tree, loaded)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nested_tree_with_plain_arrays_keeps_containers_and_dtypes(tmp_path, backend):
+    w = _weights((64, 48), 1)
+    tree = {
+        "params": {
+            "Dense_0": {
+                "kernel": jaxmx.quantize(w, "mxfp4", axis=0, packed=True),
+                "bias": jnp.arange(48, dtype=jnp.float32),
+            },
+            "embed": jaxmx.quantize(w.astype(jnp.bfloat16), "mxfp8_e5m2"),
+            "norm": jnp.ones(7, jnp.bfloat16) * 1.5,
+        },
+        "layers": [
+            jaxmx.quantize(w[:33], "mxint8", axis=0),
+            (np.arange(6, dtype=np.int32).reshape(2, 3), None, jnp.array(True)),
+        ],
+        "step": np.asarray(12, np.int64),
+        "empty": {},
+        "by_int": {3: jnp.full((2,), -0.0, jnp.float16)},
+    }
+    info = jaxmx.save(tmp_path / _suffix(backend), tree)
+    assert (info.num_arrays, info.num_mx_tensors) == (6, 3)
+    jax.config.update("jax_enable_x64", True)  # the int64 leaf
+    try:
+        loaded = jaxmx.load(tmp_path / _suffix(backend))
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    assert type(loaded["layers"]) is list and type(loaded["layers"][1]) is tuple
+    assert loaded["layers"][1][1] is None and loaded["empty"] == {} and 3 in loaded["by_int"]
+    _assert_same_tree(tree, loaded)
+
+
+def test_int64_leaf_without_x64_is_refused_not_narrowed(tmp_path):
+    jaxmx.save(tmp_path / "c", {"step": np.asarray(2**40, np.int64)})
+    with pytest.raises(ValueError, match="int64.*jax_enable_x64"):
+        jaxmx.load(tmp_path / "c")
+
+
+# --------------------------------------------------------------------------
+# Targets and sharding.
+# --------------------------------------------------------------------------
+
+
+def _mesh():
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (CPU) devices")
+    return jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sharded_tree_restores_with_the_targets_shardings(tmp_path, backend):
+    mesh = _mesh()
+    w = _weights((256, 64), 2)
+    spec = NamedSharding(mesh, P("model", "data"))
+    t = jaxmx.quantize(jax.device_put(w, spec), "mxfp4", axis=0, packed=True)
+    t = dataclasses.replace(
+        t, data=jax.device_put(t.data, spec), scale=jax.device_put(t.scale, spec)
+    )
+    b = jax.device_put(jnp.arange(64.0), NamedSharding(mesh, P("model")))
+    tree = {"w": t, "b": b}
+    jaxmx.save(tmp_path / _suffix(backend), tree)
+
+    target = {"w": t, "b": b}
+    loaded = jaxmx.load(tmp_path / _suffix(backend), target=target)
+    _assert_same_tree(tree, loaded)
+    assert loaded["w"].data.sharding == spec and loaded["w"].scale.sharding == spec
+    assert loaded["b"].sharding == b.sharding
+
+    # A target of shapes only (jax.eval_shape), with other shardings.
+    other = NamedSharding(mesh, P(None, "model"))
+    shapes = jax.eval_shape(lambda: tree)
+    shapes["w"] = dataclasses.replace(
+        shapes["w"],
+        data=jax.ShapeDtypeStruct(t.data.shape, t.data.dtype, sharding=other),
+        scale=jax.ShapeDtypeStruct(t.scale.shape, t.scale.dtype, sharding=other),
+    )
+    loaded = jaxmx.load(tmp_path / _suffix(backend), target=shapes)
+    assert loaded["w"].data.sharding == other and loaded["w"].scale.sharding == other
+    _assert_same_tree(tree, loaded)
+
+    # Without a target: one device, same values.
+    loaded = jaxmx.load(tmp_path / _suffix(backend))
+    assert len(loaded["w"].data.sharding.device_set) == 1
+    _assert_same_tree(tree, loaded)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_target_that_does_not_match_is_an_error(tmp_path, backend):
+    w = _weights((64, 32), 3)
+    t = jaxmx.quantize(w, "mxfp6_e3m2", axis=0, packed=True)
+    path = tmp_path / _suffix(backend)
+    jaxmx.save(path, {"w": t, "b": jnp.zeros(3)})
+    bad_targets = {
+        "MXTensor packed is False": {"w": jaxmx.unpack(t), "b": jnp.zeros(3)},
+        "MXTensor format": {
+            "w": jaxmx.quantize(w, "mxfp6_e2m3", axis=0, packed=True),
+            "b": jnp.zeros(3),
+        },
+        r"float32\[4\], the checkpoint holds float32\[3\]": {"w": t, "b": jnp.zeros(4)},
+        r"bfloat16\[3\], the checkpoint holds float32\[3\]": {
+            "w": t,
+            "b": jnp.zeros(3, jnp.bfloat16),
+        },
+        "holds an MXTensor": {"w": w, "b": jnp.zeros(3)},
+        "has keys": {"w": t},
+        "is a list, the checkpoint holds a dict": [t, jnp.zeros(3)],
+    }
+    for message, target in bad_targets.items():
+        with pytest.raises(ValueError, match=message):
+            jaxmx.load(path, target=target)
+
+
+# --------------------------------------------------------------------------
+# Custom formats.
+# --------------------------------------------------------------------------
+
+E3M4 = jaxmx.ElementFormat(
+    name="fp8_e3m4_test",
+    kind="float",
+    bits=8,
+    exponent_bits=3,
+    mantissa_bits=4,
+    bias=3,
+    max_normal=float.fromhex("0x1.Fp4"),  # 31 = 1.9375 * 2^4, code S.111.1111
+    min_normal=float.fromhex("0x1p-2"),
+    min_subnormal=float.fromhex("0x1p-6"),
+    max_code=0x7F,
+)
+
+
+def _custom(name, block_size=16, element=E3M4):
+    return jaxmx.MXFormat(
+        name=name,
+        element=element,
+        scale=jaxmx.formats.E8M0,
+        block_size=block_size,
+        reference="test",
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unregistered_custom_format_is_rebuilt_from_its_card(tmp_path, backend):
+    fmt = _custom("ckpt_unregistered_e3m4")
+    five = _custom("ckpt_unregistered_e2m2", element=jaxmx.formats.float_format(2, 2, name="e2m2"))
+    x = _weights((3, 40), 4)
+    tree = {"a": jaxmx.quantize(x, fmt), "b": jaxmx.quantize(x, five, packed=True)}
+    assert tree["b"].packed  # 5-bit codes: 8 per 5 bytes
+    jaxmx.save(tmp_path / _suffix(backend), tree)
+    loaded = jaxmx.load(tmp_path / _suffix(backend))
+    assert loaded["a"].format == fmt and loaded["b"].format == five
+    assert "ckpt_unregistered_e3m4" not in jaxmx.list_formats()  # load registers nothing
+    _assert_same_tree(tree, loaded)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_registered_custom_format_loads_as_the_registered_record(tmp_path, backend):
+    name = f"ckpt_registered_{backend}"
+    fmt = jaxmx.register_format(_custom(name))
+    t = jaxmx.quantize(_weights((2, 48), 5), name)
+    jaxmx.save(tmp_path / _suffix(backend), [t])
+    loaded = jaxmx.load(tmp_path / _suffix(backend))
+    assert loaded[0].format is fmt
+    _assert_same_tree([t], loaded)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_format_whose_name_is_registered_differently_is_refused(tmp_path, backend):
+    clash = _custom("mxfp8_e4m3", block_size=32)  # the registered name, other element
+    t = jaxmx.quantize(_weights((2, 48), 6), clash)
+    jaxmx.save(tmp_path / _suffix(backend), {"w": t})
+    with pytest.raises(
+        ValueError,
+        match=r"'mxfp8_e4m3' differs from the format registered.*"
+        r"element\.bias: registered 7, checkpoint 3",
+    ):
+        jaxmx.load(tmp_path / _suffix(backend))
+
+
+def test_two_formats_of_one_name_in_a_tree_are_refused(tmp_path):
+    x = _weights((2, 32), 7)
+    tree = [jaxmx.quantize(x, _custom("twin")), jaxmx.quantize(x, _custom("twin", 32))]
+    with pytest.raises(ValueError, match="'twin' that differs from another format"):
+        jaxmx.save(tmp_path / "c", tree)
+
+
+# --------------------------------------------------------------------------
+# The safetensors file as other readers see it.
+# --------------------------------------------------------------------------
+
+
+def test_safetensors_header_names_dtypes_and_layout(tmp_path):
+    from safetensors import safe_open
+
+    w = _weights((64, 32), 8)
+    tree = {
+        "params": {
+            "w": jaxmx.quantize(w, "mxfp4", axis=0, packed=True),
+            "v": jaxmx.quantize(w, "mxfp8", axis=0),
+            "a.b": jnp.ones(2, jnp.bfloat16),
+        }
+    }
+    path = tmp_path / "m.safetensors"
+    info = jaxmx.save(path, tree)
+    assert info.disk_bytes == path.stat().st_size
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    assert header["params.w.data"]["dtype"] == "U8"  # packed codes
+    assert header["params.w.scale"]["dtype"] == "U8"  # E8M0 bits
+    assert header["params.v.data"]["dtype"] == "F8_E4M3"
+    assert header["params.a~2b"]["dtype"] == "BF16"  # "." in a key is escaped
+    manifest = json.loads(header["__metadata__"]["jaxmx"])
+    node = manifest["tree"]["children"][0]["children"][0]
+    assert (
+        node["static"].items()
+        >= {
+            "format": {"format": "mxfp4_e2m1"},
+            "axis": -2,
+            "block_size": 32,
+            "length": 64,
+            "dtype": {"dtype": "float32"},
+            "packed": True,
+        }.items()
+    )
+    assert set(node["static"]) == set(_static(tree["params"]["w"]))  # every static field
+    assert set(node["leaves"]) == {"data", "scale"}  # named, not positional
+    assert node["leaves"]["scale"] == {
+        "name": "params.w.scale",
+        "dtype": "float8_e8m0fnu",
+        "shape": [2, 32],
+        "stored_dtype": "uint8",
+    }
+    assert manifest["formats"]["mxfp4_e2m1"]["fields"]["element"]["fields"]["bits"] == 4
+    # safetensors' own reader sees the manifest and opens the E8M0 scales as their bytes.
+    with safe_open(path, framework="np") as f:
+        assert json.loads(f.metadata()["jaxmx"]) == manifest
+        scale = f.get_tensor("params.w.scale")
+    np.testing.assert_array_equal(scale, _bits(tree["params"]["w"].scale).reshape(2, 32))
+
+
+def test_unpacked_fp4_from_a_float4_holder_loads_in_this_backends_dtype(tmp_path):
+    t = jaxmx.quantize(_weights((4, 64), 9), "mxfp4")
+    codes = np.asarray(t.data)
+    as_f4 = dataclasses.replace(t, data=jnp.asarray(codes.view(ml_dtypes.float4_e2m1fn)))
+    for backend in BACKENDS:
+        path = tmp_path / _suffix(backend)
+        jaxmx.save(path, {"w": as_f4}, overwrite=True)
+        loaded = jaxmx.load(path)["w"]
+        assert loaded.data.dtype == jaxmx.codes.storage_dtype(t.format.element)
+        _assert_same_tree({"w": t}, {"w": loaded})
+
+
+# --------------------------------------------------------------------------
+# Bytes on disk.
+# --------------------------------------------------------------------------
+
+
+def test_packed_mxfp4_takes_about_4_25_bits_per_element_on_disk(tmp_path):
+    w = _weights((512, 512), 10)
+    sizes = {}
+    for name, tree in {
+        "f32": {"w": w},
+        "bf16": {"w": w.astype(jnp.bfloat16)},
+        "mxfp4": {"w": jaxmx.quantize(w, "mxfp4", axis=0, packed=True)},
+    }.items():
+        sizes[name] = jaxmx.save(tmp_path / f"{name}.safetensors", tree).disk_bytes
+        orbax = jaxmx.save(tmp_path / name, tree)
+        assert orbax.disk_bytes > 0
+    n = w.size
+    assert 4 * n < sizes["f32"] < 4 * n + 4096
+    assert 2 * n < sizes["bf16"] < 2 * n + 4096
+    assert n * 4.25 / 8 < sizes["mxfp4"] < n * 4.25 / 8 + 8192
+
+
+# --------------------------------------------------------------------------
+# Errors.
+# --------------------------------------------------------------------------
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint at .*nowhere"):
+        jaxmx.load(tmp_path / "nowhere")
+
+
+def test_not_a_jaxmx_checkpoint(tmp_path):
+    import orbax.checkpoint as ocp
+    from safetensors.numpy import save_file
+
+    with ocp.StandardCheckpointer() as c:
+        c.save(tmp_path / "plain", {"w": jnp.ones(3)})
+    with pytest.raises(ValueError, match="not a jaxmx checkpoint: it has no 'jaxmx' item"):
+        jaxmx.load(tmp_path / "plain")
+    save_file(
+        {"w": np.ones(3, np.float32)}, tmp_path / "plain.safetensors", metadata={"format": "np"}
+    )
+    with pytest.raises(ValueError, match=r"no __metadata__\['jaxmx'\] \(keys: \['format'\]\)"):
+        jaxmx.load(tmp_path / "plain.safetensors")
+    (tmp_path / "text.safetensors").write_text("hello, not a checkpoint")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        jaxmx.load(tmp_path / "text.safetensors")
+    (tmp_path / "emptydir").mkdir()
+    with pytest.raises(ValueError, match="has no 'jaxmx' item"):
+        jaxmx.load(tmp_path / "emptydir")
+
+
+def test_save_refuses_what_it_cannot_store(tmp_path):
+    t = jaxmx.quantize(jnp.ones((2, 32)), "mxfp8")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        jaxmx.save(tmp_path, {"w": t})
+    cases = {
+        "tree\\['a'\\] is a builtins.float": {"a": 1.0},
+        "key \\(1, 2\\) of type tuple": {(1, 2): t},
+        "OrderedDict": __import__("collections").OrderedDict(w=t),
+        "holds no arrays": {"a": None, "b": []},
+    }
+    for message, tree in cases.items():
+        with pytest.raises((TypeError, ValueError), match=message):
+            jaxmx.save(tmp_path / "x", tree)
+    with pytest.raises(ValueError, match="stored name '1.data'"):
+        jaxmx.save(tmp_path / "x", {1: t, "1": t})
+    with pytest.raises(ValueError, match="unknown backend 'npz'; allowed: orbax, safetensors"):
+        jaxmx.save(tmp_path / "x", {"w": t}, backend="npz")
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int"):
+        jaxmx.save(3, {"w": t})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overwrite_replaces(tmp_path, backend):
+    path = tmp_path / _suffix(backend)
+    jaxmx.save(path, {"w": jnp.zeros(3)})
+    jaxmx.save(path, {"w": jnp.ones(4)}, overwrite=True)
+    np.testing.assert_array_equal(jaxmx.load(path)["w"], np.ones(4))
+
+
+def test_missing_extra_names_the_install(monkeypatch, tmp_path):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_orbax(name, *args, **kwargs):
+        if name.startswith("orbax"):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_orbax)
+    with pytest.raises(ImportError, match="pip install orbax-checkpoint"):
+        jaxmx.save(tmp_path / "c", {"w": jnp.ones(2)})
+    # safetensors needs no orbax
+    jaxmx.save(tmp_path / "c.safetensors", {"w": jnp.ones(2)})
+    assert checkpoint.load(tmp_path / "c.safetensors")["w"].shape == (2,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flax_linen_params_with_quantized_kernels(tmp_path, backend):
+    import flax.linen as nn
+
+    model = nn.Sequential([nn.Dense(64), nn.relu, nn.Dense(10)])
+    x = jnp.ones((2, 48))
+    params = model.init(jax.random.key(0), x)
+    quantized = jax.tree.map_with_path(
+        lambda p, a: (
+            jaxmx.quantize(a, "mxfp4", axis=0, packed=True) if p[-1].key == "kernel" else a
+        ),
+        params,
+    )
+    jaxmx.save(tmp_path / _suffix(backend), quantized)
+    loaded = jaxmx.load(tmp_path / _suffix(backend))
+    _assert_same_tree(quantized, loaded)
+
+    def run(tree):
+        deq = jax.tree.map(
+            lambda a: jaxmx.dequantize(a) if isinstance(a, jaxmx.MXTensor) else a,
+            tree,
+            is_leaf=lambda a: isinstance(a, jaxmx.MXTensor),
+        )
+        return model.apply(deq, x)
+
+    out = run(loaded)
+    np.testing.assert_array_equal(out, run(quantized))
+    assert not np.array_equal(out, model.apply(params, x))  # the kernels really are MXFP4
