@@ -32,13 +32,13 @@ venv: $(STAMP)
 fashion-mnist:
 	@test -f $(FASHION) || $(SUDO) apt-get install -y dataset-fashion-mnist
 
-# tests/test_fuzz.py runs in test-slow until the bugs it found are fixed (issue 7).
+# The fuzzers (tests/test_fuzz.py) run in their default profile here; test-slow
+# adds the larger one.
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(JOBS) -m "not slow" jaxmx models examples tests --ignore=tests/test_fuzz.py
+	$(PY) -m pytest -q -n $(JOBS) -m "not slow" jaxmx models examples tests
 
 test-slow: $(STAMP) fashion-mnist
 	$(PY) -m pytest -q -m slow tests
-	$(PY) -m pytest -q tests/test_fuzz.py
 	JAXMX_FUZZ=large $(PY) -m pytest -q tests/test_fuzz.py
 
 lint: $(STAMP)

@@ -20,6 +20,7 @@ applied to the quantized operands.
 from __future__ import annotations
 
 import functools
+import operator
 from typing import NamedTuple
 
 import jax
@@ -115,6 +116,47 @@ def _mx_conv_bwd(s: _ConvStatic, res, g):
 _mx_conv.defvjp(_mx_conv_fwd, _mx_conv_bwd)
 
 
+_PADDINGS = ("SAME", "SAME_LOWER", "VALID")
+
+
+def _check_window_args(n: int, window_strides, padding, lhs_dilation, rhs_dilation) -> None:
+    """Per-spatial-axis arguments checked before lax, whose errors for these
+    are a broadcasting failure or a RuntimeError that names neither."""
+
+    def ints(name, v, lo):
+        try:
+            ok = len(v) == n and all(operator.index(d) >= lo for d in v)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"{name} must be a sequence of {n} ints >= {lo} (one per spatial axis of a "
+                f"rank-{n + 2} lhs), got {v!r}"
+            )
+
+    ints("window_strides", window_strides, 1)
+    for name, v in (("lhs_dilation", lhs_dilation), ("rhs_dilation", rhs_dilation)):
+        if v is not None:
+            ints(name, v, 1)
+    if isinstance(padding, str):
+        if padding.upper() not in _PADDINGS:
+            raise ValueError(
+                f"padding must be one of {_PADDINGS} or {n} (low, high) pairs, got {padding!r}"
+            )
+        return
+    try:
+        ok = len(padding) == n and all(
+            len(p) == 2 and all(isinstance(operator.index(q), int) for q in p) for p in padding
+        )
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"padding must be one of {_PADDINGS} or a sequence of {n} (low, high) int pairs "
+            f"(one per spatial axis), got {padding!r}"
+        )
+
+
 def conv_general_dilated(
     lhs,
     rhs,
@@ -148,6 +190,7 @@ def conv_general_dilated(
     config = as_dot_config(config)
     lhs, rhs = check_operands(lhs, rhs, "conv_general_dilated")
     check_key(key, config)
+    _check_window_args(lhs.ndim - 2, window_strides, padding, lhs_dilation, rhs_dilation)
     conv = functools.partial(
         lax.conv_general_dilated,
         window_strides=window_strides,

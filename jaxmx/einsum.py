@@ -32,6 +32,11 @@ def _split(subscripts: str, a_ndim: int, b_ndim: int) -> tuple[str, str, str]:
         )
     if "->" in s:
         ins, out = s.split("->")
+        if "," in out:
+            raise ValueError(
+                f"einsum subscripts {subscripts!r}: the output term {out!r} must be one term "
+                "(jaxmx.einsum returns one array), without ','"
+            )
     else:
         ins, out = s, None
     parts = ins.split(",")
@@ -66,8 +71,11 @@ def _split(subscripts: str, a_ndim: int, b_ndim: int) -> tuple[str, str, str]:
                 f"einsum subscripts {subscripts!r}: a label repeated within one term "
                 "(a trace or diagonal) is not supported by jaxmx.einsum"
             )
-    if set(out) - set(a + b):
-        raise ValueError(f"einsum subscripts {subscripts!r}: output label not in any operand")
+    if missing := "".join(sorted(set(out) - set(a + b))):
+        raise ValueError(
+            f"einsum subscripts {subscripts!r}: output labels {missing!r} are not in any "
+            "operand; every output label must appear in an input term"
+        )
     return a, b, out
 
 

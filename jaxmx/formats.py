@@ -532,12 +532,15 @@ def register_format(fmt: MXFormat, *, aliases: tuple[str, ...] = ()) -> MXFormat
     """
     if not isinstance(fmt, MXFormat):
         raise TypeError(f"register_format expects an MXFormat, got {type(fmt).__name__}")
-    if isinstance(aliases, str) or not all(isinstance(a, str) and a for a in aliases):
+    if not isinstance(aliases, (tuple, list)) or not all(isinstance(a, str) and a for a in aliases):
         # A bare string would register each of its characters as an alias.
         raise TypeError(f"aliases must be a tuple of non-empty names, got {aliases!r}")
     for name in (fmt.name, *aliases):
         if name in _REGISTRY or name in _ALIASES:
-            raise ValueError(f"format name {name!r} is already registered")
+            raise ValueError(
+                f"format name {name!r} is already registered; names and aliases must be new "
+                "(see jaxmx.list_formats(aliases=True))"
+            )
     _REGISTRY[fmt.name] = fmt
     for alias in aliases:
         _ALIASES[alias] = fmt.name

@@ -884,6 +884,8 @@ def intercept(
             weights = re.compile(weights)
         except re.error as err:
             raise ValueError(f"weights {weights!r} is not a regular expression: {err}") from None
+    if not isinstance(warn, (bool, np.bool_)):
+        raise TypeError(f"warn must be True or False, got {warn!r}")
     if path_root is not None and not isinstance(path_root, str):
         raise TypeError(f"path_root must be a string or None, got {path_root!r}")
     if path_root is not None:

@@ -297,3 +297,69 @@ def test_format_names_are_configs():
     )
     _same(got, want)
     _changed(got, lax.dot_general(x, w, DIMS, precision=lax.Precision.HIGHEST))
+
+
+# Found by the fuzzers (tests/test_fuzz.py) after the ten above.
+
+
+def test_bf16_operands_through_jit_grad_on_every_path():
+    # XLA:CPU has no BF16 x BF16 -> F32 dot for this layout; jaxmx widens on CPU.
+    a = jax.random.normal(jax.random.key(12), (8, 3)).astype(jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(13), (8, 4, 5)).astype(jnp.bfloat16)
+    dims = (((0,), (0,)), ((), ()))
+    want = lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32), dims)
+    for cfg in ("fp32", jaxmx.preset("mxfp8", compute_dtype="bfloat16")):
+
+        def loss(x, y, cfg=cfg):
+            out = jaxmx.dot_general(x, y, dims, preferred_element_type=jnp.float32, config=cfg)
+            return (out**2).sum()
+
+        ga, gb = jax.jit(jax.grad(loss, (0, 1)))(a, b)
+        assert ga.dtype == jnp.bfloat16 and gb.shape == b.shape
+    out = jaxmx.dot_general(a, b, dims, preferred_element_type=jnp.float32, config="fp32")
+    _same(out, want)  # products of bf16 values are exact in float32
+
+
+def test_dimension_numbers_lax_takes_and_malformed_ones():
+    a, b = jnp.ones((2, 8)), jnp.ones((8, 3))
+    for dn in (None, ((1, 0), ((), ()))):
+        assert jaxmx.dot_general(a, b, dn, config="mxfp8").shape == (2, 3)
+    with pytest.raises(ValueError, match="'ij'"):
+        jaxmx.dot_general(a, b, "ij", config="mxfp8")
+    with pytest.raises(ValueError, match="only allowed for an un-batched"):
+        jaxmx.dot_general(jnp.ones((2, 2, 8)), jnp.ones((8, 3)), None, config="mxfp8")
+
+
+def test_conv_window_arguments_are_checked_before_lax():
+    x, w = jnp.ones((1, 8, 8, 32)), jnp.ones((3, 3, 32, 4))
+    dn = ("NHWC", "HWIO", "NHWC")
+    with pytest.raises(
+        ValueError, match=r"window_strides must be a sequence of 2 ints.*\(1, 1, 1\)"
+    ):
+        jaxmx.conv_general_dilated(x, w, (1, 1, 1), "SAME", dimension_numbers=dn, config="mxfp8")
+    with pytest.raises(ValueError, match="padding must be one of.*'FOO'"):
+        jaxmx.conv_general_dilated(x, w, (1, 1), "FOO", dimension_numbers=dn, config="mxfp8")
+    y = jaxmx.conv_general_dilated(x, w, (1, 1), "same", dimension_numbers=dn, config="mxfp8")
+    assert y.shape == (1, 8, 8, 4)
+
+
+def test_small_argument_checks():
+    with pytest.raises(ValueError, match="must be one term"):
+        jaxmx.einsum("ij,jk->ik,", jnp.ones((2, 32)), jnp.ones((32, 2)), config="mxfp8")
+    with pytest.raises(TypeError, match="warn must be True or False"):
+        jaxmx.intercept(jnp.matmul, "mxfp8", warn="no")
+    fmt = jaxmx.MXFormat(
+        name="regress_alias", element=jaxmx.formats.FP8_E4M3, scale=jaxmx.formats.E8M0
+    )
+    with pytest.raises(TypeError, match="aliases must be a tuple"):
+        jaxmx.register_format(fmt, aliases=None)
+    with pytest.raises(ValueError, match="already registered; names and aliases must be new"):
+        jaxmx.register_format(fmt, aliases=("mxfp8",))
+
+
+def test_element_formats_outside_float32_are_refused():
+    with pytest.raises(ValueError, match=r"2\^-149 \.\. 2\^127"):
+        jaxmx.formats.float_format(12, 3)
+    with pytest.raises(ValueError, match=r"2\^-149 \.\. 2\^127"):
+        jaxmx.formats.float_format(9, 2)
+    assert jaxmx.formats.float_format(8, 7).min_subnormal == 2.0**-133  # bfloat16 stays
