@@ -16,6 +16,7 @@ Usage::
 
     python examples/dropback_fashion_mnist.py              # the study (about 30 minutes on 2 cores)
     python examples/dropback_fashion_mnist.py --quick      # smoke test, seconds
+    python examples/dropback_fashion_mnist.py --summarize runs/a,runs/b   # seeds side by side
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ if __package__ in (None, ""):  # run as a script: make `models`/`examples` impor
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 import jaxmx.optax
 from examples import data, study, training
@@ -81,6 +85,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-examples", type=int, default=10000, help="test images (first N)")
     p.add_argument("--quick", action="store_true", help="tiny smoke-test configuration")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument(
+        "--summarize",
+        help="comma-separated output folders of finished runs (e.g. one per seed): "
+        "print their accuracies and gaps side by side instead of training",
+    )
     args = p.parse_args(argv)
     table = {**DEFAULTS, **QUICK} if args.quick else DEFAULTS
     for key, value in table.items():
@@ -212,9 +221,115 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def tail_means(metrics: dict, fraction: float = 0.1) -> dict:
+    """Train loss and test accuracy averaged over the last ``fraction`` of training.
+
+    With a constant learning rate the test accuracy moves by a few tenths of a
+    point from one evaluation to the next; a mean over the last evaluations
+    is the steadier figure. The train loss shows how well a budget fits.
+    """
+    steps = metrics["config"]["train"]["steps"]
+    train = [t["loss"] for t in metrics["train"] if t["step"] > (1 - fraction) * steps]
+    evals = [e["accuracy"] for e in metrics["eval"] if e["step"] > (1 - 2 * fraction) * steps]
+    return {"train_loss_tail": float(np.mean(train)), "test_accuracy_tail": float(np.mean(evals))}
+
+
+def summarize(folders: list[str], results=None, plot=None) -> list[dict]:
+    """Per variant: accuracy in each folder (seed), gap to that folder's FP32, mean and spread.
+
+    Reads ``<folder>/<variant>/metrics.json`` of finished runs.
+    """
+    per_variant: dict[str, list[dict]] = {}
+    for folder in folders:
+        runs = {}
+        for path in sorted(pathlib.Path(folder).glob("*/metrics.json")):
+            metrics = json.loads(path.read_text())
+            if metrics.get("final_eval", {}).get("step") != metrics["config"]["train"]["steps"]:
+                continue  # unfinished
+            runs[path.parent.name] = {
+                "final": metrics["final_eval"]["accuracy"],
+                **tail_means(metrics),
+                "seed": metrics["config"]["train"]["seed"],
+            }
+        if "fp32" not in runs:
+            raise ValueError(f"{folder} has no finished fp32 run to compare with")
+        for variant, r in runs.items():
+            r["gap"] = 100 * (r["final"] - runs["fp32"]["final"])
+            r["gap_tail"] = 100 * (r["test_accuracy_tail"] - runs["fp32"]["test_accuracy_tail"])
+            per_variant.setdefault(variant, []).append({"folder": folder, **r})
+    order = [v for v in VARIANTS if v in per_variant]
+    rows = []
+    for variant in order:
+        runs = per_variant[variant]
+        gaps = np.array([r["gap"] for r in runs])
+        rows.append(
+            {
+                "variant": variant,
+                "runs": runs,
+                "accuracy_mean": float(np.mean([r["final"] for r in runs])),
+                "gap_mean": float(gaps.mean()),
+                "gap_min": float(gaps.min()),
+                "gap_max": float(gaps.max()),
+                "gap_tail_mean": float(np.mean([r["gap_tail"] for r in runs])),
+                "train_loss_tail_mean": float(np.mean([r["train_loss_tail"] for r in runs])),
+            }
+        )
+    if results:
+        pathlib.Path(results).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(results).write_text(json.dumps({"folders": folders, "rows": rows}, indent=1))
+    if plot:
+        plot_gaps(rows, plot)
+    return rows
+
+
+def format_summary(rows: list[dict]) -> str:
+    """The seed table: final accuracy and gap per run, the mean gap, the train loss."""
+    lines = [
+        "| variant | test accuracy per seed | gap to FP32 per seed (points) | mean gap "
+        "| mean gap, last 20% of evals | train loss, last 10% |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        accs = " / ".join(f"{100 * x['final']:.2f}" for x in r["runs"])
+        gaps = " / ".join(f"{x['gap']:+.2f}" for x in r["runs"])
+        mean = "-" if r["variant"] == "fp32" else f"{r['gap_mean']:+.2f}"
+        tail = "-" if r["variant"] == "fp32" else f"{r['gap_tail_mean']:+.2f}"
+        lines.append(
+            f"| {r['variant']} | {accs} | {gaps if r['variant'] != 'fp32' else '-'} | {mean} "
+            f"| {tail} | {r['train_loss_tail_mean']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_gaps(rows: list[dict], path) -> pathlib.Path:
+    """Gap to FP32 per variant: one dot per seed, a bar at the mean."""
+    rows = [r for r in rows if r["variant"] != "fp32"]
+    fig = Figure(figsize=(7, 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for i, r in enumerate(rows):
+        ax.bar(i, r["gap_mean"], color="#9ecae1")
+        ax.plot([i] * len(r["runs"]), [x["gap"] for x in r["runs"]], "o", color="#08519c")
+    ax.axhline(-1.0, color="#d62728", linestyle="--", label="goal: within 1 point")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=20, ha="right")
+    ax.set_ylabel("test accuracy gap to FP32 (points)")
+    ax.set_title("DropBack on Fashion-MNIST, LeNet-300-100: one dot per seed")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
+
+
 def main(argv=None) -> list[dict]:
-    """Runs the study and prints the table."""
+    """Runs the study and prints the table (or, with ``--summarize``, the seed table)."""
     args = parse_args(argv)
+    if args.summarize:
+        rows = summarize(args.summarize.split(","), args.results, args.plot)
+        print(format_summary(rows))
+        return rows
     rows = run(args)
     table = format_table(rows)
     (pathlib.Path(args.out) / "table.md").write_text(table + "\n")
