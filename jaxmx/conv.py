@@ -29,6 +29,8 @@ from jax import lax
 
 from jaxmx.config import DotConfig, as_dot_config
 from jaxmx.dot import _compute_dtype, _operand, check_key, check_operands
+from jaxmx.quantize import dequantize
+from jaxmx.tensor import MXTensor
 
 __all__ = ["conv_general_dilated"]
 
@@ -63,7 +65,7 @@ def _conv(lhs, rhs, s: _ConvStatic):
 
 def _grouped(x, fmt, axis: int, groups: int, cfg: DotConfig, rounding, key, role):
     """Quantizes ``x`` along ``axis`` with blocks kept inside each of ``groups`` groups."""
-    if fmt is None or groups == 1:
+    if fmt is None or groups == 1 or isinstance(x, MXTensor):  # an MXTensor: checked, decoded
         return _operand(x, fmt, axis, cfg, rounding, key, role)
     shape = x.shape
     split = shape[:axis] + (groups, shape[axis] // groups) + shape[axis + 1 :]
@@ -90,9 +92,11 @@ def _mx_conv_fwd(lhs, rhs, key, s: _ConvStatic):
 
 def _mx_conv_bwd(s: _ConvStatic, res, g):
     """dgrad: dY (blocks along its features) with the kernel (along O); wgrad:
-    input and dY, both blocked along the batch axis N."""
+    input and dY, both blocked along the batch axis N. An operand given as an
+    MXTensor gets no gradient (its codes are constants)."""
     cfg, dn = s.config, s.dimension_numbers
-    lhs, rhs, key = res
+    lhs_const, rhs_const = (isinstance(x, MXTensor) for x in res[:2])
+    lhs, rhs, key = (dequantize(x, x.dtype) if isinstance(x, MXTensor) else x for x in res)
     g_round = cfg.effective_grad_rounding
     groups = s.feature_group_count
     cdt = jnp.promote_types(_compute_dtype(cfg), jnp.promote_types(lhs.dtype, rhs.dtype))
@@ -103,20 +107,52 @@ def _mx_conv_bwd(s: _ConvStatic, res, g):
     )
     # The convolution is linear in each operand: its VJP in lhs, taken at
     # the quantized kernel, is the dgrad convolution of Q(dY) and Q(W).
-    _, vjp_lhs = jax.vjp(lambda x: _conv(x, w1.astype(cdt), s), lhs.astype(cdt))
-    (d_lhs,) = vjp_lhs(g1.astype(jnp.float32))
-
-    x2 = _operand(lhs, cfg.role("lhs_bwd"), dn.lhs_spec[0], cfg, cfg.rounding, key, "lhs_bwd")
-    g2 = _operand(g, cfg.grad, dn.out_spec[0], cfg, g_round, key, "grad_wgrad")
-    _, vjp_rhs = jax.vjp(lambda w: _conv(x2.astype(cdt), w, s), rhs.astype(cdt))
-    (d_rhs,) = vjp_rhs(g2.astype(jnp.float32))
-    return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype), None
+    d_lhs = d_rhs = None
+    if not lhs_const:
+        _, vjp_lhs = jax.vjp(lambda x: _conv(x, w1.astype(cdt), s), lhs.astype(cdt))
+        (d_lhs,) = vjp_lhs(g1.astype(jnp.float32))
+        d_lhs = d_lhs.astype(lhs.dtype)
+    if not rhs_const:
+        x2 = _operand(lhs, cfg.role("lhs_bwd"), dn.lhs_spec[0], cfg, cfg.rounding, key, "lhs_bwd")
+        g2 = _operand(g, cfg.grad, dn.out_spec[0], cfg, g_round, key, "grad_wgrad")
+        _, vjp_rhs = jax.vjp(lambda w: _conv(x2.astype(cdt), w, s), rhs.astype(cdt))
+        (d_rhs,) = vjp_rhs(g2.astype(jnp.float32))
+        d_rhs = d_rhs.astype(rhs.dtype)
+    return d_lhs, d_rhs, None
 
 
 _mx_conv.defvjp(_mx_conv_fwd, _mx_conv_bwd)
 
 
 _PADDINGS = ("SAME", "SAME_LOWER", "VALID")
+
+
+def _take_prequantized(config: DotConfig, lhs, rhs, dn, groups: int) -> DotConfig:
+    """MXTensor operands must be blocked along the feature axis the forward
+    quantizes (input: C, kernel: I), blocks within one feature group; their
+    formats replace the config's for that side."""
+    for name, x, axis, what in (
+        ("lhs", lhs, dn.lhs_spec[1], "input feature axis C"),
+        ("rhs", rhs, dn.rhs_spec[1], "kernel input-feature axis I"),
+    ):
+        if not isinstance(x, MXTensor):
+            continue
+        got = x.block_axis() + x.ndim
+        if got != axis:
+            raise ValueError(
+                f"jaxmx.conv_general_dilated: {name} is an MXTensor blocked along axis {got}, "
+                f"but its blocks must run along the {what} (axis {axis}); quantize it with "
+                f"axis={axis}, or dequantize it first"
+            )
+        per_group = x.shape[axis] // groups
+        if name == "lhs" and groups > 1 and per_group % x.block_size:
+            raise ValueError(
+                f"jaxmx.conv_general_dilated: the MXTensor lhs has blocks of {x.block_size} "
+                f"along C, which do not stay within feature groups of {per_group} "
+                f"(feature_group_count={groups}); use a block size that divides {per_group}"
+            )
+        config = config.replace(**{name: x.format})
+    return config
 
 
 def _check_window_args(n: int, window_strides, padding, lhs_dilation, rhs_dilation) -> None:
@@ -200,7 +236,7 @@ def conv_general_dilated(
         dimension_numbers=dimension_numbers,
         feature_group_count=feature_group_count,
     )
-    if config.is_noop:
+    if config.is_noop and not any(isinstance(x, MXTensor) for x in (lhs, rhs)):
         return conv(
             lhs,
             rhs,
@@ -218,6 +254,7 @@ def conv_general_dilated(
         conv, jax.ShapeDtypeStruct(lhs.shape, lhs.dtype), jax.ShapeDtypeStruct(rhs.shape, rhs.dtype)
     )
     dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    config = _take_prequantized(config, lhs, rhs, dn, feature_group_count)
     out_dtype = jnp.dtype(preferred_element_type or jnp.promote_types(lhs.dtype, rhs.dtype))
     if isinstance(padding, list):
         padding = tuple(tuple(p) for p in padding)

@@ -36,6 +36,7 @@ from jax import lax
 from jaxmx import native
 from jaxmx.config import DotConfig, as_dot_config
 from jaxmx.formats import MXFormat
+from jaxmx.packing import unpack
 from jaxmx.quantize import _fake_quantize_impl, _quantize, dequantize
 from jaxmx.tensor import MXTensor
 
@@ -112,6 +113,7 @@ class _Static(NamedTuple):
     precision: object
     out_dtype: object
     out_sharding: object
+    prequantized: tuple[bool, bool] = (False, False)  # lhs, rhs given as MXTensors
 
 
 # --------------------------------------------------------------------------
@@ -158,8 +160,11 @@ def _rbits(x, rounding: str, key, role: str):
 def _operand(x, fmt: MXFormat | None, axis: int | None, config: DotConfig, rounding, key, role):
     """``x`` fake-quantized to ``fmt`` with blocks along ``axis``, in compute dtype.
 
-    ``axis=None``: nothing to contract, one element per block.
+    ``axis=None``: nothing to contract, one element per block. An
+    :class:`~jaxmx.MXTensor` is already quantized: it is only decoded.
     """
+    if isinstance(x, MXTensor):
+        return dequantize(x, _compute_dtype(config))
     if fmt is None:
         return x
     rbits = _rbits(x, rounding, key, role)
@@ -192,7 +197,7 @@ class _Side(NamedTuple):
 def _qmatmul(a: _Side, b: _Side, dims, static: _Static, key, out_dtype, out_sharding=None):
     """``Q(a) . Q(b)`` with blocks along the last contracting axis of each side."""
     cfg = static.config
-    reason = native.unsupported_reason(a.fmt, b.fmt, a.contracting, a.x.shape, cfg)
+    reason = _native_reason(a, b, cfg)
     if native.use_native(cfg, reason):
         ta, tb = (_mx_tensor(s, cfg, key) for s in (a, b))
         return native.scaled_dot(ta, tb, dims, out_dtype)
@@ -238,7 +243,29 @@ def lax_dot(lhs, rhs, dims, precision=None, preferred_element_type=None, out_sha
     )
 
 
+def _native_reason(a: _Side, b: _Side, cfg: DotConfig) -> str | None:
+    """Why ``Q(a) . Q(b)`` cannot run as ``lax.scaled_dot`` (``None``: it can)."""
+    reason = native.unsupported_reason(a.fmt, b.fmt, a.contracting, _shape(a.x), cfg)
+    if reason is not None:
+        return reason
+    sizes = set()
+    for s in (a, b):
+        if isinstance(s.x, MXTensor):
+            if s.x.block_axis() + s.x.ndim != s.contracting[-1]:
+                return "a pre-quantized operand is blocked along another contracting axis"
+            sizes.add(s.x.block_size)
+        else:
+            sizes.add(cfg.block_size or s.fmt.block_size)
+    return None if len(sizes) == 1 else f"block sizes differ ({sorted(sizes)})"
+
+
+def _shape(x) -> tuple[int, ...]:
+    return tuple(x.shape)
+
+
 def _mx_tensor(side: _Side, cfg: DotConfig, key) -> MXTensor:
+    if isinstance(side.x, MXTensor):
+        return unpack(side.x)
     axis = side.contracting[-1] - side.x.ndim
     bs = cfg.block_size or side.fmt.block_size
     rbits = _rbits(side.x, side.rounding, key, side.role)
@@ -273,9 +300,8 @@ def _mx_dot_fwd(lhs, rhs, key, static: _Static):
     # The stash is the forward MX copy itself (same rounding, same random
     # bits), quantized once and used by the forward matmul too.
     ta, tb = _stash(a, cfg, key), _stash(b, cfg, key)
-    reason = native.unsupported_reason(a.fmt, b.fmt, a.contracting, a.x.shape, cfg)
-    if native.use_native(cfg, reason):
-        out = native.scaled_dot(ta, tb, dims, static.out_dtype)
+    if native.use_native(cfg, _native_reason(a, b, cfg)):
+        out = native.scaled_dot(unpack(ta), unpack(tb), dims, static.out_dtype)
     else:
         cdt = _compute_dtype(cfg)
         qa, qb = (dequantize(t, cdt) if isinstance(t, MXTensor) else t for t in (ta, tb))
@@ -284,6 +310,8 @@ def _mx_dot_fwd(lhs, rhs, key, static: _Static):
 
 
 def _stash(side: _Side, cfg: DotConfig, key):
+    if isinstance(side.x, MXTensor):
+        return side.x
     if side.fmt is None or not side.contracting:
         return (
             side.x
@@ -310,39 +338,56 @@ def _mx_dot_bwd(static: _Static, res, g):
 
     ``g`` uses ``config.grad`` with ``config.grad_rounding`` in both.
     """
-    d, cfg = static.dims, static.config
     lhs, rhs, key = res
+    # An operand given as an MXTensor (not a quantized stash) is a constant:
+    # its codes get no gradient, and its gradient matmul is skipped.
+    lhs_const, rhs_const = static.prequantized
     lhs, rhs = _unstash(lhs), _unstash(rhs)
-    nb, nlf, nrf = len(d.lb), len(d.lf), len(d.rf)
-    g_batch = tuple(range(nb))
-    g_lfree = tuple(range(nb, nb + nlf))  # g's axes of lhs's free dims
-    g_rfree = tuple(range(nb + nlf, nb + nlf + nrf))  # ... of rhs's free dims
-    g_round = cfg.effective_grad_rounding
+    d_lhs = None if lhs_const else _dgrad(static, key, g, rhs, lhs.dtype)
+    d_rhs = None if rhs_const else _wgrad(static, key, g, lhs, rhs.dtype)
+    return d_lhs, d_rhs, None
 
-    # dgrad: contract g's rhs-free axes with rhs's free axes.
+
+def _g_axes(d: _Dims):
+    """``g``'s batch axes, its axes of lhs's free dims, of rhs's free dims."""
+    nb, nlf, nrf = len(d.lb), len(d.lf), len(d.rf)
+    return (
+        tuple(range(nb)),
+        tuple(range(nb, nb + nlf)),
+        tuple(range(nb + nlf, nb + nlf + nrf)),
+    )
+
+
+def _dgrad(static: _Static, key, g, rhs, dtype):
+    """``d_lhs``: contracts g's rhs-free axes with rhs's free axes."""
+    d, cfg = static.dims, static.config
+    g_batch, _, g_rfree = _g_axes(d)
     d_lhs = _qmatmul(
-        _Side(g, cfg.grad, g_rfree, g_round, "grad_dgrad"),
+        _Side(g, cfg.grad, g_rfree, cfg.effective_grad_rounding, "grad_dgrad"),
         _Side(rhs, cfg.role("rhs_bwd"), d.rf, cfg.rounding, "rhs_bwd"),
         ((g_rfree, d.rf), (g_batch, d.rb)),
         static,
         key,
-        lhs.dtype,
+        dtype,
     )
     # Result axes: batch, lhs free, then rhs's remaining (contracting) axes
     # in ascending order, which pair with lhs's contracting axes.
-    d_lhs = _to_layout(d_lhs, (*d.lb, *d.lf, *(d.lc[d.rc.index(r)] for r in sorted(d.rc))))
+    return _to_layout(d_lhs, (*d.lb, *d.lf, *(d.lc[d.rc.index(r)] for r in sorted(d.rc))))
 
-    # wgrad: contract lhs's free axes with g's lhs-free axes.
+
+def _wgrad(static: _Static, key, g, lhs, dtype):
+    """``d_rhs``: contracts lhs's free axes with g's lhs-free axes."""
+    d, cfg = static.dims, static.config
+    g_batch, g_lfree, _ = _g_axes(d)
     d_rhs = _qmatmul(
         _Side(lhs, cfg.role("lhs_bwd"), d.lf, cfg.rounding, "lhs_bwd"),
-        _Side(g, cfg.grad, g_lfree, g_round, "grad_wgrad"),
+        _Side(g, cfg.grad, g_lfree, cfg.effective_grad_rounding, "grad_wgrad"),
         ((d.lf, g_lfree), (d.lb, g_batch)),
         static,
         key,
-        rhs.dtype,
+        dtype,
     )
-    d_rhs = _to_layout(d_rhs, (*d.rb, *(d.rc[d.lc.index(a)] for a in sorted(d.lc)), *d.rf))
-    return d_lhs, d_rhs, None
+    return _to_layout(d_rhs, (*d.rb, *(d.rc[d.lc.index(a)] for a in sorted(d.lc)), *d.rf))
 
 
 def _to_layout(x, axes_of_result: Sequence[int]):
@@ -377,7 +422,13 @@ def dot_general(
     ``flax.nnx.Linear(dot_general=...)`` and the like.
 
     Args:
-      lhs, rhs: float arrays (float32, bfloat16 or float16).
+      lhs, rhs: float arrays (float32, bfloat16 or float16), or
+        :class:`~jaxmx.MXTensor` operands blocked along one of their contracting
+        axes (e.g. weights quantized once for serving). An MXTensor is used
+        as it is, never quantized again: its format replaces the config's
+        for that side (so ``rhs_bwd=FORWARD`` reuses it), it is decoded into
+        the matmul, or goes straight into ``lax.scaled_dot`` where the
+        hardware has one, and it gets no gradient (its codes are constants).
       dimension_numbers: as for ``lax.dot_general``.
       precision: passed to the underlying matmuls.
       preferred_element_type: output dtype; default: the promoted operand
@@ -405,8 +456,6 @@ def dot_general(
     lhs, rhs = check_operands(lhs, rhs, "dot_general")
     check_key(key, config)
     dimension_numbers = canonical_dimension_numbers(dimension_numbers, lhs.shape, rhs.shape)
-    if config.is_noop:
-        return lax_dot(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding)
     # lax's own shape rule validates the dimension numbers (range, duplicates,
     # sizes), so invalid ones raise exactly what lax.dot_general raises.
     jax.eval_shape(
@@ -415,14 +464,36 @@ def dot_general(
         jax.ShapeDtypeStruct(rhs.shape, rhs.dtype),
     )
     dims = _dims(dimension_numbers, lhs.ndim, rhs.ndim)
+    config = _take_prequantized(config, lhs, rhs, dims, "dot_general")
+    if config.is_noop:
+        return lax_dot(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding)
     out_dtype = jnp.dtype(preferred_element_type or jnp.promote_types(lhs.dtype, rhs.dtype))
-    static = _Static(dims, config, precision, out_dtype, out_sharding)
+    pre = (isinstance(lhs, MXTensor), isinstance(rhs, MXTensor))
+    static = _Static(dims, config, precision, out_dtype, out_sharding, pre)
     return _mx_dot(lhs, rhs, key, static)
 
 
+def _take_prequantized(config: DotConfig, lhs, rhs, dims: _Dims, op: str) -> DotConfig:
+    """Checks MXTensor operands' block axes; their formats replace the config's."""
+    for name, x, contracting in (("lhs", lhs, dims.lc), ("rhs", rhs, dims.rc)):
+        if not isinstance(x, MXTensor):
+            continue
+        axis = x.block_axis() + x.ndim
+        if axis not in contracting:
+            raise ValueError(
+                f"jaxmx.{op}: {name} is an MXTensor blocked along axis {axis}, but this matmul "
+                f"contracts its axes {contracting}; blocks must run along a contracting axis "
+                f"(quantize it with axis={contracting[-1] if contracting else '...'}), or "
+                "dequantize it first"
+            )
+        config = config.replace(**{name: x.format})
+    return config
+
+
 def check_operands(lhs, rhs, op: str) -> tuple[jax.Array, jax.Array]:
-    """Both operands as arrays of a float dtype MX quantizes (float32, bfloat16, float16)."""
-    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    """Both operands as arrays (or MXTensors) of a float dtype MX quantizes
+    (float32, bfloat16, float16)."""
+    lhs, rhs = (x if isinstance(x, MXTensor) else jnp.asarray(x) for x in (lhs, rhs))
     for name, x in (("lhs", lhs), ("rhs", rhs)):
         if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.float64:
             raise TypeError(

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from jaxmx.config import DotConfig
 from jaxmx.dot import dot_general
+from jaxmx.tensor import MXTensor
 
 __all__ = ["einsum"]
 
@@ -100,7 +101,9 @@ def einsum(
 
     Args:
       subscripts: e.g. ``"bsk,nk->bsn"``; ``...`` and implicit outputs work.
-      a, b: the operands.
+      a, b: the operands: float arrays, or :class:`~jaxmx.MXTensor` operands
+        blocked along a contracted label (used as they are; see
+        :func:`jaxmx.dot_general`).
       config: a :class:`~jaxmx.DotConfig` (``lhs`` is ``a``, ``rhs`` is ``b``).
       precision, preferred_element_type, out_sharding, key: as for
         :func:`jaxmx.dot_general`.
@@ -110,12 +113,19 @@ def einsum(
     >>> jaxmx.einsum("...qhd,...khd->...hqk", q, k, config=jaxmx.preset("mxfp8")).shape
     (2, 4, 5, 7)
     """
-    a, b = jnp.asarray(a), jnp.asarray(b)
+    a, b = (x if isinstance(x, MXTensor) else jnp.asarray(x) for x in (a, b))
     ta, tb, to = _split(subscripts, a.ndim, b.ndim)
     # Labels in one operand and not in the output: sum them out first.
     for which in ("a", "b"):
         term, other, x = (ta, tb, a) if which == "a" else (tb, ta, b)
         drop = [i for i, c in enumerate(term) if c not in other and c not in to]
+        if drop and isinstance(x, MXTensor):
+            raise ValueError(
+                f"einsum {subscripts!r}: labels {''.join(term[i] for i in drop)!r} of the "
+                f"MXTensor operand {which} are summed out before the matmul, which an "
+                "MXTensor cannot do without decoding; dequantize it first, or keep those "
+                "labels in the output"
+            )
         if drop:
             x = jnp.sum(x, axis=tuple(drop))
             term = "".join(c for i, c in enumerate(term) if i not in drop)
