@@ -53,6 +53,10 @@ from jaxmx.intercept import Coverage
 from jaxmx.intercept import MatmulSite
 from jaxmx.intercept import intercept
 
+# Serving: matmul weights quantized once, run from MXTensors under intercept.
+from jaxmx.params import param_bytes
+from jaxmx.params import quantize_params
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -82,9 +86,11 @@ __all__ = [
     "native",
     "numerics",
     "pack",
+    "param_bytes",
     "preset",
     "qsnr",
     "quantize",
+    "quantize_params",
     "register_format",
     "round_to",
     "save",

@@ -58,7 +58,9 @@ from jax.extend import source_info_util as siu
 from jaxmx.config import DotConfig
 from jaxmx.conv import conv_general_dilated as _mx_conv_general_dilated
 from jaxmx.dot import dot_general as _mx_dot_general
+from jaxmx.quantize import dequantize
 from jaxmx.rules import Rule, parse_rules
+from jaxmx.tensor import MXTensor
 
 __all__ = ["Coverage", "MatmulSite", "intercept"]
 
@@ -236,7 +238,8 @@ def _jaxmx_op(eqn) -> str | None:
 def _dtype_reason(dtypes) -> str | None:
     for dt in dtypes:
         dt = np.dtype(dt)
-        if not np.issubdtype(dt, np.floating) or dt == np.float64:
+        # jnp.issubdtype knows ml_dtypes' bfloat16 is a float; np.issubdtype does not.
+        if not jax.numpy.issubdtype(dt, jax.numpy.floating) or dt == np.float64:
             kind = "float64" if dt == np.float64 else str(dt)
             return f"{kind} operands (jaxmx takes float32, bfloat16 and float16)"
     return None
@@ -254,6 +257,7 @@ class _Planner:
         self.decisions: dict[tuple, DotConfig] = {}  # eqn address -> config
         self.rebuild: set[tuple] = set()  # addresses of eqns with MX inside
         self.hits: collections.Counter = collections.Counter()
+        self.mx_args: dict[str, str] = {}  # argument path -> format of an MXTensor argument
 
     def _path(self, ns, op: str) -> str:
         scope = str(ns)
@@ -315,6 +319,13 @@ class _Planner:
         if why is not None:
             return self.sites.append(high(why))
         cfg, note = self._roles(rule.config, op, operands)
+        pre = [
+            f"{side} {self.mx_args[o]}"
+            for side, o in zip(("lhs", "rhs"), operands, strict=True)
+            if o in self.mx_args
+        ]
+        if pre:
+            note += f" (MXTensor {', '.join(pre)}: used as is if blocked along the contraction)"
         self.sites.append(
             MatmulSite(**base, mx=True, config=cfg, rule=pattern, reason=cfg.describe() + note)
         )
@@ -460,20 +471,61 @@ def _run(jaxpr, consts, args, addr: tuple, plan: _Plan) -> list:
         with siu.user_context(eqn.source_info.traceback, name_stack=name_stack), eqn.ctx.manager:
             if a in plan.decisions:
                 outs = [_mx_op(eqn, invals, plan.decisions[a])]
-            elif a in plan.rebuild:
-                outs = _REBUILD[_kind(eqn)](eqn, invals, a, plan)
+            elif a in plan.rebuild and _kind(eqn) != "shard_map":
+                outs = _REBUILD[_kind(eqn)](eqn, invals, a, plan)  # MXTensors flow in as pytrees
+            elif (cast := _mx_cast(eqn, invals)) is not None:
+                outs = [cast]
             else:
-                outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+                invals = [_decoded(x, v) for x, v in zip(invals, eqn.invars, strict=True)]
+                if a in plan.rebuild:
+                    outs = _REBUILD[_kind(eqn)](eqn, invals, a, plan)
+                else:
+                    outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
                 if not eqn.primitive.multiple_results:
                     outs = [outs]
         for v, x in zip(eqn.outvars, outs, strict=True):
             env[v] = x
-    return [read(v) for v in jaxpr.outvars]
+    return [_decoded(read(v), v) for v in jaxpr.outvars]
+
+
+def _decoded(x, v):
+    """An MXTensor argument decoded for an op that needs its values."""
+    return dequantize(x, v.aval.dtype) if isinstance(x, MXTensor) else x
+
+
+def _mx_cast(eqn, invals) -> MXTensor | None:
+    """A float cast of an MXTensor argument (a layer's ``dtype``) stays an
+    MXTensor that decodes to the new dtype: decoding to it directly rounds
+    the same way as decoding then casting."""
+    if eqn.primitive.name != "convert_element_type" or not isinstance(invals[0], MXTensor):
+        return None
+    new = np.dtype(eqn.params["new_dtype"])
+    if new not in (np.dtype(np.float32), np.dtype(jax.numpy.bfloat16), np.dtype(np.float16)):
+        return None
+    return dataclasses.replace(invals[0], dtype=new)
+
+
+def _contracted_or_decoded(x, v, contracting):
+    """An MXTensor operand goes in as it is when its blocks run along one of
+    the axes this matmul contracts; otherwise it is decoded and the rule's
+    config quantizes it like any array."""
+    if isinstance(x, MXTensor) and x.block_axis() + x.ndim not in contracting:
+        return dequantize(x, v.aval.dtype)
+    return x
 
 
 def _mx_op(eqn, invals, config: DotConfig):
     p = eqn.params
-    lhs, rhs = invals
+    if eqn.primitive is _DOT:
+        (lc, rc), _ = p["dimension_numbers"]
+        contracting = (lc, rc)
+    else:
+        dn = p["dimension_numbers"]
+        contracting = ((dn.lhs_spec[1],), (dn.rhs_spec[1],))
+    lhs, rhs = (
+        _contracted_or_decoded(x, v, c)
+        for x, v, c in zip(invals, eqn.invars[:2], contracting, strict=True)
+    )
     if eqn.primitive is _DOT:
         out = _mx_dot_general(
             lhs,
@@ -530,7 +582,7 @@ def _constrain(xs, shardings):
 
 
 def _constrain_one(x, s):
-    if not isinstance(s, jax.sharding.Sharding):  # unspecified
+    if not isinstance(s, jax.sharding.Sharding) or isinstance(x, MXTensor):  # unspecified
         return x
     if jax.sharding.AxisType.Explicit in tuple(getattr(getattr(s, "mesh", None), "axis_types", ())):
         return jax.device_put(x, s)  # what jit does with such an input: a transfer
@@ -628,11 +680,23 @@ _REBUILD: dict[str, Callable] = {
 
 
 def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct, MXTensor))
+
+
+def _is_mx(x) -> bool:
+    return isinstance(x, MXTensor)
 
 
 def _aval_key(x):
+    if isinstance(x, MXTensor):
+        leaves, tree = jax.tree_util.tree_flatten(x)
+        return ("mx", tree, tuple(_aval_key(leaf) for leaf in leaves))
     return x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x)
+
+
+def _traceable(x):
+    """What ``fn`` is traced with: an MXTensor argument as the array it stands for."""
+    return jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, MXTensor) else x
 
 
 def _static_key(x):
@@ -712,7 +776,8 @@ class Intercepted:
 
     def __call__(self, *args, **kwargs):
         traced, arrays = self._traced(args, kwargs)
-        if any(isinstance(x, jax.ShapeDtypeStruct) for x in arrays):
+        leaves = jax.tree_util.tree_leaves(arrays)
+        if any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
             raise TypeError("jax.ShapeDtypeStruct arguments are for coverage_for, not for calls")
         outs = _run(traced.closed.jaxpr, traced.closed.consts, arrays, (), traced.plan)
         it = iter(outs)
@@ -722,7 +787,12 @@ class Intercepted:
         return jax.tree_util.tree_unflatten(traced.out_tree, leaves)
 
     def _traced(self, args, kwargs):
-        flat, treedef = jax.tree_util.tree_flatten_with_path((self.fn, args, kwargs))
+        # MXTensor arguments stay whole: fn is traced with the arrays they
+        # stand for, and the interpreter hands the MXTensors themselves to
+        # the matmuls that contract along their blocks (scale propagation).
+        flat, treedef = jax.tree_util.tree_flatten_with_path(
+            (self.fn, args, kwargs), is_leaf=_is_mx
+        )
         leaves = [x for _, x in flat]
         mask = [_is_array(x) for x in leaves]
         arrays = [x for x, m in zip(leaves, mask, strict=True) if m]
@@ -755,9 +825,14 @@ class Intercepted:
             out["static"] = [None if m else o for o, m in zip(out_leaves, out["mask"], strict=True)]
             return [o for o, m in zip(out_leaves, out["mask"], strict=True) if m]
 
-        closed = jax.make_jaxpr(flat_fn)(*arrays)
+        closed = jax.make_jaxpr(flat_fn)(*map(_traceable, arrays))
         srcs = [_arg_path(path) for (path, _), m in zip(flat, mask, strict=True) if m]
         planner = _Planner(self.rules, self.custom_derivatives, self.weights, self.path_root)
+        planner.mx_args = {
+            src: x.format.name
+            for src, x in zip(srcs, arrays, strict=True)
+            if isinstance(x, MXTensor)
+        }
         planner.walk(closed.jaxpr, [""] * len(closed.consts) + srcs, siu.new_name_stack())
         coverage = Coverage(
             rules=tuple((r.pattern, r.config) for r in self.rules),

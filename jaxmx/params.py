@@ -1,0 +1,193 @@
+"""Post-training quantization of a parameter tree: matmul weights to packed MXTensors.
+
+:func:`quantize_params` turns the matmul weights of any parameter pytree
+(Flax linen variables, an nnx ``State``, a dict of arrays) into MXTensors
+blocked along the axis each weight is contracted over, by rules on the
+leaf paths. The model then runs from those weights under
+:func:`jaxmx.intercept`, which hands each MXTensor to the matmul that
+contracts along its blocks as it is (never quantized twice) and decodes it
+for anything else.
+
+>>> import jax, jax.numpy as jnp, jaxmx
+>>> params = {"dense": {"kernel": jnp.ones((64, 16)), "bias": jnp.zeros(16)}}
+>>> q = jaxmx.quantize_params(params, "mxfp4")
+>>> q["dense"]["kernel"]
+MXTensor(mxfp4_e2m1, shape=(64, 16), dtype=float32, axis=-2, block_size=32, packed, nbytes=544)
+>>> jaxmx.param_bytes(q), jaxmx.param_bytes(params)
+(608, 4160)
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Mapping
+
+import jax
+import numpy as np
+
+from jaxmx.formats import MXFormat
+from jaxmx.quantize import quantize
+from jaxmx.rules import parse_rules
+from jaxmx.tensor import MXTensor
+
+__all__ = ["contraction_axis", "param_bytes", "quantize_params"]
+
+
+def contraction_axis(path: str, x) -> int | None:
+    """The axis a weight at ``path`` is contracted over, by framework convention.
+
+    * ``.../kernel`` (Flax ``Dense``, ``Conv``, ``DenseGeneral``): 2-D
+      ``(in, out)`` -> 0; 3-D and more -> ``ndim - 2`` (a ``Conv`` kernel's
+      input features ``I`` in ``(*window, I, O)``, and ``DenseGeneral``
+      kernels whose last two axes are ``(in, out)``);
+    * ``.../weight`` 2-D (PyTorch-style ``(out, in)``, Equinox ``Linear``) -> 1;
+    * ``.../embedding`` (Flax ``Embed``) -> 1, the feature axis that
+      ``Embed.attend`` (tied output layers) contracts;
+    * anything else (biases, norms, scalars) -> ``None``: not a matmul weight.
+
+    Weights laid out otherwise (e.g. a ``DenseGeneral`` kernel ``(in, heads,
+    head_dim)``, contracted over axis 0) need ``axes=`` in
+    :func:`quantize_params`. A wrong axis is never silent: under
+    :func:`jaxmx.intercept` such a weight is decoded and re-quantized by the
+    rule, and :func:`jaxmx.dot_general` refuses it with an error.
+    """
+    parts = [q for q in path.split("/") if q not in ("value", "raw_value")]  # nnx Variables
+    name = parts[-1] if parts else ""
+    ndim = np.ndim(x) if not hasattr(x, "ndim") else x.ndim
+    if name == "kernel" and ndim >= 2:
+        return 0 if ndim == 2 else ndim - 2
+    if name == "weight" and ndim == 2:
+        return 1
+    if name == "embedding" and ndim == 2:
+        return 1
+    return None
+
+
+def quantize_params(
+    params,
+    rules="mxfp4",
+    *,
+    packed: bool = True,
+    axes: Mapping[str, int] | Callable[[str, jax.Array], int | None] | None = None,
+    block_size: int | None = None,
+    warn: bool = True,
+):
+    """Quantizes the matmul weights of a parameter tree to MXTensors.
+
+    Args:
+      params: any pytree of arrays: linen variables (``{"params": ...}``),
+        an nnx ``State`` (``nnx.state(model)``), a dict.
+      rules: which weights get which format, by regular expression searched
+        in the leaf's path (``"params/block_0/mlp/kernel"``; the first match
+        decides): ``[(pattern, fmt), ...]``, a dict, or one format for all.
+        ``fmt`` is a format name, an :class:`~jaxmx.MXFormat`, a preset or
+        :class:`~jaxmx.DotConfig` (its ``rhs``, the weight format), or
+        ``None`` to keep the weight as it is.
+      packed: store sub-byte codes packed (two FP4 codes per byte): the real
+        storage. Formats that do not pack (8-bit) are stored as they are.
+      axes: the contraction axis of weights the naming convention of
+        :func:`contraction_axis` does not cover: a dict ``{pattern: axis}``
+        (first match) or a function ``(path, array) -> axis or None``;
+        consulted before the convention.
+      block_size: overrides the format's block size.
+      warn: warn about rules that matched no weight.
+
+    Returns:
+      The same tree with each matched matmul weight replaced by a packed
+      :class:`~jaxmx.MXTensor`; every other leaf is unchanged.
+
+    Raises:
+      ValueError: a rule names a weight for which no contraction axis is
+        known (give it in ``axes``), or an axis is out of range.
+    """
+    rules = parse_rules(rules)
+    axis_of = _axis_function(axes)
+    hits = [0] * len(rules)
+    unknown: list[str] = []
+
+    def one(path, x):
+        p = _path(path)
+        for i, rule in enumerate(rules):
+            if rule.matches(p):
+                hits[i] += 1
+                fmt = _weight_format(rule.config)
+                break
+        else:
+            return x
+        if fmt is None or not _is_float_array(x):
+            return x
+        axis = axis_of(p, x)
+        if axis is None:
+            if np.ndim(x) >= 2:
+                unknown.append(f"{p} {tuple(np.shape(x))}")
+            return x
+        if not -x.ndim <= axis < x.ndim:
+            raise ValueError(f"axis {axis} of {p} is out of range for shape {tuple(x.shape)}")
+        pack = packed and fmt.element.bits < 8
+        return quantize(x, fmt, axis=axis, block_size=block_size, packed=pack)
+
+    out = jax.tree_util.tree_map_with_path(one, params)
+    if unknown:
+        raise ValueError(
+            "no contraction axis known for these weights matched by a rule: "
+            + ", ".join(unknown)
+            + "; give it with axes={pattern: axis}, or a rule with None to keep them"
+        )
+    if warn:
+        for rule, n in zip(rules, hits, strict=True):
+            if not n:
+                warnings.warn(
+                    f"jaxmx.quantize_params: rule {rule.pattern!r} matched no parameter",
+                    stacklevel=2,
+                )
+    return out
+
+
+def param_bytes(tree) -> int:
+    """Bytes held by a tree's arrays; an MXTensor counts its codes and scales."""
+    total = 0
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=lambda t: isinstance(t, MXTensor)):
+        if isinstance(leaf, MXTensor):
+            total += leaf.nbytes
+        elif hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
+            total += int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def _path(path) -> str:
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
+
+
+def _weight_format(config) -> MXFormat | None:
+    return None if config is None else config.role("rhs")
+
+
+def _is_float_array(x) -> bool:
+    return hasattr(x, "dtype") and jax.numpy.issubdtype(x.dtype, jax.numpy.floating)
+
+
+def _axis_function(axes):
+    if axes is None:
+        return contraction_axis
+    if callable(axes):
+
+        def by_function(p, x):
+            got = axes(p, x)
+            return contraction_axis(p, x) if got is None else got
+
+        return by_function
+    if not isinstance(axes, Mapping):
+        raise TypeError(
+            "axes must be a dict {pattern: axis} or a function (path, array) -> axis, "
+            f"got {axes!r}"
+        )
+    compiled = [(re.compile(k), v) for k, v in axes.items()]
+
+    def by_pattern(p, x):
+        for pattern, axis in compiled:
+            if pattern.search(p):
+                return axis
+        return contraction_axis(p, x)
+
+    return by_pattern
