@@ -363,3 +363,12 @@ def test_element_formats_outside_float32_are_refused():
     with pytest.raises(ValueError, match=r"2\^-149 \.\. 2\^127"):
         jaxmx.formats.float_format(9, 2)
     assert jaxmx.formats.float_format(8, 7).min_subnormal == 2.0**-133  # bfloat16 stays
+
+
+def test_intercept_puts_bfloat16_matmuls_in_mx():
+    # np.issubdtype(bfloat16, np.floating) is False: intercept once kept them high.
+    f = jaxmx.intercept(jnp.matmul, "mxfp8")
+    a = jnp.linspace(-1, 1, 8 * 64).reshape(8, 64).astype(jnp.bfloat16)
+    y = f(a, jnp.ones((64, 4), jnp.bfloat16))
+    assert f.coverage.counts == "1 of 1 matmuls in MX"
+    _changed(y, a.astype(jnp.float32) @ jnp.ones((64, 4)))
