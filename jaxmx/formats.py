@@ -574,7 +574,7 @@ def get_format(fmt: str | MXFormat) -> MXFormat:
 
     >>> import jaxmx
     >>> jaxmx.get_format("mxfp6").name
-    'mxfp6_e2m3'
+    'mxfp6_e3m2'
     """
     if isinstance(fmt, MXFormat):
         return fmt
@@ -599,8 +599,9 @@ def _mx(name: str, element: ElementFormat, reference: str = "OCP MX v1.0") -> MX
 
 MXFP8_E4M3 = register_format(_mx("mxfp8_e4m3", FP8_E4M3), aliases=("mxfp8",))
 MXFP8_E5M2 = register_format(_mx("mxfp8_e5m2", FP8_E5M2))
-MXFP6_E3M2 = register_format(_mx("mxfp6_e3m2", FP6_E3M2))
-MXFP6_E2M3 = register_format(_mx("mxfp6_e2m3", FP6_E2M3), aliases=("mxfp6",))
+# "mxfp6" is E3M2 everywhere (format, preset, recipe): the MX paper's MXFP6.
+MXFP6_E3M2 = register_format(_mx("mxfp6_e3m2", FP6_E3M2), aliases=("mxfp6",))
+MXFP6_E2M3 = register_format(_mx("mxfp6_e2m3", FP6_E2M3))
 MXFP4_E2M1 = register_format(_mx("mxfp4_e2m1", FP4_E2M1), aliases=("mxfp4",))
 MXINT8 = register_format(_mx("mxint8", INT8))
 MXINT4 = register_format(_mx("mxint4", INT4, reference="jaxmx extension of OCP MX"))

@@ -37,6 +37,12 @@ __all__ = ["contraction_axis", "param_bytes", "quantize_params"]
 def contraction_axis(path: str, x) -> int | None:
     """The axis a weight at ``path`` is contracted over, by framework convention.
 
+    >>> import jax.numpy as jnp
+    >>> contraction_axis("params/Dense_0/kernel", jnp.ones((8, 4)))
+    0
+    >>> contraction_axis("fc/weight", jnp.ones((4, 8)))  # (out, in)
+    1
+
     * ``.../kernel`` (Flax ``Dense``, ``Conv``, ``DenseGeneral``): 2-D
       ``(in, out)`` -> 0; 3-D and more -> ``ndim - 2`` (a ``Conv`` kernel's
       input features ``I`` in ``(*window, I, O)``, and ``DenseGeneral``
@@ -100,6 +106,12 @@ def quantize_params(
     Raises:
       ValueError: a rule names a weight for which no contraction axis is
         known (give it in ``axes``), or an axis is out of range.
+
+    >>> import jax.numpy as jnp, jaxmx
+    >>> params = {"attn": {"kernel": jnp.ones((64, 64))}, "head": {"kernel": jnp.ones((64, 8))}}
+    >>> q = jaxmx.quantize_params(params, [("head", None), (".*", "mxfp4")])
+    >>> type(q["attn"]["kernel"]).__name__, type(q["head"]["kernel"]).__name__
+    ('MXTensor', 'ArrayImpl')
     """
     rules = parse_rules(rules)
     axis_of = _axis_function(axes)
@@ -145,7 +157,14 @@ def quantize_params(
 
 
 def param_bytes(tree) -> int:
-    """Bytes held by a tree's arrays; an MXTensor counts its codes and scales."""
+    """Bytes held by a tree's arrays; an MXTensor counts its codes and scales.
+
+    >>> import jax.numpy as jnp, jaxmx
+    >>> w = jnp.ones((128, 64))
+    >>> q = jaxmx.quantize(w, "mxfp4", packed=True)
+    >>> jaxmx.param_bytes({"w": w}), jaxmx.param_bytes({"w": q})
+    (32768, 4352)
+    """
     total = 0
     for leaf in jax.tree_util.tree_leaves(tree, is_leaf=lambda t: isinstance(t, MXTensor)):
         if isinstance(leaf, MXTensor):

@@ -19,7 +19,8 @@ def test_unknown_format_lists_known_ones():
 
 def test_aliases_and_case():
     assert jaxmx.get_format("MXFP8").name == "mxfp8_e4m3"
-    assert jaxmx.get_format("mxfp6").name == "mxfp6_e2m3"
+    assert jaxmx.get_format("mxfp6").name == "mxfp6_e3m2"  # as the preset "mxfp6"
+    assert jaxmx.preset("mxfp6").lhs is jaxmx.get_format("mxfp6")
     assert jaxmx.get_format("mxfp4").name == "mxfp4_e2m1"
     assert set(jaxmx.list_formats(aliases=True)) >= {"mxfp8", "mxfp6", "mxfp4"}
 
