@@ -66,6 +66,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/gpt_step.py --recipes mxfp8,mxfp6,mxfp4
 	$(PY) benchmarks/optimizer.py
+	$(PY) benchmarks/serve.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis runs
