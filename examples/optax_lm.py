@@ -21,6 +21,7 @@ Usage::
     python examples/optax_lm.py                       # the full grid (about an hour on 2 cores)
     python examples/optax_lm.py --variants fp32,8bit --recipes fp32
     python examples/optax_lm.py --quick               # smoke test
+    python examples/optax_lm.py --summarize runs/optax_lm,runs/optax_lm_seed1   # seeds side by side
 """
 
 from __future__ import annotations
@@ -101,6 +102,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recipes", default=",".join(RECIPES), help="matmul recipes: fp32, mxfp8")
     p.add_argument("--results", help="also write the JSON results here")
     p.add_argument("--plot", help="also write the plot here")
+    p.add_argument(
+        "--summarize",
+        help="comma-separated output folders of finished grids (e.g. one per seed): "
+        "print each run's gap to the FP32 run of its folder instead of training",
+    )
     own, rest = p.parse_known_args(argv)
     if "-h" in rest or "--help" in rest:
         p.print_help()
@@ -116,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             f"unknown variants/recipes {bad}; variants: {', '.join(VARIANTS)}; "
             f"recipes: {', '.join(study.RECIPES)}"
         )
-    args.results, args.plot = own.results, own.plot
+    args.results, args.plot, args.summarize = own.results, own.plot, own.summarize
     return args
 
 
@@ -259,9 +265,80 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summarize(folders: list[str], results=None) -> list[dict]:
+    """Final validation loss of every finished run in each folder, as a gap to that folder's FP32.
+
+    The folders hold grids trained with different ``--seed``s (which change
+    the initial params, the batches and the validation batches), so losses
+    are only compared within a folder: the gap of ``<recipe>-<variant>`` to
+    ``<recipe>-fp32`` and to ``fp32-fp32`` of the same seed.
+    """
+    per_run: dict[str, list[dict]] = {}
+    for folder in folders:
+        losses = {}
+        for path in sorted(pathlib.Path(folder).glob("*/metrics.json")):
+            m = json.loads(path.read_text())
+            if m.get("final_eval", {}).get("step") == m["config"]["train"]["steps"]:
+                losses[path.parent.name] = (m["final_eval"]["loss"], m["config"]["train"]["seed"])
+        for name, (loss, seed) in losses.items():
+            recipe = name.split("-", 1)[0]
+            same = losses.get(f"{recipe}-fp32")
+            fp32 = losses.get("fp32-fp32")
+            per_run.setdefault(name, []).append(
+                {
+                    "folder": folder,
+                    "seed": seed,
+                    "val_loss": loss,
+                    "gap_same_recipe_pct": 100 * (loss / same[0] - 1) if same else None,
+                    "gap_pct": 100 * (loss / fp32[0] - 1) if fp32 else None,
+                }
+            )
+    rows = []
+    for name in sorted(per_run, key=lambda n: (n.split("-", 1)[0] != "fp32", n)):
+        runs = per_run[name]
+        gaps = [r["gap_same_recipe_pct"] for r in runs if r["gap_same_recipe_pct"] is not None]
+        rows.append(
+            {
+                "run": name,
+                "runs": runs,
+                "gap_same_recipe_mean_pct": sum(gaps) / len(gaps) if gaps else None,
+                "gap_same_recipe_min_pct": min(gaps) if gaps else None,
+                "gap_same_recipe_max_pct": max(gaps) if gaps else None,
+            }
+        )
+    if results:
+        pathlib.Path(results).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(results).write_text(json.dumps({"folders": folders, "rows": rows}, indent=1))
+    return rows
+
+
+def format_summary(rows: list[dict]) -> str:
+    """The seed table: validation loss and gap to the same matmul recipe's FP32, per seed."""
+    lines = [
+        "| run (matmuls-optimizer) | seeds | val loss per seed | gap to FP32 state, same matmuls "
+        "| mean gap |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        seeds = ", ".join(str(x["seed"]) for x in r["runs"])
+        losses = " / ".join(f"{x['val_loss']:.4f}" for x in r["runs"])
+        gaps = " / ".join(
+            "n/a" if x["gap_same_recipe_pct"] is None else f"{x['gap_same_recipe_pct']:+.2f}%"
+            for x in r["runs"]
+        )
+        mean = r["gap_same_recipe_mean_pct"]
+        mean = "n/a" if mean is None else f"{mean:+.2f}%"
+        lines.append(f"| {r['run']} | {seeds} | {losses} | {gaps} | {mean} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> list[dict]:
-    """Runs the grid and prints the table."""
+    """Runs the grid and prints the table (or, with ``--summarize``, the seed table)."""
     args = parse_args(argv)
+    if args.summarize:
+        rows = summarize(args.summarize.split(","), args.results)
+        print(format_summary(rows))
+        return rows
     rows = run(args)
     table = format_table(rows)
     (pathlib.Path(args.out) / "table.md").write_text(table + "\n")

@@ -192,7 +192,10 @@ def compress_state(
                 f"its fields are {sorted(_field_names(state, set()))}"
             )
         # Zero moments code exactly under any rounding, so init rounds to nearest.
-        return CompressedState(inner_state=encode(state, _util.wrap(raw_key)), key=raw_key)
+        # A fresh copy per init: a training loop that donates the state must
+        # not delete the caller's key (or the next init's).
+        key = jnp.array(raw_key)
+        return CompressedState(inner_state=encode(state, _util.wrap(key)), key=key)
 
     def update_fn(updates, state, params=None, **extra_args):
         new_updates, inner_state = inner.update(

@@ -254,7 +254,7 @@ def dropback(
         thresholds = thr if scope == "global" else [thr] * n
         return DropBackState(
             count=jnp.zeros((), jnp.int32),
-            init_key=raw_key,
+            init_key=jnp.array(raw_key),  # a copy: donating the state keeps the caller's key
             threshold=thresholds,
             tracked=jnp.zeros((), jnp.int32),
         )

@@ -153,7 +153,8 @@ def low_precision_params(
             if compensation is not None
             else ()
         )
-        return LowPrecisionParamsState(inner.init(f32(params)), raw_key, comp)
+        # A fresh copy per init: donating the state must not delete the caller's key.
+        return LowPrecisionParamsState(inner.init(f32(params)), jnp.array(raw_key), comp)
 
     def update_fn(updates, state, params=None, **extra_args):
         check(params)
