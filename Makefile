@@ -54,8 +54,20 @@ study: $(STAMP) fashion-mnist
 	$(PY) examples/train_fashion_mnist.py --recipes fp32,mxfp8,mxfp8_rceil,mxfp6,mxfp4_weights,mxfp4 \
 		--out runs/fashion_mnist
 	$(PY) examples/ablate_lm.py
-	$(PY) examples/dropback_fashion_mnist.py
-	$(PY) examples/optax_lm.py
+	for s in 0 1 2; do $(PY) examples/dropback_fashion_mnist.py --no-progress \
+		--variants fp32,dropback_10x,dropback_5x,procrustes_10x --steps 12000 --min-lr-ratio 0 \
+		--seed $$s --out runs/dropback_seeds/cos_s$$s || exit 1; done
+	$(PY) examples/dropback_fashion_mnist.py --summarize \
+		runs/dropback_seeds/cos_s0,runs/dropback_seeds/cos_s1,runs/dropback_seeds/cos_s2 \
+		--results docs/results/optax_dropback_seeds.json --plot docs/img/optax_dropback_seeds.png
+	$(PY) examples/optax_lm.py --no-progress --results docs/results/optax_lm.json --plot docs/img/optax_lm.png
+	$(PY) examples/optax_lm.py --no-progress --recipes fp32 \
+		--variants fp32,e8m3_params_nearest,e8m3_params_stochastic --results docs/results/optax_lm_e8m3.json
+	for s in 1 2; do $(PY) examples/optax_lm.py --no-progress --seed $$s --out runs/optax_lm_seed$$s \
+		--recipes fp32 --variants fp32,bf16_params_nearest,bf16_params_stochastic,e8m3_params_nearest,e8m3_params_stochastic \
+		|| exit 1; done
+	$(PY) examples/optax_lm.py --summarize runs/optax_lm,runs/optax_lm_seed1,runs/optax_lm_seed2 \
+		--results docs/results/optax_lm_seeds.json
 
 tour: $(STAMP)
 	$(PY) examples/format_tour.py
