@@ -26,6 +26,16 @@ from jaxmx.quantize import quantize
 from jaxmx.quantize import dequantize
 from jaxmx.quantize import fake_quantize
 
+# MXTensor as an array: exact structural ops on codes and scales.
+from jaxmx.array_ops import concatenate
+from jaxmx.array_ops import ldexp
+from jaxmx.array_ops import moveaxis
+from jaxmx.array_ops import reshape
+from jaxmx.array_ops import stack
+from jaxmx.array_ops import swapaxes
+from jaxmx.array_ops import take
+from jaxmx.array_ops import transpose
+
 # Analysis: what a format keeps.
 from jaxmx import analysis
 from jaxmx.analysis import qsnr
@@ -95,4 +105,13 @@ __all__ = [
     "round_to",
     "save",
     "unpack",
+    # MXTensor as an array
+    "concatenate",
+    "ldexp",
+    "moveaxis",
+    "reshape",
+    "stack",
+    "swapaxes",
+    "take",
+    "transpose",
 ]

@@ -170,6 +170,104 @@ class MXTensor:
         axis = self.block_axis()
         return self if axis == self.axis else dataclasses.replace(self, axis=axis)
 
+    # Array-like operations, exact on codes and scales (rules in jaxmx.array_ops).
+
+    @property
+    def T(self) -> MXTensor:
+        """The tensor with its axes reversed; the block axis moves with them."""
+        return _ops().transpose(self)
+
+    def transpose(self, *axes) -> MXTensor:
+        """Permutes axes: ``t.transpose(1, 0)`` or ``t.transpose((1, 0))``."""
+        return _ops().transpose(self, _varargs(axes))
+
+    def swapaxes(self, axis1: int, axis2: int) -> MXTensor:
+        """Swaps two axes (see :func:`jaxmx.swapaxes`)."""
+        return _ops().swapaxes(self, axis1, axis2)
+
+    def reshape(self, *shape) -> MXTensor:
+        """Reshapes keeping blocks whole: ``t.reshape(2, -1)`` (see :func:`jaxmx.reshape`)."""
+        return _ops().reshape(self, _varargs(shape))
+
+    def take(self, indices, axis: int | None = None, *, mode: str | None = None) -> MXTensor:
+        """Gathers along an axis, e.g. rows of an MX embedding table (see :func:`jaxmx.take`)."""
+        return _ops().take(self, indices, axis, mode=mode)
+
+    def __getitem__(self, idx) -> MXTensor:
+        return _ops().getitem(self, idx)
+
+    # NumPy operators defer to ours (``np.float32(2) * t`` reaches __rmul__).
+    __array_ufunc__ = None
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError(
+            f"an MXTensor ({self.format.name}) is not a NumPy array: call t.dequantize() "
+            "(or jaxmx.dequantize) for its values"
+        )
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __iter__(self):
+        # Explicit, so that iteration stops: indexing past the end would not.
+        return (self[i] for i in range(len(self)))
+
+    def __neg__(self) -> MXTensor:
+        return _ops().negative(self)
+
+    def __pos__(self) -> MXTensor:
+        return self
+
+    def __abs__(self) -> MXTensor:
+        return _ops().absolute(self)
+
+    def __mul__(self, other) -> MXTensor:
+        return _ops().multiply(self, other)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other) -> MXTensor:
+        return _ops().multiply(self, _reciprocal_pow2(other))
+
+    def ldexp(self, k) -> MXTensor:
+        """``self * 2**k`` exactly, by moving the scales (see :func:`jaxmx.ldexp`)."""
+        return _ops().ldexp(self, k)
+
+    def astype(self, dtype) -> MXTensor:
+        """The same codes and scales, standing for ``dtype`` (float32/bfloat16/float16)."""
+        return _ops().astype(self, dtype)
+
+    def dequantize(self, dtype=None):
+        """Decodes to ``dtype``, by default ``self.dtype`` (see :func:`jaxmx.dequantize`)."""
+        from jaxmx.quantize import dequantize
+
+        return dequantize(self, self.dtype if dtype is None else dtype)
+
+
+def _ops():
+    from jaxmx import array_ops  # imported late: array_ops builds on this module
+
+    return array_ops
+
+
+def _varargs(args: tuple):
+    """``f(1, 0)`` and ``f((1, 0))`` alike, as NumPy's methods take them; ``f()`` is None."""
+    if not args:
+        return None
+    return args[0] if len(args) == 1 and not isinstance(args[0], (int, np.integer)) else args
+
+
+def _reciprocal_pow2(c):
+    # Only concrete scalars can be inverted exactly here; everything else is
+    # passed on so that multiply's checks report it.
+    if isinstance(c, (int, float, np.integer, np.floating)) and not isinstance(c, bool) and c:
+        v = float(c)
+        if abs(v) != float("inf"):
+            m, _ = math.frexp(v)
+            if abs(m) == 0.5:
+                return 1.0 / v  # exact for a power of two
+    return c
+
 
 def _stored_length(t: MXTensor) -> int:
     """Entries of ``data`` along the block axis: codes, or packed bytes."""
