@@ -33,6 +33,11 @@ def test_dropback_study_keeps_the_budget(tmp_path):
     assert by["dropback_10x"]["state_bytes"] <= 40
     assert by["fp32"]["test_accuracy"] > 0.5 and by["procrustes_10x"]["test_accuracy"] > 0.5
     assert (tmp_path / "table.md").exists()
+    # The seed summary reads the same runs back: one run per variant, gaps to this FP32.
+    summary = {r["variant"]: r for r in dropback_fashion_mnist.summarize([str(tmp_path)])}
+    gap = 100 * (by["dropback_10x"]["test_accuracy"] - by["fp32"]["test_accuracy"])
+    assert summary["dropback_10x"]["gap_mean"] == pytest.approx(gap)
+    assert summary["fp32"]["gap_mean"] == 0.0
 
 
 def test_optimizer_study_runs_every_variant(tmp_path):
@@ -54,3 +59,7 @@ def test_optimizer_study_runs_every_variant(tmp_path):
     assert by["8bit"]["state_bytes_per_param"] < by["fp32"]["state_bytes_per_param"]
     for r in rows:
         assert r["val_loss"] < 1.1 * by["fp32"]["val_loss"], r
+    summary = {r["run"]: r for r in optax_lm.summarize([str(tmp_path)])}
+    assert summary["fp32-8bit"]["gap_same_recipe_mean_pct"] == pytest.approx(
+        by["8bit"]["gap_same_recipe_pct"]
+    )
