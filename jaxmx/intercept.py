@@ -269,8 +269,15 @@ class _Planner:
         return f"{scope}/{op}" if scope else op
 
     def _decide(self, path: str, operands) -> tuple[Rule | None, int]:
+        # The path, its scope alone (so a module rule such as "^head$" decides
+        # the matmuls inside that module), or an operand's argument path.
+        scope = path.rpartition("/")[0]
         for i, rule in enumerate(self.rules):
-            if rule.matches(path) or any(o and rule.matches(o) for o in operands):
+            if (
+                rule.matches(path)
+                or (scope and rule.matches(scope))
+                or any(o and rule.matches(o) for o in operands)
+            ):
                 return rule, i
         return None, -1
 

@@ -397,14 +397,14 @@ def test_linen_attention_by_op_path(linen_lm, tokens):
     assert cfgs["q"] == cfgs["head"] == CFG
 
 
-def test_linen_module_substitution_plus_intercept(linen_lm, tokens):
-    """jaxmx.flax.quantize_model swaps the layers; intercept adds what no layer owns."""
+def test_linen_quantize_model_covers_plain_function_matmuls(linen_lm, tokens):
+    """quantize_model swaps the layers, and its top-level apply intercepts what no layer owns."""
     import jaxmx.flax
 
     model, params = linen_lm
     layers = jaxmx.flax.quantize_model(model, CFG)
-    mx = intercept(layers.apply, CFG)
-    cov = mx.coverage_for(params, tokens)
+    layers.apply(params, tokens)
+    cov = layers.coverage
     assert cov.counts == "18 of 18 matmuls in MX"
     jaxmx_ops = [s for s in cov.sites if s.config is None]  # quantized by the layers
     assert len(jaxmx_ops) == 14
@@ -412,6 +412,10 @@ def test_linen_module_substitution_plus_intercept(linen_lm, tokens):
         "bqhd,bkhd->bhqk",
         "bhqk,bkhd->bqhd",
     }
+    # An intercept on top finds every matmul already a jaxmx op.
+    outer = intercept(layers.apply, CFG, warn=False).coverage_for(params, tokens)
+    assert outer.counts == "18 of 18 matmuls in MX"
+    assert all(s.config is None for s in outer.sites)
 
 
 class NNXBlock(nnx.Module):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import threading
 import types
 
@@ -184,17 +185,48 @@ class MXLinen(nn.Module):
             )
         return value
 
+    # Called at the top (init/apply), the wrapper also runs the whole call
+    # under jaxmx.intercept with the same rules, so matmuls in plain functions
+    # inside the model (an attention's jnp.einsum) are in MX too, not only
+    # the matmul modules. Nested in another module or bound, only modules are
+    # substituted: intercept the outer apply for the rest.
+
     @nn.nowrap
     def init(self, *args, method=None, **kwargs):
-        return super().init(*args, method=self._method(method), **kwargs)
+        return self._whole("init")(*args, method=self._method(method), **kwargs)
 
     @nn.nowrap
     def init_with_output(self, *args, method=None, **kwargs):
-        return super().init_with_output(*args, method=self._method(method), **kwargs)
+        return self._whole("init_with_output")(*args, method=self._method(method), **kwargs)
 
     @nn.nowrap
     def apply(self, *args, method=None, **kwargs):
-        return super().apply(*args, method=self._method(method), **kwargs)
+        return self._whole("apply")(*args, method=self._method(method), **kwargs)
+
+    @property
+    @nn.nowrap
+    def coverage(self):
+        """:class:`jaxmx.Coverage` of the last top-level ``init``/``apply``: every matmul."""
+        last = self.__dict__.get("_last_program")
+        if last is None:
+            raise ValueError("no top-level init or apply ran yet")
+        return last.coverage
+
+    @nn.nowrap
+    def _whole(self, kind: str):
+        from jaxmx.intercept import intercept  # the core's; imported late (no cycle)
+
+        programs = self.__dict__.setdefault("_programs", {})
+        if kind not in programs:
+            cls, model = type(self).__name__, type(self.module).__name__
+            programs[kind] = intercept(
+                functools.partial(getattr(nn.Module, kind), self),
+                [(r.pattern, r.config) for r in self.rules],
+                warn=False,  # the Substitution record warns, at the user's line
+                path_root=f"{cls}/{cls}._run/{model}",
+            )
+        object.__setattr__(self, "_last_program", programs[kind])
+        return programs[kind]
 
     @nn.nowrap
     def _method(self, method):

@@ -130,8 +130,10 @@ def config_fields(config: DotConfig) -> dict:
 
 
 # Frames in these folders are library code between the user and a warning.
+# flax, jax and all of jaxmx (linen calls run through jaxmx.intercept too).
 _LIBRARY_DIRS = tuple(
-    os.path.dirname(path) + os.sep for path in (flax.__file__, jax.__file__, __file__)
+    os.path.dirname(path) + os.sep
+    for path in (flax.__file__, jax.__file__, os.path.dirname(__file__))
 )
 
 

@@ -90,8 +90,15 @@ def quantize_model(model, rules, *, warn: bool = True):
       with exactly the model's variables that runs it with MX matmuls
       (``init``, ``apply``, ``bind``, ``tabulate``, nesting); modules no
       rule matches run as written (an MXLinen given here is unwrapped and
-      its rules tried after the new ones). Either way,
-      ``jaxmx.flax.substitution_of(result)`` tells what runs.
+      its rules tried after the new ones). Called at the top
+      (``init``/``apply``), an MXLinen also runs the call under
+      :func:`jaxmx.intercept` with the same rules, so matmuls in plain
+      functions inside the model (a third-party attention's
+      ``jnp.einsum``) are in MX too, and ``result.coverage`` lists every
+      matmul; nested or bound, only matmul modules are substituted. Either
+      way, ``jaxmx.flax.substitution_of(result)`` tells which modules. An
+      nnx model is called directly, with no hook for plain functions: run
+      it under :func:`jaxmx.intercept` for those.
 
     Matmul modules: linen ``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv``,
     ``MultiHeadDotProductAttention`` (its q.k and p.v; the projections are
