@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -48,6 +49,7 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from flax import linen as nn
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
@@ -136,9 +138,15 @@ class Quantized(NamedTuple):
     params: Any  # the variables to call it with (a PTQ method may change them)
 
 
-def _scope_dense(model, recipe: Recipe) -> Callable:
+def _scope_dense(model, recipe: Recipe, *, prequantized: bool = False) -> Callable:
     # Flax Dense layers only: nn.Embed.attend (the tied head) and jnp.einsum
     # have no injection point, so they stay FP32 whatever the rules say.
+    if prequantized:
+        # Flax's Dense takes float kernels, not the MXTensors a PTQ method
+        # stores; scope "all" (jaxmx.intercept) runs from them as they are.
+        raise NotImplementedError(
+            "PTQ methods that store MXTensor weights run in scope 'all' (--scope all)"
+        )
     rules = [*((k, None) for k in recipe.keep), (".*", recipe.weight_config())]
     return jaxmx.flax.quantize_model(model, rules).apply
 
@@ -153,9 +161,11 @@ def _intercept_fn() -> Callable | None:
     return fn if callable(fn) else getattr(fn, "intercept", None)
 
 
-def _scope_all(model, recipe: Recipe) -> Callable:
+def _scope_all(model, recipe: Recipe, *, prequantized: bool = False) -> Callable:
     # Every dot_general: matmuls with an operand read from the params get the
-    # weight config, the others (q.k, p.v) the activation config.
+    # weight config, the others (q.k, p.v) the activation config. MXTensor
+    # weights from a PTQ method are used as they are (never quantized twice).
+    del prequantized
     intercept = _intercept_fn()
     if intercept is None:
         raise NotImplementedError(
@@ -170,8 +180,8 @@ def _scope_all(model, recipe: Recipe) -> Callable:
     return intercept(model.apply, rules, warn=False)
 
 
-# scope name -> (model, recipe) -> apply_fn.
-SCOPES: dict[str, Callable[[Any, Recipe], Callable]] = {
+# scope name -> (model, recipe, *, prequantized) -> apply_fn.
+SCOPES: dict[str, Callable[..., Callable]] = {
     "dense": _scope_dense,
     "all": _scope_all,
 }
@@ -182,12 +192,128 @@ def _method_direct(model, params, recipe: Recipe, calibration) -> tuple[Any, Any
     return model, params
 
 
+# --- PTQ methods (jaxmx.ptq) ---------------------------------------------------------
+#
+# Weight methods (scale search, GPTQ) store the Dense kernels as MXTensors
+# (jaxmx.quantize_params(method=...)), which scope "all" (jaxmx.intercept)
+# feeds to their matmuls as they are. The embedding table is left to the
+# scope: the tied head gets the same direct cast as in the direct recipes.
+#
+# Hadamard rotation changes the model: every Dense input is rotated at run
+# time by x -> x H (block-diagonal, H of order 32 = the MX block, along the
+# features), and every kernel by H^T W once, offline, so each product is
+# unchanged in exact arithmetic. The run-time side is a linen wrapper module
+# (_RotatedInputs) that runs the model under flax.linen.intercept_methods:
+# the interceptor rotates the first argument of each nn.Dense call, before
+# jaxmx.intercept quantizes it. The rotation is a fast Walsh-Hadamard
+# transform in FP32 (sums and differences, no matmul for intercept to see),
+# as hardware would apply it.
+
+HADAMARD_SIZE = 32  # the MX block size: each block is rotated within itself
+CALIBRATION = {"windows": 4, "length": 512}  # SmolLM2 tokens for GPTQ's Hessians
+
+
+def _weight_rules(recipe: Recipe, fmt: str) -> list:
+    # Dense kernels only (the embedding table's lookup is not a matmul).
+    return [("embed_tokens", None), *((k, None) for k in recipe.keep), (".*", fmt)]
+
+
+class _RotatedInputs(nn.Module):
+    """Runs ``inner`` with each ``nn.Dense`` input rotated by the block Hadamard."""
+
+    inner: nn.Module
+    size: int = HADAMARD_SIZE
+
+    def __call__(self, *args, **kwargs):
+        size = self.size
+
+        def rotate_input(next_fun, f_args, f_kwargs, context):
+            if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+                f_args = (jaxmx.ptq.rotate(f_args[0], size=size), *f_args[1:])
+            return next_fun(*f_args, **f_kwargs)
+
+        with nn.intercept_methods(rotate_input):
+            return self.inner(*args, **kwargs)
+
+
+def _rotated(model, params):
+    """The model with rotated Dense inputs and its kernels rotated to match."""
+    rotated = jaxmx.ptq.rotate_weights(params["params"], size=HADAMARD_SIZE)
+    return _RotatedInputs(inner=model), {**params, "params": {"inner": rotated}}
+
+
+_HESSIANS: dict = {}  # (model, calibration bytes) -> Hessians: shared by every GPTQ recipe
+
+
+def _hessians(model, params, calibration, *, rotated: bool = False) -> dict:
+    if calibration is None:
+        raise NotImplementedError("GPTQ needs calibration data (LMEval.calibration)")
+    calibration = np.asarray(calibration)
+    key = (id(params), hash(calibration.tobytes()))
+    if key not in _HESSIANS:
+        batches = [calibration[i : i + 1] for i in range(len(calibration))]
+        _HESSIANS[key] = jaxmx.ptq.collect_hessians(model, params, batches)
+    hess = _HESSIANS[key]
+    if not rotated:
+        return hess
+
+    def rotate_both(h):  # (x H)^T (x H) = H^T (X^T X) H
+        r = jaxmx.ptq.rotate(jax.numpy.asarray(h, jax.numpy.float32), axis=1, size=HADAMARD_SIZE)
+        return np.asarray(jaxmx.ptq.rotate(r, axis=0, size=HADAMARD_SIZE), np.float64)
+
+    return {k.replace("params/", "params/inner/", 1): rotate_both(h) for k, h in hess.items()}
+
+
+def _quantized_weights(params, recipe: Recipe, method) -> Any:
+    return jaxmx.quantize_params(
+        params, _weight_rules(recipe, recipe.fmt), packed=False, warn=False, method=method
+    )
+
+
+def _method_search(model, params, recipe: Recipe, calibration) -> tuple[Any, Any]:
+    del calibration
+    search = jaxmx.ptq.ScaleSearch(scale_mode=recipe.scale_mode)
+    return model, _quantized_weights(params, recipe, search)
+
+
+def _method_search_h(model, params, recipe: Recipe, calibration) -> tuple[Any, Any]:
+    hess = _hessians(model, params, calibration)
+    search = jaxmx.ptq.ScaleSearch(scale_mode=recipe.scale_mode, hessians=hess)
+    return model, _quantized_weights(params, recipe, search)
+
+
+def _method_gptq(model, params, recipe: Recipe, calibration, *, search=False, rotate=False):
+    hess = _hessians(model, params, calibration, rotated=rotate)
+    if rotate:
+        model, params = _rotated(model, params)
+    gptq = jaxmx.ptq.GPTQ(
+        hessians=hess,
+        scale_mode=recipe.scale_mode,
+        search=jaxmx.ptq.ScaleSearch(scale_mode=recipe.scale_mode) if search else None,
+    )
+    return model, _quantized_weights(params, recipe, gptq)
+
+
+def _method_hadamard(model, params, recipe: Recipe, calibration) -> tuple[Any, Any]:
+    del recipe, calibration  # the scope casts the rotated weights and inputs directly
+    return _rotated(model, params)
+
+
 # method name -> (model, params, recipe, calibration) -> (model, params). A
-# method may rewrite the weights (GPTQ: to values the cast keeps; scale search)
-# or the model (Hadamard rotations); the scope then applies the cast.
+# method may rewrite the weights (to MXTensors: GPTQ, scale search) or the
+# model (Hadamard rotation); the scope then applies the rest of the cast.
 METHODS: dict[str, Callable[[Any, Any, Recipe, Any], tuple[Any, Any]]] = {
     "direct": _method_direct,
+    "search": _method_search,
+    "search_h": _method_search_h,
+    "hadamard": _method_hadamard,
+    "gptq": _method_gptq,
+    "gptq_search": functools.partial(_method_gptq, search=True),
+    "hadamard_gptq": functools.partial(_method_gptq, rotate=True),
+    "hadamard_gptq_search": functools.partial(_method_gptq, rotate=True, search=True),
 }
+# Methods that need calibration data (apply_recipe's `calibration`).
+CALIBRATED = frozenset({"search_h", "gptq", "gptq_search", "hadamard_gptq", "hadamard_gptq_search"})
 
 
 def apply_recipe(model, params, recipe: Recipe, *, calibration: Any = None) -> Quantized:
@@ -216,7 +342,10 @@ def apply_recipe(model, params, recipe: Recipe, *, calibration: Any = None) -> Q
     if recipe.fmt is None:
         return Quantized(model.apply, params)
     model, params = METHODS[recipe.method](model, params, recipe, calibration)
-    return Quantized(SCOPES[recipe.scope](model, recipe), params)
+    is_mx = lambda t: isinstance(t, jaxmx.MXTensor)  # noqa: E731
+    leaves = jax.tree_util.tree_leaves(params, is_leaf=is_mx)
+    prequantized = any(is_mx(t) for t in leaves)
+    return Quantized(SCOPES[recipe.scope](model, recipe, prequantized=prequantized), params)
 
 
 def available_formats(formats: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -269,6 +398,18 @@ class LMEval:
             "first_tokens": tokens[:, :4].tolist(),
         }
         return cls(pre, tokens, spec)
+
+    def calibration(self) -> np.ndarray:
+        """Token windows of the calibration text (another book than the eval text)."""
+        if not hasattr(self, "_calibration"):
+            self._calibration = pretrained.token_windows(
+                self.pre.tokenizer, pretrained.lm_text("calibration"), **CALIBRATION
+            )
+        return self._calibration
+
+    def calibration_spec(self) -> dict:
+        translation, book = pretrained.LM_TEXTS["calibration"]
+        return {"text": f"{translation.upper()} {book}", **CALIBRATION}
 
     def run(self, q: Quantized, progress=None) -> dict:
         nll, n = pretrained.lm_nll(q.apply_fn, q.params, self.windows, progress=progress)
@@ -409,8 +550,14 @@ def run_study(
         for recipe in tqdm(todo, desc=name, unit="recipe"):
             start = time.perf_counter()
             load_before = os.getloadavg()[0]
+            calibrated = recipe.method in CALIBRATED and hasattr(evaluation, "calibration")
             try:
-                q = apply_recipe(evaluation.pre.model, evaluation.pre.params, recipe)
+                q = apply_recipe(
+                    evaluation.pre.model,
+                    evaluation.pre.params,
+                    recipe,
+                    calibration=evaluation.calibration() if calibrated else None,
+                )
             except (NotImplementedError, ValueError) as err:
                 tqdm.write(f"  {recipe.key}: skipped ({err})")
                 continue
@@ -423,6 +570,7 @@ def run_study(
                 "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
                 "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "jaxmx_commit": machine["jaxmx_commit"],
+                **({"calibration": evaluation.calibration_spec()} if calibrated else {}),
             }
             entry["machine"] = machine
             save_results(results, out)

@@ -67,6 +67,9 @@ from jaxmx.intercept import intercept
 from jaxmx.params import param_bytes
 from jaxmx.params import quantize_params
 
+# Post-training quantization methods beyond direct cast (quantize_params(method=...)).
+from jaxmx import ptq
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -98,6 +101,7 @@ __all__ = [
     "pack",
     "param_bytes",
     "preset",
+    "ptq",
     "qsnr",
     "quantize",
     "quantize_params",

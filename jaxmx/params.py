@@ -78,6 +78,7 @@ def quantize_params(
     axes: Mapping[str, int] | Callable[[str, jax.Array], int | None] | None = None,
     block_size: int | None = None,
     warn: bool = True,
+    method=None,
 ):
     """Quantizes the matmul weights of a parameter tree to MXTensors.
 
@@ -98,6 +99,13 @@ def quantize_params(
         consulted before the convention.
       block_size: overrides the format's block size.
       warn: warn about rules that matched no weight.
+      method: how each weight is rounded. ``None`` or ``"direct"``: direct
+        cast (OCP floor scales, round to nearest even); ``"search"``: per-block
+        scale search (:class:`jaxmx.ptq.ScaleSearch` with its defaults); or a
+        method object, :class:`jaxmx.ptq.ScaleSearch` or
+        :class:`jaxmx.ptq.GPTQ` (which needs calibration Hessians). Rotations
+        (:func:`jaxmx.ptq.rotate_weights`) change the model too, so they are
+        applied to ``params`` before this call.
 
     Returns:
       The same tree with each matched matmul weight replaced by a packed
@@ -114,6 +122,7 @@ def quantize_params(
     ('MXTensor', 'ArrayImpl')
     """
     rules = parse_rules(rules)
+    method = _method(method)
     axis_of = _axis_function(axes)
     hits = [0] * len(rules)
     unknown: list[str] = []
@@ -137,6 +146,8 @@ def quantize_params(
         if not -x.ndim <= axis < x.ndim:
             raise ValueError(f"axis {axis} of {p} is out of range for shape {tuple(x.shape)}")
         pack = packed and fmt.element.bits < 8
+        if method is not None:
+            return method.quantize_weight(p, x, fmt, axis=axis, block_size=block_size, packed=pack)
         return quantize(x, fmt, axis=axis, block_size=block_size, packed=pack)
 
     out = jax.tree_util.tree_map_with_path(one, params)
@@ -172,6 +183,22 @@ def param_bytes(tree) -> int:
         elif hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
             total += int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
     return total
+
+
+def _method(method):
+    """None for a direct cast, else an object with ``quantize_weight`` (jaxmx.ptq)."""
+    if method is None or method == "direct":
+        return None
+    if method == "search":
+        from jaxmx.ptq import ScaleSearch
+
+        return ScaleSearch()
+    if isinstance(method, str) or not callable(getattr(method, "quantize_weight", None)):
+        raise ValueError(
+            f"unknown method {method!r}; allowed: None or 'direct' (direct cast), 'search', "
+            "jaxmx.ptq.ScaleSearch(...), jaxmx.ptq.GPTQ(hessians=...)"
+        )
+    return method
 
 
 def _path(path) -> str:

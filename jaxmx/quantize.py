@@ -282,8 +282,13 @@ def _quantize_jvp(static, primals, tangents):
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7, 8))
 def _quantize(x, rbits, fmt, axis, bs, scale_mode, rounding, flush_subnormals, packed) -> MXTensor:
+    blk = _quantize_blocks(x, fmt.element, fmt, axis, bs, scale_mode, flush_subnormals, rbits)
+    return _encode_blocks(blk, x, fmt, axis, bs, rounding, packed)
+
+
+def _encode_blocks(blk: _Blocks, x, fmt, axis, bs, rounding, packed) -> MXTensor:
+    """Codes and scale bytes of blocks whose shared exponents are decided."""
     elem = fmt.element
-    blk = _quantize_blocks(x, elem, fmt, axis, bs, scale_mode, flush_subnormals, rbits)
     # Blocks holding Inf/NaN get the NaN scale and all-zero codes.
     mag = jnp.where(blk.nonfinite, jnp.uint32(0), blk.mag)
     code = numerics.encode_magnitude(mag, blk.exponent, elem, rounding, blk.rbits)
@@ -309,6 +314,25 @@ def _quantize(x, rbits, fmt, axis, bs, scale_mode, rounding, flush_subnormals, p
         packed=packed,
         made_ndim=x.ndim,
     )
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _quantize_with_exponent(x, exponent, fmt: MXFormat, axis: int, bs: int, packed: bool):
+    """Quantizes ``x`` with given shared exponents instead of ones from the block max.
+
+    For post-training methods that choose each block's scale themselves
+    (:mod:`jaxmx.ptq`). ``exponent``: int32 in the kept-dims blocked layout
+    (``to_blocks`` of ``x`` with the within-block axis of size 1), within the
+    scale format's range; elements round to nearest even and saturate, as in
+    :func:`quantize`. Blocks holding Inf/NaN still get the NaN scale.
+    """
+    bits = to_blocks(numerics.f32_to_bits(x), axis, bs)
+    mag = bits & jnp.uint32(0x7FFFFFFF)
+    nonfinite = jnp.max(mag, axis=bits.ndim + axis, keepdims=True) >= jnp.uint32(0x7F800000)
+    sign = lax.shift_right_logical(bits, jnp.uint32(31))
+    exponent = jnp.asarray(exponent, jnp.int32)
+    blk = _Blocks(sign, mag, None, exponent, nonfinite)
+    return _encode_blocks(blk, x, fmt, axis, bs, "nearest_even", packed)
 
 
 def dequantize(t: MXTensor, dtype=jnp.float32) -> jax.Array:

@@ -567,7 +567,7 @@ def test_recipe_keys_and_validation():
     with pytest.raises(ValueError, match="mode"):
         S.Recipe(fmt="mxint8", mode="a")
     with pytest.raises(ValueError, match="method"):
-        S.Recipe(fmt="mxint8", method="gptq")
+        S.Recipe(fmt="mxint8", method="no_such_method")
     known, unknown = S.available_formats(["mxfp8_e4m3", "no_such_format"])
     assert known == ["mxfp8_e4m3"] and unknown == ["no_such_format"]
 
