@@ -73,6 +73,18 @@ _OUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 # --------------------------------------------------------------------------
 
 
+def _replace(t: MXTensor, **changes) -> MXTensor:
+    """``dataclasses.replace`` that keeps ``made_ndim`` the rank of the new leaves.
+
+    The ops here change the rank on purpose (reshape, indexing, stack); the
+    recorded rank is what tells vmap/scan-made rank changes apart.
+    """
+    out = dataclasses.replace(t, **changes)
+    if out.made_ndim is not None and out.made_ndim != out.data.ndim:
+        out = dataclasses.replace(out, made_ndim=out.data.ndim)
+    return out
+
+
 def _tensor(t, op: str) -> MXTensor:
     if not isinstance(t, MXTensor):
         raise TypeError(f"jaxmx.{op} expects an MXTensor, got {type(t).__name__}")
@@ -200,7 +212,7 @@ def transpose(t: MXTensor, axes=None) -> MXTensor:
                 f"transpose axes {tuple(axes)} are not a permutation of the {n} axes of {_where(t)}"
             )
     block = perm.index(n + t.axis)
-    return dataclasses.replace(
+    return _replace(
         t,
         data=_move(t.data, lambda a: jnp.transpose(a, perm)),
         scale=_move(t.scale, lambda a: jnp.transpose(a, perm)),
@@ -325,7 +337,7 @@ def reshape(t: MXTensor, shape) -> MXTensor:
     nb = -(-new_len // bs)
 
     def move(u: MXTensor) -> MXTensor:
-        return dataclasses.replace(
+        return _replace(
             u,
             data=u.data.reshape(shape[:j] + (_stored(u, new_len),) + shape[j + 1 :]),
             scale=u.scale.reshape(shape[:j] + (nb,) + shape[j + 1 :]),
@@ -395,7 +407,7 @@ def _slice_block_axis(t: MXTensor, start: int, stop: int) -> MXTensor:
     def cut(u: MXTensor) -> MXTensor:
         lo = _bytes_at(u, start)
         hi = _stored(u, stop) if stop == u.length else _bytes_at(u, stop)
-        return dataclasses.replace(
+        return _replace(
             u,
             data=_move(u.data, lambda a: lax.slice_in_dim(a, lo, hi, axis=u.ndim + ax)),
             scale=_move(
@@ -478,7 +490,7 @@ def getitem(t: MXTensor, idx) -> MXTensor:
         *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrays),
     ).shape
     new_axis = out.index(marker) - len(out)
-    return dataclasses.replace(t, data=data, scale=scale, axis=new_axis)
+    return _replace(t, data=data, scale=scale, axis=new_axis)
 
 
 _TAKE_MODES = (None, "fill", "clip", "wrap", "promise_in_bounds")
@@ -532,9 +544,7 @@ def take(t: MXTensor, indices, axis: int | None = None, *, mode: str | None = No
     sbytes = jnp.take(_scale_bytes(t), idx, axis=ax, mode=m, fill_value=t.format.scale.nan_code)
     block = t.ndim + t.axis
     block = block + idx.ndim - 1 if block > ax else block
-    return dataclasses.replace(
-        t, data=data, scale=_scale_from_bytes(sbytes, t), axis=block - data.ndim
-    )
+    return _replace(t, data=data, scale=_scale_from_bytes(sbytes, t), axis=block - data.ndim)
 
 
 def _take_blocks(t: MXTensor, indices, ax: int) -> MXTensor:
@@ -581,7 +591,7 @@ def _take_blocks(t: MXTensor, indices, ax: int) -> MXTensor:
             where = np.concatenate(pieces)
         else:
             where = idx
-        return dataclasses.replace(
+        return _replace(
             u,
             data=_move(u.data, lambda a: jnp.take(a, jnp.asarray(where), axis=ax)),
             scale=_move(u.scale, lambda a: jnp.take(a, jnp.asarray(blocks), axis=ax)),
@@ -636,7 +646,7 @@ def concatenate(tensors, axis: int = 0) -> MXTensor:
             raise ValueError(
                 f"concatenate along axis {ax}: block-axis lengths differ ({sorted(lengths)})"
             )
-        return dataclasses.replace(
+        return _replace(
             t0,
             data=_join([u.data for u in ts], ax),
             scale=_join([u.scale for u in ts], ax),
@@ -651,7 +661,7 @@ def concatenate(tensors, axis: int = 0) -> MXTensor:
             )
 
     def join(us) -> MXTensor:
-        return dataclasses.replace(
+        return _replace(
             us[0],
             data=_join([u.data for u in us], ax),
             scale=_join([u.scale for u in us], ax),
@@ -675,7 +685,7 @@ def _expand_dims(t: MXTensor, axis: int) -> MXTensor:
     ax = _axis(axis, t.ndim + 1)
     block = t.ndim + t.axis
     block = block + 1 if ax <= block else block
-    return dataclasses.replace(
+    return _replace(
         t,
         data=jnp.expand_dims(t.data, ax),
         scale=jnp.expand_dims(t.scale, ax),
@@ -750,7 +760,7 @@ def _with_nan_blocks(t: MXTensor, bad: jax.Array, data: jax.Array, sbytes=None) 
     sbytes = _scale_bytes(t) if sbytes is None else sbytes
     sbytes = jnp.where(bad, jnp.uint8(t.format.scale.nan_code), sbytes)
     data = _move(data, lambda a: jnp.where(_to_data(bad, t), jnp.zeros((), a.dtype), a))
-    return dataclasses.replace(t, data=data, scale=_scale_from_bytes(sbytes, t))
+    return _replace(t, data=data, scale=_scale_from_bytes(sbytes, t))
 
 
 def _sign_op(t: MXTensor, op: str) -> MXTensor:
@@ -762,17 +772,17 @@ def _sign_op(t: MXTensor, op: str) -> MXTensor:
     if t.packed:
         sign = jnp.asarray(_byte_pattern(t, elem.sign_bit))
         if op == "abs":
-            return dataclasses.replace(t, data=t.data & ~sign)
+            return _replace(t, data=t.data & ~sign)
         # NaN blocks keep their (zero) codes.
         flip = jnp.where(_to_data(_nan_blocks(t), t), jnp.uint8(0), sign)
-        return dataclasses.replace(t, data=t.data ^ flip)
+        return _replace(t, data=t.data ^ flip)
     raw = storage_to_raw(t.data, elem)
     sign = raw.dtype.type(elem.sign_bit)
     if op == "abs":
         raw = raw & ~sign
     else:
         raw = raw ^ jnp.where(_to_data(_nan_blocks(t), t), raw.dtype.type(0), sign)
-    return dataclasses.replace(t, data=raw_to_storage(raw, elem))
+    return _replace(t, data=raw_to_storage(raw, elem))
 
 
 def _int_sign_op(t: MXTensor, op: str) -> MXTensor:
@@ -969,7 +979,7 @@ def astype(t: MXTensor, dtype) -> MXTensor:
             f"MXTensor.astype({dt}): an MXTensor dequantizes to float32, bfloat16 or "
             "float16 only; dequantize first for other dtypes"
         )
-    return dataclasses.replace(t, dtype=dt)
+    return _replace(t, dtype=dt)
 
 
 def _is_format_name(s: str) -> bool:

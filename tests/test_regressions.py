@@ -372,3 +372,15 @@ def test_intercept_puts_bfloat16_matmuls_in_mx():
     y = f(a, jnp.ones((64, 4), jnp.bfloat16))
     assert f.coverage.counts == "1 of 1 matmuls in MX"
     _changed(y, a.astype(jnp.float32) @ jnp.ones((64, 4)))
+
+
+def test_structural_ops_keep_the_recorded_rank_in_step():
+    # Packed FP4 in blocks of 2 (one byte per block): made_ndim guards vmap;
+    # ops that change the rank on purpose must update it.
+    x = jax.random.normal(jax.random.key(14), (4, 6, 8))
+    t = jaxmx.quantize(x, "mxfp4", axis=-1, block_size=2, packed=True)
+    fq = jaxmx.fake_quantize(x, "mxfp4", axis=-1, block_size=2)
+    _same(t.reshape(24, 8).dequantize(), fq.reshape(24, 8))
+    _same(t[0].dequantize(), fq[0])
+    _same(jaxmx.stack([t, t]).dequantize(), jnp.stack([fq, fq]))
+    _changed(fq, x)
