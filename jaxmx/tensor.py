@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 
 import jax
 import numpy as np
@@ -278,3 +279,11 @@ def _stored_length(t: MXTensor) -> int:
 
 def _nbytes(a) -> int:
     return math.prod(a.shape) * np.dtype(a.dtype).itemsize
+
+
+# nnx (Flax) treats attribute values of unregistered types as static: an
+# MXTensor assigned to a Module attribute must be data, like an array. The
+# core does not import flax; jaxmx.flax registers it on import, and this
+# covers flax loaded before jaxmx.
+if "flax.nnx" in sys.modules:
+    sys.modules["flax.nnx"].register_data_type(MXTensor)

@@ -170,3 +170,27 @@ def test_save_load_roundtrip_of_quantized_params(tmp_path, fmt):
 def test_param_bytes_counts_plain_arrays_and_mx_tensors():
     tree = {"a": jnp.ones((32, 32)), "b": jaxmx.quantize(jnp.ones((32, 32)), "mxfp8")}
     assert jaxmx.param_bytes(tree) == 32 * 32 * 4 + 32 * 32 + 32
+
+
+def test_mx_tensors_are_nnx_data():
+    import jaxmx.flax  # noqa: F401  (registers MXTensor as nnx data)
+
+    class Held(nnx.Module):
+        def __init__(self):
+            self.w = jaxmx.quantize(jnp.linspace(-1, 1, 64 * 8).reshape(64, 8), "mxfp4", axis=0)
+            self.p = nnx.Param(jaxmx.quantize(jnp.ones((64, 8)), "mxfp8", axis=0))
+
+        def __call__(self, x):
+            dims = (((1,), (0,)), ((), ()))
+            return jaxmx.dot_general(x, self.w, dims, config="fp32") + jaxmx.dot_general(
+                x, self.p[...], dims, config="fp32"
+            )
+
+    m = Held()
+    assert nnx.is_data(m.w)
+    graphdef, state = nnx.split(m)
+    assert len(jax.tree.leaves(state)) == 4  # codes and scales of both
+    x = jnp.ones((2, 64))
+    want = x @ (jaxmx.dequantize(m.w) + 1.0)
+    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(m, x), want, rtol=1e-6)
+    np.testing.assert_array_equal(nnx.merge(graphdef, state)(x), m(x))

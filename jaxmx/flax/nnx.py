@@ -21,6 +21,12 @@ from jax import lax
 
 from jaxmx.config import DotConfig
 from jaxmx.flax._ops import MX_OPS, MXAttention, MXConv, MXDotGeneral, MXEinsumOp, as_config
+from jaxmx.tensor import MXTensor
+
+# An MXTensor assigned to an nnx Module attribute is data (a pytree of
+# arrays that jit/grad/split see), like an array; nnx would otherwise ask for
+# nnx.data(...). jaxmx.tensor registers it too when flax.nnx is already loaded.
+nnx.register_data_type(MXTensor)
 
 __all__ = [
     "Linear",
