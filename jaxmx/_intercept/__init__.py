@@ -1,0 +1,1 @@
+"""Internals of :func:`jaxmx.intercept`: coverage records, planner, interpreter."""

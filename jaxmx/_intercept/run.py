@@ -1,0 +1,252 @@
+"""Running: an interpreter that re-emits a planned jaxpr with MX matmuls.
+
+Control flow that holds an MX matmul is rebuilt around interpreted bodies
+(``lax.scan``, ``lax.while_loop``, ``lax.switch``, ``jax.checkpoint``,
+``jax.shard_map``); everything else is bound as it was traced. MXTensor
+arguments flow as they are into rebuilt control flow and into the matmuls
+that contract along their blocks, and are decoded for any other op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from jax import lax
+from jax.extend import core as jcore
+from jax.extend import source_info_util as siu
+
+from jaxmx._intercept.prims import DOT, P
+from jaxmx.config import DotConfig
+from jaxmx.conv import conv_general_dilated as _mx_conv_general_dilated
+from jaxmx.dot import dot_general as _mx_dot_general
+from jaxmx.quantize import dequantize
+from jaxmx.tensor import MXTensor
+
+__all__ = ["Plan", "run_jaxpr"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    decisions: dict
+    rebuild: frozenset
+
+
+def run_jaxpr(jaxpr, consts, args, addr: tuple, plan: Plan) -> list:
+    env: dict = {}
+
+    def read(v):
+        return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    for v, x in zip([*jaxpr.constvars, *jaxpr.invars], [*consts, *args], strict=True):
+        env[v] = x
+    for i, eqn in enumerate(jaxpr.eqns):
+        a = addr + (i,)
+        invals = [read(v) for v in eqn.invars]
+        name_stack = siu.current_name_stack() + eqn.source_info.name_stack
+        with siu.user_context(eqn.source_info.traceback, name_stack=name_stack), eqn.ctx.manager:
+            if a in plan.decisions:
+                outs = [_mx_op(eqn, invals, plan.decisions[a])]
+            elif a in plan.rebuild and _kind(eqn) != "shard_map":
+                outs = _REBUILD[_kind(eqn)](eqn, invals, a, plan)  # MXTensors flow in as pytrees
+            elif (cast := _mx_cast(eqn, invals)) is not None:
+                outs = [cast]
+            else:
+                invals = [_decoded(x, v) for x, v in zip(invals, eqn.invars, strict=True)]
+                if a in plan.rebuild:
+                    outs = _REBUILD[_kind(eqn)](eqn, invals, a, plan)
+                else:
+                    outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+                if not eqn.primitive.multiple_results:
+                    outs = [outs]
+        for v, x in zip(eqn.outvars, outs, strict=True):
+            env[v] = x
+    return [_decoded(read(v), v) for v in jaxpr.outvars]
+
+
+def _decoded(x, v):
+    """An MXTensor argument decoded for an op that needs its values."""
+    return dequantize(x, v.aval.dtype) if isinstance(x, MXTensor) else x
+
+
+def _mx_cast(eqn, invals) -> MXTensor | None:
+    """A float cast of an MXTensor argument (a layer's ``dtype``) stays an
+    MXTensor that decodes to the new dtype: decoding to it directly rounds
+    the same way as decoding then casting."""
+    if eqn.primitive.name != "convert_element_type" or not isinstance(invals[0], MXTensor):
+        return None
+    new = np.dtype(eqn.params["new_dtype"])
+    if new not in (np.dtype(np.float32), np.dtype(jax.numpy.bfloat16), np.dtype(np.float16)):
+        return None
+    return dataclasses.replace(invals[0], dtype=new)
+
+
+def _contracted_or_decoded(x, v, contracting):
+    """An MXTensor operand goes in as it is when its blocks run along one of
+    the axes this matmul contracts; otherwise it is decoded and the rule's
+    config quantizes it like any array."""
+    if isinstance(x, MXTensor) and x.block_axis() + x.ndim not in contracting:
+        return dequantize(x, v.aval.dtype)
+    return x
+
+
+def _mx_op(eqn, invals, config: DotConfig):
+    p = eqn.params
+    if eqn.primitive is DOT:
+        (lc, rc), _ = p["dimension_numbers"]
+        contracting = (lc, rc)
+    else:
+        dn = p["dimension_numbers"]
+        contracting = ((dn.lhs_spec[1],), (dn.rhs_spec[1],))
+    lhs, rhs = (
+        _contracted_or_decoded(x, v, c)
+        for x, v, c in zip(invals, eqn.invars[:2], contracting, strict=True)
+    )
+    if eqn.primitive is DOT:
+        out = _mx_dot_general(
+            lhs,
+            rhs,
+            p["dimension_numbers"],
+            p["precision"],
+            p["preferred_element_type"],
+            config=config,
+            out_sharding=p.get("out_sharding"),
+        )
+    else:
+        out = _mx_conv_general_dilated(
+            lhs,
+            rhs,
+            p["window_strides"],
+            p["padding"],
+            p["lhs_dilation"],
+            p["rhs_dilation"],
+            p["dimension_numbers"],
+            p["feature_group_count"],
+            p["batch_group_count"],
+            p["precision"],
+            p["preferred_element_type"],
+            config=config,
+            out_sharding=p.get("out_sharding"),
+        )
+    want = eqn.outvars[0].aval.dtype
+    return out if out.dtype == want else out.astype(want)
+
+
+def _kind(eqn) -> str:
+    if eqn.primitive.name == "shard_map":
+        return "shard_map"
+    return eqn.primitive.name
+
+
+def _closed(c):
+    return (c.jaxpr, c.consts) if hasattr(c, "consts") else (c, ())
+
+
+def _rebuild_jit(eqn, invals, a, plan):
+    p = eqn.params
+    invals = _constrain(invals, p["in_shardings"])
+    with siu.extend_name_stack(p["name"]):
+        outs = run_jaxpr(p["jaxpr"].jaxpr, p["jaxpr"].consts, invals, a + ("jaxpr",), plan)
+    return _constrain(outs, p["out_shardings"])
+
+
+def _constrain(xs, shardings):
+    # A jit boundary is inlined; its explicit shardings become sharding
+    # constraints (Auto mesh axes) or transfers (Explicit axes, where the
+    # sharding is part of the type).
+    return [_constrain_one(x, s) for x, s in zip(xs, shardings, strict=True)]
+
+
+def _constrain_one(x, s):
+    if not isinstance(s, jax.sharding.Sharding) or isinstance(x, MXTensor):  # unspecified
+        return x
+    if jax.sharding.AxisType.Explicit in tuple(getattr(getattr(s, "mesh", None), "axis_types", ())):
+        return jax.device_put(x, s)  # what jit does with such an input: a transfer
+    return lax.with_sharding_constraint(x, s)
+
+
+def _rebuild_call(eqn, invals, a, plan):
+    jaxpr, consts = _closed(eqn.params["call_jaxpr"])
+    return run_jaxpr(jaxpr, consts, invals, a + ("call_jaxpr",), plan)
+
+
+def _rebuild_remat(eqn, invals, a, plan):
+    p = eqn.params
+    body = lambda *xs: run_jaxpr(p["jaxpr"], (), xs, a + ("jaxpr",), plan)  # noqa: E731
+    return list(jax.checkpoint(body, prevent_cse=p["prevent_cse"], policy=p["policy"])(*invals))
+
+
+def _rebuild_scan(eqn, invals, a, plan):
+    p = eqn.params
+    nc, ncarry, closed = p["num_consts"], p["num_carry"], p["jaxpr"]
+    consts, init, xs = invals[:nc], invals[nc : nc + ncarry], invals[nc + ncarry :]
+
+    def body(carry, x):
+        outs = run_jaxpr(closed.jaxpr, closed.consts, [*consts, *carry, *x], a + ("jaxpr",), plan)
+        return outs[:ncarry], outs[ncarry:]
+
+    carry, ys = lax.scan(
+        body,
+        list(init),
+        list(xs),
+        length=p["length"],
+        reverse=p["reverse"],
+        unroll=p["unroll"],
+    )
+    return [*carry, *ys]
+
+
+def _rebuild_while(eqn, invals, a, plan):
+    p = eqn.params
+    cn, bn = p["cond_nconsts"], p["body_nconsts"]
+    cconsts, bconsts, init = invals[:cn], invals[cn : cn + bn], invals[cn + bn :]
+    cj, bj = p["cond_jaxpr"], p["body_jaxpr"]
+
+    def cond_fun(carry):
+        return run_jaxpr(cj.jaxpr, cj.consts, [*cconsts, *carry], a + ("cond_jaxpr",), plan)[0]
+
+    def body_fun(carry):
+        return run_jaxpr(bj.jaxpr, bj.consts, [*bconsts, *carry], a + ("body_jaxpr",), plan)
+
+    return list(lax.while_loop(cond_fun, body_fun, list(init)))
+
+
+def _rebuild_cond(eqn, invals, a, plan):
+    index, *ops = invals
+
+    def branch(b, closed):
+        return lambda *xs: run_jaxpr(closed.jaxpr, closed.consts, xs, a + (("branches", b),), plan)
+
+    branches = [branch(b, c) for b, c in enumerate(eqn.params["branches"])]
+    return list(lax.switch(index, branches, *ops))
+
+
+def _rebuild_shard_map(eqn, invals, a, plan):
+    p = eqn.params
+    body = lambda *xs: tuple(run_jaxpr(p["jaxpr"], (), xs, a + ("jaxpr",), plan))  # noqa: E731
+    mapped = jax.shard_map(
+        body,
+        mesh=p["mesh"],
+        in_specs=tuple(p["in_specs"]),
+        out_specs=tuple(p["out_specs"]),
+        axis_names=set(p.get("newly_manual_axes", p.get("manual_axes", ()))),
+        check_vma=p["check_vma"],
+    )
+    return list(mapped(*invals))
+
+
+_REBUILD: dict[str, Callable] = {
+    "jit": _rebuild_jit,
+    "closed_call": _rebuild_call,
+    "call": _rebuild_call,
+    # custom_derivatives="inline": the primal function, MX inside, no custom rule.
+    "custom_jvp_call": _rebuild_call,
+    "custom_vjp_call": _rebuild_call,
+    P.remat_p.name: _rebuild_remat,
+    "scan": _rebuild_scan,
+    "while": _rebuild_while,
+    "cond": _rebuild_cond,
+    "shard_map": _rebuild_shard_map,
+}
