@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxmx._operand import check_key, check_operands, compute_dtype, fake_operand
 from jaxmx.config import DotConfig, as_dot_config
-from jaxmx.dot import _compute_dtype, _operand, check_key, check_operands
 from jaxmx.quantize import dequantize
 from jaxmx.tensor import MXTensor
 
@@ -66,10 +66,10 @@ def _conv(lhs, rhs, s: _ConvStatic):
 def _grouped(x, fmt, axis: int, groups: int, cfg: DotConfig, rounding, key, role):
     """Quantizes ``x`` along ``axis`` with blocks kept inside each of ``groups`` groups."""
     if fmt is None or groups == 1 or isinstance(x, MXTensor):  # an MXTensor: checked, decoded
-        return _operand(x, fmt, axis, cfg, rounding, key, role)
+        return fake_operand(x, fmt, axis, cfg, rounding, key, role)
     shape = x.shape
     split = shape[:axis] + (groups, shape[axis] // groups) + shape[axis + 1 :]
-    q = _operand(x.reshape(split), fmt, axis + 1, cfg, rounding, key, role)
+    q = fake_operand(x.reshape(split), fmt, axis + 1, cfg, rounding, key, role)
     return q.reshape(shape)
 
 
@@ -85,7 +85,7 @@ def _mx_conv_fwd(lhs, rhs, key, s: _ConvStatic):
     """
     cfg, dn = s.config, s.dimension_numbers
     x = _grouped(lhs, cfg.lhs, dn.lhs_spec[1], s.feature_group_count, cfg, cfg.rounding, key, "lhs")
-    w = _operand(rhs, cfg.rhs, dn.rhs_spec[1], cfg, cfg.rounding, key, "rhs")
+    w = fake_operand(rhs, cfg.rhs, dn.rhs_spec[1], cfg, cfg.rounding, key, "rhs")
     common = jnp.promote_types(x.dtype, w.dtype)
     return _conv(x.astype(common), w.astype(common), s).astype(s.out_dtype), (lhs, rhs, key)
 
@@ -99,7 +99,7 @@ def _mx_conv_bwd(s: _ConvStatic, res, g):
     lhs, rhs, key = (dequantize(x, x.dtype) if isinstance(x, MXTensor) else x for x in res)
     g_round = cfg.effective_grad_rounding
     groups = s.feature_group_count
-    cdt = jnp.promote_types(_compute_dtype(cfg), jnp.promote_types(lhs.dtype, rhs.dtype))
+    cdt = jnp.promote_types(compute_dtype(cfg), jnp.promote_types(lhs.dtype, rhs.dtype))
 
     g1 = _grouped(g, cfg.grad, dn.out_spec[1], groups, cfg, g_round, key, "grad_dgrad")
     w1 = _grouped(
@@ -113,8 +113,10 @@ def _mx_conv_bwd(s: _ConvStatic, res, g):
         (d_lhs,) = vjp_lhs(g1.astype(jnp.float32))
         d_lhs = d_lhs.astype(lhs.dtype)
     if not rhs_const:
-        x2 = _operand(lhs, cfg.role("lhs_bwd"), dn.lhs_spec[0], cfg, cfg.rounding, key, "lhs_bwd")
-        g2 = _operand(g, cfg.grad, dn.out_spec[0], cfg, g_round, key, "grad_wgrad")
+        x2 = fake_operand(
+            lhs, cfg.role("lhs_bwd"), dn.lhs_spec[0], cfg, cfg.rounding, key, "lhs_bwd"
+        )
+        g2 = fake_operand(g, cfg.grad, dn.out_spec[0], cfg, g_round, key, "grad_wgrad")
         _, vjp_rhs = jax.vjp(lambda w: _conv(x2.astype(cdt), w, s), rhs.astype(cdt))
         (d_rhs,) = vjp_rhs(g2.astype(jnp.float32))
         d_rhs = d_rhs.astype(rhs.dtype)

@@ -34,18 +34,23 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxmx import native
+from jaxmx._operand import (
+    check_key,
+    check_operands,
+    compute_dtype,
+    fake_operand,
+    lax_dot,
+    random_bits,
+)
 from jaxmx.config import DotConfig, as_dot_config
 from jaxmx.formats import MXFormat
 from jaxmx.packing import unpack
-from jaxmx.quantize import _fake_quantize_impl, _quantize, dequantize
+from jaxmx.quantize import _quantize, dequantize
 from jaxmx.tensor import MXTensor
 
 __all__ = ["dot_general"]
 
 DimensionNumbers = tuple[tuple[Sequence[int], Sequence[int]], tuple[Sequence[int], Sequence[int]]]
-
-# Distinct salts/fold-ins for the random bits of the six quantizations.
-_ROLE_IDS = {"lhs": 1, "rhs": 2, "grad_dgrad": 3, "rhs_bwd": 4, "lhs_bwd": 5, "grad_wgrad": 6}
 
 
 class _Dims(NamedTuple):
@@ -121,65 +126,6 @@ class _Static(NamedTuple):
 # --------------------------------------------------------------------------
 
 
-def _compute_dtype(config: DotConfig):
-    if config.compute_dtype is not None:
-        return jnp.dtype(config.compute_dtype)
-    # Every MX value (down to 2^-133) is exact in bfloat16 and products
-    # accumulate in float32, so the choice is only about speed: bfloat16 on
-    # accelerators. On CPU the dot itself runs in float32 either way (see
-    # lax_dot), so converting to bfloat16 first would only cost time.
-    if jax.default_backend() != "cpu":
-        return jnp.dtype(jnp.bfloat16)
-    return jnp.dtype(jnp.float32)
-
-
-def _hash_bits(x: jax.Array, salt: int) -> jax.Array:
-    """Pseudo-random uint32 per element from its bits and position.
-
-    Stochastic rounding inside a backward pass needs random bits but gets no
-    key from Flax layers; a hash of the value and its index (the lowbias32
-    mixer) is cheap, differs from step to step as the values do, and is
-    deterministic for a given input.
-    """
-    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-    idx = lax.iota(jnp.uint32, x.size).reshape(x.shape)
-    h = bits ^ (idx * jnp.uint32(0x9E3779B9)) ^ jnp.uint32((salt * 0x85EBCA6B) & 0xFFFFFFFF)
-    for shift, mul in ((16, 0x7FEB352D), (15, 0x846CA68B)):
-        h = (h ^ lax.shift_right_logical(h, jnp.uint32(shift))) * jnp.uint32(mul)
-    return h ^ lax.shift_right_logical(h, jnp.uint32(16))
-
-
-def _rbits(x, rounding: str, key, role: str):
-    if rounding != "stochastic":
-        return None
-    if key is None:
-        return _hash_bits(x, _ROLE_IDS[role])
-    return jax.random.bits(jax.random.fold_in(key, _ROLE_IDS[role]), x.shape, jnp.uint32)
-
-
-def _operand(x, fmt: MXFormat | None, axis: int | None, config: DotConfig, rounding, key, role):
-    """``x`` fake-quantized to ``fmt`` with blocks along ``axis``, in compute dtype.
-
-    ``axis=None``: nothing to contract, one element per block. An
-    :class:`~jaxmx.MXTensor` is already quantized: it is only decoded.
-    """
-    if isinstance(x, MXTensor):
-        return dequantize(x, _compute_dtype(config))
-    if fmt is None:
-        return x
-    rbits = _rbits(x, rounding, key, role)
-    args = (
-        (fmt, -1, 1) if axis is None else (fmt, axis - x.ndim, config.block_size or fmt.block_size)
-    )
-    if axis is None:
-        x = x[..., None]
-        rbits = None if rbits is None else rbits[..., None]
-    q = _fake_quantize_impl(x, rbits, *args, config.scale_mode, rounding, False)
-    if axis is None:
-        q = q[..., 0]
-    return q.astype(_compute_dtype(config))
-
-
 def _last(axes: tuple[int, ...]) -> int | None:
     return axes[-1] if axes else None
 
@@ -201,8 +147,8 @@ def _qmatmul(a: _Side, b: _Side, dims, static: _Static, key, out_dtype, out_shar
     if native.use_native(cfg, reason):
         ta, tb = (_mx_tensor(s, cfg, key) for s in (a, b))
         return native.scaled_dot(ta, tb, dims, out_dtype)
-    qa = _operand(a.x, a.fmt, _last(a.contracting), cfg, a.rounding, key, a.role)
-    qb = _operand(b.x, b.fmt, _last(b.contracting), cfg, b.rounding, key, b.role)
+    qa = fake_operand(a.x, a.fmt, _last(a.contracting), cfg, a.rounding, key, a.role)
+    qb = fake_operand(b.x, b.fmt, _last(b.contracting), cfg, b.rounding, key, b.role)
     return _matmul(qa, qb, dims, static.precision, out_dtype, out_sharding)
 
 
@@ -212,35 +158,6 @@ def _matmul(qa, qb, dims, precision, out_dtype, out_sharding=None):
     return lax_dot(
         qa.astype(common), qb.astype(common), dims, precision, jnp.float32, out_sharding
     ).astype(out_dtype)
-
-
-def lax_dot(lhs, rhs, dims, precision=None, preferred_element_type=None, out_sharding=None):
-    """``lax.dot_general`` that runs on XLA:CPU for every legal layout.
-
-    XLA:CPU implements a bfloat16 x bfloat16 -> float32 dot for some layouts
-    only ("DotThunk::Execute: BF16 x BF16 = F32"), and its layout passes can
-    re-create such a layout after any canonicalization (seen in the gradient
-    of a rematerialized scan). Products of two bfloat16 values are exact in
-    float32, so on CPU bfloat16 operands are widened to float32 first: the
-    result is the same float32-accumulated sum, and nothing crashes where
-    float32 works. Other backends get the call as it is.
-    """
-    kwargs = {} if out_sharding is None else {"out_sharding": out_sharding}
-    out_dtype = jnp.dtype(preferred_element_type or jnp.promote_types(lhs.dtype, rhs.dtype))
-    if jax.default_backend() == "cpu" and jnp.bfloat16 in (lhs.dtype, rhs.dtype):
-        widen = jnp.promote_types(jnp.float32, out_dtype)
-        out = lax.dot_general(
-            lhs.astype(widen),
-            rhs.astype(widen),
-            dims,
-            precision,
-            preferred_element_type=widen,
-            **kwargs,
-        )
-        return out.astype(out_dtype)
-    return lax.dot_general(
-        lhs, rhs, dims, precision, preferred_element_type=preferred_element_type, **kwargs
-    )
 
 
 def _native_reason(a: _Side, b: _Side, cfg: DotConfig) -> str | None:
@@ -268,7 +185,7 @@ def _mx_tensor(side: _Side, cfg: DotConfig, key) -> MXTensor:
         return unpack(side.x)
     axis = side.contracting[-1] - side.x.ndim
     bs = cfg.block_size or side.fmt.block_size
-    rbits = _rbits(side.x, side.rounding, key, side.role)
+    rbits = random_bits(side.x, side.rounding, key, side.role)
     return _quantize(side.x, rbits, side.fmt, axis, bs, cfg.scale_mode, side.rounding, False, False)
 
 
@@ -303,7 +220,7 @@ def _mx_dot_fwd(lhs, rhs, key, static: _Static):
     if native.use_native(cfg, _native_reason(a, b, cfg)):
         out = native.scaled_dot(unpack(ta), unpack(tb), dims, static.out_dtype)
     else:
-        cdt = _compute_dtype(cfg)
+        cdt = compute_dtype(cfg)
         qa, qb = (dequantize(t, cdt) if isinstance(t, MXTensor) else t for t in (ta, tb))
         out = _matmul(qa, qb, dims, static.precision, static.out_dtype, static.out_sharding)
     return out, (ta, tb, key)
@@ -316,7 +233,7 @@ def _stash(side: _Side, cfg: DotConfig, key):
         return (
             side.x
             if side.fmt is None
-            else _operand(side.x, side.fmt, None, cfg, side.rounding, key, side.role).astype(
+            else fake_operand(side.x, side.fmt, None, cfg, side.rounding, key, side.role).astype(
                 side.x.dtype
             )
         )
@@ -488,26 +405,3 @@ def _take_prequantized(config: DotConfig, lhs, rhs, dims: _Dims, op: str) -> Dot
             )
         config = config.replace(**{name: x.format})
     return config
-
-
-def check_operands(lhs, rhs, op: str) -> tuple[jax.Array, jax.Array]:
-    """Both operands as arrays (or MXTensors) of a float dtype MX quantizes
-    (float32, bfloat16, float16)."""
-    lhs, rhs = (x if isinstance(x, MXTensor) else jnp.asarray(x) for x in (lhs, rhs))
-    for name, x in (("lhs", lhs), ("rhs", rhs)):
-        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.float64:
-            raise TypeError(
-                f"{name} has dtype {x.dtype}; jaxmx.{op} takes float32, bfloat16 or "
-                "float16 operands"
-            )
-    return lhs, rhs
-
-
-def check_key(key, config: DotConfig) -> None:
-    """A key is only for configs that round stochastically; anything else is a mistake."""
-    if key is not None and not config.uses_random_bits:
-        raise ValueError(
-            "a key was given but the config rounds nothing stochastically "
-            f"(rounding={config.rounding!r}, grad_rounding={config.grad_rounding!r}); "
-            "drop the key or set rounding/grad_rounding='stochastic'"
-        )
