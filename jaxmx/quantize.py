@@ -144,11 +144,17 @@ def _quantize_blocks(
     bits = to_blocks(numerics.f32_to_bits(x), axis, block_size)
     sign = lax.shift_right_logical(bits, jnp.uint32(31))
     mag = bits & jnp.uint32(0x7FFFFFFF)
-    if flush_subnormals:
-        mag = jnp.where(mag < jnp.uint32(0x00800000), jnp.uint32(0), mag)
     block_axis = bits.ndim + axis  # the within-block axis in blocked layout
     # Integer max of magnitudes orders finite values, Inf and NaN correctly.
     amax = jnp.max(mag, axis=block_axis, keepdims=True)
+    if flush_subnormals:
+        # The MX emulator's rule: a block whose shared exponent before
+        # clamping, floor(log2(max |x|)), is at or below -127 (its max is a
+        # float32 subnormal or zero) becomes zero; subnormal elements of any
+        # other block are kept and quantized as usual.
+        tiny = amax < jnp.uint32(0x00800000)
+        mag = jnp.where(tiny, jnp.uint32(0), mag)
+        amax = jnp.where(tiny, jnp.uint32(0), amax)
     e, nonfinite = numerics.shared_exponent(
         amax,
         elem,
@@ -229,8 +235,9 @@ def quantize(
       rounding: ``"nearest_even"`` (default), ``"nearest_away"`` (ties away
         from zero, microxcaling's "nearest"), ``"toward_zero"``, or
         ``"stochastic"`` (unbiased within the element's range; needs ``key``).
-      flush_subnormals: treat float32 subnormal inputs as zero (what the MX
-        paper's emulator does); by default they are kept.
+      flush_subnormals: zero every block whose largest magnitude is a
+        float32 subnormal (or zero), as the MX paper's emulator does; other
+        blocks keep their subnormal elements. By default nothing is flushed.
       key: PRNG key for stochastic rounding.
       packed: return sub-byte codes (FP4, FP6, INT4, INT2) packed into bytes
         (see :func:`jaxmx.pack`), written directly without the one-code-per-byte

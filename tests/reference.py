@@ -101,8 +101,6 @@ def fake_quantize(
     elem = fmt.element
     bs = block_size or fmt.block_size
     x = np.moveaxis(np.asarray(x, np.float64), axis, -1)
-    if flush_subnormals:
-        x = np.where(np.abs(x) < 2.0**-126, 0.0 * x, x)
     n = x.shape[-1]
     nb = -(-n // bs)
     out = np.empty_like(x)
@@ -112,6 +110,9 @@ def fake_quantize(
         row = x[idx]
         for b in range(nb):
             blk = row[b * bs : (b + 1) * bs]
+            if flush_subnormals and np.max(np.abs(blk)) < 2.0**-126:
+                # The emulator: shared exponent before clamping <= -127 zeroes the block.
+                blk = 0.0 * blk
             if not np.all(np.isfinite(blk)):
                 out[idx + (slice(b * bs, (b + 1) * bs),)] = np.nan
                 exps[idx + (b,)] = np.nan

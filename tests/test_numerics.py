@@ -171,7 +171,29 @@ def test_subnormal_inputs_kept_or_flushed(fmt):
     np.testing.assert_array_equal(kept, want)
     assert kept[0, -1] != 0  # a subnormal block max survives
     flushed = np.asarray(jaxmx.fake_quantize(x, fmt, block_size=4, flush_subnormals=True))
-    assert (flushed == 0).all()
+    assert (flushed == 0).all()  # the block max is subnormal: the whole block goes
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxfp8_e5m2", "mxint8", "mxfp4_e2m1"])
+def test_flush_subnormals_zeroes_whole_blocks_only(fmt):
+    # The MX emulator zeroes a block when floor(log2(max|x|)) <= -127; a block
+    # with a normal max keeps its subnormal neighbours (here quantized with
+    # the block's scale, 2^-126 - emax: E5M2 and INT8 keep some of them).
+    x = np.array(
+        [
+            [2.0**-126, 2.0**-127, 2.0**-130, -(2.0**-135)],  # normal max, subnormal rest
+            [2.0**-127, 2.0**-149, 0.0, -(2.0**-128)],  # subnormal max: zeroed
+        ],
+        np.float32,
+    )
+    got = np.asarray(jaxmx.fake_quantize(x, fmt, block_size=4, flush_subnormals=True))
+    want, _ = reference.fake_quantize(x, fmt, block_size=4, flush_subnormals=True)
+    np.testing.assert_array_equal(got, want)
+    assert (got[1] == 0).all() and got[0, 0] == 2.0**-126
+    t = jaxmx.quantize(x, fmt, block_size=4, flush_subnormals=True)
+    np.testing.assert_array_equal(jaxmx.dequantize(t), got)
+    if fmt in ("mxfp8_e5m2", "mxint8"):
+        assert got[0, 1] != 0  # a subnormal element of a normal block survives
 
 
 @pytest.mark.parametrize(
