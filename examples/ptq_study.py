@@ -196,8 +196,11 @@ def _method_direct(model, params, recipe: Recipe, calibration) -> tuple[Any, Any
 #
 # Weight methods (scale search, GPTQ) store the Dense kernels as MXTensors
 # (jaxmx.quantize_params(method=...)), which scope "all" (jaxmx.intercept)
-# feeds to their matmuls as they are. The embedding table is left to the
-# scope: the tied head gets the same direct cast as in the direct recipes.
+# feeds to their matmuls as they are. SmolLM2's output head is tied to the
+# token embedding; a method first unties it (_untied: lm_head = embedding^T,
+# the same products), so that the head gets the method and the lookup keeps
+# the FP32 table, as in the direct recipes of scope "all" (where the lookup is
+# no matmul and the head's matmul casts the table).
 #
 # Hadamard rotation changes the model: every Dense input is rotated at run
 # time by x -> x H (block-diagonal, H of order 32 = the MX block, along the
@@ -236,6 +239,17 @@ class _RotatedInputs(nn.Module):
             return self.inner(*args, **kwargs)
 
 
+def _untied(model, params):
+    """A Llama with a tied head as one with ``lm_head = embedding^T``: same outputs."""
+    cfg = getattr(model, "config", None)
+    if not getattr(cfg, "tie_embeddings", False):
+        return model, params
+    p = params["params"]
+    head = {"kernel": jax.numpy.asarray(p["embed_tokens"]["embedding"]).T}
+    untied = type(model)(dataclasses.replace(cfg, tie_embeddings=False))
+    return untied, {**params, "params": {**p, "lm_head": head}}
+
+
 def _rotated(model, params):
     """The model with rotated Dense inputs and its kernels rotated to match."""
     rotated = jaxmx.ptq.rotate_weights(params["params"], size=HADAMARD_SIZE)
@@ -253,7 +267,9 @@ def _hessians(model, params, calibration, *, rotated: bool = False) -> dict:
     if key not in _HESSIANS:
         batches = [calibration[i : i + 1] for i in range(len(calibration))]
         _HESSIANS[key] = jaxmx.ptq.collect_hessians(model, params, batches)
-    hess = _HESSIANS[key]
+    hess = dict(_HESSIANS[key])
+    if "params/embed_tokens/embedding" in hess:  # the tied head, untied by _untied
+        hess["params/lm_head/kernel"] = hess.pop("params/embed_tokens/embedding")
     if not rotated:
         return hess
 
@@ -272,31 +288,37 @@ def _quantized_weights(params, recipe: Recipe, method) -> Any:
 
 def _method_search(model, params, recipe: Recipe, calibration) -> tuple[Any, Any]:
     del calibration
+    model, params = _untied(model, params)
     search = jaxmx.ptq.ScaleSearch(scale_mode=recipe.scale_mode)
     return model, _quantized_weights(params, recipe, search)
 
 
 def _method_search_h(model, params, recipe: Recipe, calibration) -> tuple[Any, Any]:
     hess = _hessians(model, params, calibration)
+    model, params = _untied(model, params)
     search = jaxmx.ptq.ScaleSearch(scale_mode=recipe.scale_mode, hessians=hess)
     return model, _quantized_weights(params, recipe, search)
 
 
-def _method_gptq(model, params, recipe: Recipe, calibration, *, search=False, rotate=False):
+def _method_gptq(
+    model, params, recipe: Recipe, calibration, *, search=False, rotate=False, act_order=False
+):
     hess = _hessians(model, params, calibration, rotated=rotate)
+    model, params = _untied(model, params)
     if rotate:
         model, params = _rotated(model, params)
     gptq = jaxmx.ptq.GPTQ(
         hessians=hess,
         scale_mode=recipe.scale_mode,
         search=jaxmx.ptq.ScaleSearch(scale_mode=recipe.scale_mode) if search else None,
+        act_order=act_order,
     )
     return model, _quantized_weights(params, recipe, gptq)
 
 
 def _method_hadamard(model, params, recipe: Recipe, calibration) -> tuple[Any, Any]:
     del recipe, calibration  # the scope casts the rotated weights and inputs directly
-    return _rotated(model, params)
+    return _rotated(*_untied(model, params))
 
 
 # method name -> (model, params, recipe, calibration) -> (model, params). A
@@ -311,9 +333,21 @@ METHODS: dict[str, Callable[[Any, Any, Recipe, Any], tuple[Any, Any]]] = {
     "gptq_search": functools.partial(_method_gptq, search=True),
     "hadamard_gptq": functools.partial(_method_gptq, rotate=True),
     "hadamard_gptq_search": functools.partial(_method_gptq, rotate=True, search=True),
+    "gptq_act": functools.partial(_method_gptq, act_order=True),
+    "hadamard_gptq_act": functools.partial(_method_gptq, rotate=True, act_order=True),
 }
 # Methods that need calibration data (apply_recipe's `calibration`).
-CALIBRATED = frozenset({"search_h", "gptq", "gptq_search", "hadamard_gptq", "hadamard_gptq_search"})
+CALIBRATED = frozenset(
+    {
+        "search_h",
+        "gptq",
+        "gptq_act",
+        "hadamard_gptq_act",
+        "gptq_search",
+        "hadamard_gptq",
+        "hadamard_gptq_search",
+    }
+)
 
 
 def apply_recipe(model, params, recipe: Recipe, *, calibration: Any = None) -> Quantized:
@@ -607,7 +641,7 @@ def report(
 ) -> str:
     """Writes the Markdown tables (and the plot) from the results JSON; returns the Markdown."""
     lines = [
-        "# Post-training MX: direct cast on pretrained models",
+        "# Post-training MX on pretrained models: direct cast and PTQ methods",
         "",
         f"Generated by `python examples/ptq_study.py` from `{json_name}` (do not edit).",
         "Direct cast: weights (and activations) rounded to the format at run time, no",
@@ -669,6 +703,8 @@ def report(
                     "recipes are the same under both scopes (not rerun where `-`).",
                     "",
                 ]
+        if model == "smollm2":
+            lines += _methods_table(runs, base)
         machine = entry.get("machine", {})
         loads = [x for r in runs.values() for x in r.get("load_avg_1min", [])]
         secs = [r["seconds"] for k, r in runs.items() if k != "fp32" and "seconds" in r]
@@ -692,6 +728,39 @@ def report(
     if png_path is not None:
         plot(results, png_path)
     return text
+
+
+def _methods_table(runs: dict, base: dict) -> list[str]:
+    """PTQ methods against the direct cast of the same scope, format, mode and scale rule."""
+    rows = []
+    for key, run in runs.items():
+        r = run.get("recipe", {})
+        if key == "fp32" or r.get("method", "direct") == "direct":
+            continue
+        direct = runs.get(key.replace(f"/{r['method']}/", "/direct/", 1))
+        if direct is None:
+            continue
+        gap, dgap = run["ppl"] / base["ppl"] - 1, direct["ppl"] / base["ppl"] - 1
+        rows.append(
+            (
+                (r["scope"], r["fmt"], r["mode"], r["scale_mode"], gap),
+                f"| {r['scope']} | {r['fmt']} {_SHORT[r['mode']]} {r['scale_mode']} "
+                f"| {r['method']} | {run['ppl']:.2f} | {100 * gap:+.1f}% | {100 * dgap:+.1f}% "
+                f"| {100 * (1 - gap / dgap):.0f}% |",
+            )
+        )
+    if not rows:
+        return []
+    return [
+        "PTQ methods (`jaxmx.ptq`; `examples/ptq_study.py` METHODS) against the direct cast",
+        "of the same scope, format, mode and scale rule. Gap: perplexity change vs FP32;",
+        "closed: the share of the direct cast's gap the method removes (goal: 50%).",
+        "",
+        "| scope | recipe | method | perplexity | gap | direct gap | closed |",
+        "|---|---|---|---|---|---|---|",
+        *(line for _, line in sorted(rows)),
+        "",
+    ]
 
 
 def _scopes(runs: dict) -> list[str]:

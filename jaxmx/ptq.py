@@ -527,6 +527,7 @@ def quantize_gptq(
     scale_mode: str = "floor",
     search: ScaleSearch | None = None,
     damp: float = 0.01,
+    act_order: bool = False,
     packed: bool = False,
 ) -> MXTensor:
     """GPTQ with MX block scales fixed from the original weights.
@@ -555,6 +556,9 @@ def quantize_gptq(
       scale_mode: rule for the fixed exponents (ignored with ``search``).
       search: take the fixed exponents from a per-block scale search.
       damp: dampening, a fraction of the Hessian's mean diagonal (GPTQ: 1%).
+      act_order: quantize rows in order of decreasing Hessian diagonal (the
+        inputs with the most energy first; GPTQ's ``act_order``/``desc_act``),
+        which the fixed block scales allow (GPTQ's ``static_groups``).
       packed: pack sub-byte codes.
 
     Returns:
@@ -575,6 +579,7 @@ def quantize_gptq(
     bs = _check_block_size(block_size, fmt)
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < 1:
         raise ValueError(f"damp must be a float in [0, 1) (GPTQ uses 0.01), got {damp!r}")
+    act_order = _check_flag(act_order, "act_order")
     if search is not None and not isinstance(search, ScaleSearch):
         raise TypeError(f"search must be a ScaleSearch or None, got {type(search).__name__}")
     packed = _check_flag(packed, "packed") and packable(fmt.element)
@@ -602,9 +607,11 @@ def quantize_gptq(
     rows_e = jnp.moveaxis(e_full, axis, 0).reshape(n, -1)
     rows_w = jnp.moveaxis(w, axis, 0).reshape(n, -1)
 
-    # 2. Inverse Hessian factor; dead inputs quantize to 0.
-    u, dead = _inverse_hessian_factor(hessian, float(damp))
-    rows_w = jnp.where(jnp.asarray(dead)[:, None], 0.0, rows_w)
+    # 2. Inverse Hessian factor (rows permuted by act_order); dead inputs quantize to 0.
+    order = np.argsort(-np.diag(hessian), kind="stable") if act_order else np.arange(n)
+    u, dead = _inverse_hessian_factor(hessian[np.ix_(order, order)], float(damp))
+    rows_w = jnp.where(jnp.asarray(dead)[:, None], 0.0, rows_w[order])
+    rows_e = rows_e[order]
 
     # 3. Rows in lazy batches (padded with identity rows that quantize to 0).
     chunk = min(128, -(-n // bs) * bs)
@@ -614,6 +621,7 @@ def quantize_gptq(
     rows_w = jnp.pad(rows_w, ((0, pad), (0, 0)))
     rows_e = jnp.pad(rows_e, ((0, pad), (0, 0)))
     q = _gptq_rows(rows_w, jnp.asarray(u, jnp.float32), rows_e, fmt.element, chunk)[:n]
+    q = q[np.argsort(order)]
     moved = jnp.moveaxis(w, axis, 0).shape
     q = jnp.moveaxis(q.reshape(moved), 0, axis)
     return _quantize_with_exponent(q, e, fmt, axis, bs, packed)
@@ -643,6 +651,8 @@ class GPTQ:
     scale_mode: str = "floor"
     # Or fixed exponents from a per-block scale search.
     search: ScaleSearch | None = None
+    # Rows in order of decreasing Hessian diagonal (GPTQ's act_order).
+    act_order: bool = False
 
     def __post_init__(self):
         if not isinstance(self.hessians, Mapping):
@@ -662,6 +672,7 @@ class GPTQ:
             scale_mode=self.scale_mode,
             search=self.search,
             damp=self.damp,
+            act_order=self.act_order,
             packed=packed,
         )
 
@@ -677,13 +688,15 @@ def _hessian_of(hessians, path, who):
 
 
 def collect_hessians(model, variables, batches, *, method: str = "__call__") -> dict:
-    """``X^T X`` of the inputs of every ``nn.Dense`` of a Flax linen model.
+    """``X^T X`` of the inputs of every ``nn.Dense`` (and ``nn.Embed.attend``) of a linen model.
 
     Runs ``model.apply(variables, *batch)`` for each batch (unjitted) under
     ``flax.linen.intercept_methods`` and accumulates, for each Dense call,
     the Gram matrix of its input rows (float32 products, float64 sums). Keys are the kernels'
     paths as :func:`jaxmx.quantize_params` names them
-    (``"params/layers_0/mlp/up_proj/kernel"``).
+    (``"params/layers_0/mlp/up_proj/kernel"``; ``".../embedding"`` for the
+    input of an embedding table used as a tied output head, contracted
+    along its features, axis 1).
 
     Args:
       model: a ``flax.linen`` Module.
@@ -708,13 +721,19 @@ def collect_hessians(model, variables, batches, *, method: str = "__call__") -> 
     last: list = [None, None]  # (input, its Gram matrix): q/k/v share one input
 
     def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
+        module, name = context.module, context.method_name
+        leaf = None
+        if isinstance(module, nn.Dense) and name == "__call__":
+            leaf = "kernel"
+        elif isinstance(module, nn.Embed) and name == "attend":
+            leaf = "embedding"  # a tied output head: the table along its features
+        if leaf is not None:
             x = args[0]
             if last[0] is not x:
                 rows = jnp.reshape(x, (-1, x.shape[-1])).astype(jnp.float32)
                 gram = jnp.matmul(rows.T, rows, precision=lax.Precision.HIGHEST)
                 last[:] = [x, np.asarray(gram, np.float64)]
-            key = "/".join(("params", *context.module.path, "kernel"))
+            key = "/".join(("params", *module.path, leaf))
             sums[key] = sums.get(key, 0.0) + last[1]
         return next_fun(*args, **kwargs)
 
@@ -723,5 +742,5 @@ def collect_hessians(model, variables, batches, *, method: str = "__call__") -> 
             batch = batch if isinstance(batch, tuple) else (batch,)
             model.apply(variables, *batch, method=method)
     if not sums:
-        raise ValueError("no nn.Dense ran in the model: nothing to collect")
+        raise ValueError("no nn.Dense or nn.Embed.attend ran in the model: nothing to collect")
     return sums

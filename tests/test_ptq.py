@@ -197,11 +197,12 @@ def _correlated_layer(n_in=128, n_out=48, tokens=512, seed=4):
     return x, w
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("fmt", ["mxfp4_e2m1", "mxfp6_e2m3", "mxfp8_e4m3", "mxint8"])
-def test_gptq_reduces_output_error_with_the_direct_cast_scales(fmt):
+def test_gptq_reduces_output_error_with_the_direct_cast_scales(fmt, act_order):
     x, w = _correlated_layer()
     direct = jaxmx.quantize(w, fmt, axis=0, packed=True)
-    t = ptq.quantize_gptq(w, fmt, np.asarray(x.T @ x), axis=0, packed=True)
+    t = ptq.quantize_gptq(w, fmt, np.asarray(x.T @ x), axis=0, packed=True, act_order=act_order)
     out = lambda q: float(jnp.linalg.norm(x @ w - x @ jaxmx.dequantize(q)))  # noqa: E731
     assert out(t) < 0.8 * out(direct)
     # Scales are fixed from the original weights: the direct cast's.
@@ -293,3 +294,58 @@ def test_quantize_params_method_errors(mlp):
         jaxmx.quantize_params(
             v, "mxfp4", method=ptq.GPTQ(hessians={"params/up/kernel": np.eye(64)})
         )
+
+
+# --- The study's methods on a tiny Llama (examples/ptq_study.py) ---------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from models.llama import Llama, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=64, width=64, depth=2, heads=2, kv_heads=1, mlp_width=128)
+    model = Llama(cfg)
+    tokens = jax.random.randint(jax.random.key(8), (2, 16), 0, 64)
+    return model, model.init(jax.random.key(9), tokens), tokens
+
+
+def test_collect_hessians_sees_the_tied_head(tiny_llama):
+    model, params, tokens = tiny_llama
+    h = ptq.collect_hessians(model, params, [tokens])
+    assert h["params/embed_tokens/embedding"].shape == (64, 64)
+    assert len(h) == 7 * 2 + 1  # q, k, v, o, gate, up, down per layer; the head
+
+
+def test_study_untie_and_rotation_keep_the_fp32_model(tiny_llama):
+    from examples import ptq_study as S
+
+    model, params, tokens = tiny_llama
+    ref = np.asarray(model.apply(params, tokens))
+    untied = S._untied(model, params)
+    np.testing.assert_array_equal(untied[0].apply(untied[1], tokens), ref)  # same products
+    rotated = S._rotated(*untied)
+    assert not np.array_equal(rotated[1]["params"]["inner"]["lm_head"]["kernel"],
+                              untied[1]["params"]["lm_head"]["kernel"])  # fmt: skip
+    got = np.asarray(rotated[0].apply(rotated[1], tokens))
+    # Each of the 15 matmuls gains a few float32 roundings per term from the
+    # two rotations (log2(32) + 1 each); 2^-16 of the logit scale bounds that
+    # with a wide margin over 2 layers.
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2.0**-16 * np.abs(ref).max())
+
+
+def test_study_gptq_beats_direct_cast_on_held_out_tokens(tiny_llama):
+    from examples import ptq_study as S
+
+    model, params, tokens = tiny_llama
+    calibration = np.asarray(jax.random.randint(jax.random.key(10), (16, 32), 0, 64))
+    ref = model.apply(params, tokens)
+
+    def err(method):
+        r = S.Recipe(fmt="mxfp4_e2m1", mode="w", scope="all", method=method)
+        q = S.apply_recipe(model, params, r, calibration=calibration)
+        return float(jnp.linalg.norm(q.apply_fn(q.params, tokens) - ref))
+
+    assert err("gptq") < err("direct")
+    with pytest.raises(NotImplementedError, match="run in scope 'all'"):
+        S.apply_recipe(model, params, S.Recipe(fmt="mxfp4_e2m1", method="gptq"),
+                       calibration=calibration)  # fmt: skip
