@@ -66,6 +66,8 @@ study: $(STAMP) fashion-mnist
 	for s in 1 2; do $(PY) examples/optax_lm.py --no-progress --seed $$s --out runs/optax_lm_seed$$s \
 		--recipes fp32 --variants fp32,bf16_params_nearest,bf16_params_stochastic,e8m3_params_nearest,e8m3_params_stochastic \
 		|| exit 1; done
+	for s in 1 2; do $(PY) examples/optax_lm.py --no-progress --seed $$s --out runs/optax_lm_seed$$s \
+		--recipes mxfp8 --variants fp32,bf16_params_nearest,bf16_params_stochastic || exit 1; done
 	$(PY) examples/optax_lm.py --summarize runs/optax_lm,runs/optax_lm_seed1,runs/optax_lm_seed2 \
 		--results docs/results/optax_lm_seeds.json
 
