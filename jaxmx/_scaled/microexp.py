@@ -1,0 +1,717 @@
+"""Shared microexponents (MX9, MX6, MX4) and block floating point (MSFP16, MSFP12).
+
+The formats of Rouhani et al., "With Shared Microexponents, A Little Shifting
+Goes a Long Way" (ISCA 2023), from which the OCP MX formats grew. Elements are
+sign-magnitude integers under a two-level power-of-two scale:
+
+* one 8-bit shared exponent per block of 16 elements (E8M0, bias 127);
+* for MX9 / MX6 / MX4, one 1-bit microexponent per pair of elements that
+  shifts the pair's grid one binade finer when both of its elements lie
+  below the block's exponent; MSFP16 / MSFP12 have none.
+
+========  ==============  =========  ==========  ==================
+format    element bits    codes      micro bits  bits per element
+========  ==============  =========  ==========  ==================
+mx9       1 + 7           -127..127  1 per 2     8 + 8/16 + 1/2 = 9
+mx6       1 + 4           -15..15    1 per 2     5 + 8/16 + 1/2 = 6
+mx4       1 + 2           -3..3      1 per 2     3 + 8/16 + 1/2 = 4
+msfp16    1 + 7           -127..127  none        8 + 8/16 = 8.5
+msfp12    1 + 3           -7..7      none        4 + 8/16 = 4.5
+========  ==============  =========  ==========  ==================
+
+Semantics are AMD Quark 0.13's ``fake_quantize_mx6_mx9`` (``quant_bit`` is the
+element width ``1 + mantissa_bits``), per block, every step exact::
+
+    E(v)       = biased float32 exponent field of v          # 0 for zero and subnormals
+    x'         = +0.0 where |x| < 2^-126, else x              # subnormals and -0.0 -> +0.0
+    e_i        = E(x'_i), or 0 where x_i is NaN or +-Inf      # exponents ignore specials
+    block_E    = max_i e_i                                    # block_exp = block_E - 127
+    micro      = 1 for a pair iff e_i < block_E for both of its elements
+    step_i     = block_exp - micro - quant_bit + 2
+    code_i     = clip(round_half_even(x'_i / 2^step_i), -max_code, max_code)
+    y_i        = code_i * 2^step_i, or x_i itself where x_i is NaN or +-Inf
+
+The microexponent is chosen from the exponents before rounding, so an
+element of a shifted pair that would round up to ``2^block_exp`` is clipped
+to the top code of its finer grid. A negative element that rounds to zero
+keeps its sign (``y = -0.0``, code "-0"), as ``torch.round`` does; -0.0 and
+subnormal inputs become +0.0. An all-zero block gets ``block_exp = -127``
+(exponent byte 0) and micro bits 0. A partial last block is zero-padded,
+which changes neither its exponent nor its microexponents.
+
+Storage (:func:`quantize`): each element is one uint8 *sign-magnitude code
+at its real width*, ``sign << mantissa_bits | magnitude`` (MX6: 5 bits, the
+sign in bit 4), so the "-0" code exists and is used; the shared exponent is
+one uint8 per block, ``block_exp + 127``; microexponents are one uint8 (0/1)
+per pair, the blocked axis of length ``blocks * 8``. NaN and Inf have no
+element code: a block that holds one gets the exponent byte 0xFF (E8M0's
+NaN, which no finite block uses since ``block_E <= 254``) and dequantizes to
+NaN throughout, the convention of jaxmx's OCP MX formats; its codes and
+micro bits are still Quark's (Inf -> the saturated code with its sign, NaN
+-> +0). :func:`fake_quantize` keeps Quark's behaviour instead: NaN and Inf
+pass through and the rest of their block is quantized as usual. So
+``dequantize(quantize(x))`` equals ``fake_quantize(x)`` bit for bit on
+every block without NaN or Inf.
+
+bfloat16 and float16 inputs widen exactly and are quantized as float32 (what
+Quark's float32 path computes); every result is exactly representable in the
+input dtype, which :func:`fake_quantize` returns.
+
+:func:`pack` stores codes at their real width and micro bits 8 per byte, so
+a tensor in whole blocks takes exactly ``bits_per_element`` bits per
+element (:func:`nbytes`). Quark's registered ``bfp16`` is a different
+format (blocks of 8, two's complement codes, a scale that doubles on
+overflow); not modelled here.
+
+Every step runs on float32 bit patterns in integers: XLA:CPU flushes
+float32 subnormals in arithmetic, and this keeps results identical on
+every backend. A nonzero result is never subnormal here (inputs below 2^-126
+are flushed, and 2^-126 is on every grid finer than it), so the fused path
+builds normal floats directly; :func:`dequantize` of arbitrary codes also
+handles subnormal results exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxmx.blocks import from_blocks, pack_group, packed_length, to_blocks
+from jaxmx.numerics import bits_to_f32, f32_to_bits
+
+__all__ = [
+    "MicroexpSpec",
+    "MicroexpCodes",
+    "SPECS",
+    "MX9",
+    "MX6",
+    "MX4",
+    "MSFP16",
+    "MSFP12",
+    "get_spec",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "pack",
+    "unpack",
+    "nbytes",
+]
+
+_MANT_MASK = 0x007FFFFF
+_IMPLICIT = 0x00800000
+_SIGN = 0x80000000
+_EXP_BIAS = 127
+_NAN_EXPONENT = 0xFF  # the E8M0 NaN byte: a block holding NaN or Inf
+_FLOAT_INPUTS = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MicroexpSpec:
+    """How one shared-exponent format lays out a block (hashable: a static jit argument).
+
+    >>> MX6.element_bits, MX6.max_code, MX6.bits_per_element
+    (5, 15, 6.0)
+    >>> MSFP12.sub_block_size is None, MSFP12.bits_per_element
+    (True, 4.5)
+    """
+
+    name: str  # registry name, e.g. "mx6"
+    mantissa_bits: int  # magnitude bits of an element code; the sign is one more bit
+    block_size: int = 16  # elements sharing one 8-bit exponent
+    sub_block_size: int | None = 2  # elements sharing one microexponent bit; None: no micro
+    exponent_bits: int = 8  # width of the shared exponent (E8M0, bias 127); only 8
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"name must be a non-empty string, got {self.name!r}")
+        for field in ("mantissa_bits", "block_size", "exponent_bits"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{field} must be an int, got {v!r}")
+        # Codes live in uint8 (sign + magnitude <= 8 bits), and the rounding
+        # below keeps at least 17 bits of every significand to drop.
+        if not 1 <= self.mantissa_bits <= 7:
+            raise ValueError(f"mantissa_bits must be 1..7, got {self.mantissa_bits}")
+        if self.block_size < 2:
+            raise ValueError(f"block_size must be >= 2, got {self.block_size}")
+        if self.exponent_bits != 8:
+            raise ValueError(
+                f"exponent_bits must be 8 (an E8M0 shared exponent), got {self.exponent_bits}"
+            )
+        sub = self.sub_block_size
+        if sub is not None:
+            if isinstance(sub, bool) or not isinstance(sub, int):
+                raise TypeError(f"sub_block_size must be an int or None, got {sub!r}")
+            # Quark switches the microexponent off with sub_block_size = block_size;
+            # here that is spelled None, so one configuration has one spelling.
+            if not 1 <= sub < self.block_size or self.block_size % sub:
+                raise ValueError(
+                    f"sub_block_size must divide block_size {self.block_size} and be "
+                    f"smaller than it (None: no microexponent), got {sub}"
+                )
+            # A block's microexponents travel as one 32-bit mask.
+            if self.block_size // sub > 32:
+                raise ValueError(
+                    f"at most 32 sub-blocks per block, got {self.block_size} // {sub} "
+                    f"= {self.block_size // sub}"
+                )
+
+    @property
+    def element_bits(self) -> int:
+        """Bits of one element code: sign + magnitude (Quark's ``quant_bit``)."""
+        return 1 + self.mantissa_bits
+
+    @property
+    def max_code(self) -> int:
+        """Largest code magnitude, ``2^mantissa_bits - 1``."""
+        return (1 << self.mantissa_bits) - 1
+
+    @property
+    def subs_per_block(self) -> int:
+        """Microexponent bits per block (1 without microexponents, for the layout)."""
+        return 1 if self.sub_block_size is None else self.block_size // self.sub_block_size
+
+    @property
+    def bits_per_element(self) -> float:
+        """Stored bits per element in whole blocks: code + exponent share + micro share."""
+        micro = 0.0 if self.sub_block_size is None else 1.0 / self.sub_block_size
+        return self.element_bits + self.exponent_bits / self.block_size + micro
+
+
+MX9 = MicroexpSpec(name="mx9", mantissa_bits=7)
+MX6 = MicroexpSpec(name="mx6", mantissa_bits=4)
+MX4 = MicroexpSpec(name="mx4", mantissa_bits=2)
+MSFP16 = MicroexpSpec(name="msfp16", mantissa_bits=7, sub_block_size=None)
+MSFP12 = MicroexpSpec(name="msfp12", mantissa_bits=3, sub_block_size=None)
+SPECS: dict[str, MicroexpSpec] = {s.name: s for s in (MX9, MX6, MX4, MSFP16, MSFP12)}
+
+
+def get_spec(spec: str | MicroexpSpec) -> MicroexpSpec:
+    """A spec from its name (``"mx9"``, ...) or the spec itself.
+
+    >>> get_spec("mx4").mantissa_bits
+    2
+    """
+    if isinstance(spec, MicroexpSpec):
+        return spec
+    if isinstance(spec, str) and spec in SPECS:
+        return SPECS[spec]
+    raise ValueError(f"unknown format {spec!r}; allowed: {', '.join(SPECS)} or a MicroexpSpec")
+
+
+class MicroexpCodes(NamedTuple):
+    """What :func:`quantize` returns (a pytree: passes through jit and vmap)."""
+
+    mantissas: jax.Array  # uint8 sign << mantissa_bits | magnitude, x's shape
+    shared_exponent: jax.Array  # uint8 block_exp + 127 (0xFF: NaN/Inf in block), axis -> blocks
+    micro: jax.Array | None  # uint8 0/1 per sub-block, axis -> blocks * subs; None without
+
+
+# --------------------------------------------------------------------------
+# Argument checks.
+# --------------------------------------------------------------------------
+
+
+def _check_input(x) -> jax.Array:
+    x = jnp.asarray(x)
+    if not any(x.dtype == d for d in _FLOAT_INPUTS):
+        raise TypeError(f"x has dtype {x.dtype}; allowed: float32, bfloat16, float16")
+    if x.ndim == 0:
+        raise ValueError("x is a scalar (0-d); block formats need an axis")
+    return x
+
+
+def _check_axis(axis, ndim: int) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError(f"axis must be an int, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"axis {axis} is out of range for rank {ndim}; allowed {-ndim}..{ndim - 1}"
+        )
+    # Counted from the end, so the same call works on a vmapped (smaller) rank.
+    return int(axis) - ndim if axis >= 0 else int(axis)
+
+
+def _check_dtype(dtype) -> jnp.dtype:
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}") from None
+    if not any(dtype == d for d in _FLOAT_INPUTS):
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    return dtype
+
+
+# --------------------------------------------------------------------------
+# The shared core: exponents, microexponents and rounded code magnitudes.
+# --------------------------------------------------------------------------
+
+
+def _sub_size(spec: MicroexpSpec) -> int:
+    return spec.block_size if spec.sub_block_size is None else spec.sub_block_size
+
+
+def _sub_index(shape: tuple[int, ...], j: int, spec: MicroexpSpec) -> jax.Array:
+    """Index of each element's sub-block within its block (blocked layout, axis ``j``)."""
+    i = lax.broadcasted_iota(jnp.int32, shape, j)
+    sub = _sub_size(spec)
+    return (
+        lax.shift_right_logical(i, jnp.int32(sub.bit_length() - 1))
+        if sub & (sub - 1) == 0
+        else i // sub
+    )
+
+
+def _max_and_mask(e: jax.Array, sub_index: jax.Array, j: int) -> tuple[jax.Array, jax.Array]:
+    """Per block: the max of ``e`` and a mask of the sub-blocks that reach it.
+
+    One variadic reduction: (e, 1 << sub-block) pairs combine to the larger
+    e, OR-ing the masks of equal ones. So the microexponents need no
+    per-pair pass: a sub-block is shifted iff its bit is clear. (A pair's
+    max taken elementwise, by reversing each pair, stops XLA:CPU from
+    vectorizing the encode loop: 3x slower.)
+    """
+
+    def combine(a, b):
+        (ea, ma), (eb, mb) = a, b
+        return (
+            jnp.maximum(ea, eb),
+            jnp.where(ea > eb, ma, jnp.where(eb > ea, mb, ma | mb)),
+        )
+
+    bit = lax.shift_left(jnp.uint32(1), sub_index.astype(jnp.uint32))
+    return lax.reduce((e, bit), (jnp.int32(0), jnp.uint32(0)), combine, (j,))
+
+
+class _Rounded(NamedTuple):
+    bits: jax.Array  # uint32 input bit patterns, blocked layout
+    field: jax.Array  # int32 biased exponent field (0: zero/subnormal, 255: NaN/Inf)
+    block_e: jax.Array  # int32 biased block exponent, kept dims (..., nb, 1, ...)
+    keep: jax.Array | None  # uint32 mask of unshifted sub-blocks, kept dims; None: no micro
+    micro: jax.Array | int  # int32 0/1 per element (its sub-block's bit); 0 without micro
+    k: jax.Array  # uint32 code magnitude (garbage where field is 255)
+
+
+def _round(x: jax.Array, spec: MicroexpSpec, axis: int) -> tuple[_Rounded, int]:
+    bits = to_blocks(f32_to_bits(x), axis, spec.block_size)
+    j = bits.ndim + axis  # the within-block axis
+    field = (lax.shift_right_logical(bits, jnp.uint32(23)) & jnp.uint32(0xFF)).astype(jnp.int32)
+    # NaN and Inf do not take part in choosing exponents (Quark zeroes them
+    # first); zero and subnormals have field 0, the flush of x'.
+    e = jnp.where(field == 255, 0, field)
+    if spec.sub_block_size is None:
+        block_e = jnp.max(e, axis=j, keepdims=True)
+        keep, micro = None, 0
+    else:
+        # micro = 1 iff every element of the sub-block is below the block
+        # exponent, i.e. none of them reaches it.
+        sub_index = _sub_index(e.shape, j, spec)
+        block_e, keep = _max_and_mask(e, sub_index, j)
+        block_e, keep = jnp.expand_dims(block_e, j), jnp.expand_dims(keep, j)
+        micro = (lax.shift_right_logical(keep, sub_index.astype(jnp.uint32)) & 1) ^ 1
+        micro = micro.astype(jnp.int32)
+    # x' / 2^step = sig * 2^(field - 150 - step): drop = step + 150 - field bits,
+    # with step = block_e - 127 - micro - quant_bit + 2. For a nonzero finite
+    # element drop >= 25 - quant_bit >= 17; at 24 and above the code is 0 or 1.
+    drop = (block_e - micro - spec.element_bits + 25) - field
+    drop = jnp.clip(drop, 1, 31).astype(jnp.uint32)
+    sig = jnp.where(field == 0, jnp.uint32(0), (bits & jnp.uint32(_MANT_MASK)) | _IMPLICIT)
+    # Round half to even: sig < 2^24 and half <= 2^30, so nothing overflows.
+    half_m1 = lax.shift_left(jnp.uint32(1), drop - jnp.uint32(1)) - jnp.uint32(1)
+    lsb = lax.shift_right_logical(sig, drop) & jnp.uint32(1)
+    k = lax.shift_right_logical(sig + half_m1 + lsb, drop)
+    k = jnp.minimum(k, jnp.uint32(spec.max_code))
+    return _Rounded(bits, field, block_e, keep, micro, k), j
+
+
+# --------------------------------------------------------------------------
+# quantize / dequantize / fake_quantize.
+# --------------------------------------------------------------------------
+
+
+def quantize(x, spec: str | MicroexpSpec, *, axis: int = -1) -> MicroexpCodes:
+    """Codes, shared exponents and microexponents of ``x`` blocked along ``axis``.
+
+    Args:
+      x: float32, bfloat16 or float16 array (bfloat16/float16 widen exactly).
+      spec: a :class:`MicroexpSpec` or its name (``"mx9"``, ``"mx6"``,
+        ``"mx4"``, ``"msfp16"``, ``"msfp12"``).
+      axis: the blocked axis; a partial last block is zero-padded.
+
+    Returns:
+      :class:`MicroexpCodes`: ``mantissas`` uint8 ``sign << mantissa_bits |
+      magnitude`` in x's shape; ``shared_exponent`` uint8 ``block_exp + 127``
+      (0xFF for a block holding NaN or Inf), the axis replaced by the number
+      of blocks; ``micro`` uint8 0/1, the axis replaced by blocks times
+      sub-blocks per block (``None`` for MSFP).
+
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([3.0, 0.2, 0.9, 0.1] + [0.0] * 12)
+    >>> q = quantize(x, "mx4")
+    >>> q.mantissas[:4].tolist(), int(q.shared_exponent[0]) - 127, q.micro[:2].tolist()
+    ([3, 0, 2, 0], 1, [0, 1])
+    """
+    spec = get_spec(spec)
+    x = _check_input(x)
+    return _quantize(x, spec, _check_axis(axis, x.ndim))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize(x, spec: MicroexpSpec, axis: int) -> MicroexpCodes:
+    r, j = _round(x, spec, axis)
+    top = jnp.uint32(spec.max_code)
+    inf = r.field == 255
+    nan = inf & ((r.bits & jnp.uint32(_MANT_MASK)) != 0)
+    # Quark clips x / 2^step: Inf saturates with its sign; NaN gets +0 here
+    # (its block decodes to NaN through the exponent byte anyway).
+    k = jnp.where(inf, top, r.k)
+    sign = lax.shift_right_logical(r.bits, jnp.uint32(31))
+    sign = jnp.where((r.field == 0) | nan, jnp.uint32(0), sign)
+    k = jnp.where(nan, jnp.uint32(0), k)
+    codes = (lax.shift_left(sign, jnp.uint32(spec.mantissa_bits)) | k).astype(jnp.uint8)
+    nonfinite = jnp.max(r.field, axis=j, keepdims=True) == 255
+    se = jnp.where(nonfinite, _NAN_EXPONENT, r.block_e).astype(jnp.uint8)
+    micro = None
+    if r.keep is not None:
+        shape = list(r.keep.shape)
+        shape[j] = spec.subs_per_block
+        s = lax.broadcasted_iota(jnp.uint32, tuple(shape), j)
+        m = (lax.shift_right_logical(r.keep, s) & 1) ^ 1
+        micro = from_blocks(m.astype(jnp.uint8), axis, shape[j - 1] * shape[j])
+    return MicroexpCodes(
+        mantissas=from_blocks(codes, axis, x.shape[axis]),
+        shared_exponent=jnp.squeeze(se, j),
+        micro=micro,
+    )
+
+
+def dequantize(
+    mantissas,
+    shared_exponent,
+    micro,
+    spec: str | MicroexpSpec,
+    *,
+    axis: int = -1,
+    dtype=jnp.float32,
+) -> jax.Array:
+    """``code * 2^(block_exp - micro - element_bits + 2)`` for every element, exactly.
+
+    Args:
+      mantissas, shared_exponent, micro: as :func:`quantize` returns them
+        (``micro`` is ``None`` for formats without microexponents).
+      spec: the format.
+      axis: the blocked axis of ``mantissas``.
+      dtype: float32 (default), bfloat16 or float16; results are rounded to
+        nearest even into it (exact for every code a quantized
+        bfloat16/float16 input produces).
+
+    Returns:
+      The values in ``dtype``, ``mantissas``' shape; NaN for every element
+      of a block whose exponent byte is 0xFF.
+
+    >>> import jax.numpy as jnp
+    >>> q = quantize(jnp.array([3.0, 0.2, 0.9, 0.1] + [0.0] * 12), "mx4")
+    >>> dequantize(*q, "mx4")[:4].tolist()
+    [3.0, 0.0, 1.0, 0.0]
+    """
+    spec = get_spec(spec)
+    mantissas = jnp.asarray(mantissas)
+    shared_exponent = jnp.asarray(shared_exponent)
+    if mantissas.dtype != jnp.uint8 or shared_exponent.dtype != jnp.uint8:
+        raise TypeError(
+            f"mantissas and shared_exponent must be uint8, got {mantissas.dtype} and "
+            f"{shared_exponent.dtype}"
+        )
+    if mantissas.ndim == 0:
+        raise ValueError("mantissas is a scalar (0-d); block formats need an axis")
+    axis = _check_axis(axis, mantissas.ndim)
+    nb = -(-mantissas.shape[axis] // spec.block_size)
+    want = _replace_axis(mantissas.shape, axis, nb)
+    if shared_exponent.shape != want:
+        raise ValueError(
+            f"shared_exponent has shape {shared_exponent.shape}; for mantissas of shape "
+            f"{mantissas.shape} blocked along axis {axis} it must be {want}"
+        )
+    if spec.sub_block_size is None:
+        if micro is not None:
+            raise ValueError(f"{spec.name} has no microexponents; pass micro=None")
+    else:
+        if micro is None:
+            raise ValueError(f"{spec.name} needs its micro bits (one per sub-block)")
+        micro = jnp.asarray(micro)
+        want = _replace_axis(mantissas.shape, axis, nb * spec.subs_per_block)
+        if micro.shape != want or micro.dtype not in (jnp.uint8, jnp.bool_):
+            raise ValueError(
+                f"micro has shape {micro.shape} and dtype {micro.dtype}; it must be uint8 "
+                f"or bool of shape {want}"
+            )
+    return _dequantize(mantissas, shared_exponent, micro, spec, axis, _check_dtype(dtype))
+
+
+def _replace_axis(shape, axis: int, n: int) -> tuple[int, ...]:
+    ax = len(shape) + axis
+    return (*shape[:ax], n, *shape[ax + 1 :])
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _dequantize(mantissas, shared_exponent, micro, spec: MicroexpSpec, axis: int, dtype):
+    codes = to_blocks(mantissas.astype(jnp.uint32), axis, spec.block_size)
+    j = codes.ndim + axis
+    se = jnp.expand_dims(shared_exponent, j).astype(jnp.int32)
+    t = se - _EXP_BIAS - spec.element_bits + 2
+    if micro is not None:
+        # One bit per sub-block -> one per element.
+        m = to_blocks(micro.astype(jnp.int32), axis, spec.subs_per_block)
+        t = t - jnp.repeat(m, spec.sub_block_size, axis=j)
+    k = codes & jnp.uint32(spec.max_code)
+    sign = lax.shift_right_logical(codes, jnp.uint32(spec.mantissa_bits)) & jnp.uint32(1)
+    bits = _assemble(k, t) | lax.shift_left(sign, jnp.uint32(31))
+    bits = jnp.where(se == _NAN_EXPONENT, jnp.uint32(0x7FC00000), bits)
+    return _to_dtype(from_blocks(bits, axis, mantissas.shape[axis]), dtype)
+
+
+def _assemble(k: jax.Array, t: jax.Array) -> jax.Array:
+    """float32 pattern of ``k * 2^t`` for ``0 <= k < 2^8`` and ``-150 < t < 128``, exactly.
+
+    Subnormal results are built as subnormal patterns (dequantizing an
+    arbitrary code under exponent byte 0 reaches 2^-134); ``k = 0`` gives +0.
+    """
+    fb = lax.bitcast_convert_type(k.astype(jnp.int32).astype(jnp.float32), jnp.uint32)
+    lead = lax.shift_right_logical(fb, jnp.uint32(23)).astype(jnp.int32)  # 127 + log2(k)
+    normal = fb + lax.shift_left(t.astype(jnp.uint32), jnp.uint32(23))
+    sub = lax.shift_left(k, jnp.clip(t + 149, 0, 31).astype(jnp.uint32))
+    return jnp.where(k == 0, jnp.uint32(0), jnp.where(lead + t >= 1, normal, sub))
+
+
+def _to_dtype(bits: jax.Array, dtype) -> jax.Array:
+    if dtype == jnp.float32:
+        return bits_to_f32(bits)
+    if dtype == jnp.bfloat16:
+        # Integer round to nearest even, so subnormals survive backends whose
+        # converts flush them; NaN stays a quiet NaN.
+        lsb = lax.shift_right_logical(bits, jnp.uint32(16)) & jnp.uint32(1)
+        is_nan = (bits & jnp.uint32(0x7FFFFFFF)) > jnp.uint32(0x7F800000)
+        r = lax.shift_right_logical(bits + jnp.uint32(0x7FFF) + lsb, jnp.uint32(16))
+        r = jnp.where(is_nan, lax.shift_right_logical(bits, jnp.uint32(16)) | 0x40, r)
+        return lax.bitcast_convert_type(r.astype(jnp.uint16), jnp.bfloat16)
+    return bits_to_f32(bits).astype(dtype)
+
+
+def fake_quantize(x, spec: str | MicroexpSpec, *, axis: int = -1) -> jax.Array:
+    """Quantize then dequantize in one fused pass, in x's dtype (Quark's ``y``).
+
+    NaN and Inf elements pass through unchanged and the rest of their block
+    is quantized as usual (Quark's behaviour; :func:`quantize` marks such a
+    block NaN instead, as it has no code for them). Differentiable with the
+    straight-through estimator (the tangent passes through unchanged).
+
+    >>> import jax.numpy as jnp
+    >>> # Block exponent 1 (from 3.0), grid 1.0; 0.7 and 0.1 are both below
+    >>> # 2^1, so their microexponent halves their grid: 0.7 -> 0.5, not 1.0.
+    >>> fake_quantize(jnp.array([3.0, 0.2, 0.7, 0.1] + [0.0] * 12), "mx4")[:4].tolist()
+    [3.0, 0.0, 0.5, 0.0]
+    >>> # Grid 2^-6 under block exponent 0; a negative rounding to zero keeps its sign.
+    >>> fake_quantize(jnp.array([1.3, -0.005] + [0.0] * 14), "mx9")[:2].tolist()
+    [1.296875, -0.0]
+    """
+    spec = get_spec(spec)
+    x = _check_input(x)
+    return _fake_quantize(x, spec, _check_axis(axis, x.ndim))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _fake_quantize(x, spec, axis):
+    return _fake_quantize_impl(x, spec, axis)
+
+
+@_fake_quantize.defjvp
+def _fake_quantize_jvp(spec, axis, primals, tangents):
+    return _fake_quantize(primals[0], spec, axis), tangents[0]
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _fake_quantize_impl(x, spec: MicroexpSpec, axis: int) -> jax.Array:
+    r, _ = _round(x, spec, axis)
+    # y = k * 2^step is 0 or a normal float32 (see the module docstring), so
+    # its pattern is float(k)'s with the exponent field raised by step.
+    step = r.block_e - r.micro - spec.element_bits + 2 - _EXP_BIAS
+    kf = lax.bitcast_convert_type(r.k.astype(jnp.int32).astype(jnp.float32), jnp.uint32)
+    kf = kf + lax.shift_left(step.astype(jnp.uint32), jnp.uint32(23))
+    mag = jnp.where(r.k == 0, jnp.uint32(0), kf)
+    # The sign survives rounding to zero (-0.0) but not the flush of x'.
+    y = mag | (r.bits & jnp.uint32(_SIGN))
+    y = jnp.where(r.field == 0, jnp.uint32(0), y)
+    y = jnp.where(r.field == 255, r.bits, y)
+    return _to_dtype(from_blocks(y, axis, x.shape[axis]), x.dtype)
+
+
+# --------------------------------------------------------------------------
+# Packed storage: codes and micro bits at their real width.
+# --------------------------------------------------------------------------
+
+
+def _pack_bits(raw: jax.Array, bits: int, axis: int) -> jax.Array:
+    """``bits``-wide codes along ``axis`` -> bytes, as one little-endian bit stream.
+
+    Code ``j`` of a group occupies stream bits ``bits*j .. bits*j + bits - 1``
+    and byte ``b`` holds stream bits ``8b .. 8b + 7`` (jaxmx.packing's layout),
+    built byte by byte from the pieces of the codes that overlap it, so no
+    word wider than 32 bits is needed.
+    """
+    g, nb = pack_group(bits)
+    grouped = to_blocks(raw.astype(jnp.uint32), axis, g)
+    j = grouped.ndim + axis
+    codes = [lax.index_in_dim(grouped, i, axis=j, keepdims=False) for i in range(g)]
+    out = []
+    for b in range(nb):
+        byte = None
+        for i, c in enumerate(codes):
+            shift = bits * i - 8 * b  # where code i's bit 0 lands in byte b
+            if shift >= 8 or shift + bits <= 0:
+                continue
+            piece = (
+                lax.shift_left(c, jnp.uint32(shift))
+                if shift >= 0
+                else lax.shift_right_logical(c, jnp.uint32(-shift))
+            )
+            byte = piece if byte is None else byte | piece
+        out.append((byte & jnp.uint32(0xFF)).astype(jnp.uint8))
+    return from_blocks(jnp.stack(out, axis=j), axis, grouped.shape[j - 1] * nb)
+
+
+def _unpack_bits(packed: jax.Array, bits: int, axis: int, length: int) -> jax.Array:
+    g, nb = pack_group(bits)
+    grouped = to_blocks(packed.astype(jnp.uint32), axis, nb)
+    j = grouped.ndim + axis
+    by = [lax.index_in_dim(grouped, b, axis=j, keepdims=False) for b in range(nb)]
+    mask = jnp.uint32((1 << bits) - 1)
+    out = []
+    for i in range(g):
+        code = None
+        for b, v in enumerate(by):
+            shift = 8 * b - bits * i  # where byte b's bit 0 lands in code i
+            if shift >= bits or shift + 8 <= 0:
+                continue
+            piece = (
+                lax.shift_left(v, jnp.uint32(shift))
+                if shift >= 0
+                else lax.shift_right_logical(v, jnp.uint32(-shift))
+            )
+            code = piece if code is None else code | piece
+        out.append((code & mask).astype(jnp.uint8))
+    return from_blocks(jnp.stack(out, axis=j), axis, length)
+
+
+def pack(
+    mantissas, micro, spec: str | MicroexpSpec, *, axis: int = -1
+) -> tuple[jax.Array, jax.Array | None]:
+    """Codes and micro bits packed into bytes at their real width.
+
+    Codes take ``element_bits`` each (MX9/MSFP16: one byte; MX6: 8 codes in
+    5 bytes; MX4: 8 in 3; MSFP12: 2 per byte), micro bits 8 per byte; both
+    as jaxmx.packing's little-endian bit stream along ``axis`` (a partial
+    group padded with zero codes). The shared exponents are already one
+    byte per block and are not touched.
+
+    Returns:
+      ``(packed_codes, packed_micro)``: uint8, the axis of length
+      ``packed_length(n, element_bits)`` and ``packed_length(micro_n, 1)``;
+      ``packed_micro`` is ``None`` without microexponents.
+
+    >>> import jax.numpy as jnp
+    >>> q = quantize(jnp.linspace(-1.0, 1.0, 32), "mx6")
+    >>> pc, pm = pack(q.mantissas, q.micro, "mx6")
+    >>> pc.shape, pm.shape  # 32 x 5 bits, 16 micro bits
+    ((20,), (2,))
+    """
+    spec = get_spec(spec)
+    mantissas = jnp.asarray(mantissas)
+    if mantissas.dtype != jnp.uint8 or mantissas.ndim == 0:
+        raise TypeError(f"mantissas must be a uint8 array, got {mantissas.dtype}{mantissas.shape}")
+    axis = _check_axis(axis, mantissas.ndim)
+    if (micro is None) != (spec.sub_block_size is None):
+        raise ValueError(
+            f"{spec.name} {'has no' if micro is not None else 'needs'} micro bits; "
+            f"got micro={'None' if micro is None else 'an array'}"
+        )
+    return _pack(mantissas, None if micro is None else jnp.asarray(micro), spec, axis)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _pack(mantissas, micro, spec: MicroexpSpec, axis: int):
+    pc = _pack_bits(mantissas, spec.element_bits, axis)
+    pm = None if micro is None else _pack_bits(micro.astype(jnp.uint8), 1, axis)
+    return pc, pm
+
+
+def unpack(
+    packed_codes, packed_micro, spec: str | MicroexpSpec, *, length: int, axis: int = -1
+) -> tuple[jax.Array, jax.Array | None]:
+    """Inverse of :func:`pack`: ``(mantissas, micro)`` for ``length`` elements along ``axis``.
+
+    >>> import jax.numpy as jnp
+    >>> q = quantize(jnp.linspace(-1.0, 1.0, 40), "mx4")
+    >>> m, mi = unpack(*pack(q.mantissas, q.micro, "mx4"), "mx4", length=40)
+    >>> bool((m == q.mantissas).all() & (mi == q.micro).all())
+    True
+    """
+    spec = get_spec(spec)
+    packed_codes = jnp.asarray(packed_codes)
+    if packed_codes.dtype != jnp.uint8 or packed_codes.ndim == 0:
+        raise TypeError(f"packed_codes must be a uint8 array, got {packed_codes.dtype}")
+    axis = _check_axis(axis, packed_codes.ndim)
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
+        raise ValueError(f"length must be a positive int, got {length!r}")
+    length = int(length)
+    want = packed_length(length, spec.element_bits)
+    if packed_codes.shape[axis] != want:
+        raise ValueError(
+            f"packed_codes has {packed_codes.shape[axis]} bytes along axis {axis}; "
+            f"{length} {spec.name} codes take {want}"
+        )
+    if (packed_micro is None) != (spec.sub_block_size is None):
+        raise ValueError(f"packed_micro must be None exactly when {spec.name} has no micro bits")
+    return _unpack(
+        packed_codes,
+        None if packed_micro is None else jnp.asarray(packed_micro),
+        spec,
+        axis,
+        length,
+    )
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _unpack(packed_codes, packed_micro, spec: MicroexpSpec, axis: int, length: int):
+    codes = _unpack_bits(packed_codes, spec.element_bits, axis, length)
+    micro = None
+    if packed_micro is not None:
+        n_micro = -(-length // spec.block_size) * spec.subs_per_block
+        micro = _unpack_bits(packed_micro, 1, axis, n_micro)
+    return codes, micro
+
+
+def nbytes(shape, spec: str | MicroexpSpec, *, axis: int = -1) -> int:
+    """Bytes a packed tensor of ``shape`` takes: codes + micro bits + exponents.
+
+    Whole blocks give ``bits_per_element * size / 8`` exactly; a partial last
+    block costs its padding.
+
+    >>> nbytes((16, 128), "mx9"), nbytes((16, 128), "msfp16"), nbytes((16, 128), "mx4")
+    (2304, 2176, 1024)
+    """
+    spec = get_spec(spec)
+    shape = tuple(int(s) for s in shape)
+    axis = _check_axis(axis, len(shape))
+    n = shape[axis]
+    rest = int(np.prod(shape)) // n if n else 0
+    nb = -(-n // spec.block_size)
+    per_row = packed_length(n, spec.element_bits) + nb
+    if spec.sub_block_size is not None:
+        per_row += packed_length(nb * spec.subs_per_block, 1)
+    return rest * per_row
