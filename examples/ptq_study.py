@@ -763,6 +763,44 @@ def _methods_table(runs: dict, base: dict) -> list[str]:
     ]
 
 
+def _method_groups(runs: dict) -> dict:
+    """``{(scope, fmt, mode, scale): {method: ppl change %}}`` for recipes with PTQ methods."""
+    base = runs.get("fp32")
+    groups: dict = {}
+    for key, run in runs.items():
+        r = run.get("recipe", {})
+        if base is None or key == "fp32" or r.get("method", "direct") == "direct" or r["keep"]:
+            continue
+        group = (r["scope"], r["fmt"], r["mode"], r["scale_mode"])
+        direct = runs.get(key.replace(f"/{r['method']}/", "/direct/", 1))
+        if direct is None:
+            continue
+        change = lambda x: 100 * (x["ppl"] / base["ppl"] - 1)  # noqa: E731
+        groups.setdefault(group, {"direct": change(direct)})[r["method"]] = change(run)
+    return dict(sorted(groups.items()))
+
+
+def _plot_methods(ax, groups: dict) -> None:
+    """Grouped bars: each recipe's perplexity change by PTQ method, direct cast first."""
+    names = ["direct", *sorted({m for g in groups.values() for m in g} - {"direct"})]
+    width = 0.8 / len(names)
+    cmap = {"direct": "#888888"}
+    palette = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d"]
+    for i, name in enumerate(names):
+        color = cmap.get(name, palette[(i - 1) % len(palette)])
+        xs = [x + (i - (len(names) - 1) / 2) * width for x, g in enumerate(groups.values())
+              if name in g]  # fmt: skip
+        ys = [g[name] for g in groups.values() if name in g]
+        ax.bar(xs, ys, width, label=name, color=color)
+    labels = [f"{sc}: {f.split('_')[0]} {_SHORT[m]} {s}" for sc, f, m, s in groups]
+    ax.set_xticks(range(len(groups)), labels, fontsize=8)
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_ylabel("% change")
+    ax.set_title("SmolLM2-135M: PTQ methods vs direct cast (perplexity vs FP32*)", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+
+
 def _scopes(runs: dict) -> list[str]:
     """The ``scope/method`` pairs of the runs, ``dense/direct`` (the baseline mechanism) first."""
     found = {
@@ -796,9 +834,14 @@ def plot(results: dict, path: pathlib.Path) -> None:
              recall, recall(models["minilm"]["runs"]["fp32"])),
         ]  # fmt: skip
     scopes = _scopes({k: r for m in {p[0] for p in panels} for k, r in models[m]["runs"].items()})
+    # Direct casts one row per scope; PTQ methods in one last row of their own.
+    scopes = [sc for sc in scopes if sc.endswith("/direct")]
+    methods = _method_groups(models.get("smollm2", {}).get("runs", {}))
     if not panels or not scopes:
         return
-    fig = Figure(figsize=(5.2 * len(panels), 3.6 * len(scopes) + 0.4), layout="constrained")
+    rows = len(scopes) + bool(methods)
+    fig = Figure(figsize=(5.2 * len(panels), 3.6 * rows + 0.4), layout="constrained")
+    grid = fig.add_gridspec(rows, len(panels))
     colors = {("w", "floor"): "#9ecae1", ("w", "rceil"): "#3182bd",
               ("wa", "floor"): "#fdae6b", ("wa", "rceil"): "#e6550d"}  # fmt: skip
     width = 0.8 / len(_COLUMNS)
@@ -806,9 +849,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
     for row, scope in enumerate(scopes):
         for col, (model, title, unit, yscale, value, baseline) in enumerate(panels):
             # Rows share each column's y axis, so scopes compare at a glance.
-            ax = fig.add_subplot(
-                len(scopes), len(panels), row * len(panels) + col + 1, sharey=top.get(col)
-            )
+            ax = fig.add_subplot(grid[row, col], sharey=top.get(col))
             top.setdefault(col, ax)
             runs = models[model]["runs"]
             fmts = [
@@ -841,6 +882,8 @@ def plot(results: dict, path: pathlib.Path) -> None:
             ax.grid(axis="y", alpha=0.3)
             if row == 0 and col == 0:
                 ax.legend(fontsize=8, loc="upper left")
+    if methods:
+        _plot_methods(fig.add_subplot(grid[rows - 1, :]), methods)
     fig.text(
         0.01, 0.0,
         "*FP32 = dequantized 4-bit GGUF weights. dense: Flax Dense layers (attention einsums "
