@@ -148,7 +148,7 @@ def _scope_dense(model, recipe: Recipe, *, prequantized: bool = False) -> Callab
             "PTQ methods that store MXTensor weights run in scope 'all' (--scope all)"
         )
     rules = [*((k, None) for k in recipe.keep), (".*", recipe.weight_config())]
-    return jaxmx.flax.quantize_model(model, rules).apply
+    return jaxmx.flax.quantize_model(model, rules, scope="modules").apply
 
 
 def _intercept_fn() -> Callable | None:

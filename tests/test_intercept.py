@@ -416,6 +416,10 @@ def test_linen_quantize_model_covers_plain_function_matmuls(linen_lm, tokens):
     outer = intercept(layers.apply, CFG, warn=False).coverage_for(params, tokens)
     assert outer.counts == "18 of 18 matmuls in MX"
     assert all(s.config is None for s in outer.sites)
+    # scope="modules": the layers only; the attention einsums stay as written.
+    modules = jaxmx.flax.quantize_model(model, CFG, scope="modules")
+    only = intercept(modules.apply, None, warn=False).coverage_for(params, tokens)
+    assert only.counts == "14 of 18 matmuls in MX"
 
 
 class NNXBlock(nnx.Module):

@@ -66,7 +66,7 @@ def _substitute_nnx(model: nnx.Module, sub: Substitution) -> None:
                 break
 
 
-def quantize_model(model, rules, *, warn: bool = True):
+def quantize_model(model, rules, *, warn: bool = True, scope: str = "all"):
     """Swaps the matmuls of a Flax model (linen or nnx) for MX ones, by rules.
 
     Args:
@@ -80,6 +80,9 @@ def quantize_model(model, rules, *, warn: bool = True):
         ``[(".*", config)]``.
       warn: warn about rules that matched no matmul module (nnx: at once;
         linen: after the first call), at the line that made the call.
+      scope: linen only. ``"all"`` (default): a top-level ``init``/``apply``
+        also puts the matmuls of plain functions inside the model in MX
+        (see below); ``"modules"``: only the matmul modules are substituted.
 
     Returns:
       nnx: the same model, modified in place. A module matched by a rule
@@ -134,7 +137,7 @@ def quantize_model(model, rules, *, warn: bool = True):
         sub.warn_unmatched()
         return model
     if isinstance(model, nn.Module):
-        return MXLinen(_Held(model), rules=sub.rules, substitution=sub)
+        return MXLinen(_Held(model), rules=sub.rules, substitution=sub, scope=scope)
     raise TypeError(
         f"quantize_model takes a flax.linen or flax.nnx Module, got {type(model).__name__}"
     )
