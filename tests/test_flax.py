@@ -216,6 +216,7 @@ def test_substituted_gpt_trains_under_every_recipe(recipe, gpt):
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
 
 
+@pytest.mark.slow  # a training run (~40 s on a loaded 2-core machine)
 def test_substituted_nnx_cnn_trains():
     model = CNNnnx(rngs=nnx.Rngs(0))
     x0 = jax.random.normal(jax.random.key(1), (2, 28, 28, 1))
