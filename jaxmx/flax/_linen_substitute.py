@@ -116,9 +116,10 @@ class MXLinen(nn.Module):
     substitution: Substitution | None = dataclasses.field(
         default=None, compare=False, hash=False, repr=False
     )
-    # "all": a top-level init/apply also intercepts plain-function matmuls;
-    # "modules": only the matmul modules are substituted.
-    scope: str = "all"
+    # True (quantize_model's scope="all"): a top-level init/apply also
+    # intercepts plain-function matmuls; False ("modules"): only the matmul
+    # modules are substituted. (Not named `scope`: linen modules own that.)
+    whole_program: bool = True
 
     def __post_init__(self):
         if isinstance(self.model, nn.Module):
@@ -126,8 +127,6 @@ class MXLinen(nn.Module):
         if not isinstance(self.model, _Held):
             raise TypeError(f"MXLinen wraps a flax.linen Module, got {self.model!r}")
         object.__setattr__(self, "rules", parse_rules(self.rules))
-        if self.scope not in ("all", "modules"):
-            raise ValueError(f"scope must be 'all' or 'modules', got {self.scope!r}")
         if self.substitution is None:
             object.__setattr__(self, "substitution", Substitution(self.rules))
         super().__post_init__()
@@ -219,7 +218,7 @@ class MXLinen(nn.Module):
 
     @nn.nowrap
     def _whole(self, kind: str):
-        if self.scope == "modules":
+        if not self.whole_program:
             return functools.partial(getattr(nn.Module, kind), self)
         from jaxmx.intercept import intercept  # the core's; imported late (no cycle)
 

@@ -124,6 +124,8 @@ def quantize_model(model, rules, *, warn: bool = True, scope: str = "all"):
       MX    hidden        Dense     fwd mxfp8_e4m3 x mxfp8_e4m3; dgrad ...
       high  head          Dense     rule 'head' keeps it
     """
+    if scope not in ("all", "modules"):
+        raise ValueError(f"scope must be 'all' or 'modules', got {scope!r}")
     parsed = parse_rules(rules)
     own = len(parsed)
     if isinstance(model, MXLinen):
@@ -137,7 +139,9 @@ def quantize_model(model, rules, *, warn: bool = True, scope: str = "all"):
         sub.warn_unmatched()
         return model
     if isinstance(model, nn.Module):
-        return MXLinen(_Held(model), rules=sub.rules, substitution=sub, scope=scope)
+        return MXLinen(
+            _Held(model), rules=sub.rules, substitution=sub, whole_program=scope == "all"
+        )
     raise TypeError(
         f"quantize_model takes a flax.linen or flax.nnx Module, got {type(model).__name__}"
     )
