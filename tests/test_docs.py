@@ -14,9 +14,7 @@ import pytest
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 OWN_TESTS = {"serving.md", "optax.md"}
 PAGES = sorted(
-    p.name
-    for p in DOCS.glob("*.md")
-    if p.name not in OWN_TESTS and "```python" in p.read_text()
+    p.name for p in DOCS.glob("*.md") if p.name not in OWN_TESTS and "```python" in p.read_text()
 )
 
 

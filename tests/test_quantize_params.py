@@ -173,7 +173,7 @@ def test_param_bytes_counts_plain_arrays_and_mx_tensors():
 
 
 def test_mx_tensors_are_nnx_data():
-    import jaxmx.flax  # noqa: F401  (registers MXTensor as nnx data)
+    import jaxmx.flax
 
     class Held(nnx.Module):
         def __init__(self):
