@@ -162,7 +162,7 @@ def _matmul(qa, qb, dims, precision, out_dtype, out_sharding=None):
 
 def _native_reason(a: _Side, b: _Side, cfg: DotConfig) -> str | None:
     """Why ``Q(a) . Q(b)`` cannot run as ``lax.scaled_dot`` (``None``: it can)."""
-    reason = native.unsupported_reason(a.fmt, b.fmt, a.contracting, _shape(a.x), cfg)
+    reason = native.unsupported_reason(a.fmt, b.fmt, a.contracting, tuple(a.x.shape), cfg)
     if reason is not None:
         return reason
     sizes = set()
@@ -174,10 +174,6 @@ def _native_reason(a: _Side, b: _Side, cfg: DotConfig) -> str | None:
         else:
             sizes.add(cfg.block_size or s.fmt.block_size)
     return None if len(sizes) == 1 else f"block sizes differ ({sorted(sizes)})"
-
-
-def _shape(x) -> tuple[int, ...]:
-    return tuple(x.shape)
 
 
 def _mx_tensor(side: _Side, cfg: DotConfig, key) -> MXTensor:

@@ -35,8 +35,11 @@ from jaxmx.formats import ElementFormat
 __all__ = [
     "ROUNDINGS",
     "SCALE_MODES",
+    "FLOAT_DTYPES",
     "f32_to_bits",
     "bits_to_f32",
+    "bits_to_dtype",
+    "check_out_dtype",
     "encode_magnitude",
     "decode_magnitude",
     "round_magnitude",
@@ -77,7 +80,46 @@ def f32_to_bits(x: jax.Array) -> jax.Array:
 
 
 def bits_to_f32(bits: jax.Array) -> jax.Array:
-    return lax.bitcast_convert_type(bits.astype(jnp.uint32), jnp.float32)
+    return lax.bitcast_convert_type(jnp.asarray(bits).astype(jnp.uint32), jnp.float32)
+
+
+# The float dtypes jaxmx quantizes from and decodes to.
+FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def check_out_dtype(dtype) -> jnp.dtype:
+    """``dtype`` as a float dtype jaxmx decodes to, or a TypeError naming it."""
+    if dtype is None:
+        raise TypeError("dtype must be float32, bfloat16 or float16, got None")
+    try:
+        dtype = jnp.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}") from None
+    if not any(dtype == d for d in FLOAT_DTYPES):
+        raise TypeError(f"cannot dequantize to {dtype}; allowed: float32, bfloat16, float16")
+    return dtype
+
+
+def bits_to_dtype(bits: jax.Array, dtype) -> jax.Array:
+    """float32 bit patterns -> ``dtype``, rounding to nearest even exactly.
+
+    bfloat16 rounds on the integer pattern, so subnormals survive backends
+    whose converts flush them; a NaN stays NaN with its sign and top payload
+    bits, quieted (what a convert does). float16: a float32 value below
+    float16's range is far below 2^-126 only if it rounds to 0 anyway, so the
+    plain convert is exact where it matters.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:
+        return bits_to_f32(bits)
+    if dtype == jnp.bfloat16:
+        lsb = lax.shift_right_logical(bits, jnp.uint32(16)) & jnp.uint32(1)
+        nan = (bits & jnp.uint32(0x7FFFFFFF)) > jnp.uint32(0x7F800000)
+        rounded = lax.shift_right_logical(bits + jnp.uint32(0x7FFF) + lsb, jnp.uint32(16))
+        quiet = lax.shift_right_logical(bits, jnp.uint32(16)) | jnp.uint32(0x40)
+        rounded = jnp.where(nan, quiet, rounded).astype(jnp.uint16)
+        return lax.bitcast_convert_type(rounded, jnp.bfloat16)
+    return bits_to_f32(bits).astype(dtype)
 
 
 def _normalize(mag: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -33,8 +33,6 @@ from jaxmx.tensor import MXTensor
 
 __all__ = ["quantize", "dequantize", "fake_quantize"]
 
-_FLOAT_INPUTS = (jnp.float32, jnp.bfloat16, jnp.float16)
-
 
 # --------------------------------------------------------------------------
 # Argument checks: every message names what was given and what is allowed.
@@ -45,7 +43,7 @@ def _check_array(x, what: str = "x") -> jax.Array:
     if isinstance(x, MXTensor):
         raise TypeError(f"{what} is already an MXTensor; dequantize it first")
     x = jnp.asarray(x)
-    if not any(x.dtype == d for d in _FLOAT_INPUTS):
+    if not any(x.dtype == d for d in numerics.FLOAT_DTYPES):
         kind = (
             "complex"
             if jnp.issubdtype(x.dtype, jnp.complexfloating)
@@ -165,35 +163,6 @@ def _quantize_blocks(
     if rbits is not None:
         rbits = to_blocks(rbits, axis, block_size)
     return _Blocks(sign, mag, rbits, e, nonfinite)
-
-
-def _bits_to_dtype(bits: jax.Array, dtype) -> jax.Array:
-    """float32 bit patterns -> ``dtype``, rounding to nearest even exactly."""
-    dtype = jnp.dtype(dtype)
-    if dtype == jnp.float32:
-        return numerics.bits_to_f32(bits)
-    if dtype == jnp.bfloat16:
-        # Integer RNE keeps subnormals on backends whose converts flush them.
-        lsb = lax.shift_right_logical(bits, jnp.uint32(16)) & jnp.uint32(1)
-        is_nan = (bits & jnp.uint32(0x7FFFFFFF)) > jnp.uint32(0x7F800000)
-        rounded = lax.shift_right_logical(bits + jnp.uint32(0x7FFF) + lsb, jnp.uint32(16))
-        rounded = jnp.where(is_nan, jnp.uint32(0x7FC0), rounded).astype(jnp.uint16)
-        return lax.bitcast_convert_type(rounded, jnp.bfloat16)
-    # float16: a float32 value below float16's range is far below 2^-126 only
-    # if it rounds to 0 anyway, so the plain convert is exact where it matters.
-    return numerics.bits_to_f32(bits).astype(dtype)
-
-
-def _check_out_dtype(dtype) -> jnp.dtype:
-    if dtype is None:
-        raise TypeError("dtype must be float32, bfloat16 or float16, got None")
-    try:
-        dtype = jnp.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}") from None
-    if not any(dtype == d for d in _FLOAT_INPUTS):
-        raise TypeError(f"cannot dequantize to {dtype}; allowed: float32, bfloat16, float16")
-    return dtype
 
 
 # --------------------------------------------------------------------------
@@ -360,7 +329,7 @@ def dequantize(t: MXTensor, dtype=jnp.float32) -> jax.Array:
     """
     if not isinstance(t, MXTensor):
         raise TypeError(f"dequantize expects an MXTensor, got {type(t).__name__}")
-    dtype = _check_out_dtype(dtype)
+    dtype = numerics.check_out_dtype(dtype)
     return _dequantize(unpack(t), dtype)
 
 
@@ -377,7 +346,7 @@ def _dequantize(t: MXTensor, dtype) -> jax.Array:
         # Codes above the largest finite one are the element's own Inf/NaN.
         bits = jnp.where(special, _special_bits(mag, sign, elem), bits)
     bits = jnp.where(nan_block, jnp.uint32(0x7FC00000), bits)
-    return from_blocks(_bits_to_dtype(bits, dtype), t.axis, t.length)
+    return from_blocks(numerics.bits_to_dtype(bits, dtype), t.axis, t.length)
 
 
 def _special_bits(mag, sign, elem: ElementFormat) -> jax.Array:
@@ -448,4 +417,4 @@ def _fake_quantize_impl(x, rbits, fmt, axis, bs, scale_mode, rounding, flush_sub
         sign = jnp.where(bits == 0, jnp.uint32(0), sign)
     bits = bits | lax.shift_left(sign, jnp.uint32(31))
     bits = jnp.where(blk.nonfinite, jnp.uint32(0x7FC00000), bits)
-    return from_blocks(_bits_to_dtype(bits, x.dtype), axis, x.shape[axis])
+    return from_blocks(numerics.bits_to_dtype(bits, x.dtype), axis, x.shape[axis])

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jaxmx import formats, numerics
 from jaxmx.formats import BF16, FP16, ElementFormat, get_format
-from jaxmx.quantize import _bits_to_dtype, _check_array, _check_flag, _random_bits, check_rounding
+from jaxmx.quantize import _check_array, _check_flag, _random_bits, check_rounding
 
 __all__ = ["round_to"]
 
@@ -132,4 +132,4 @@ def _round_to(x, rbits, elem: ElementFormat, rounding, subnormals, saturate):
     out = jnp.where(overflow, over_value, out)
     out = jnp.where(is_inf, inf_value, out)
     out = jnp.where(is_nan, nan, out | sign)
-    return _bits_to_dtype(out, x.dtype)
+    return numerics.bits_to_dtype(out, x.dtype)

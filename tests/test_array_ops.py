@@ -156,6 +156,14 @@ def _skip_unpackable(fmt, packed):
         pytest.skip("8-bit codes are never packed")
 
 
+def _case(fmt, packed, pos, seed=0):
+    """One matrix case: the block axis, a hand-built tensor and its values."""
+    _skip_unpackable(fmt, packed)
+    b = POS[pos]
+    t = handbuilt(fmt, SHAPES[pos], b, packed, seed=seed)
+    return b, t, deq(t)
+
+
 # --------------------------------------------------------------------------
 # Axis permutations.
 # --------------------------------------------------------------------------
@@ -163,10 +171,7 @@ def _skip_unpackable(fmt, packed):
 
 @params
 def test_transpose_swapaxes_moveaxis(fmt, packed, pos):
-    _skip_unpackable(fmt, packed)
-    b = POS[pos]
-    t = handbuilt(fmt, SHAPES[pos], b, packed)
-    d = deq(t)
+    b, t, d = _case(fmt, packed, pos)
     for perm in itertools.permutations(range(3)):
         r = t.transpose(perm)
         assert_values(r, d.transpose(perm))
@@ -278,10 +283,7 @@ def _index_cases(b):
 
 @params
 def test_getitem(fmt, packed, pos):
-    _skip_unpackable(fmt, packed)
-    b = POS[pos]
-    t = handbuilt(fmt, SHAPES[pos], b, packed)
-    d = deq(t)
+    b, t, d = _case(fmt, packed, pos)
     for idx in _index_cases(b):
         np_idx = tuple(np.asarray(e) if isinstance(e, jax.Array) else e for e in idx)
         r = t[idx]
@@ -322,10 +324,7 @@ def test_getitem_block_axis_errors(fmt, packed, pos):
 
 @params
 def test_take(fmt, packed, pos):
-    _skip_unpackable(fmt, packed)
-    b = POS[pos]
-    t = handbuilt(fmt, SHAPES[pos], b, packed)
-    d = deq(t)
+    b, t, d = _case(fmt, packed, pos)
     for ax in (a for a in range(3) if a != b):
         n = d.shape[ax]
         ids = jnp.array([[n - 1, 0], [-1, 1], [n, -n - 2]])  # last row out of range
@@ -443,10 +442,7 @@ def test_concatenate_errors():
 
 @params
 def test_negative_and_abs(fmt, packed, pos):
-    _skip_unpackable(fmt, packed)
-    b = POS[pos]
-    t = handbuilt(fmt, SHAPES[pos], b, packed)
-    d = deq(t)
+    b, t, d = _case(fmt, packed, pos)
     elem = t.format.element
     is_int = elem.kind == "int"
     n, a = -t, abs(t)
@@ -522,10 +518,7 @@ def _blockwise_any(m, b, t):
 
 @params
 def test_ldexp_and_power_of_two_products(fmt, packed, pos):
-    _skip_unpackable(fmt, packed)
-    b = POS[pos]
-    t = handbuilt(fmt, SHAPES[pos], b, packed, seed=5)
-    d = deq(t)
+    b, t, d = _case(fmt, packed, pos, seed=5)
     is_int = t.format.element.kind == "int"
     for k in (1, -3, 17, 120, -120, 254):
         r = t.ldexp(k)

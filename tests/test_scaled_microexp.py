@@ -394,15 +394,14 @@ def test_pack_round_trip(fmt, axis, rng):
 
 
 @pytest.mark.parametrize("bits", [1, 3, 4, 5, 8])
-def test_pack_bits_every_code(bits, rng):
+def test_element_and_micro_widths_pack_densely_and_round_trip(bits, rng):
+    # the widths MX9/6/4 and MSFP store (micro bits 1; mantissas 3, 4, 5, 8)
     codes = jnp.asarray(rng.integers(0, 2**bits, (5, 67)).astype(np.uint8))
-    packed = me._pack_bits(codes, bits, -1)
-    np.testing.assert_array_equal(
-        np.asarray(packed), np.asarray(packing.pack_codes(codes, bits, -1))
-    )
-    np.testing.assert_array_equal(
-        np.asarray(me._unpack_bits(packed, bits, -1, 67)), np.asarray(codes)
-    )
+    packed = packing.pack_codes(codes, bits, -1)
+    assert packed.shape == (5, packed_length(67, bits))
+    got = packing.unpack_codes(packed, bits, -1, 67)
+    assert got.dtype == jnp.uint8
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(codes))
 
 
 def test_bits_per_element():

@@ -21,6 +21,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from jaxmx import numerics
 from jaxmx._scaled import f32, nvfp4
 from jaxmx._scaled.nvfp4 import nvfp4_dequantize, nvfp4_fake_quantize, nvfp4_quantize
 from tests import reference_blockformats as ref
@@ -437,10 +438,10 @@ def test_f32_mul_div_match_ieee():
             np.testing.assert_array_equal(got, expect.view(np.uint32), err_msg=fn.__name__)
 
 
-def test_f32_to_bfloat16():
+def test_bits_to_bfloat16():
     rng = np.random.default_rng(10)
     b = _random_patterns(rng, 100_000)
-    got = np.asarray(f32.to_bfloat16(jnp.asarray(b))).astype(F32)
+    got = np.asarray(numerics.bits_to_dtype(jnp.asarray(b), jnp.bfloat16)).astype(F32)
     with np.errstate(invalid="ignore"):
         want = b.view(F32).astype(ml_dtypes.bfloat16).astype(F32)
     bits_equal(got, want)

@@ -37,8 +37,18 @@ class Plan:
 def run_jaxpr(jaxpr, consts, args, addr: tuple, plan: Plan) -> list:
     env: dict = {}
 
+    decoded: dict = {}  # var -> its MXTensor decoded once, for every op that needs values
+
     def read(v):
         return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    def dense(x, v):
+        """An MXTensor argument decoded for an op that needs its values (once per var)."""
+        if not isinstance(x, MXTensor):
+            return x
+        if v not in decoded:
+            decoded[v] = dequantize(x, v.aval.dtype)
+        return decoded[v]
 
     for v, x in zip([*jaxpr.constvars, *jaxpr.invars], [*consts, *args], strict=True):
         env[v] = x
@@ -54,7 +64,7 @@ def run_jaxpr(jaxpr, consts, args, addr: tuple, plan: Plan) -> list:
             elif (cast := _mx_cast(eqn, invals)) is not None:
                 outs = [cast]
             else:
-                invals = [_decoded(x, v) for x, v in zip(invals, eqn.invars, strict=True)]
+                invals = [dense(x, v) for x, v in zip(invals, eqn.invars, strict=True)]
                 if a in plan.rebuild:
                     outs = _REBUILD[_kind(eqn)](eqn, invals, a, plan)
                 else:
@@ -63,12 +73,7 @@ def run_jaxpr(jaxpr, consts, args, addr: tuple, plan: Plan) -> list:
                     outs = [outs]
         for v, x in zip(eqn.outvars, outs, strict=True):
             env[v] = x
-    return [_decoded(read(v), v) for v in jaxpr.outvars]
-
-
-def _decoded(x, v):
-    """An MXTensor argument decoded for an op that needs its values."""
-    return dequantize(x, v.aval.dtype) if isinstance(x, MXTensor) else x
+    return [dense(read(v), v) for v in jaxpr.outvars]
 
 
 def _mx_cast(eqn, invals) -> MXTensor | None:

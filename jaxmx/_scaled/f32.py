@@ -15,8 +15,6 @@ IEEE result with integer operations:
   (``0 * Inf`` and ``0 / 0`` are NaN, ``x / 0`` is Inf); a NaN operand is
   returned quieted (the first one), an invalid operation gives x86's default
   NaN ``0xFFC00000``, which is what the NumPy reference models compute.
-* :func:`to_bfloat16` rounds float32 patterns to bfloat16 without a convert
-  that could flush.
 
 Everything is elementwise on uint32 arrays and costs a few dozen integer
 operations per element, so the callers use it for per-block and per-tensor
@@ -29,7 +27,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-__all__ = ["bits", "div", "from_bits", "mul", "round_pack", "to_bfloat16"]
+from jaxmx import numerics
+
+__all__ = ["bits", "div", "from_bits", "mul", "round_pack"]
 
 SIGN = 0x80000000
 ABS = 0x7FFFFFFF
@@ -46,14 +46,10 @@ def _u32(v) -> jax.Array:
 
 def bits(x) -> jax.Array:
     """uint32 bit pattern of a float32 array (float16/bfloat16 widen exactly)."""
-    x = jnp.asarray(x)
-    if x.dtype == jnp.bfloat16:
-        return lax.shift_left(lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32), _u32(16))
-    return lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return numerics.f32_to_bits(jnp.asarray(x))
 
 
-def from_bits(b: jax.Array) -> jax.Array:
-    return lax.bitcast_convert_type(jnp.asarray(b, jnp.uint32), jnp.float32)
+from_bits = numerics.bits_to_f32  # float32 array of uint32 patterns
 
 
 def _unpack(mag: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -171,12 +167,3 @@ def div(a: jax.Array, b: jax.Array) -> jax.Array:
     out = out | sign
     nan = (ma > _u32(INF)) | (mb > _u32(INF)) | (a_zero & b_zero) | (a_inf & b_inf)
     return jnp.where(nan, _nan_of(a, b, ma, mb), out)
-
-
-def to_bfloat16(b: jax.Array) -> jax.Array:
-    """float32 patterns -> bfloat16, round to nearest even, subnormals kept, NaN quiet."""
-    lsb = lax.shift_right_logical(b, _u32(16)) & _u32(1)
-    nan = (b & _u32(ABS)) > _u32(INF)
-    r = lax.shift_right_logical(b + _u32(0x7FFF) + lsb, _u32(16))
-    r = jnp.where(nan, lax.shift_right_logical(b, _u32(16)) | _u32(0x40), r)
-    return lax.bitcast_convert_type(r.astype(jnp.uint16), jnp.bfloat16)

@@ -82,8 +82,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxmx.blocks import from_blocks, pack_group, packed_length, to_blocks
-from jaxmx.numerics import bits_to_f32, f32_to_bits
+from jaxmx import numerics
+from jaxmx.blocks import from_blocks, packed_length, to_blocks
+from jaxmx.numerics import f32_to_bits
+from jaxmx.packing import pack_codes, unpack_codes
 
 __all__ = [
     "MicroexpSpec",
@@ -108,7 +110,6 @@ _IMPLICIT = 0x00800000
 _SIGN = 0x80000000
 _EXP_BIAS = 127
 _NAN_EXPONENT = 0xFF  # the E8M0 NaN byte: a block holding NaN or Inf
-_FLOAT_INPUTS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -220,7 +221,7 @@ class MicroexpCodes(NamedTuple):
 
 def _check_input(x) -> jax.Array:
     x = jnp.asarray(x)
-    if not any(x.dtype == d for d in _FLOAT_INPUTS):
+    if not any(x.dtype == d for d in numerics.FLOAT_DTYPES):
         raise TypeError(f"x has dtype {x.dtype}; allowed: float32, bfloat16, float16")
     if x.ndim == 0:
         raise ValueError("x is a scalar (0-d); block formats need an axis")
@@ -236,16 +237,6 @@ def _check_axis(axis, ndim: int) -> int:
         )
     # Counted from the end, so the same call works on a vmapped (smaller) rank.
     return int(axis) - ndim if axis >= 0 else int(axis)
-
-
-def _check_dtype(dtype) -> jnp.dtype:
-    try:
-        dtype = jnp.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}") from None
-    if not any(dtype == d for d in _FLOAT_INPUTS):
-        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    return dtype
 
 
 # --------------------------------------------------------------------------
@@ -451,7 +442,9 @@ def dequantize(
                 f"micro has shape {micro.shape} and dtype {micro.dtype}; it must be uint8 "
                 f"or bool of shape {want}"
             )
-    return _dequantize(mantissas, shared_exponent, micro, spec, axis, _check_dtype(dtype))
+    return _dequantize(
+        mantissas, shared_exponent, micro, spec, axis, numerics.check_out_dtype(dtype)
+    )
 
 
 def _replace_axis(shape, axis: int, n: int) -> tuple[int, ...]:
@@ -473,7 +466,7 @@ def _dequantize(mantissas, shared_exponent, micro, spec: MicroexpSpec, axis: int
     sign = lax.shift_right_logical(codes, jnp.uint32(spec.mantissa_bits)) & jnp.uint32(1)
     bits = _assemble(k, t) | lax.shift_left(sign, jnp.uint32(31))
     bits = jnp.where(se == _NAN_EXPONENT, jnp.uint32(0x7FC00000), bits)
-    return _to_dtype(from_blocks(bits, axis, mantissas.shape[axis]), dtype)
+    return numerics.bits_to_dtype(from_blocks(bits, axis, mantissas.shape[axis]), dtype)
 
 
 def _assemble(k: jax.Array, t: jax.Array) -> jax.Array:
@@ -487,20 +480,6 @@ def _assemble(k: jax.Array, t: jax.Array) -> jax.Array:
     normal = fb + lax.shift_left(t.astype(jnp.uint32), jnp.uint32(23))
     sub = lax.shift_left(k, jnp.clip(t + 149, 0, 31).astype(jnp.uint32))
     return jnp.where(k == 0, jnp.uint32(0), jnp.where(lead + t >= 1, normal, sub))
-
-
-def _to_dtype(bits: jax.Array, dtype) -> jax.Array:
-    if dtype == jnp.float32:
-        return bits_to_f32(bits)
-    if dtype == jnp.bfloat16:
-        # Integer round to nearest even, so subnormals survive backends whose
-        # converts flush them; NaN stays a quiet NaN.
-        lsb = lax.shift_right_logical(bits, jnp.uint32(16)) & jnp.uint32(1)
-        is_nan = (bits & jnp.uint32(0x7FFFFFFF)) > jnp.uint32(0x7F800000)
-        r = lax.shift_right_logical(bits + jnp.uint32(0x7FFF) + lsb, jnp.uint32(16))
-        r = jnp.where(is_nan, lax.shift_right_logical(bits, jnp.uint32(16)) | 0x40, r)
-        return lax.bitcast_convert_type(r.astype(jnp.uint16), jnp.bfloat16)
-    return bits_to_f32(bits).astype(dtype)
 
 
 def fake_quantize(x, spec: str | MicroexpSpec, *, axis: int = -1) -> jax.Array:
@@ -548,64 +527,12 @@ def _fake_quantize_impl(x, spec: MicroexpSpec, axis: int) -> jax.Array:
     y = mag | (r.bits & jnp.uint32(_SIGN))
     y = jnp.where(r.field == 0, jnp.uint32(0), y)
     y = jnp.where(r.field == 255, r.bits, y)
-    return _to_dtype(from_blocks(y, axis, x.shape[axis]), x.dtype)
+    return numerics.bits_to_dtype(from_blocks(y, axis, x.shape[axis]), x.dtype)
 
 
 # --------------------------------------------------------------------------
 # Packed storage: codes and micro bits at their real width.
 # --------------------------------------------------------------------------
-
-
-def _pack_bits(raw: jax.Array, bits: int, axis: int) -> jax.Array:
-    """``bits``-wide codes along ``axis`` -> bytes, as one little-endian bit stream.
-
-    Code ``j`` of a group occupies stream bits ``bits*j .. bits*j + bits - 1``
-    and byte ``b`` holds stream bits ``8b .. 8b + 7`` (jaxmx.packing's layout),
-    built byte by byte from the pieces of the codes that overlap it, so no
-    word wider than 32 bits is needed.
-    """
-    g, nb = pack_group(bits)
-    grouped = to_blocks(raw.astype(jnp.uint32), axis, g)
-    j = grouped.ndim + axis
-    codes = [lax.index_in_dim(grouped, i, axis=j, keepdims=False) for i in range(g)]
-    out = []
-    for b in range(nb):
-        byte = None
-        for i, c in enumerate(codes):
-            shift = bits * i - 8 * b  # where code i's bit 0 lands in byte b
-            if shift >= 8 or shift + bits <= 0:
-                continue
-            piece = (
-                lax.shift_left(c, jnp.uint32(shift))
-                if shift >= 0
-                else lax.shift_right_logical(c, jnp.uint32(-shift))
-            )
-            byte = piece if byte is None else byte | piece
-        out.append((byte & jnp.uint32(0xFF)).astype(jnp.uint8))
-    return from_blocks(jnp.stack(out, axis=j), axis, grouped.shape[j - 1] * nb)
-
-
-def _unpack_bits(packed: jax.Array, bits: int, axis: int, length: int) -> jax.Array:
-    g, nb = pack_group(bits)
-    grouped = to_blocks(packed.astype(jnp.uint32), axis, nb)
-    j = grouped.ndim + axis
-    by = [lax.index_in_dim(grouped, b, axis=j, keepdims=False) for b in range(nb)]
-    mask = jnp.uint32((1 << bits) - 1)
-    out = []
-    for i in range(g):
-        code = None
-        for b, v in enumerate(by):
-            shift = 8 * b - bits * i  # where byte b's bit 0 lands in code i
-            if shift >= bits or shift + 8 <= 0:
-                continue
-            piece = (
-                lax.shift_left(v, jnp.uint32(shift))
-                if shift >= 0
-                else lax.shift_right_logical(v, jnp.uint32(-shift))
-            )
-            code = piece if code is None else code | piece
-        out.append((code & mask).astype(jnp.uint8))
-    return from_blocks(jnp.stack(out, axis=j), axis, length)
 
 
 def pack(
@@ -645,8 +572,8 @@ def pack(
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _pack(mantissas, micro, spec: MicroexpSpec, axis: int):
-    pc = _pack_bits(mantissas, spec.element_bits, axis)
-    pm = None if micro is None else _pack_bits(micro.astype(jnp.uint8), 1, axis)
+    pc = pack_codes(mantissas, spec.element_bits, axis)
+    pm = None if micro is None else pack_codes(micro.astype(jnp.uint8), 1, axis)
     return pc, pm
 
 
@@ -688,11 +615,11 @@ def unpack(
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _unpack(packed_codes, packed_micro, spec: MicroexpSpec, axis: int, length: int):
-    codes = _unpack_bits(packed_codes, spec.element_bits, axis, length)
+    codes = unpack_codes(packed_codes, spec.element_bits, axis, length)
     micro = None
     if packed_micro is not None:
         n_micro = -(-length // spec.block_size) * spec.subs_per_block
-        micro = _unpack_bits(packed_micro, 1, axis, n_micro)
+        micro = unpack_codes(packed_micro, 1, axis, n_micro)
     return codes, micro
 
 

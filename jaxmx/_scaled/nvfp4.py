@@ -109,8 +109,6 @@ _NORMAL_DECODE = 0x01000000  # 2^-125: value * d stays normal for every nonzero 
 _ABOVE = (0x3E800000, 0x3FA00000, 0x40200000, 0x40A00000)  # 0.25, 1.25, 2.5, 5.0
 _AT_OR_ABOVE = (0x3F400000, 0x3FE00000, 0x40600000)  # 0.75, 1.75, 3.5
 
-_FLOAT_INPUTS = (jnp.float32, jnp.bfloat16, jnp.float16)
-
 
 class NVFP4Arrays(NamedTuple):
     """The arrays of an NVFP4 tensor."""
@@ -131,7 +129,7 @@ def _u32(v) -> jax.Array:
 
 def _check_x(x) -> jax.Array:
     x = jnp.asarray(x)
-    if not any(x.dtype == d for d in _FLOAT_INPUTS):
+    if not any(x.dtype == d for d in numerics.FLOAT_DTYPES):
         raise TypeError(
             f"x has dtype {x.dtype}; NVFP4 quantization takes float32, bfloat16 or float16"
         )
@@ -449,16 +447,6 @@ def _values(v: jax.Array, dec: jax.Array, exact: bool) -> jax.Array:
     return f32.mul(v, dec) if exact else _fmul(v, dec)
 
 
-def _to_dtype(b: jax.Array, dtype) -> jax.Array:
-    dtype = jnp.dtype(dtype)
-    if dtype == jnp.float32:
-        return f32.from_bits(b)
-    if dtype == jnp.bfloat16:
-        return f32.to_bfloat16(b)
-    # float16: float32 subnormals are far below float16's range and round to 0 anyway.
-    return f32.from_bits(b).astype(dtype)
-
-
 # --------------------------------------------------------------------------
 # Jitted kernels.
 # --------------------------------------------------------------------------
@@ -511,7 +499,7 @@ def _fake_quantize(x, tensor_amax, axes, sizes, semantics, decode) -> jax.Array:
         r = _round_e2m1(_scaled_magnitude(xb & _u32(f32.ABS), enc))
         # A NaN block's decode factor is NaN: no need to mask its codes.
         out = _values(r | (xb & _u32(f32.SIGN)), dec, exact)
-        return _to_dtype(out.reshape(x.shape), x.dtype)
+        return numerics.bits_to_dtype(out.reshape(x.shape), x.dtype)
 
     return _branches(run)(t.fast, x, block_amax, t)
 
@@ -538,7 +526,7 @@ def _dequantize(codes, block_scales, factor, axes, sizes, dtype, from_amax) -> j
         c = cb & _u32(7)
         v = jnp.where(c >= 2, lax.shift_left(c + _u32(252), _u32(22)), c * _u32(0x3F000000))
         out = _values(v | lax.shift_left(cb & _u32(8), _u32(28)), dec, exact)
-        return _to_dtype(out.reshape(codes.shape), dtype)
+        return numerics.bits_to_dtype(out.reshape(codes.shape), dtype)
 
     return _branches(run)(fast, codes, s8, fb)
 
@@ -646,9 +634,7 @@ def nvfp4_dequantize(
             f"block_scales has shape {block_scales.shape}; codes of shape {codes.shape} "
             f"blocked by {sizes} along axes {axes} need {expect}"
         )
-    dtype = jnp.dtype(dtype)
-    if not any(dtype == d for d in _FLOAT_INPUTS):
-        raise TypeError(f"cannot dequantize to {dtype}; allowed: float32, bfloat16, float16")
+    dtype = numerics.check_out_dtype(dtype)
     if tensor_amax is not None:
         factor = _check_amax(tensor_amax)
     else:

@@ -57,7 +57,6 @@ _SMALLEST = 0x00000001  # 2^-149, the smallest positive float32
 # Below this scale (2^-100) a float division or multiply could meet a
 # subnormal operand or result that matters; above it the fast path is exact.
 _FAST_SCALE = 0x0D800000
-_FLOAT_INPUTS = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 class TensorFP8Arrays(NamedTuple):
@@ -79,7 +78,7 @@ def _element(element) -> tuple[ElementFormat, int, int]:
 
 def _check_x(x) -> jax.Array:
     x = jnp.asarray(x)
-    if not any(x.dtype == d for d in _FLOAT_INPUTS):
+    if not any(x.dtype == d for d in numerics.FLOAT_DTYPES):
         raise TypeError(
             f"x has dtype {x.dtype}; per-tensor FP8 quantization takes float32, bfloat16 or float16"
         )
@@ -134,15 +133,6 @@ def _product(v: jax.Array, scale: jax.Array, exact: bool) -> jax.Array:
     return f32.bits(f32.from_bits(v) * f32.from_bits(scale))
 
 
-def _to_dtype(b: jax.Array, dtype) -> jax.Array:
-    dtype = jnp.dtype(dtype)
-    if dtype == jnp.float32:
-        return f32.from_bits(b)
-    if dtype == jnp.bfloat16:
-        return f32.to_bfloat16(b)
-    return f32.from_bits(b).astype(dtype)
-
-
 # The conditionals take x itself and return the final arrays: an operand or
 # result that is a bit-cast view of x would be copied in full across the
 # conditional's boundary.
@@ -186,7 +176,7 @@ def _dequantize(codes, scale, element, dtype) -> jax.Array:
     fast = _fast(m) | (m == 0)
 
     def run(exact, codes, s):
-        return _to_dtype(_product(_decode_codes(codes, elem), s, exact), dtype)
+        return numerics.bits_to_dtype(_product(_decode_codes(codes, elem), s, exact), dtype)
 
     return lax.cond(fast, functools.partial(run, False), functools.partial(run, True), codes, s)
 
@@ -202,7 +192,7 @@ def _fake_quantize(x, element) -> jax.Array:
         r = numerics.round_magnitude(q, 0, elem)  # saturates at max_normal
         out = _product(r, scale, exact) ^ (xb & _u32(f32.SIGN))
         out = jnp.where(nonfinite, _u32(0x7FC00000), out)
-        return _to_dtype(out, x.dtype)
+        return numerics.bits_to_dtype(out, x.dtype)
 
     return lax.cond(
         _fast(scale), functools.partial(run, False), functools.partial(run, True), x, scale
@@ -250,9 +240,7 @@ def tensor_fp8_dequantize(codes, scale, *, dtype=jnp.float32) -> jax.Array:
     scale = jnp.asarray(scale, jnp.float32)
     if scale.shape != ():
         raise ValueError(f"scale must be a scalar, got shape {scale.shape}")
-    dtype = jnp.dtype(dtype)
-    if not any(dtype == d for d in _FLOAT_INPUTS):
-        raise TypeError(f"cannot dequantize to {dtype}; allowed: float32, bfloat16, float16")
+    dtype = numerics.check_out_dtype(dtype)
     return _dequantize(codes, scale, names[codes.dtype], dtype)
 
 
