@@ -14,10 +14,19 @@ from jax import lax
 
 from jaxmx.config import DotConfig
 from jaxmx.formats import MXFormat
-from jaxmx.quantize import _fake_quantize_impl, dequantize
+from jaxmx.quantize import dequantize, fake_quantize_spec
+from jaxmx.spec import QuantSpec
 from jaxmx.tensor import MXTensor
 
-__all__ = ["check_key", "check_operands", "compute_dtype", "fake_operand", "lax_dot", "random_bits"]
+__all__ = [
+    "check_key",
+    "check_operands",
+    "compute_dtype",
+    "fake_operand",
+    "lax_dot",
+    "operand_spec",
+    "random_bits",
+]
 
 # Distinct salts/fold-ins for the random bits of the six quantizations.
 _ROLE_IDS = {"lhs": 1, "rhs": 2, "grad_dgrad": 3, "rhs_bwd": 4, "lhs_bwd": 5, "grad_wgrad": 6}
@@ -51,8 +60,8 @@ def hash_bits(x: jax.Array, salt: int) -> jax.Array:
     return h ^ lax.shift_right_logical(h, jnp.uint32(16))
 
 
-def random_bits(x, rounding: str, key, role: str):
-    if rounding != "stochastic":
+def random_bits(x, spec: QuantSpec, key, role: str):
+    if not spec.random_bits:
         return None
     if key is None:
         return hash_bits(x, _ROLE_IDS[role])
@@ -69,17 +78,36 @@ def fake_operand(x, fmt: MXFormat | None, axis: int | None, config: DotConfig, r
         return dequantize(x, compute_dtype(config))
     if fmt is None:
         return x
-    rbits = random_bits(x, rounding, key, role)
-    args = (
-        (fmt, -1, 1) if axis is None else (fmt, axis - x.ndim, config.block_size or fmt.block_size)
-    )
     if axis is None:
+        # Nothing to contract: each element is a block of its own, along a
+        # new last axis (a block of 1, or a partial one where the format's
+        # blocks are fixed; the same values either way).
         x = x[..., None]
-        rbits = None if rbits is None else rbits[..., None]
-    q = _fake_quantize_impl(x, rbits, *args, config.scale_mode, rounding, False)
+    spec = operand_spec(
+        x.ndim, fmt, x.ndim - 1 if axis is None else axis, config, rounding, single=axis is None
+    )
+    q = fake_quantize_spec(x, random_bits(x, spec, key, role), None, spec)
     if axis is None:
         q = q[..., 0]
     return q.astype(compute_dtype(config))
+
+
+def operand_spec(
+    ndim: int, fmt: MXFormat, axis: int, config: DotConfig, rounding: str, single: bool = False
+) -> QuantSpec:
+    """The spec of an operand of rank ``ndim`` blocked along ``axis`` (0-based).
+
+    ``config.block_size`` applies to the formats whose block size is free
+    (the OCP ones and NVFP4); the BDR formats keep their own, and per-tensor
+    formats have none. ``single``: blocks of one element (nothing to contract).
+    """
+    free = QuantSpec.block_size_is_free(fmt)
+    bs = (1 if single else config.block_size) if free else None
+    # A format whose scales follow their own rule (NVFP4, BDR, per-tensor)
+    # keeps it; config.scale_mode is for the formats that have a choice.
+    modes = QuantSpec.scale_modes_of(fmt)
+    mode = config.scale_mode if config.scale_mode in modes else modes[0]
+    return QuantSpec.make(fmt, ndim, axis=axis, block_size=bs, scale_mode=mode, rounding=rounding)
 
 
 def lax_dot(lhs, rhs, dims, precision=None, preferred_element_type=None, out_sharding=None):

@@ -63,7 +63,7 @@ import numpy as np
 
 from jaxmx import codes
 from jaxmx import formats as _formats
-from jaxmx.formats import ElementFormat, MXFormat, ScaleFormat
+from jaxmx.formats import ElementFormat, MicroExponent, MXFormat, ScaleFormat
 from jaxmx.tensor import MXTensor
 
 __all__ = ["SaveInfo", "save", "load"]
@@ -72,7 +72,9 @@ _VERSION = 1
 _KEY = "jaxmx"  # orbax item name and safetensors metadata key of the manifest
 _BACKENDS = ("orbax", "safetensors")
 # Records a format card may contain (never an arbitrary import from a file).
-_CARD_CLASSES = {"MXFormat": MXFormat, "ElementFormat": ElementFormat, "ScaleFormat": ScaleFormat}
+_CARD_CLASSES = {
+    c.__name__: c for c in (MXFormat, ElementFormat, ScaleFormat, MicroExponent)
+}
 # dtypes written to safetensors as themselves. float8_e8m0fnu (F8_E8M0) is
 # left out on purpose: only recent safetensors and torch (>= 2.7) read it, and
 # its bits as U8 open everywhere.

@@ -45,7 +45,8 @@ from jaxmx._operand import (
 from jaxmx.config import DotConfig, as_dot_config
 from jaxmx.formats import MXFormat
 from jaxmx.packing import unpack
-from jaxmx.quantize import _quantize, dequantize
+from jaxmx.quantize import dequantize, quantize_spec
+from jaxmx.spec import QuantSpec
 from jaxmx.tensor import MXTensor
 
 __all__ = ["dot_general"]
@@ -179,10 +180,9 @@ def _native_reason(a: _Side, b: _Side, cfg: DotConfig) -> str | None:
 def _mx_tensor(side: _Side, cfg: DotConfig, key) -> MXTensor:
     if isinstance(side.x, MXTensor):
         return unpack(side.x)
-    axis = side.contracting[-1] - side.x.ndim
-    bs = cfg.block_size or side.fmt.block_size
-    rbits = random_bits(side.x, side.rounding, key, side.role)
-    return _quantize(side.x, rbits, side.fmt, axis, bs, cfg.scale_mode, side.rounding, False, False)
+    spec = operand_spec(side.x.ndim, side.fmt, side.contracting[-1], cfg, side.rounding)
+    rbits = random_bits(side.x, spec, key, side.role)
+    return quantize_spec(side.x, rbits, None, spec)
 
 
 # --------------------------------------------------------------------------

@@ -41,6 +41,14 @@ __all__ = [
     "BF16",
     "FP16",
     "E8M0",
+    "UE4M3",
+    "MICRO_1X2",
+    "SM_INT8",
+    "SM_INT5",
+    "SM_INT4",
+    "SM_INT3",
+    "MicroExponent",
+    "CODECS",
     "float_format",
     "get_format",
     "list_formats",
@@ -89,8 +97,13 @@ class ElementFormat:
     # One-line description of the special values, for the card.
     specials: str = "none"
     # ml_dtypes / numpy dtype that holds one element code in an MXTensor;
-    # None: uint8/uint16 (floats) or int8/int16 (integers), by width.
+    # None: uint8/uint16 (floats and sign-magnitude integers) or int8/int16
+    # (two's-complement integers), by width.
     storage_dtype: np.dtype | None = None
+    # How an integer's sign is stored: "twos_complement" (MXINT8) or
+    # "sign_magnitude" (the BDR formats: a sign bit over the magnitude, so a
+    # "-0" code exists). Floats always store sign and magnitude.
+    int_encoding: Literal["twos_complement", "sign_magnitude"] = "twos_complement"
 
     def __post_init__(self):
         _check_element(self)
@@ -98,7 +111,7 @@ class ElementFormat:
             wide = self.bits > 8
             dtype = (
                 (np.int16 if wide else np.int8)
-                if self.kind == "int"
+                if self.kind == "int" and self.int_encoding == "twos_complement"
                 else (np.uint16 if wide else np.uint8)
             )
             object.__setattr__(self, "storage_dtype", np.dtype(dtype))
@@ -132,7 +145,8 @@ class ElementFormat:
     def card(self) -> str:
         """A one-paragraph summary: bits, bias, range and special values."""
         if self.kind == "int":
-            layout = f"{self.bits}-bit two's complement, value = code * 2^-{self.mantissa_bits}"
+            enc = self.int_encoding.replace("_", "-").replace("twos-", "two's ")
+            layout = f"{self.bits}-bit {enc}, value = code * 2^-{self.mantissa_bits}"
         else:
             layout = (
                 f"1 sign, {self.exponent_bits} exponent, {self.mantissa_bits} mantissa bits, "
@@ -149,40 +163,65 @@ class ElementFormat:
 class ScaleFormat:
     """The number format of a block's shared scale.
 
-    The OCP formats use E8M0: an unsigned byte ``E`` holding ``2**(E - 127)``
-    for ``E`` in 0..254, with 0xFF as NaN and no zero. Other scale formats
-    (NVFP4's unsigned E4M3, a second level of microexponents) are further
-    records of this type.
+    Two kinds:
+
+    * ``"pow2"``: a power of two stored as a biased exponent byte. The OCP
+      formats' E8M0 (``2**(E - 127)`` for ``E`` in 0..254, 0xFF is NaN, no
+      zero) and the 8-bit shared exponent of MX9/MX6/MX4 and MSFP are this.
+    * ``"float"``: an unsigned small float whose grid is ``element``'s
+      positive half (NVFP4's E4M3 scale: values 2^-9 .. 448, and zero). The
+      exponent range is that of ``element``, subnormals included.
     """
 
     name: str
-    # "pow2": the scale is a power of two stored as a biased exponent byte.
-    kind: Literal["pow2"]
+    # "pow2": a biased exponent byte; "float": an unsigned small float.
+    kind: Literal["pow2", "float"]
     bits: int
     bias: int
-    # Smallest and largest unbiased exponents a scale can hold.
+    # Smallest and largest unbiased exponents a scale can hold (for "float":
+    # of its smallest subnormal and of its largest normal).
     min_exponent: int
     max_exponent: int
     # Byte that encodes NaN (a block holding NaN or Inf gets this scale).
     nan_code: int
     storage_dtype: np.dtype = _UINT8
+    # "float" scales: the float grid the scale is rounded to (read unsigned).
+    element: ElementFormat | None = None
 
     def __post_init__(self):
-        if self.kind != "pow2":
+        if self.kind not in ("pow2", "float"):
             raise ValueError(
-                f"scale format {self.name!r}: unknown kind {self.kind!r}; allowed: pow2"
+                f"scale format {self.name!r}: unknown kind {self.kind!r}; allowed: pow2, float"
             )
         if _not_int(self.bits) or not 1 <= self.bits <= 8:
             raise ValueError(f"scale format {self.name!r}: bits must be 1..8, got {self.bits!r}")
         top = (1 << self.bits) - 1
-        if not (
-            0 <= self.min_exponent + self.bias <= self.max_exponent + self.bias <= top
-            and 0 <= self.nan_code <= top
-        ):
-            raise ValueError(
-                f"scale format {self.name!r}: exponents {self.min_exponent}..{self.max_exponent} "
-                f"with bias {self.bias} and NaN code {self.nan_code} do not fit {self.bits} bits"
-            )
+        if self.kind == "pow2":
+            if self.element is not None:
+                raise ValueError(f"scale format {self.name!r}: a pow2 scale has no element")
+            if not (
+                0 <= self.min_exponent + self.bias <= self.max_exponent + self.bias <= top
+                and 0 <= self.nan_code <= top
+            ):
+                raise ValueError(
+                    f"scale format {self.name!r}: exponents {self.min_exponent}.."
+                    f"{self.max_exponent} with bias {self.bias} and NaN code {self.nan_code} "
+                    f"do not fit {self.bits} bits"
+                )
+        else:
+            e = self.element
+            if not isinstance(e, ElementFormat) or e.kind != "float":
+                raise ValueError(
+                    f"scale format {self.name!r}: a float scale needs a float element format, "
+                    f"got {e!r}"
+                )
+            want = (e.bits, e.bias, 1 - e.bias - e.mantissa_bits, e.emax)
+            got = (self.bits, self.bias, self.min_exponent, self.max_exponent)
+            if want != got:
+                raise ValueError(
+                    f"scale format {self.name!r}: (bits, bias, min_exponent, max_exponent) "
+                    f"{got} disagree with its element {e.name!r}: {want}"
+                )
         if np.dtype(self.storage_dtype).itemsize != 1:
             raise ValueError(
                 f"scale format {self.name!r}: storage_dtype must be one byte, "
@@ -191,16 +230,67 @@ class ScaleFormat:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class MicroExponent:
+    """A second scale level: ``bits`` per ``group`` consecutive elements of a block.
+
+    The shared microexponent of MX9/MX6/MX4 (Rouhani et al., ISCA 2023): one
+    bit per pair that moves the pair's grid one binade finer when neither
+    element reaches the block's exponent.
+    """
+
+    name: str
+    # Bits per group (1: a shift of 0 or 1 binade).
+    bits: int = 1
+    # Elements sharing one microexponent.
+    group: int = 2
+
+    def __post_init__(self):
+        if _not_int(self.bits) or self.bits != 1:
+            raise ValueError(f"microexponent {self.name!r}: bits must be 1, got {self.bits!r}")
+        if _not_int(self.group) or self.group < 1:
+            raise ValueError(
+                f"microexponent {self.name!r}: group must be a positive int, got {self.group!r}"
+            )
+
+
+# The arithmetic a format follows, each that of its reference implementation.
+# A new format of an existing family is a record; a family is a codec here and
+# an implementation in jaxmx (see jaxmx.quantize).
+CODECS: dict[str, str] = {
+    "ocp": "OCP MX v1.0 section 6.3 (the MX paper's emulator): E8M0 power-of-two block scales",
+    "nvfp4": "TransformerEngine's NVFP4: E4M3 block scales under a float32 tensor scale",
+    "microexp": "AMD Quark's fake_quantize_mx6_mx9: 8-bit shared exponent + 1-bit microexponents",
+    "tensor": "per-tensor current scaling: one float32 scale, amax / max_normal",
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class MXFormat:
-    """A block-scaled format: an element format, a scale format, a block size."""
+    """A block-scaled format: elements, their scales, and the arithmetic that joins them.
+
+    The OCP MX formats are an element format, an E8M0 scale and a block size.
+    Their relatives add data, not code paths: a per-tensor float32 scale
+    (``tensor_scale``; NVFP4, per-tensor FP8), a small-float block scale
+    (``scale.kind == "float"``; NVFP4's E4M3), a second level of
+    microexponents (``micro``; MX9/MX6/MX4), or no block scale at all
+    (``scale=None``; per-tensor FP8). ``codec`` names the arithmetic of the
+    reference implementation the format is bit-exact with (:data:`CODECS`).
+    """
 
     name: str
     element: ElementFormat
-    scale: ScaleFormat
-    # Elements sharing one scale, along the quantized axis.
-    block_size: int = 32
+    # The per-block scale; None: no block scale (per-tensor formats).
+    scale: ScaleFormat | None
+    # Elements sharing one scale, along the quantized axis (None: the tensor).
+    block_size: int | None = 32
     # Where the format is defined.
     reference: str = "OCP MX v1.0"
+    # A second scale level within each block.
+    micro: MicroExponent | None = None
+    # Whether a float32 scale per tensor multiplies the block scales.
+    tensor_scale: bool = False
+    # The arithmetic: a key of CODECS.
+    codec: str = "ocp"
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -210,31 +300,74 @@ class MXFormat:
                 f"MXFormat {self.name!r}: element must be an ElementFormat, got "
                 f"{type(self.element).__name__}"
             )
-        if not isinstance(self.scale, ScaleFormat):
+        if self.scale is not None and not isinstance(self.scale, ScaleFormat):
             raise TypeError(
-                f"MXFormat {self.name!r}: scale must be a ScaleFormat, got "
+                f"MXFormat {self.name!r}: scale must be a ScaleFormat or None, got "
                 f"{type(self.scale).__name__}"
             )
+        if self.micro is not None and not isinstance(self.micro, MicroExponent):
+            raise TypeError(
+                f"MXFormat {self.name!r}: micro must be a MicroExponent or None, got "
+                f"{type(self.micro).__name__}"
+            )
+        if not isinstance(self.tensor_scale, (bool, np.bool_)):
+            raise TypeError(
+                f"MXFormat {self.name!r}: tensor_scale must be True or False, got "
+                f"{self.tensor_scale!r}"
+            )
+        if self.codec not in CODECS:
+            raise ValueError(
+                f"MXFormat {self.name!r}: unknown codec {self.codec!r}; allowed: "
+                f"{', '.join(CODECS)}"
+            )
+        if self.scale is None:
+            if self.block_size is not None or not self.tensor_scale:
+                raise ValueError(
+                    f"MXFormat {self.name!r}: without a block scale, block_size must be None "
+                    "and tensor_scale True (a per-tensor format)"
+                )
+            return
         if _not_int(self.block_size) or self.block_size < 1:
             raise ValueError(
                 f"MXFormat {self.name!r}: block_size must be a positive int, got "
                 f"{self.block_size!r}"
             )
         object.__setattr__(self, "block_size", int(self.block_size))
+        if self.micro is not None and self.block_size % self.micro.group:
+            raise ValueError(
+                f"MXFormat {self.name!r}: microexponent groups of {self.micro.group} do not "
+                f"divide blocks of {self.block_size}"
+            )
 
     @property
     def bits_per_element(self) -> float:
-        """Storage bits per element, the amortized scale included."""
-        return self.element.bits + self.scale.bits / self.block_size
+        """Storage bits per element, amortized block scales and microexponents
+        included (a per-tensor scale, 32 bits per tensor, is not counted)."""
+        bits = float(self.element.bits)
+        if self.scale is not None:
+            bits += self.scale.bits / self.block_size
+        if self.micro is not None:
+            bits += self.micro.bits / self.micro.group
+        return bits
 
     def __repr__(self) -> str:
         return f"MXFormat({self.name!r}, block_size={self.block_size})"
 
     def card(self) -> str:
+        if self.scale is None:
+            scales = "one float32 scale per tensor"
+        else:
+            scales = (
+                f"blocks of {self.block_size} {self.element.name} elements sharing one "
+                f"{self.scale.name} scale"
+            )
+            if self.micro is not None:
+                scales += f", {self.micro.bits} microexponent bit per {self.micro.group}"
+            if self.tensor_scale:
+                scales += ", under a float32 scale per tensor"
         return (
-            f"{self.name} ({self.reference}): blocks of {self.block_size} "
-            f"{self.element.name} elements sharing one {self.scale.name} scale, "
-            f"{self.bits_per_element:g} bits per element.\n  element: {self.element.card()}"
+            f"{self.name} ({self.reference}): {scales}, {self.bits_per_element:g} bits per "
+            f"element.\n  element: {self.element.card()}"
         )
 
 
@@ -256,6 +389,8 @@ def _check_element(f: ElementFormat) -> None:
         raise ValueError(f"element format name must be a non-empty string, got {f.name!r}")
     if f.kind not in ("float", "int"):
         bad(f"kind must be 'float' or 'int', got {f.kind!r}")
+    if f.int_encoding not in ("twos_complement", "sign_magnitude"):
+        bad(f"int_encoding must be 'twos_complement' or 'sign_magnitude', got {f.int_encoding!r}")
     for field in ("bits", "exponent_bits", "mantissa_bits", "bias", "max_code"):
         if _not_int(getattr(f, field)):
             bad(f"{field} must be an int, got {getattr(f, field)!r}")
@@ -448,6 +583,36 @@ INT2 = ElementFormat(
 """INT2 (jaxmx extension): values {-1, 0, 1}."""
 
 
+def _sign_magnitude_int(bits: int) -> ElementFormat:
+    # The BDR formats' elements: a sign bit over bits - 1 magnitude bits, read
+    # as Q1.(bits - 2) fixed point under the block's power of two.
+    m = bits - 2
+    return ElementFormat(
+        name=f"int{bits}_sm",
+        kind="int",
+        bits=bits,
+        exponent_bits=0,
+        mantissa_bits=m,
+        bias=1,
+        max_normal=((1 << (bits - 1)) - 1) * 2.0**-m,
+        min_normal=1.0,
+        min_subnormal=2.0**-m,
+        max_code=(1 << (bits - 1)) - 1,
+        specials="none; sign-magnitude, so a -0 code exists",
+        int_encoding="sign_magnitude",
+    )
+
+
+SM_INT8 = _sign_magnitude_int(8)
+"""Sign + 7-bit magnitude (MX9, MSFP16): value = code / 64, +-127/64."""
+SM_INT5 = _sign_magnitude_int(5)
+"""Sign + 4-bit magnitude (MX6): value = code / 8, +-15/8."""
+SM_INT4 = _sign_magnitude_int(4)
+"""Sign + 3-bit magnitude (MSFP12): value = code / 4, +-7/4."""
+SM_INT3 = _sign_magnitude_int(3)
+"""Sign + 2-bit magnitude (MX4): value = code / 2, +-3/2."""
+
+
 def float_format(
     exponent_bits: int, mantissa_bits: int, *, bias: int | None = None, name: str | None = None
 ) -> ElementFormat:
@@ -504,6 +669,22 @@ E8M0 = ScaleFormat(
     storage_dtype=np.dtype(ml_dtypes.float8_e8m0fnu),
 )
 """E8M0 (``float8_e8m0fnu``): 2^(E-127) for E in 0..254; 0xFF is NaN; no zero."""
+
+UE4M3 = ScaleFormat(
+    name="ue4m3",
+    kind="float",
+    bits=8,
+    bias=7,
+    min_exponent=-9,  # 2^-9, the smallest E4M3 subnormal
+    max_exponent=8,  # 448 = 1.75 * 2^8
+    nan_code=0x7F,
+    storage_dtype=np.dtype(ml_dtypes.float8_e4m3fn),
+    element=FP8_E4M3,
+)
+"""Unsigned E4M3 (``float8_e4m3fn``, sign clear): NVFP4's block scale, 0 and 2^-9 .. 448."""
+
+MICRO_1X2 = MicroExponent(name="micro1x2", bits=1, group=2)
+"""One microexponent bit per pair of elements (MX9/MX6/MX4)."""
 
 
 # --------------------------------------------------------------------------
@@ -606,3 +787,53 @@ MXFP4_E2M1 = register_format(_mx("mxfp4_e2m1", FP4_E2M1), aliases=("mxfp4",))
 MXINT8 = register_format(_mx("mxint8", INT8))
 MXINT4 = register_format(_mx("mxint4", INT4, reference="jaxmx extension of OCP MX"))
 MXINT2 = register_format(_mx("mxint2", INT2, reference="jaxmx extension of OCP MX"))
+
+# NVFP4: NVIDIA's Blackwell format, TransformerEngine's arithmetic.
+NVFP4 = register_format(
+    MXFormat(
+        name="nvfp4",
+        element=FP4_E2M1,
+        scale=UE4M3,
+        block_size=16,
+        tensor_scale=True,
+        codec="nvfp4",
+        reference="NVIDIA NVFP4 (TransformerEngine; arXiv 2509.25149)",
+    )
+)
+
+
+def _bdr(name: str, element: ElementFormat, micro: MicroExponent | None) -> MXFormat:
+    return MXFormat(
+        name=name,
+        element=element,
+        scale=E8M0,
+        block_size=16,
+        micro=micro,
+        codec="microexp",
+        reference="Rouhani et al., ISCA 2023 (AMD Quark 0.13)",
+    )
+
+
+# Shared microexponents and block floating point (the BDR paper).
+MX9 = register_format(_bdr("mx9", SM_INT8, MICRO_1X2))
+MX6 = register_format(_bdr("mx6", SM_INT5, MICRO_1X2))
+MX4 = register_format(_bdr("mx4", SM_INT3, MICRO_1X2))
+MSFP16 = register_format(_bdr("msfp16", SM_INT8, None))
+MSFP12 = register_format(_bdr("msfp12", SM_INT4, None))
+
+
+def _per_tensor(name: str, element: ElementFormat) -> MXFormat:
+    return MXFormat(
+        name=name,
+        element=element,
+        scale=None,
+        block_size=None,
+        tensor_scale=True,
+        codec="tensor",
+        reference="per-tensor current scaling (TransformerEngine Float8CurrentScaling)",
+    )
+
+
+# Per-tensor FP8: the baselines of the BDR paper's comparison.
+TENSOR_FP8_E4M3 = register_format(_per_tensor("tensor_fp8_e4m3", FP8_E4M3))
+TENSOR_FP8_E5M2 = register_format(_per_tensor("tensor_fp8_e5m2", FP8_E5M2))

@@ -64,7 +64,7 @@ def unsupported_reason(
     if a_fmt is None or b_fmt is None:
         return "an operand is not quantized"
     for f in (a_fmt, b_fmt):
-        if f.element.name not in _NATIVE_ELEMENTS or f.scale.name != "e8m0":
+        if f.codec != "ocp" or f.element.name not in _NATIVE_ELEMENTS:
             return f"{f.name} has no native block-scaled matmul (those: MXFP8, MXFP4)"
     if not a_contract:
         return "nothing to contract"  # paired axes: b contracts as many as a

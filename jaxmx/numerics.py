@@ -24,7 +24,7 @@ uint32 arrays of any shape; :mod:`jaxmx.quantize` adds blocks and scales.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,6 +33,9 @@ from jax import lax
 from jaxmx.formats import ElementFormat
 
 __all__ = [
+    "RoundingMode",
+    "ROUNDING_MODES",
+    "rounding_mode",
     "ROUNDINGS",
     "SCALE_MODES",
     "FLOAT_DTYPES",
@@ -49,7 +52,40 @@ __all__ = [
 Rounding = Literal["nearest_even", "nearest_away", "toward_zero", "stochastic"]
 ScaleMode = Literal["floor", "rceil", "ceil", "even"]
 
-ROUNDINGS: tuple[str, ...] = ("nearest_even", "nearest_away", "toward_zero", "stochastic")
+
+
+class RoundingMode(NamedTuple):
+    """A rounding as data: what the quantizers read instead of comparing names."""
+
+    name: str
+    # Whether it consumes one uniform uint32 per element (a key or a hash).
+    random_bits: bool
+    # Whether its result depends on the sign (it rounds magnitudes, so a
+    # directed mode toward -inf would; every mode here is symmetric).
+    sign_dependent: bool
+    doc: str
+
+
+ROUNDING_MODES: dict[str, RoundingMode] = {
+    r.name: r
+    for r in (
+        RoundingMode("nearest_even", False, False, "to nearest, ties to the even code (IEEE)"),
+        RoundingMode("nearest_away", False, False, "to nearest, ties away from zero"),
+        RoundingMode("toward_zero", False, False, "truncate the magnitude"),
+        RoundingMode(
+            "stochastic", True, False, "up with probability equal to the dropped fraction"
+        ),
+    )
+}
+ROUNDINGS: tuple[str, ...] = tuple(ROUNDING_MODES)
+
+
+def rounding_mode(name, what: str = "rounding") -> RoundingMode:
+    """The record of a rounding name; an unknown name is an error listing the known ones."""
+    if not isinstance(name, str) or name not in ROUNDING_MODES:
+        raise ValueError(f"unknown {what} {name!r}; allowed: {', '.join(ROUNDINGS)}")
+    return ROUNDING_MODES[name]
+
 SCALE_MODES: tuple[str, ...] = ("floor", "rceil", "ceil", "even")
 
 # float32 layout.

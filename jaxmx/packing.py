@@ -113,7 +113,7 @@ def pack(t: MXTensor) -> MXTensor:
     """
     if not isinstance(t, MXTensor):
         raise TypeError(f"pack expects an MXTensor, got {type(t).__name__}")
-    if t.packed or not packable(t.format.element):
+    if t.packed or not (packable(t.format.element) or t.micro is not None):
         return t
     return _pack(t)
 
@@ -123,7 +123,10 @@ def _pack(t: MXTensor) -> MXTensor:
     elem = t.format.element
     t = t.canonical()
     raw = storage_to_raw(t.data, elem)
-    return dataclasses.replace(t, data=pack_codes(raw, elem.bits, t.axis), packed=True)
+    micro = None if t.micro is None else pack_codes(t.micro, 1, t.axis)
+    return dataclasses.replace(
+        t, data=pack_codes(raw, elem.bits, t.axis), micro=micro, packed=True
+    )
 
 
 def unpack(t: MXTensor) -> MXTensor:
@@ -147,4 +150,8 @@ def _unpack(t: MXTensor) -> MXTensor:
     elem = t.format.element
     t = t.canonical()
     raw = unpack_codes(t.data, elem.bits, t.axis, t.length)
-    return dataclasses.replace(t, data=raw_to_storage(raw, elem), packed=False)
+    micro = t.micro
+    if micro is not None:  # one bit per group: blocks * groups per block
+        groups = t.num_blocks * (t.block_size // t.format.micro.group)
+        micro = unpack_codes(micro, 1, t.axis, groups)
+    return dataclasses.replace(t, data=raw_to_storage(raw, elem), micro=micro, packed=False)

@@ -63,14 +63,8 @@ from jaxmx import numerics
 from jaxmx.blocks import from_blocks, to_blocks
 from jaxmx.formats import MXFormat, get_format
 from jaxmx.packing import packable
-from jaxmx.quantize import (
-    _check_array,
-    _check_axis,
-    _check_block_size,
-    _check_flag,
-    _quantize_blocks,
-    _quantize_with_exponent,
-)
+from jaxmx.quantize import check_array, check_flag, quantize_blocks, quantize_with_exponent
+from jaxmx.spec import QuantSpec, check_axis
 from jaxmx.tensor import MXTensor
 
 __all__ = [
@@ -95,12 +89,18 @@ _SCALE_MODES = ("floor", "rceil", "ceil", "even")
 
 def _check_format(format) -> MXFormat:
     fmt = get_format(format)
-    if fmt.scale.kind != "pow2":
+    if fmt.codec != "ocp":
         raise ValueError(
-            f"{fmt.name} has {fmt.scale.name} block scales (kind {fmt.scale.kind!r}); the PTQ "
-            "methods choose power-of-two (E8M0-style, kind 'pow2') exponents only"
+            f"{fmt.name} follows its own scale arithmetic ({fmt.reference}); the PTQ methods "
+            "choose the E8M0 exponents of OCP MX formats only (jaxmx.list_formats(): the "
+            "mxfp*/mxint* ones)"
         )
     return fmt
+
+
+def _blocking(ndim: int, fmt: MXFormat, axis, block_size) -> tuple[int, int]:
+    spec = QuantSpec.make(fmt, ndim, axis=axis, block_size=block_size)
+    return spec.axis, spec.block_size
 
 
 def _check_scale_mode(scale_mode) -> str:
@@ -135,7 +135,7 @@ def _check_offsets(offsets) -> tuple[int, ...]:
 
 def _search_exponents(x, fmt, axis, bs, scale_mode, offsets, importance=None):
     """(best exponent, best rounded values in blocked layout, the blocks)."""
-    blk = _quantize_blocks(x, fmt.element, fmt, axis, bs, scale_mode, False, None)
+    blk = quantize_blocks(x, fmt, axis, bs, scale_mode, False, None)
     block_axis = blk.mag.ndim + axis
     finite = jnp.where(blk.mag >= jnp.uint32(0x7F800000), jnp.uint32(0), blk.mag)
     ref = numerics.bits_to_f32(finite)
@@ -208,15 +208,14 @@ def quantize_search(
     Array([ 3.  ,  0.75,  0.75, -0.75], dtype=float32)
     """
     fmt = _check_format(format)
-    x = _check_array(x)
-    axis = _check_axis(axis, x.ndim)
-    bs = _check_block_size(block_size, fmt)
+    x = check_array(x)
+    axis, bs = _blocking(x.ndim, fmt, axis, block_size)
     scale_mode = _check_scale_mode(scale_mode)
     offsets = _check_offsets(offsets)
-    packed = _check_flag(packed, "packed") and packable(fmt.element)
+    packed = check_flag(packed, "packed") and packable(fmt.element)
     importance = _check_importance(importance, x.shape, axis)
     e = _search_jit(x, fmt, axis, bs, scale_mode, offsets, importance)
-    return _quantize_with_exponent(x, e, fmt, axis, bs, packed)
+    return quantize_with_exponent(x, e, fmt, axis, bs, packed)
 
 
 def _check_importance(importance, shape, axis):
@@ -268,9 +267,8 @@ def fake_quantize_search(
     Array([ 3.  ,  0.75,  0.75, -0.75], dtype=float32)
     """
     fmt = _check_format(format)
-    x = _check_array(x)
-    axis = _check_axis(axis, x.ndim)
-    bs = _check_block_size(block_size, fmt)
+    x = check_array(x)
+    axis, bs = _blocking(x.ndim, fmt, axis, block_size)
     return _fake_search_jit(
         x, fmt, axis, bs, _check_scale_mode(scale_mode), _check_offsets(offsets)
     )
@@ -380,7 +378,7 @@ def rotate(x, *, axis: int = -1, size: int = 32) -> jax.Array:
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"rotate takes a float array, got dtype {x.dtype}")
-    axis = _check_axis(axis, x.ndim)
+    axis = check_axis(axis, x.ndim)
     n = x.shape[axis]
     if n % size:
         raise ValueError(
@@ -574,15 +572,14 @@ def quantize_gptq(
     True
     """
     fmt = _check_format(format)
-    w = _check_array(w, "w").astype(jnp.float32)
-    axis = _check_axis(axis, w.ndim)
-    bs = _check_block_size(block_size, fmt)
+    w = check_array(w, "w").astype(jnp.float32)
+    axis, bs = _blocking(w.ndim, fmt, axis, block_size)
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < 1:
         raise ValueError(f"damp must be a float in [0, 1) (GPTQ uses 0.01), got {damp!r}")
-    act_order = _check_flag(act_order, "act_order")
+    act_order = check_flag(act_order, "act_order")
     if search is not None and not isinstance(search, ScaleSearch):
         raise TypeError(f"search must be a ScaleSearch or None, got {type(search).__name__}")
-    packed = _check_flag(packed, "packed") and packable(fmt.element)
+    packed = check_flag(packed, "packed") and packable(fmt.element)
     n = w.shape[axis]
     hessian = np.asarray(hessian)
     if hessian.shape != (n, n):
@@ -600,8 +597,8 @@ def quantize_gptq(
         imp = _check_importance(np.diag(hessian), w.shape, axis)
         e = _search_jit(w, fmt, axis, bs, search.scale_mode, search.offsets, imp)
     else:
-        e = _quantize_blocks(w, fmt.element, fmt, axis, bs, _check_scale_mode(scale_mode),
-                             False, None).exponent  # fmt: skip
+        mode = _check_scale_mode(scale_mode)
+        e = quantize_blocks(w, fmt, axis, bs, mode, False, None).exponent
     # One exponent per entry, rows = the contraction axis.
     e_full = from_blocks(jnp.broadcast_to(e, to_blocks(w, axis, bs).shape), axis, n)
     rows_e = jnp.moveaxis(e_full, axis, 0).reshape(n, -1)
@@ -624,7 +621,7 @@ def quantize_gptq(
     q = q[np.argsort(order)]
     moved = jnp.moveaxis(w, axis, 0).shape
     q = jnp.moveaxis(q.reshape(moved), 0, axis)
-    return _quantize_with_exponent(q, e, fmt, axis, bs, packed)
+    return quantize_with_exponent(q, e, fmt, axis, bs, packed)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)

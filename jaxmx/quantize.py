@@ -25,10 +25,11 @@ import numpy as np
 from jax import lax
 
 from jaxmx import codes, numerics
+from jaxmx._codecs import CODECS, Codec
 from jaxmx.blocks import from_blocks, to_blocks
-from jaxmx.formats import ElementFormat, MXFormat, get_format
-from jaxmx.numerics import ROUNDINGS, SCALE_MODES
-from jaxmx.packing import pack_codes, packable, unpack
+from jaxmx.formats import ElementFormat, MXFormat
+from jaxmx.packing import pack_codes, unpack
+from jaxmx.spec import QuantSpec
 from jaxmx.tensor import MXTensor
 
 __all__ = ["quantize", "dequantize", "fake_quantize"]
@@ -39,7 +40,7 @@ __all__ = ["quantize", "dequantize", "fake_quantize"]
 # --------------------------------------------------------------------------
 
 
-def _check_array(x, what: str = "x") -> jax.Array:
+def check_array(x, what: str = "x") -> jax.Array:
     if isinstance(x, MXTensor):
         raise TypeError(f"{what} is already an MXTensor; dequantize it first")
     x = jnp.asarray(x)
@@ -63,55 +64,45 @@ def _check_array(x, what: str = "x") -> jax.Array:
     return x
 
 
-def _check_axis(axis, ndim: int) -> int:
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-        raise TypeError(f"axis must be an int, got {axis!r}")
-    if ndim == 0:
-        raise ValueError("cannot quantize a scalar (0-d array): MX blocks need an axis")
-    if not -ndim <= axis < ndim:
-        raise ValueError(
-            f"axis {axis} is out of range for an array of rank {ndim}; allowed: {-ndim}..{ndim - 1}"
-        )
-    return int(axis) - ndim if axis >= 0 else int(axis)
-
-
-def _check_block_size(block_size, fmt: MXFormat) -> int:
-    if block_size is None:
-        return fmt.block_size
-    if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
-        raise TypeError(f"block_size must be a positive int or None, got {block_size!r}")
-    if block_size <= 0:
-        raise ValueError(f"block_size must be a positive int, got {block_size}")
-    return int(block_size)
-
-
-def _check_flag(value, name: str) -> bool:
-    # Only real booleans: bool("no") is True, and a flag must not flip silently.
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
-def _check_modes(scale_mode, rounding, key) -> None:
-    if not isinstance(scale_mode, str) or scale_mode not in SCALE_MODES:
-        raise ValueError(f"unknown scale_mode {scale_mode!r}; allowed: {', '.join(SCALE_MODES)}")
-    check_rounding(rounding, key)
-
-
 def check_rounding(rounding, key, what: str = "rounding") -> None:
-    """Validates a rounding name and its key: stochastic needs one, others take none."""
-    if not isinstance(rounding, str) or rounding not in ROUNDINGS:
-        raise ValueError(f"unknown {what} {rounding!r}; allowed: {', '.join(ROUNDINGS)}")
-    if rounding == "stochastic" and key is None:
-        raise ValueError(f"{what}='stochastic' needs a PRNG key: pass key=jax.random.key(...)")
-    if rounding != "stochastic" and key is not None:
+    """Validates a rounding name and its key: one that draws random bits needs
+    a key, the others take none."""
+    if numerics.rounding_mode(rounding, what).random_bits:
+        if key is None:
+            raise ValueError(
+                f"{what}={rounding!r} needs a PRNG key: pass key=jax.random.key(...)"
+            )
+    elif key is not None:
         raise ValueError(
             f"a key was given but {what} is {rounding!r}, which uses no random bits; "
             "pass rounding='stochastic' or drop the key"
         )
 
 
-def _random_bits(key, shape) -> jax.Array:
+def check_flag(value, name: str) -> bool:
+    # Only real booleans: bool("no") is True, and a flag must not flip silently.
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _check_tensor_amax(tensor_amax, spec: QuantSpec):
+    if tensor_amax is None:
+        return None
+    if not spec.rules.tensor_amax:
+        raise ValueError(
+            f"tensor_amax= sets the per-tensor scale of NVFP4-like formats; {spec.format.name} "
+            "has none to set"
+        )
+    a = jnp.asarray(tensor_amax)
+    if a.shape != () or not (
+        jnp.issubdtype(a.dtype, jnp.floating) or jnp.issubdtype(a.dtype, jnp.integer)
+    ):
+        raise TypeError(f"tensor_amax must be a real scalar, got {tensor_amax!r}")
+    return a.astype(jnp.float32)
+
+
+def random_bits(key, shape) -> jax.Array:
     # Accepts new-style keys (jax.random.key) and raw uint32[2] ones (PRNGKey).
     return jax.random.bits(key, shape, jnp.uint32)
 
@@ -129,9 +120,8 @@ class _Blocks(NamedTuple):
     nonfinite: jax.Array  # bool per block, kept-dims layout
 
 
-def _quantize_blocks(
+def quantize_blocks(
     x: jax.Array,
-    elem: ElementFormat,
     fmt: MXFormat,
     axis: int,
     block_size: int,
@@ -155,7 +145,7 @@ def _quantize_blocks(
         amax = jnp.where(tiny, jnp.uint32(0), amax)
     e, nonfinite = numerics.shared_exponent(
         amax,
-        elem,
+        fmt.element,
         scale_mode,
         min_exponent=fmt.scale.min_exponent,
         max_exponent=fmt.scale.max_exponent,
@@ -181,6 +171,7 @@ def quantize(
     flush_subnormals: bool = False,
     key: jax.Array | None = None,
     packed: bool = False,
+    tensor_amax=None,
 ) -> MXTensor:
     """Quantizes ``x`` to an MX format along one axis.
 
@@ -208,9 +199,22 @@ def quantize(
         float32 subnormal (or zero), as the MX paper's emulator does; other
         blocks keep their subnormal elements. By default nothing is flushed.
       key: PRNG key for stochastic rounding.
-      packed: return sub-byte codes (FP4, FP6, INT4, INT2) packed into bytes
-        (see :func:`jaxmx.pack`), written directly without the one-code-per-byte
-        intermediate. No effect on 8-bit formats.
+      packed: return sub-byte codes (FP4, FP6, INT4, INT2, MX6/MX4 codes and
+        microexponents) packed into bytes (see :func:`jaxmx.pack`), written
+        directly without the one-code-per-byte intermediate. No effect on
+        8-bit formats.
+      tensor_amax: NVFP4 only: the amax that sets the per-tensor scale
+        (calibrated, or the same for every shard); default ``max |x|``.
+
+    The relatives of the OCP formats follow their own reference arithmetic
+    (``format.codec``; see docs/semantics.md): ``"nvfp4"`` (blocks of 16 or
+    ``block_size=(16, 16)`` tiles over the last two axes, E4M3 block scales
+    in ``t.scale``, ``t.tensor_scale``; rounding nearest_even or
+    stochastic), ``"mx9"``/``"mx6"``/``"mx4"``/``"msfp16"``/``"msfp12"``
+    (blocks of 16, microexponents in ``t.micro``), and
+    ``"tensor_fp8_e4m3"``/``"tensor_fp8_e5m2"`` (one float32 scale,
+    ``t.tensor_scale``). Options their references do not define
+    (``scale_mode``, ``flush_subnormals``, other roundings) are refused.
 
     Returns:
       An :class:`~jaxmx.MXTensor`. Elements saturate to the format's largest
@@ -229,24 +233,44 @@ def quantize(
     >>> jaxmx.dequantize(t)  # small values drown next to the block max
     Array([[ 0., -0.,  8., 96.]], dtype=float32)
     """
-    fmt = get_format(format)
-    x = _check_array(x)
-    axis = _check_axis(axis, x.ndim)
-    bs = _check_block_size(block_size, fmt)
-    _check_modes(scale_mode, rounding, key)
-    flush = _check_flag(flush_subnormals, "flush_subnormals")
-    packed = _check_flag(packed, "packed") and packable(fmt.element)
-    rbits = _random_bits(key, x.shape) if rounding == "stochastic" else None
-    return _quantize_nodiff(x, rbits, (fmt, axis, bs, scale_mode, rounding, flush, packed))
+    x = check_array(x)
+    spec = QuantSpec.make(
+        format,
+        x.ndim,
+        axis=axis,
+        block_size=block_size,
+        scale_mode=scale_mode,
+        rounding=rounding,
+        flush_subnormals=flush_subnormals,
+        packed=packed,
+    )
+    check_rounding(rounding, key)
+    amax = _check_tensor_amax(tensor_amax, spec)
+    rbits = random_bits(key, x.shape) if spec.random_bits else None
+    return _quantize_nodiff(x, rbits, amax, spec)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _quantize_nodiff(x, rbits, static):
-    return _quantize(x, rbits, *static)
+def quantize_spec(x, rbits, tensor_amax, spec: QuantSpec) -> MXTensor:
+    """:func:`quantize` with validated arguments (for jaxmx's ops)."""
+    return _codec(spec.format).quantize(x, rbits, tensor_amax, spec)
+
+
+def fake_quantize_spec(x, rbits, tensor_amax, spec: QuantSpec) -> jax.Array:
+    """:func:`fake_quantize` with validated arguments, no custom gradient."""
+    return _codec(spec.format).fake_quantize(x, rbits, tensor_amax, spec)
+
+
+def _codec(fmt: MXFormat) -> Codec:
+    return _ALL_CODECS[fmt.codec]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _quantize_nodiff(x, rbits, tensor_amax, spec):
+    return quantize_spec(x, rbits, tensor_amax, spec)
 
 
 @_quantize_nodiff.defjvp
-def _quantize_jvp(static, primals, tangents):
+def _quantize_jvp(spec, primals, tangents):
     # Rounding to codes has a zero derivative almost everywhere; a silent zero
     # gradient through dequantize(quantize(x)) is never what a user wants.
     raise TypeError(
@@ -256,10 +280,11 @@ def _quantize_jvp(static, primals, tangents):
     )
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7, 8))
-def _quantize(x, rbits, fmt, axis, bs, scale_mode, rounding, flush_subnormals, packed) -> MXTensor:
-    blk = _quantize_blocks(x, fmt.element, fmt, axis, bs, scale_mode, flush_subnormals, rbits)
-    return _encode_blocks(blk, x, fmt, axis, bs, rounding, packed)
+@functools.partial(jax.jit, static_argnums=(2,))
+def _ocp_quantize_jit(x, rbits, spec: QuantSpec) -> MXTensor:
+    fmt, axis, bs = spec.format, spec.axis, spec.block_size
+    blk = quantize_blocks(x, fmt, axis, bs, spec.scale_mode, spec.flush_subnormals, rbits)
+    return _encode_blocks(blk, x, fmt, axis, bs, spec.rounding, spec.packed)
 
 
 def _encode_blocks(blk: _Blocks, x, fmt, axis, bs, rounding, packed) -> MXTensor:
@@ -293,7 +318,7 @@ def _encode_blocks(blk: _Blocks, x, fmt, axis, bs, rounding, packed) -> MXTensor
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
-def _quantize_with_exponent(x, exponent, fmt: MXFormat, axis: int, bs: int, packed: bool):
+def quantize_with_exponent(x, exponent, fmt: MXFormat, axis: int, bs: int, packed: bool):
     """Quantizes ``x`` with given shared exponents instead of ones from the block max.
 
     For post-training methods that choose each block's scale themselves
@@ -330,12 +355,19 @@ def dequantize(t: MXTensor, dtype=jnp.float32) -> jax.Array:
     if not isinstance(t, MXTensor):
         raise TypeError(f"dequantize expects an MXTensor, got {type(t).__name__}")
     dtype = numerics.check_out_dtype(dtype)
-    return _dequantize(unpack(t), dtype)
+    return _decode(unpack(t).canonical(), dtype)
+
+
+def _decode(t: MXTensor, dtype) -> jax.Array:
+    if t.tensor_scale is not None and t.tensor_scale.ndim:
+        # Made under vmap or stacked by scan: one tensor scale per mapped
+        # item, on the leading axes of every leaf.
+        return jax.vmap(lambda u: _decode(u, dtype))(t)
+    return _codec(t.format).dequantize(t, dtype)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
-def _dequantize(t: MXTensor, dtype) -> jax.Array:
-    t = t.canonical()
+def _ocp_dequantize(t: MXTensor, dtype) -> jax.Array:
     elem, fmt = t.format.element, t.format
     sign, mag, special = codes.split_codes(to_blocks(t.data, t.axis, t.block_size), elem)
     biased = jnp.expand_dims(lax.bitcast_convert_type(t.scale, jnp.uint8), t.axis)
@@ -368,6 +400,7 @@ def fake_quantize(
     rounding: str = "nearest_even",
     flush_subnormals: bool = False,
     key: jax.Array | None = None,
+    tensor_amax=None,
 ) -> jax.Array:
     """``dequantize(quantize(x, ...))`` in one fused pass, in ``x``'s dtype.
 
@@ -384,31 +417,38 @@ def fake_quantize(
     >>> jaxmx.fake_quantize(jnp.array([0.3, -1.7, 5.0, 6.5]), "mxfp4", block_size=4)
     Array([ 0.5, -1.5,  4. ,  6. ], dtype=float32)
     """
-    fmt = get_format(format)
-    x = _check_array(x)
-    axis = _check_axis(axis, x.ndim)
-    bs = _check_block_size(block_size, fmt)
-    _check_modes(scale_mode, rounding, key)
-    flush = _check_flag(flush_subnormals, "flush_subnormals")
-    rbits = _random_bits(key, x.shape) if rounding == "stochastic" else None
-    return _fake_quantize(x, rbits, (fmt, axis, bs, scale_mode, rounding, flush))
+    x = check_array(x)
+    spec = QuantSpec.make(
+        format,
+        x.ndim,
+        axis=axis,
+        block_size=block_size,
+        scale_mode=scale_mode,
+        rounding=rounding,
+        flush_subnormals=flush_subnormals,
+    )
+    check_rounding(rounding, key)
+    amax = _check_tensor_amax(tensor_amax, spec)
+    rbits = random_bits(key, x.shape) if spec.random_bits else None
+    return _fake_quantize(x, rbits, amax, spec)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _fake_quantize(x, rbits, static):
-    return _fake_quantize_impl(x, rbits, *static)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _fake_quantize(x, rbits, tensor_amax, spec):
+    return fake_quantize_spec(x, rbits, tensor_amax, spec)
 
 
 @_fake_quantize.defjvp
-def _fake_quantize_jvp(static, primals, tangents):
-    x, rbits = primals
-    return _fake_quantize(x, rbits, static), tangents[0]
+def _fake_quantize_jvp(spec, primals, tangents):
+    x, rbits, tensor_amax = primals
+    return _fake_quantize(x, rbits, tensor_amax, spec), tangents[0]
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6, 7))
-def _fake_quantize_impl(x, rbits, fmt, axis, bs, scale_mode, rounding, flush_subnormals):
-    elem = fmt.element
-    blk = _quantize_blocks(x, elem, fmt, axis, bs, scale_mode, flush_subnormals, rbits)
+@functools.partial(jax.jit, static_argnums=(2,))
+def _ocp_fake_quantize_jit(x, rbits, spec: QuantSpec):
+    fmt, axis, bs = spec.format, spec.axis, spec.block_size
+    elem, rounding = fmt.element, spec.rounding
+    blk = quantize_blocks(x, fmt, axis, bs, spec.scale_mode, spec.flush_subnormals, rbits)
     # Rounded values straight from the significands, no codes in between;
     # Inf/NaN lanes compute garbage that the NaN of their block replaces.
     bits = numerics.round_magnitude(blk.mag, blk.exponent, elem, rounding, blk.rbits)
@@ -418,3 +458,11 @@ def _fake_quantize_impl(x, rbits, fmt, axis, bs, scale_mode, rounding, flush_sub
     bits = bits | lax.shift_left(sign, jnp.uint32(31))
     bits = jnp.where(blk.nonfinite, jnp.uint32(0x7FC00000), bits)
     return from_blocks(numerics.bits_to_dtype(bits, x.dtype), axis, x.shape[axis])
+
+
+_OCP = Codec(
+    quantize=lambda x, rbits, tensor_amax, spec: _ocp_quantize_jit(x, rbits, spec),
+    fake_quantize=lambda x, rbits, tensor_amax, spec: _ocp_fake_quantize_jit(x, rbits, spec),
+    dequantize=_ocp_dequantize,
+)
+_ALL_CODECS: dict[str, Codec] = {"ocp": _OCP, **CODECS}

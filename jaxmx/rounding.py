@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jaxmx import formats, numerics
 from jaxmx.formats import BF16, FP16, ElementFormat, get_format
-from jaxmx.quantize import _check_array, _check_flag, _random_bits, check_rounding
+from jaxmx.quantize import check_array, check_flag, check_rounding, random_bits
 
 __all__ = ["round_to"]
 
@@ -98,11 +98,11 @@ def round_to(
     Array([1.0019531e+00, 3.1406250e+00,           inf, 1.0132790e-06], dtype=float32)
     """
     elem = _element_format(fmt)
-    x = _check_array(x)
+    x = check_array(x)
     check_rounding(rounding, key)
-    subnormals = _check_flag(subnormals, "subnormals")
-    saturate = _check_flag(saturate, "saturate")
-    rbits = _random_bits(key, x.shape) if rounding == "stochastic" else None
+    subnormals = check_flag(subnormals, "subnormals")
+    saturate = check_flag(saturate, "saturate")
+    rbits = random_bits(key, x.shape) if numerics.rounding_mode(rounding).random_bits else None
     return _round_to(x, rbits, elem, rounding, bool(subnormals), bool(saturate))
 
 

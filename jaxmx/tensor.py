@@ -34,8 +34,11 @@ class MXTensor:
         are int8 holding the two's-complement integer. When ``packed``, the
         codes of sub-byte formats are packed into uint8 along the quantized
         axis (see :func:`jaxmx.pack`). Codes of a block with a NaN scale are 0.
-      scale: ``float8_e8m0fnu`` scales, shaped like the input with the
-        quantized axis replaced by the number of blocks.
+      scale: per-block scales in the format's scale dtype
+        (``float8_e8m0fnu`` for the OCP and BDR formats, ``float8_e4m3fn``
+        for NVFP4), shaped like the input with the quantized axis replaced
+        by the number of blocks (for 2-D tiles, both tiled axes); ``None``
+        for per-tensor formats.
       format: the :class:`~jaxmx.MXFormat`.
       axis: the quantized axis, counted from the end (negative), as it was
         when the tensor was made. ``vmap`` can insert or remove axes anywhere,
@@ -43,10 +46,17 @@ class MXTensor:
         against the shapes of ``data`` and ``scale`` (which differ only along
         the block axis) and finds the block axis from them when it went stale.
       block_size: elements per block along ``axis``; the last block may be
-        partial.
+        partial. A pair ``(rows, columns)`` for 2-D tiles over the last two
+        axes (NVFP4 weights); ``None`` for per-tensor formats.
       length: size of the quantized axis of the original tensor.
       dtype: dtype of the original tensor.
       packed: whether ``data`` holds packed sub-byte codes.
+      tensor_scale: float32 scalar, the per-tensor decode scale of formats
+        that have one (NVFP4: ``1 / S_enc``; per-tensor FP8: ``amax /
+        max_normal``); ``None`` otherwise.
+      micro: uint8 microexponent bits (MX9/MX6/MX4), the quantized axis
+        replaced by blocks times groups per block (packed: 8 bits per
+        byte); ``None`` otherwise.
       made_ndim: rank of the leaves when the tensor was made (``None``:
         unknown). Only consulted when the block axis holds as many codes (or
         packed bytes) as blocks, e.g. ``block_size=1``: ``vmap`` or ``scan``
@@ -70,6 +80,8 @@ class MXTensor:
     dtype: np.dtype = dataclasses.field(metadata=dict(static=True))
     packed: bool = dataclasses.field(default=False, metadata=dict(static=True))
     made_ndim: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    tensor_scale: jax.Array | None = None
+    micro: jax.Array | None = None
 
     def block_axis(self) -> int:
         """The axis (negative) along which blocks run, read off the leaves' shapes.
@@ -85,8 +97,11 @@ class MXTensor:
           ValueError: the leaves' shapes fit no block axis, or fit several
             and the stored one is not among them.
         """
-        dshape, sshape = tuple(self.data.shape), tuple(self.scale.shape)
+        dshape = tuple(self.data.shape)
         nd = len(dshape)
+        if self.scale is None or isinstance(self.block_size, tuple):
+            return self._fixed_axis(dshape)
+        sshape = tuple(self.scale.shape)
         want = (_stored_length(self), self.num_blocks)
         if want[0] == want[1] and self.made_ndim not in (None, nd):
             raise ValueError(
@@ -118,6 +133,25 @@ class MXTensor:
             "vmap over its block axis, or with leaves replaced by other shapes, is not valid"
         )
 
+    def _fixed_axis(self, dshape: tuple[int, ...]) -> int:
+        # Per-tensor formats (no block scale) and 2-D tiles (always the last
+        # two axes): the axis is the stored one, checked against the leaves.
+        nd = len(dshape)
+        ok = -nd <= self.axis < 0 and dshape[self.axis] == _stored_length(self)
+        if ok and isinstance(self.block_size, tuple):
+            want = list(dshape)
+            want[-1] = self.num_blocks
+            want[-2] = -(-dshape[-2] // self.block_size[0])
+            ok = nd >= 2 and self.axis == -1 and tuple(self.scale.shape) == tuple(want)
+        if not ok:
+            raise ValueError(
+                f"this {self.format.name} MXTensor's leaves do not fit its metadata: data "
+                f"shape {dshape}, scale shape "
+                f"{None if self.scale is None else tuple(self.scale.shape)}, axis {self.axis}, "
+                f"length {self.length}, block_size {self.block_size}"
+            )
+        return self.axis
+
     @property
     def shape(self) -> tuple[int, ...]:
         """Shape of the tensor this represents (of the dequantized array)."""
@@ -135,13 +169,17 @@ class MXTensor:
 
     @property
     def num_blocks(self) -> int:
-        """Blocks along the quantized axis."""
-        return -(-self.length // self.block_size)
+        """Blocks along the quantized axis (1 for per-tensor formats)."""
+        if self.block_size is None:
+            return 1
+        bs = self.block_size[-1] if isinstance(self.block_size, tuple) else self.block_size
+        return -(-self.length // bs)
 
     @property
     def nbytes(self) -> int:
-        """Bytes really held by the two arrays (codes and scales)."""
-        return _nbytes(self.data) + _nbytes(self.scale)
+        """Bytes really held by the leaves: codes, scales, tensor scale, microexponents."""
+        leaves = (self.data, self.scale, self.tensor_scale, self.micro)
+        return sum(_nbytes(a) for a in leaves if a is not None)
 
     @property
     def bits_per_element(self) -> float:
@@ -156,7 +194,7 @@ class MXTensor:
             shape, nbytes = "?", ""
         return (
             f"MXTensor({self.format.name}, shape={shape}, dtype={np.dtype(self.dtype).name}, "
-            f"axis={self._axis_for_repr()}, block_size={self.block_size}"
+            f"axis={self._axis_for_repr()}, block_size={self.block_size!r}"
             f"{', packed' if self.packed else ''}{nbytes})"
         )
 

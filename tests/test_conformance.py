@@ -2,6 +2,9 @@
 
 jit vs eager, vmap, scan, bf16/f16/f32 inputs, any axis and rank, partial
 blocks, pytree round trips, packing, and the size accounting of MXTensor.
+Each family is checked against its own independent NumPy model
+(tests/reference.py for OCP MX, tests/reference_blockformats.py for NVFP4,
+the BDR formats and per-tensor FP8).
 """
 
 import jax
@@ -13,8 +16,32 @@ from jax.sharding import PartitionSpec as P
 
 import jaxmx
 from tests import reference
+from tests import reference_blockformats as ref_bf
 
 FORMATS = jaxmx.list_formats()
+
+
+def _reference(x: np.ndarray, fmt: str, axis: int, block_size) -> np.ndarray:
+    """fake_quantize of x by the family's NumPy model."""
+    f = jaxmx.get_format(fmt)
+    if f.codec == "ocp":
+        return reference.fake_quantize(x, fmt, axis=axis, block_size=block_size)[0]
+    if f.codec == "nvfp4":
+        return ref_bf.nvfp4_te(x, axis=axis).dequant_enc  # decode by the stored 1 / S_enc
+    if f.codec == "microexp":
+        return ref_bf.quark_mx(x, fmt, axis=axis).y
+    return ref_bf.tensor_fp8(x, f.element.name.removeprefix("fp8_")).y
+
+
+def _leaves(t: jaxmx.MXTensor) -> int:
+    return sum(a is not None for a in (t.data, t.scale, t.tensor_scale, t.micro))
+
+
+def _shape(fmt: str, rows: int, cols: int) -> tuple[int, int]:
+    # NVFP4 has no partial blocks (as TransformerEngine): whole blocks of 16.
+    if jaxmx.get_format(fmt).codec == "nvfp4":
+        return (-(-rows // 16) * 16, -(-cols // 16) * 16)
+    return (rows, cols)
 
 
 def _x(shape, seed=0, dtype=jnp.float32):
@@ -76,18 +103,30 @@ def test_input_dtypes(fmt, dtype):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_any_axis_rank_and_partial_blocks(fmt):
-    x = np.asarray(_x((3, 45, 5), seed=1))
+    f = jaxmx.get_format(fmt)
+    shape = (16, 48, 32) if f.codec == "nvfp4" else (3, 45, 5)
+    x = np.asarray(_x(shape, seed=1))
+    # Block sizes: 8 where the format takes any, else its own (or none).
+    bs = 8 if f.codec == "ocp" else None
     for axis in (0, 1, 2, -1, -2):
-        got = jaxmx.fake_quantize(x, fmt, axis=axis, block_size=8)
-        want, _ = reference.fake_quantize(x, fmt, axis=axis, block_size=8)
+        got = jaxmx.fake_quantize(x, fmt, axis=axis, block_size=bs)
+        want = _reference(x, fmt, axis, bs)
+        _changed(got, x)
         _same(got, want)
-        t = jaxmx.quantize(x, fmt, axis=axis, block_size=8)
+        t = jaxmx.quantize(x, fmt, axis=axis, block_size=bs)
         assert t.shape == x.shape
-        nb = -(-x.shape[axis] // 8)
+        _same(jaxmx.dequantize(t), want)
+        if f.scale is None:
+            assert t.scale is None and t.num_blocks == 1
+            continue
+        nb = -(-x.shape[axis] // (bs or f.block_size))
         want_scale = list(x.shape)
         want_scale[axis] = nb
         assert t.scale.shape == tuple(want_scale)
         assert t.num_blocks == nb
+    if f.codec == "nvfp4":
+        with pytest.raises(ValueError, match="no partial blocks"):
+            jaxmx.quantize(np.ones((3, 40), np.float32), fmt)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -117,7 +156,7 @@ def test_pytree_round_trip(fmt):
     t = jaxmx.quantize(x, fmt)
     _changed(jaxmx.dequantize(t), x)
     leaves, treedef = jax.tree.flatten(t)
-    assert len(leaves) == 2
+    assert len(leaves) == _leaves(t) >= 2
     _same_tensor(jax.tree.unflatten(treedef, leaves), t)
     # Through jit as argument and result, and through tree.map.
     _same_tensor(jax.jit(lambda a: a)(t), t)
@@ -128,7 +167,7 @@ def test_pytree_round_trip(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_pack_round_trip_and_nbytes(fmt):
-    x = _x((6, 100))
+    x = _x(_shape(fmt, 6, 100))
     for axis in (-1, 0):
         t = jaxmx.quantize(x, fmt, axis=axis)
         p = jaxmx.pack(t)
@@ -136,10 +175,18 @@ def test_pack_round_trip_and_nbytes(fmt):
         _same(jaxmx.dequantize(p), jaxmx.dequantize(t))
         _changed(jaxmx.dequantize(p), x)
         _same_tensor(jaxmx.quantize(x, fmt, axis=axis, packed=True), p)
-    elem = jaxmx.get_format(fmt).element
+    f = jaxmx.get_format(fmt)
     big = jaxmx.quantize(jnp.ones((64, 1024)), fmt, packed=True)
-    assert big.nbytes * 8 == 64 * 1024 * (elem.bits + 8 / 32)
-    assert big.bits_per_element == jaxmx.get_format(fmt).bits_per_element
+    # Element bits + amortized block scale and microexponent bits per
+    # element, written out from the format's definition; + one float32 per
+    # tensor where there is a tensor scale.
+    per_element = f.element.bits
+    if f.scale is not None:
+        per_element += f.scale.bits / f.block_size
+    if f.micro is not None:
+        per_element += f.micro.bits / f.micro.group
+    assert big.nbytes * 8 == 64 * 1024 * per_element + 32 * f.tensor_scale
+    assert big.bits_per_element == f.bits_per_element + 32 * f.tensor_scale / (64 * 1024)
 
 
 def test_mxfp4_packed_is_4p25_bits():
@@ -163,7 +210,9 @@ def test_fp6_packing_layout():
     assert np.asarray(p.data).tolist() == [[word & 0xFF, word >> 8 & 0xFF, word >> 16]]
 
 
-@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "mxfp4_e2m1", "mxfp6_e3m2"])
+@pytest.mark.parametrize(
+    "fmt", ["mxfp8_e4m3", "mxfp4_e2m1", "mxfp6_e3m2", "nvfp4", "mx6", "tensor_fp8_e4m3"]
+)
 def test_sharded_quantize_matches_unsharded(fmt):
     mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
     x = _x((16, 256))

@@ -79,7 +79,7 @@ from jax import lax
 
 from jaxmx import numerics
 from jaxmx._scaled import f32
-from jaxmx.formats import FP8_E4M3
+from jaxmx.formats import FP4_E2M1, FP8_E4M3
 
 __all__ = [
     "NVFP4Arrays",
@@ -188,6 +188,18 @@ def _check_semantics(semantics, tiles: bool, tensor_amax) -> str:
     if semantics == "torchao_1level" and tensor_amax is not None:
         raise ValueError("semantics='torchao_1level' has no tensor scale: drop tensor_amax")
     return semantics
+
+
+def _check_rbits(rbits, shape):
+    if rbits is None:
+        return None
+    rbits = jnp.asarray(rbits)
+    if rbits.dtype != jnp.uint32 or rbits.shape != tuple(shape):
+        raise ValueError(
+            f"rbits must be uint32 random bits of x's shape {tuple(shape)}, got "
+            f"{rbits.dtype}{tuple(rbits.shape)}"
+        )
+    return rbits
 
 
 def _check_amax(tensor_amax):
@@ -435,9 +447,20 @@ def _code_of(r: jax.Array) -> jax.Array:
     )
 
 
-def _codes(xb: jax.Array, enc: jax.Array, nan_block: jax.Array) -> jax.Array:
+def _round(p: jax.Array, rbits: jax.Array | None) -> jax.Array:
+    """E2M1 value pattern of magnitude ``p``: nearest even, or stochastic given ``rbits``.
+
+    Stochastic: up to the next E2M1 value with probability equal to the
+    fraction of the step below it, saturating at 6 (p >= 6 gives 6).
+    """
+    if rbits is None:
+        return _round_e2m1(p)
+    return numerics.round_magnitude(p, 0, FP4_E2M1, "stochastic", rbits)
+
+
+def _codes(xb: jax.Array, enc: jax.Array, nan_block: jax.Array, rbits=None) -> jax.Array:
     """uint8 E2M1 codes of the elements (blocked layout); NaN blocks get signed zero codes."""
-    c = _code_of(_round_e2m1(_scaled_magnitude(xb & _u32(f32.ABS), enc)))
+    c = _code_of(_round(_scaled_magnitude(xb & _u32(f32.ABS), enc), rbits))
     c = jnp.where(nan_block, _u32(0), c)
     return (c | lax.shift_right_logical(xb & _u32(f32.SIGN), _u32(28))).astype(jnp.uint8)
 
@@ -473,35 +496,37 @@ def _branches(fn):
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _quantize(x, tensor_amax, axes, sizes, semantics) -> NVFP4Arrays:
+def _quantize(x, tensor_amax, axes, sizes, semantics, rbits=None) -> NVFP4Arrays:
     within, block_amax, t = _prepare(x, tensor_amax, axes, sizes, semantics)
 
-    def run(exact, x, block_amax, t):
+    def run(exact, x, block_amax, t, rbits):
         b = lax.optimization_barrier(_blocks(block_amax, t, semantics, exact))
         nan_block = (b.s8 & jnp.uint8(0x7F)) == jnp.uint8(_E4M3_NAN)
         xb, _ = _split(f32.bits(x), axes, sizes)
-        return _codes(xb, b.enc, nan_block).reshape(x.shape), b.s8
+        rb = None if rbits is None else _split(rbits, axes, sizes)[0]
+        return _codes(xb, b.enc, nan_block, rb).reshape(x.shape), b.s8
 
-    codes, s8 = _branches(run)(t.fast, x, block_amax, t)
+    codes, s8 = _branches(run)(t.fast, x, block_amax, t, rbits)
     scales = lax.bitcast_convert_type(jnp.squeeze(s8, within), jnp.float8_e4m3fn)
     return NVFP4Arrays(codes, scales, f32.from_bits(t.tensor_scale))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
-def _fake_quantize(x, tensor_amax, axes, sizes, semantics, decode) -> jax.Array:
+def _fake_quantize(x, tensor_amax, axes, sizes, semantics, decode, rbits=None) -> jax.Array:
     _, block_amax, t = _prepare(x, tensor_amax, axes, sizes, semantics)
 
-    def run(exact, x, block_amax, t):
+    def run(exact, x, block_amax, t, rbits):
         b = _blocks(block_amax, t, semantics, exact)
         dec = b.dec if decode == "scale" else _amax_decode(b.s8, t.amax, exact)
         enc, dec = lax.optimization_barrier((b.enc, dec))
         xb, _ = _split(f32.bits(x), axes, sizes)
-        r = _round_e2m1(_scaled_magnitude(xb & _u32(f32.ABS), enc))
+        rb = None if rbits is None else _split(rbits, axes, sizes)[0]
+        r = _round(_scaled_magnitude(xb & _u32(f32.ABS), enc), rb)
         # A NaN block's decode factor is NaN: no need to mask its codes.
         out = _values(r | (xb & _u32(f32.SIGN)), dec, exact)
         return numerics.bits_to_dtype(out.reshape(x.shape), x.dtype)
 
-    return _branches(run)(t.fast, x, block_amax, t)
+    return _branches(run)(t.fast, x, block_amax, t, rbits)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
@@ -543,6 +568,7 @@ def nvfp4_quantize(
     block_size: int | tuple[int, int] = 16,
     tensor_amax=None,
     semantics: Semantics = "te",
+    rbits=None,
 ) -> NVFP4Arrays:
     """Quantizes ``x`` to NVFP4: E2M1 codes, E4M3 block scales, a float32 tensor scale.
 
@@ -558,6 +584,10 @@ def nvfp4_quantize(
         Must be >= 0. A float32 scalar or array; may be traced.
       semantics: ``"te"`` (TransformerEngine, default), ``"torchao"``
         (torchao's two-level ``NVFP4Tensor``) or ``"torchao_1level"``.
+      rbits: uniform uint32 random bits in x's shape: round each scaled
+        element to E2M1 stochastically (up with probability equal to the
+        fraction of its step) instead of to nearest even; the scales are
+        unchanged. The gradients of NVFP4 training (arXiv 2509.25149).
 
     Returns:
       ``NVFP4Arrays(codes, block_scales, tensor_scale)``: uint8 E2M1 codes
@@ -584,7 +614,7 @@ def nvfp4_quantize(
     axes, sizes = _layout(x.shape, axis, block_size)
     amax = _check_amax(tensor_amax)
     semantics = _check_semantics(semantics, len(sizes) == 2, amax)
-    return _quantize(x, amax, axes, sizes, semantics)
+    return _quantize(x, amax, axes, sizes, semantics, _check_rbits(rbits, x.shape))
 
 
 def nvfp4_dequantize(
@@ -652,6 +682,7 @@ def nvfp4_fake_quantize(
     tensor_amax=None,
     semantics: Semantics = "te",
     decode: Literal["scale", "amax"] = "scale",
+    rbits=None,
 ) -> jax.Array:
     """``nvfp4_dequantize(*nvfp4_quantize(x, ...))`` fused, in x's dtype.
 
@@ -664,6 +695,7 @@ def nvfp4_fake_quantize(
         :func:`nvfp4_dequantize` of the stored arrays gives; ``"amax"``: TE's
         dequantize kernel, ``E2M1(code) * ((s8 * amax) * f32(1/2688))``
         (TE semantics only).
+      rbits: random bits for stochastic rounding, as :func:`nvfp4_quantize`.
 
     >>> import jax.numpy as jnp
     >>> nvfp4_fake_quantize(jnp.array([[5.0, -1.1, 0.3] + [0.0] * 13]))[0, :3]
@@ -677,4 +709,4 @@ def nvfp4_fake_quantize(
         raise ValueError(f"unknown decode {decode!r}; allowed: {', '.join(DECODES)}")
     if decode == "amax" and semantics != "te":
         raise ValueError("decode='amax' is TransformerEngine's kernel formula; use semantics='te'")
-    return _fake_quantize(x, amax, axes, sizes, semantics, decode)
+    return _fake_quantize(x, amax, axes, sizes, semantics, decode, _check_rbits(rbits, x.shape))

@@ -1,0 +1,159 @@
+"""The arithmetic of the non-OCP families, as MXTensor codecs.
+
+Each codec turns a float array into an :class:`~jaxmx.MXTensor` and back
+(and fuses the two for fake quantization) for every format whose
+``MXFormat.codec`` names it, reading the format record for its parameters:
+
+* ``"nvfp4"``: :mod:`jaxmx._scaled.nvfp4` (TransformerEngine's arithmetic);
+  E2M1 codes, E4M3 block scales (``t.scale``), a float32 ``t.tensor_scale``.
+* ``"microexp"``: :mod:`jaxmx._scaled.microexp` (AMD Quark's); sign-magnitude
+  codes, the 8-bit shared exponent as an E8M0 ``t.scale``, microexponent
+  bits in ``t.micro``. The block and group sizes come from the record.
+* ``"tensor"``: :mod:`jaxmx._scaled.tensor_fp8`; FP8 codes and one float32
+  ``t.tensor_scale``, no block scale.
+
+The OCP codec lives in :mod:`jaxmx.quantize`, which joins them all.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxmx import codes
+from jaxmx._scaled import microexp, nvfp4, tensor_fp8
+from jaxmx.formats import MXFormat
+from jaxmx.packing import pack_codes
+from jaxmx.spec import QuantSpec
+from jaxmx.tensor import MXTensor
+
+__all__ = ["Codec", "CODECS"]
+
+
+class Codec(NamedTuple):
+    """One family's arithmetic; ``rbits`` and ``tensor_amax`` may be None."""
+
+    # (x, rbits, tensor_amax, spec) -> MXTensor
+    quantize: Callable
+    # (x, rbits, tensor_amax, spec) -> array in x's dtype
+    fake_quantize: Callable
+    # (unpacked MXTensor with its block axis canonical, dtype) -> array
+    dequantize: Callable
+
+
+def _tensor(t: QuantSpec, x, data, scale, *, tensor_scale=None, micro=None) -> MXTensor:
+    return MXTensor(
+        data=data,
+        scale=scale,
+        format=t.format,
+        axis=t.axis,
+        block_size=t.block_size,
+        length=x.shape[t.axis],
+        dtype=np.dtype(x.dtype),
+        packed=t.packed,
+        made_ndim=x.ndim,
+        tensor_scale=tensor_scale,
+        micro=micro,
+    )
+
+
+# --------------------------------------------------------------------------
+# NVFP4.
+# --------------------------------------------------------------------------
+
+
+def _nvfp4_quantize(x, rbits, tensor_amax, spec: QuantSpec) -> MXTensor:
+    q = nvfp4.nvfp4_quantize(
+        x, axis=spec.axis, block_size=spec.block_size, tensor_amax=tensor_amax, rbits=rbits
+    )
+    elem = spec.format.element
+    if spec.packed:
+        data = pack_codes(q.codes, elem.bits, spec.axis)
+    else:
+        data = codes.raw_to_storage(q.codes, elem)
+    return _tensor(spec, x, data, q.block_scales, tensor_scale=q.tensor_scale)
+
+
+def _nvfp4_fake_quantize(x, rbits, tensor_amax, spec: QuantSpec):
+    return nvfp4.nvfp4_fake_quantize(
+        x, axis=spec.axis, block_size=spec.block_size, tensor_amax=tensor_amax, rbits=rbits
+    )
+
+
+def _nvfp4_dequantize(t: MXTensor, dtype):
+    raw = codes.storage_to_raw(t.data, t.format.element).astype(jnp.uint8)
+    return nvfp4.nvfp4_dequantize(
+        raw, t.scale, t.tensor_scale, axis=t.axis, block_size=t.block_size, dtype=dtype
+    )
+
+
+# --------------------------------------------------------------------------
+# Shared microexponents and block floating point.
+# --------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _microexp_spec(fmt: MXFormat) -> microexp.MicroexpSpec:
+    # Quark's quant_bit is the element width: sign + magnitude bits.
+    return microexp.MicroexpSpec(
+        name=fmt.name,
+        mantissa_bits=fmt.element.bits - 1,
+        block_size=fmt.block_size,
+        sub_block_size=None if fmt.micro is None else fmt.micro.group,
+    )
+
+
+def _microexp_quantize(x, rbits, tensor_amax, spec: QuantSpec) -> MXTensor:
+    q = microexp.quantize(x, _microexp_spec(spec.format), axis=spec.axis)
+    data, micro = q.mantissas, q.micro
+    if spec.packed:
+        data = pack_codes(data, spec.format.element.bits, spec.axis)
+    if spec.packed and micro is not None:
+        micro = pack_codes(micro, 1, spec.axis)
+    scale = lax.bitcast_convert_type(q.shared_exponent, spec.format.scale.storage_dtype)
+    return _tensor(spec, x, data, scale, micro=micro)
+
+
+def _microexp_fake_quantize(x, rbits, tensor_amax, spec: QuantSpec):
+    return microexp.fake_quantize(x, _microexp_spec(spec.format), axis=spec.axis)
+
+
+def _microexp_dequantize(t: MXTensor, dtype):
+    exponent = lax.bitcast_convert_type(t.scale, jnp.uint8)
+    return microexp.dequantize(
+        t.data, exponent, t.micro, _microexp_spec(t.format), axis=t.axis, dtype=dtype
+    )
+
+
+# --------------------------------------------------------------------------
+# Per-tensor FP8.
+# --------------------------------------------------------------------------
+
+
+def _element_name(fmt: MXFormat) -> str:
+    return fmt.element.name.removeprefix("fp8_")  # "e4m3" or "e5m2"
+
+
+def _tensor_quantize(x, rbits, tensor_amax, spec: QuantSpec) -> MXTensor:
+    q = tensor_fp8.tensor_fp8_quantize(x, _element_name(spec.format))
+    return _tensor(spec, x, q.codes, None, tensor_scale=q.scale)
+
+
+def _tensor_fake_quantize(x, rbits, tensor_amax, spec: QuantSpec):
+    return tensor_fp8.tensor_fp8_fake_quantize(x, _element_name(spec.format))
+
+
+def _tensor_dequantize(t: MXTensor, dtype):
+    return tensor_fp8.tensor_fp8_dequantize(t.data, t.tensor_scale, dtype=dtype)
+
+
+CODECS: dict[str, Codec] = {
+    "nvfp4": Codec(_nvfp4_quantize, _nvfp4_fake_quantize, _nvfp4_dequantize),
+    "microexp": Codec(_microexp_quantize, _microexp_fake_quantize, _microexp_dequantize),
+    "tensor": Codec(_tensor_quantize, _tensor_fake_quantize, _tensor_dequantize),
+}
