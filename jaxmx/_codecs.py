@@ -18,9 +18,9 @@ The OCP codec lives in :mod:`jaxmx.quantize`, which joins them all.
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -97,7 +97,7 @@ def _nvfp4_dequantize(t: MXTensor, dtype):
 # --------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _microexp_spec(fmt: MXFormat) -> microexp.MicroexpSpec:
     # Quark's quant_bit is the element width: sign + magnitude bits.
     return microexp.MicroexpSpec(

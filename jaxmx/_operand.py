@@ -84,7 +84,13 @@ def fake_operand(x, fmt: MXFormat | None, axis: int | None, config: DotConfig, r
         # blocks are fixed; the same values either way).
         x = x[..., None]
     spec = operand_spec(
-        x.ndim, fmt, x.ndim - 1 if axis is None else axis, config, rounding, single=axis is None
+        x.ndim,
+        fmt,
+        x.ndim - 1 if axis is None else axis,
+        config,
+        rounding,
+        single=axis is None,
+        role=role,
     )
     q = fake_quantize_spec(x, random_bits(x, spec, key, role), None, spec)
     if axis is None:
@@ -92,17 +98,40 @@ def fake_operand(x, fmt: MXFormat | None, axis: int | None, config: DotConfig, r
     return q.astype(compute_dtype(config))
 
 
+_WEIGHT_ROLES = ("rhs", "rhs_bwd")
+
+
 def operand_spec(
-    ndim: int, fmt: MXFormat, axis: int, config: DotConfig, rounding: str, single: bool = False
+    ndim: int,
+    fmt: MXFormat,
+    axis: int,
+    config: DotConfig,
+    rounding: str,
+    single: bool = False,
+    role: str = "lhs",
 ) -> QuantSpec:
     """The spec of an operand of rank ``ndim`` blocked along ``axis`` (0-based).
 
     ``config.block_size`` applies to the formats whose block size is free
-    (the OCP ones and NVFP4); the BDR formats keep their own, and per-tensor
-    formats have none. ``single``: blocks of one element (nothing to contract).
+    (the OCP ones and NVFP4), ``config.rhs_block_size`` instead to the
+    weight's roles; the BDR formats keep their own blocks, and per-tensor
+    formats have none. 2-D tiles cover the operand's last two axes, one of
+    which must be ``axis``. ``single``: blocks of one element (nothing to
+    contract).
     """
     free = QuantSpec.block_size_is_free(fmt)
-    bs = (1 if single else config.block_size) if free else None
+    bs = config.block_size
+    if role in _WEIGHT_ROLES and config.rhs_block_size is not None:
+        bs = config.rhs_block_size
+    if isinstance(bs, tuple) and not single:
+        if axis not in (ndim - 2, ndim - 1):
+            raise ValueError(
+                f"rhs_block_size={bs} tiles the weight's last two axes, but this matmul "
+                f"contracts its axis {axis} (of {ndim}); move the contraction axis into the "
+                "last two, or use an int block size"
+            )
+        axis = ndim - 1
+    bs = (1 if single else bs) if free else None
     # A format whose scales follow their own rule (NVFP4, BDR, per-tensor)
     # keeps it; config.scale_mode is for the formats that have a choice.
     modes = QuantSpec.scale_modes_of(fmt)

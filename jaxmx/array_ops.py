@@ -47,6 +47,7 @@ from jax import lax
 from jaxmx.blocks import pack_group, packed_length, to_blocks
 from jaxmx.codes import raw_to_storage, storage_to_raw
 from jaxmx.packing import pack, unpack
+from jaxmx.spec import CODEC_RULES
 from jaxmx.tensor import MXTensor
 
 __all__ = [
@@ -88,7 +89,19 @@ def _replace(t: MXTensor, **changes) -> MXTensor:
 def _tensor(t, op: str) -> MXTensor:
     if not isinstance(t, MXTensor):
         raise TypeError(f"jaxmx.{op} expects an MXTensor, got {type(t).__name__}")
+    if op != "astype":
+        _check_layout(t, op)
     return t.canonical()
+
+
+def _check_layout(t: MXTensor, op: str) -> None:
+    if not CODEC_RULES[t.format.codec].array_ops:
+        raise TypeError(
+            f"jaxmx.{op} acts on the codes and scales of OCP MX tensors; {_where(t)} has "
+            f"{t.format.codec} scales (tensor scale, E4M3 or microexponent leaves) for which "
+            "no exact rule is implemented. Dequantize first (t.dequantize()) and quantize "
+            "the result again if you need it in this format"
+        )
 
 
 def _axis(axis, ndim: int, what: str = "axis") -> int:
@@ -628,6 +641,8 @@ def concatenate(tensors, axis: int = 0) -> MXTensor:
                 f"concatenate: item {i} is a {type(u).__name__}, not an MXTensor; quantize it "
                 "first, with the others' format, block size and axis"
             )
+    for u in tensors:
+        _check_layout(u, "concatenate")
     ts = [u.canonical() for u in tensors]
     t0 = ts[0]
     for i, u in enumerate(ts[1:], 1):
@@ -709,6 +724,7 @@ def stack(tensors, axis: int = 0) -> MXTensor:
     for i, u in enumerate(tensors):
         if not isinstance(u, MXTensor):
             raise TypeError(f"stack: item {i} is a {type(u).__name__}, not an MXTensor")
+        _check_layout(u, "stack")
     shapes = {u.shape for u in tensors}
     if len(shapes) != 1:
         raise ValueError(f"stack needs MXTensors of one shape, got {sorted(shapes)}")

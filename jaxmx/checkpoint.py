@@ -72,9 +72,7 @@ _VERSION = 1
 _KEY = "jaxmx"  # orbax item name and safetensors metadata key of the manifest
 _BACKENDS = ("orbax", "safetensors")
 # Records a format card may contain (never an arbitrary import from a file).
-_CARD_CLASSES = {
-    c.__name__: c for c in (MXFormat, ElementFormat, ScaleFormat, MicroExponent)
-}
+_CARD_CLASSES = {c.__name__: c for c in (MXFormat, ElementFormat, ScaleFormat, MicroExponent)}
 # dtypes written to safetensors as themselves. float8_e8m0fnu (F8_E8M0) is
 # left out on purpose: only recent safetensors and torch (>= 2.7) read it, and
 # its bits as U8 open everywhere.
@@ -390,6 +388,8 @@ def _encode_static(field: str, value, formats: dict, keys: tuple):
         return value
     if isinstance(value, (np.bool_, np.integer)):
         return value.item()
+    if isinstance(value, tuple) and all(isinstance(v, int) for v in value):
+        return {"tuple": list(value)}  # 2-D tile block sizes
     raise TypeError(
         f"{_where(keys)}: MXTensor field {field} holds a {type(value).__name__}, which save "
         "does not know how to store"
@@ -401,6 +401,8 @@ def _decode_static(value, fmts: dict):
         return fmts[value["format"]]
     if isinstance(value, dict) and set(value) == {"dtype"}:
         return _dtype(value["dtype"])
+    if isinstance(value, dict) and set(value) == {"tuple"}:
+        return tuple(value["tuple"])
     return value
 
 

@@ -81,6 +81,18 @@ class DotConfig:
     # way; None picks bfloat16 on accelerators and float32 on CPU (XLA:CPU's
     # bfloat16 dot with a float32 result fails on some layouts).
     compute_dtype: str | None = None
+    # Blocks of the weight (rhs and rhs_bwd) only, overriding block_size for
+    # it: an int, or a pair for 2-D tiles over the weight's last two axes
+    # (NVFP4's 16x16 weight scaling: the forward and the input-gradient
+    # matmul then use the same codes of W and of its transpose).
+    rhs_block_size: int | tuple[int, int] | None = None
+    # A random Hadamard transform (this order, a power of two, with fixed
+    # random signs from hadamard_seed) along the contraction axis of both
+    # operands of the weight-gradient matmul, before they are quantized: it
+    # spreads outliers across each block and leaves the exact product
+    # unchanged (the NVFP4 recipe, arXiv 2509.25149, uses order 16). None: off.
+    wgrad_hadamard: int | None = None
+    hadamard_seed: int = 0
     # Block-scaled hardware matmuls (lax.scaled_dot): "auto" uses them where
     # the backend has them natively (Blackwell-class GPUs) and the formats fit,
     # "never" always emulates, "always" uses lax.scaled_dot wherever it runs
@@ -112,6 +124,29 @@ class DotConfig:
             raise ValueError(
                 f"unknown scale_mode {self.scale_mode!r}; allowed: {', '.join(SCALE_MODES)}"
             )
+        rb = self.rhs_block_size
+        if isinstance(rb, list):
+            rb = tuple(rb)
+        ok = (
+            rb is None
+            or _positive_int(rb)
+            or (isinstance(rb, tuple) and len(rb) == 2 and all(_positive_int(b) for b in rb))
+        )
+        if not ok:
+            raise ValueError(
+                f"rhs_block_size must be None, a positive int or a pair of positive ints "
+                f"(2-D tiles), got {self.rhs_block_size!r}"
+            )
+        set_("rhs_block_size", rb if not isinstance(rb, np.integer) else int(rb))
+        if self.wgrad_hadamard is not None:
+            h = self.wgrad_hadamard
+            if not _positive_int(h) or h & (h - 1):
+                raise ValueError(
+                    f"wgrad_hadamard must be None or a power of two (e.g. 16), got {h!r}"
+                )
+        seed = self.hadamard_seed
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"hadamard_seed must be an int >= 0, got {seed!r}")
         for name in ("rounding", "grad_rounding"):
             value = getattr(self, name)
             if not (value is None and name == "grad_rounding") and (
@@ -179,6 +214,10 @@ class DotConfig:
         )
 
 
+def _positive_int(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v > 0
+
+
 def _resolve(role: str, value: FormatLike) -> MXFormat | None:
     if value is None:
         return None
@@ -224,6 +263,20 @@ _PRESETS: dict[str, tuple[str, DotConfig]] = {
         "below what the MX paper trains with",
         DotConfig(lhs="mxfp4_e2m1", rhs="mxfp4_e2m1", grad="mxfp4_e2m1"),
     ),
+    "nvfp4": (
+        "NVFP4 for weights, activations and gradients with NVIDIA's recipe (NVIDIA 2025, "
+        "arXiv 2509.25149): 16x16 weight tiles, a random Hadamard transform of order 16 on "
+        "both operands of the weight-gradient matmul, stochastic rounding of gradients. "
+        "The paper also keeps a few layers (the last ones) in BF16: choose them by rules",
+        DotConfig(
+            lhs="nvfp4",
+            rhs="nvfp4",
+            grad="nvfp4",
+            grad_rounding="stochastic",
+            rhs_block_size=(16, 16),
+            wgrad_hadamard=16,
+        ),
+    ),
 }
 
 
@@ -243,7 +296,7 @@ def preset(name: str, **overrides) -> DotConfig:
     Args:
       name: one of :func:`list_presets`: ``"fp32"``, ``"mxfp8"``,
         ``"mxfp8_rceil"``, ``"mxfp8_e5m2_grads"``, ``"mxfp6"``,
-        ``"mxfp4_weights"``, ``"mxfp4"``.
+        ``"mxfp4_weights"``, ``"mxfp4"``, ``"nvfp4"``.
       **overrides: fields to change, e.g. ``grad_rounding="stochastic"``.
 
     >>> import jaxmx

@@ -226,6 +226,12 @@ def conv_general_dilated(
     ((2, 8, 8, 16), 9.0)
     """
     config = as_dot_config(config)
+    if config.wgrad_hadamard is not None:
+        raise ValueError(
+            f"wgrad_hadamard={config.wgrad_hadamard} is implemented for dot_general and "
+            "einsum, not for convolutions; use config.replace(wgrad_hadamard=None) for conv "
+            "layers (a rule per module)"
+        )
     lhs, rhs = check_operands(lhs, rhs, "conv_general_dilated")
     check_key(key, config)
     _check_window_args(lhs.ndim - 2, window_strides, padding, lhs_dilation, rhs_dilation)

@@ -33,20 +33,20 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxmx import native
+from jaxmx import _hadamard, native
 from jaxmx._operand import (
     check_key,
     check_operands,
     compute_dtype,
     fake_operand,
     lax_dot,
+    operand_spec,
     random_bits,
 )
 from jaxmx.config import DotConfig, as_dot_config
 from jaxmx.formats import MXFormat
 from jaxmx.packing import unpack
 from jaxmx.quantize import dequantize, quantize_spec
-from jaxmx.spec import QuantSpec
 from jaxmx.tensor import MXTensor
 
 __all__ = ["dot_general"]
@@ -180,7 +180,9 @@ def _native_reason(a: _Side, b: _Side, cfg: DotConfig) -> str | None:
 def _mx_tensor(side: _Side, cfg: DotConfig, key) -> MXTensor:
     if isinstance(side.x, MXTensor):
         return unpack(side.x)
-    spec = operand_spec(side.x.ndim, side.fmt, side.contracting[-1], cfg, side.rounding)
+    spec = operand_spec(
+        side.x.ndim, side.fmt, side.contracting[-1], cfg, side.rounding, role=side.role
+    )
     rbits = random_bits(side.x, spec, key, side.role)
     return quantize_spec(side.x, rbits, None, spec)
 
@@ -288,10 +290,25 @@ def _dgrad(static: _Static, key, g, rhs, dtype):
     return _to_layout(d_lhs, (*d.lb, *d.lf, *(d.lc[d.rc.index(r)] for r in sorted(d.rc))))
 
 
+def _wgrad_rotate(cfg: DotConfig, x, axis: int):
+    size = cfg.wgrad_hadamard
+    if x.shape[axis] % size:
+        raise ValueError(
+            f"wgrad_hadamard={size}: the weight-gradient matmul contracts an axis of length "
+            f"{x.shape[axis]}, not a multiple of {size} (the tokens of the batch); use a "
+            "batch whose token count it divides, or wgrad_hadamard=None"
+        )
+    return _hadamard.rotate(x, axis, size, _hadamard.random_signs(size, cfg.hadamard_seed))
+
+
 def _wgrad(static: _Static, key, g, lhs, dtype):
     """``d_rhs``: contracts lhs's free axes with g's lhs-free axes."""
     d, cfg = static.dims, static.config
     g_batch, g_lfree, _ = _g_axes(d)
+    if cfg.wgrad_hadamard is not None and d.lf:
+        # The same randomized Hadamard on both operands along the contraction:
+        # (H D x) . (H D g) = x . g exactly, with outliers spread over blocks.
+        lhs, g = _wgrad_rotate(cfg, lhs, d.lf[-1]), _wgrad_rotate(cfg, g, g_lfree[-1])
     d_rhs = _qmatmul(
         _Side(lhs, cfg.role("lhs_bwd"), d.lf, cfg.rounding, "lhs_bwd"),
         _Side(g, cfg.grad, g_lfree, cfg.effective_grad_rounding, "grad_wgrad"),

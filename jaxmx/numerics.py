@@ -53,7 +53,6 @@ Rounding = Literal["nearest_even", "nearest_away", "toward_zero", "stochastic"]
 ScaleMode = Literal["floor", "rceil", "ceil", "even"]
 
 
-
 class RoundingMode(NamedTuple):
     """A rounding as data: what the quantizers read instead of comparing names."""
 
@@ -85,6 +84,7 @@ def rounding_mode(name, what: str = "rounding") -> RoundingMode:
     if not isinstance(name, str) or name not in ROUNDING_MODES:
         raise ValueError(f"unknown {what} {name!r}; allowed: {', '.join(ROUNDINGS)}")
     return ROUNDING_MODES[name]
+
 
 SCALE_MODES: tuple[str, ...] = ("floor", "rceil", "ceil", "even")
 

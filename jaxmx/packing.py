@@ -124,9 +124,7 @@ def _pack(t: MXTensor) -> MXTensor:
     t = t.canonical()
     raw = storage_to_raw(t.data, elem)
     micro = None if t.micro is None else pack_codes(t.micro, 1, t.axis)
-    return dataclasses.replace(
-        t, data=pack_codes(raw, elem.bits, t.axis), micro=micro, packed=True
-    )
+    return dataclasses.replace(t, data=pack_codes(raw, elem.bits, t.axis), micro=micro, packed=True)
 
 
 def unpack(t: MXTensor) -> MXTensor:

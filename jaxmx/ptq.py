@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import re
 from collections.abc import Iterable, Mapping
 
@@ -59,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxmx import numerics
+from jaxmx import _hadamard, numerics
 from jaxmx.blocks import from_blocks, to_blocks
 from jaxmx.formats import MXFormat, get_format
 from jaxmx.packing import packable
@@ -340,12 +339,7 @@ def hadamard(n: int) -> np.ndarray:
            [ 1.,  1., -1., -1.],
            [ 1., -1., -1.,  1.]], dtype=float32)
     """
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 or n & (n - 1):
-        raise ValueError(f"Hadamard order must be a power of two (1, 2, 4, ..., 32), got {n!r}")
-    h = np.ones((1, 1))
-    while h.shape[0] < n:
-        h = np.block([[h, h], [h, -h]])
-    return (h / math.sqrt(n)).astype(np.float32)
+    return _hadamard.hadamard(n)
 
 
 def rotate(x, *, axis: int = -1, size: int = 32) -> jax.Array:
@@ -385,23 +379,12 @@ def rotate(x, *, axis: int = -1, size: int = 32) -> jax.Array:
             f"axis {axis} has length {n}, not a multiple of the Hadamard size {size}; "
             "allowed: sizes (powers of two) that divide it"
         )
-    return _fwht(x, axis, size)
+    return _rotate(x, axis, size)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
-def _fwht(x, axis, size):
-    moved = jnp.moveaxis(x, axis, -1)
-    lead = moved.shape[:-1]
-    y = moved.reshape(*lead, -1, size)
-    h = 1
-    while h < size:
-        # Sylvester order: entry i pairs with i ^ h; (a, b) -> (a + b, a - b).
-        y = y.reshape(*lead, -1, size // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        y = jnp.stack([a + b, a - b], axis=-2)
-        h *= 2
-    y = y.reshape(moved.shape) * jnp.asarray(1 / math.sqrt(size), x.dtype)
-    return jnp.moveaxis(y, -1, axis)
+def _rotate(x, axis, size):
+    return _hadamard.rotate(x, axis, size)
 
 
 def rotate_weights(params, *, size: int = 32, include: str = r"kernel$", axes=None):

@@ -69,9 +69,7 @@ def check_rounding(rounding, key, what: str = "rounding") -> None:
     a key, the others take none."""
     if numerics.rounding_mode(rounding, what).random_bits:
         if key is None:
-            raise ValueError(
-                f"{what}={rounding!r} needs a PRNG key: pass key=jax.random.key(...)"
-            )
+            raise ValueError(f"{what}={rounding!r} needs a PRNG key: pass key=jax.random.key(...)")
     elif key is not None:
         raise ValueError(
             f"a key was given but {what} is {rounding!r}, which uses no random bits; "

@@ -40,13 +40,17 @@ class CodecRules(NamedTuple):
     block_sizes: str
     # Whether a global amax may be supplied (tensor_amax=).
     tensor_amax: bool
+    # Whether jaxmx.array_ops acts on its codes and scales (transpose,
+    # reshape, slicing, concatenate, sign and power-of-two ops). Only the
+    # one-level power-of-two layout has these rules written and tested.
+    array_ops: bool
 
 
 CODEC_RULES: dict[str, CodecRules] = {
-    "ocp": CodecRules(numerics.ROUNDINGS, numerics.SCALE_MODES, True, "any", False),
-    "nvfp4": CodecRules(("nearest_even", "stochastic"), ("floor",), False, "tiles", True),
-    "microexp": CodecRules(("nearest_even",), ("floor",), False, "fixed", False),
-    "tensor": CodecRules(("nearest_even",), ("floor",), False, "tensor", False),
+    "ocp": CodecRules(numerics.ROUNDINGS, numerics.SCALE_MODES, True, "any", False, True),
+    "nvfp4": CodecRules(("nearest_even", "stochastic"), ("floor",), False, "tiles", True, False),
+    "microexp": CodecRules(("nearest_even",), ("floor",), False, "fixed", False, False),
+    "tensor": CodecRules(("nearest_even",), ("floor",), False, "tensor", False, False),
 }
 
 
@@ -207,7 +211,9 @@ def _check_block_size(block_size, fmt: MXFormat, rules: CodecRules, axis: int, n
             )
         return (int(block_size[0]), int(block_size[1]))
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)):
-        allowed = "a positive int, a pair of ints (2-D tiles)" if kind == "tiles" else "a positive int"
+        allowed = (
+            "a positive int, a pair of ints (2-D tiles)" if kind == "tiles" else "a positive int"
+        )
         raise TypeError(f"block_size must be {allowed} or None, got {block_size!r}")
     if block_size <= 0:
         raise ValueError(f"block_size must be a positive int, got {block_size}")

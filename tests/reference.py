@@ -23,6 +23,12 @@ _ML_DTYPES = {
 }
 
 
+# The formats this model describes: the OCP MX family (one E8M0 power-of-two
+# scale per block). NVFP4, the BDR formats and per-tensor FP8 have their own
+# models in tests/reference_blockformats.py.
+OCP_FORMATS = [f for f in jaxmx.list_formats() if jaxmx.get_format(f).codec == "ocp"]
+
+
 @functools.cache
 def grid(elem: jaxmx.ElementFormat) -> np.ndarray:
     """Sorted nonnegative magnitudes of an element format; index = code."""

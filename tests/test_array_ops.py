@@ -18,7 +18,10 @@ import jaxmx
 from jaxmx import MXTensor
 from jaxmx.codes import raw_dtype, raw_to_storage, storage_to_raw
 
-FORMATS = jaxmx.list_formats()
+# The structural rules are written for the one-level power-of-two layout (the
+# OCP codec); the other families refuse them (test at the end).
+FORMATS = [f for f in jaxmx.list_formats() if jaxmx.get_format(f).codec == "ocp"]
+OTHERS = [f for f in jaxmx.list_formats() if jaxmx.get_format(f).codec != "ocp"]
 BS = 8
 # Block axis first, middle, last; length 20 = blocks of 8, 8 and a partial 4.
 SHAPES = {"first": (20, 3, 4), "middle": (3, 20, 4), "last": (3, 4, 20)}
@@ -746,3 +749,21 @@ def test_packed_blocks_off_byte_boundaries(fmt, bs):
     wu = jaxmx.unpack(w)
     assert_leaves_equal(w.reshape(3, 2, 2 * bs), jaxmx.pack(wu.reshape(3, 2, 2 * bs)))
     assert_values(w.reshape(6, 2 * bs), deq(w).reshape(6, 2 * bs))
+
+
+@pytest.mark.parametrize("fmt", OTHERS)
+def test_other_families_refuse_structural_ops_clearly(fmt):
+    t = jaxmx.quantize(jnp.ones((16, 32), jnp.float32), fmt)
+    for op in (
+        lambda: t.T,
+        lambda: t[0],
+        lambda: -t,
+        lambda: t * 2.0,
+        lambda: t.reshape(32, 16),
+        lambda: jaxmx.concatenate([t, t]),
+        lambda: jaxmx.stack([t, t]),
+    ):
+        with pytest.raises(TypeError, match="Dequantize first"):
+            op()
+    # astype only relabels the dtype the codes stand for.
+    assert t.astype(jnp.bfloat16).dequantize().dtype == jnp.bfloat16

@@ -15,7 +15,7 @@ import pytest
 import jaxmx
 from tests import reference
 
-FORMATS = jaxmx.list_formats()
+FORMATS = reference.OCP_FORMATS
 
 # name: lhs shape, rhs shape, dimension numbers, and the einsums + axes of the
 # recipe: forward (lhs axis, rhs axis), dgrad (g axis, rhs axis), wgrad (lhs

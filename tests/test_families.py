@@ -19,9 +19,7 @@ from tests import reference_blockformats as ref
 
 DATA = pathlib.Path(__file__).parent / "data" / "vectors_turn2"
 TE = sorted(p.name for p in (DATA / "nvfp4").glob("te_*.npz"))
-BDR = sorted(
-    p.name for p in (DATA / "bdr").glob("*.npz") if not p.name.startswith("quark_bfp16")
-)
+BDR = sorted(p.name for p in (DATA / "bdr").glob("*.npz") if not p.name.startswith("quark_bfp16"))
 NEW = ["nvfp4", "mx9", "mx6", "mx4", "msfp16", "msfp12", "tensor_fp8_e4m3", "tensor_fp8_e5m2"]
 
 
@@ -216,3 +214,56 @@ def test_bits_per_element_of_the_new_formats():
         "tensor_fp8_e4m3": 8.0,
         "tensor_fp8_e5m2": 8.0,
     }
+
+
+def test_nvfp4_training_preset():
+    """arXiv 2509.25149's recipe, matmul by matmul, against hand-built operands."""
+    cfg = jaxmx.preset("nvfp4")
+    assert cfg.rhs_block_size == (16, 16) and cfg.wgrad_hadamard == 16
+    assert cfg.effective_grad_rounding == "stochastic"
+    x, w, g = _x((32, 64), 5), _x((64, 48), 6), _x((32, 48), 7)
+    key = jax.random.key(3)
+    dims = (((1,), (0,)), ((), ()))
+    y, vjp = jax.vjp(lambda a, b: jaxmx.dot_general(a, b, dims, config=cfg, key=key), x, w)
+    eps = np.finfo(np.float32).eps
+
+    def close(got, a, b):  # float32 accumulation of the same products, any order
+        k = a.shape[-1]
+        bound = k * eps * (np.abs(np.asarray(a)) @ np.abs(np.asarray(b)))
+        assert np.all(np.abs(np.asarray(got) - np.asarray(a @ b)) <= bound)
+
+    # Forward: activations in 1x16 blocks along K, the weight in 16x16 tiles.
+    qx = jaxmx.fake_quantize(x, "nvfp4", axis=1)
+    qw = jaxmx.fake_quantize(w, "nvfp4", block_size=(16, 16))
+    close(y, qx, qw)
+    # The tiles are the same whichever axis of w is contracted: dgrad uses
+    # the forward weight's very values (transposed).
+    np.testing.assert_array_equal(
+        np.asarray(jaxmx.fake_quantize(w.T, "nvfp4", block_size=(16, 16))), np.asarray(qw.T)
+    )
+    dx, dw = vjp(g)
+    # dgrad: g stochastically rounded in 1x16 blocks along N (the bits of
+    # the key folded with the role's id, 3), times the tiled weight.
+    sr = dict(rounding="stochastic")
+    qg = jaxmx.fake_quantize(g, "nvfp4", axis=1, key=jax.random.fold_in(key, 3), **sr)
+    close(dx, qg, qw.T)
+    # wgrad: x and g rotated along the tokens by the same randomized
+    # Hadamard of order 16, then quantized along the tokens (g stochastically).
+    from jaxmx import _hadamard
+
+    signs = _hadamard.random_signs(16, cfg.hadamard_seed)
+    rx, rg = (_hadamard.rotate(a, 0, 16, signs) for a in (x, g))
+    assert not np.allclose(np.asarray(rx), np.asarray(x))
+    qrx = jaxmx.fake_quantize(rx, "nvfp4", axis=0)
+    qrg = jaxmx.fake_quantize(rg, "nvfp4", axis=0, key=jax.random.fold_in(key, 6), **sr)
+    close(dw, qrx.T, qrg)
+    # Without the rotation the weight gradient is a different quantization.
+    plain = jaxmx.fake_quantize(x, "nvfp4", axis=0).T @ jaxmx.fake_quantize(
+        g, "nvfp4", axis=0, key=jax.random.fold_in(key, 6), **sr
+    )
+    assert not np.allclose(np.asarray(dw), np.asarray(plain))
+    with pytest.raises(ValueError, match="not for convolutions"):
+        jaxmx.conv_general_dilated(
+            jnp.ones((1, 16, 16, 16)), jnp.ones((3, 3, 16, 16)), (1, 1), "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), config=cfg,
+        )  # fmt: skip

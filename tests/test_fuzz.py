@@ -44,7 +44,7 @@ import jaxmx
 from jaxmx import formats as F
 from tests import reference
 
-FORMATS = jaxmx.list_formats()
+FORMATS = reference.OCP_FORMATS
 PRESETS = list(jaxmx.list_presets())
 # The roundings the float64 models reproduce (stochastic rounding is tested
 # for unbiasedness in test_properties.py, not bit for bit).

@@ -16,7 +16,7 @@ import jaxmx
 from jaxmx import numerics
 from tests import reference
 
-FORMATS = jaxmx.list_formats()
+FORMATS = reference.OCP_FORMATS
 ELEMS = {f: jaxmx.get_format(f).element for f in FORMATS}
 ROUNDINGS = ("nearest_even", "nearest_away", "toward_zero")
 
