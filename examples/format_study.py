@@ -214,7 +214,7 @@ def minilm_activations(passages: int = 32, chars: int = 400) -> list[np.ndarray]
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(record):
-        pre.module.apply(pre.params, jnp.asarray(ids), jnp.asarray(mask))
+        pre.model.apply(pre.params, jnp.asarray(ids), jnp.asarray(mask))
     return acts or None
 
 
@@ -418,7 +418,7 @@ def run(
         notes.append("reference models not importable (run from a clone of jaxmx): skipped")
     else:
         for s in reference_series(ref):
-            if s.name in have:
+            if s.name in have or s.name in VARIANTS:
                 cross[s.name] = s  # jaxmx has it now: measure both, report the gap
             else:
                 series.append(s)
@@ -450,7 +450,9 @@ def run(
             + "; ".join(f"{d}: {s}" for d, s in sizes.items())
             + ". minilm: the weight matrices of all-MiniLM-L6-v2's encoder; minilm_acts: the "
             "activations entering those matmuls on 32 Shakespeare passages. NVFP4 has a "
-            "per-tensor float32 scale (not counted in bits/element).",
+            "per-tensor float32 scale (not counted in bits/element); nvfp4_16x16 is the "
+            "16x16-tile weight layout, not measured on activations (a token count that is "
+            "not a multiple of 16 has no whole tiles).",
             "",
             text,
             "",

@@ -32,13 +32,18 @@ def tensors(size: int, seed: int = 0) -> dict[str, jax.Array]:
     return {"normal": normal, "heavy-tailed": heavy}
 
 
-def stats(x: jax.Array, fmt: str, block_size: int) -> dict[str, float]:
+def stats(x: jax.Array, fmt: str, block_size: int | None) -> dict[str, float]:
+    """``block_size``: the format's block (None: the whole tensor is one block)."""
     t = jaxmx.quantize(x, fmt, packed=True)
     q = jaxmx.dequantize(t)
     x64, q64 = np.asarray(x, np.float64), np.asarray(q, np.float64)
     err = np.abs(q64 - x64)
     nz = x64 != 0
-    amax = np.repeat(np.abs(x64).reshape(x64.shape[0], -1, block_size).max(-1), block_size, axis=-1)
+    if block_size is None:
+        amax = np.full_like(x64, np.abs(x64).max())
+    else:
+        blocks = np.abs(x64).reshape(x64.shape[0], -1, block_size).max(-1)
+        amax = np.repeat(blocks, block_size, axis=-1)
     return {
         "bits": 8 * t.nbytes / x.size,
         "bytes": t.nbytes,
@@ -54,10 +59,10 @@ def main() -> None:
     args = p.parse_args()
     print(
         f"jaxmx {jaxmx.__version__}: {args.size}x{args.size} float32 tensors "
-        f"({args.size * args.size * 4:,} bytes), blocks of 32 along the last axis\n"
+        f"({args.size * args.size * 4:,} bytes), each format's blocks along the last axis\n"
     )
     header = (
-        f"{'format':<12} {'bits/elem':>9} {'bytes':>10} {'QSNR dB':>8} {'max rel err':>12} "
+        f"{'format':<16} {'bits/elem':>9} {'bytes':>10} {'QSNR dB':>8} {'max rel err':>12} "
         f"{'max err/blk max':>16}"
     )
     for name, x in tensors(args.size).items():
@@ -67,7 +72,7 @@ def main() -> None:
         for fmt in jaxmx.list_formats():
             s = stats(x, fmt, jaxmx.get_format(fmt).block_size)
             print(
-                f"{fmt:<12} {s['bits']:>9.2f} {s['bytes']:>10,} {s['qsnr']:>8.1f} "
+                f"{fmt:<16} {s['bits']:>9.2f} {s['bytes']:>10,} {s['qsnr']:>8.1f} "
                 f"{s['max_rel']:>12.3g} {s['max_blk']:>16.3g}"
             )
         print()

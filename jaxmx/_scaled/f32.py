@@ -167,3 +167,19 @@ def div(a: jax.Array, b: jax.Array) -> jax.Array:
     out = out | sign
     nan = (ma > _u32(INF)) | (mb > _u32(INF)) | (a_zero & b_zero) | (a_inf & b_inf)
     return jnp.where(nan, _nan_of(a, b, ma, mb), out)
+
+
+def hw_div(a: jax.Array, b: jax.Array) -> jax.Array:
+    """float32 pattern of ``a / b`` by the hardware division, correctly rounded.
+
+    For normal operands and results (subnormals read as 0 on XLA:CPU; use
+    :func:`div` for those). XLA's algebraic simplifier rewrites a division
+    by a broadcast divisor (a scalar, or one value per block) into a
+    multiplication by its reciprocal, which rounds twice and is off by one
+    ulp for about a third of the quotients; the divisor is materialized
+    behind an optimization barrier so that the division stays a division.
+    """
+    shape = jnp.broadcast_shapes(jnp.shape(a), jnp.shape(b))
+    if jnp.shape(b) != shape:
+        b = lax.optimization_barrier(jnp.broadcast_to(b, shape))
+    return bits(from_bits(a) / from_bits(b))

@@ -322,7 +322,7 @@ def _fmul(a, b) -> jax.Array:
 
 
 def _fdiv(a, b) -> jax.Array:
-    return f32.bits(f32.from_bits(a) / f32.from_bits(b))
+    return f32.hw_div(a, b)
 
 
 def _tensor(block_amax, tensor_amax, semantics: str) -> _Tensor:

@@ -124,7 +124,7 @@ def _quotient(mag: jax.Array, scale: jax.Array, exact: bool) -> jax.Array:
         return f32.div(mag, scale)
     # Subnormal |x| reads as 0 here, but its quotient is below 2^-26, which
     # rounds to the zero code anyway.
-    return f32.bits(f32.from_bits(mag) / f32.from_bits(scale))
+    return f32.hw_div(mag, scale)
 
 
 def _product(v: jax.Array, scale: jax.Array, exact: bool) -> jax.Array:
