@@ -190,10 +190,10 @@ def test_prequantized_operand_and_checkpoint(fmt, tmp_path):
     tw = jaxmx.quantize(w, fmt, axis=0, packed=True)
     dims = (((1,), (0,)), ((), ()))
     y = jaxmx.dot_general(x, tw, dims, config=jaxmx.DotConfig(lhs=fmt))
-    want = jnp.matmul(
-        jaxmx.fake_quantize(x, fmt, axis=1), jaxmx.dequantize(tw), precision="highest"
-    )
-    np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-5, atol=1e-5)
+    qx, qw = jaxmx.fake_quantize(x, fmt, axis=1), jaxmx.dequantize(tw)
+    want = jnp.matmul(qx, qw, precision="highest")
+    bound = 64 * np.finfo(np.float32).eps * (np.abs(qx) @ np.abs(qw))
+    assert np.all(np.abs(np.asarray(y) - np.asarray(want)) <= bound)
     for path in (tmp_path / "ckpt", tmp_path / "w.safetensors"):
         jaxmx.save(path, {"w": tw})
         back = jaxmx.load(path)["w"]
@@ -267,3 +267,39 @@ def test_nvfp4_training_preset():
             jnp.ones((1, 16, 16, 16)), jnp.ones((3, 3, 16, 16)), (1, 1), "SAME",
             dimension_numbers=("NHWC", "HWIO", "NHWC"), config=cfg,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mx6", "tensor_fp8_e4m3"])
+def test_rules_and_serving_take_every_family(fmt):
+    import flax.linen as nn
+
+    from jaxmx.flax import quantize_model
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.relu(nn.Dense(64)(x))
+            return nn.Dense(32)(h) + jnp.einsum("bd,cd->bc", h, h).mean()
+
+    m, x = MLP(), _x((16, 32), 8)
+    p = m.init(jax.random.key(0), x)
+    # Training: every matmul (two Dense, one einsum in plain code) in fmt.
+    mq = quantize_model(m, {".*": fmt})
+    y = mq.apply(p, x)
+    want = jaxmx.intercept(lambda v, a: m.apply(v, a), {".*": fmt})(p, x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
+    assert not np.allclose(np.asarray(y), np.asarray(m.apply(p, x)))
+    # Serving: weights quantized once along their contraction axes, packed.
+    qp = jaxmx.quantize_params(p, {".*": fmt}, packed=True)
+    kernels = [t for t in jax.tree.leaves(qp, is_leaf=lambda v: isinstance(v, jaxmx.MXTensor))
+               if isinstance(t, jaxmx.MXTensor)]  # fmt: skip
+    assert len(kernels) == 2 and all(t.format.name == fmt for t in kernels)
+    assert all(t.block_axis() == -2 for t in kernels)
+    served = jaxmx.intercept(lambda v, a: m.apply(v, a), None)(qp, x)
+    decoded = jax.tree.map(
+        lambda t: t.dequantize() if isinstance(t, jaxmx.MXTensor) else t,
+        qp,
+        is_leaf=lambda v: isinstance(v, jaxmx.MXTensor),
+    )
+    # The same float32 matmuls on the same decoded weights.
+    np.testing.assert_array_equal(np.asarray(served), np.asarray(m.apply(decoded, x)))
