@@ -323,5 +323,5 @@ def _nbytes(a) -> int:
 # MXTensor assigned to a Module attribute must be data, like an array. The
 # core does not import flax; jaxmx.flax registers it on import, and this
 # covers flax loaded before jaxmx.
-if "flax.nnx" in sys.modules:
+if sys.modules.get("flax.nnx") is not None:
     sys.modules["flax.nnx"].register_data_type(MXTensor)

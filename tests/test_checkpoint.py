@@ -105,9 +105,19 @@ def test_every_format_round_trips_bit_exactly(tmp_path, fmt, packed, backend):
     _assert_same_tree(tree, loaded)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("fmt", [f for f in jaxmx.list_formats() if f not in reference.OCP_FORMATS])
+def _other_families():
+    # Each non-OCP format once in make test (packing and backend rotate); the
+    # full product in make test-slow.
+    out = []
+    others = [f for f in jaxmx.list_formats() if f not in reference.OCP_FORMATS]
+    for i, f in enumerate(others):
+        for j, (packed, backend) in enumerate((p, b) for p in (False, True) for b in BACKENDS):
+            fast = j == i % 4
+            out.append(pytest.param(f, packed, backend, marks=() if fast else pytest.mark.slow))
+    return out
+
+
+@pytest.mark.parametrize("fmt,packed,backend", _other_families())
 def test_other_families_round_trip_bit_exactly(tmp_path, fmt, packed, backend):
     # Tensor scales, E4M3 block scales, microexponent bits: every leaf back.
     x = _weights((32, 48), seed=hash(fmt) % 1000)

@@ -85,8 +85,19 @@ def test_jit_matches_eager(fmt):
     _changed(eager_fq, x)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def _dtype_cases():
+    # The OCP formats with every input dtype; the other families (whose own
+    # suites cover the dtypes) with bfloat16 in make test, all in test-slow.
+    out = []
+    for f in FORMATS:
+        ocp = jaxmx.get_format(f).codec == "ocp"
+        for d in (jnp.float32, jnp.bfloat16, jnp.float16):
+            slow = not ocp and d != jnp.bfloat16
+            out.append(pytest.param(f, d, marks=pytest.mark.slow if slow else ()))
+    return out
+
+
+@pytest.mark.parametrize("fmt,dtype", _dtype_cases())
 def test_input_dtypes(fmt, dtype):
     x = _x((4, 96), dtype=dtype)
     fq = jaxmx.fake_quantize(x, fmt)

@@ -269,7 +269,16 @@ def test_nvfp4_training_preset():
         )  # fmt: skip
 
 
-@pytest.mark.parametrize("fmt", ["nvfp4", "mx6", "tensor_fp8_e4m3"])
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        "mx6",
+        # Slow to compile; NVFP4 and per-tensor weights are served in
+        # test_prequantized_operand_and_checkpoint too.
+        pytest.param("nvfp4", marks=pytest.mark.slow),
+        pytest.param("tensor_fp8_e4m3", marks=pytest.mark.slow),
+    ],
+)
 def test_rules_and_serving_take_every_family(fmt):
     import flax.linen as nn
 

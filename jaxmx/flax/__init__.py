@@ -11,6 +11,13 @@
 """
 
 # ruff: noqa: I001 (one re-export per line)
+try:  # an optional extra: the core of jaxmx does not need it
+    import flax as _flax  # noqa: F401
+except ImportError as _err:  # pragma: no cover - only without the extra
+    raise ImportError(
+        "jaxmx.flax needs flax: pip install 'jaxmx[flax]' (or pip install flax)"
+    ) from _err
+
 from jaxmx.flax import linen
 from jaxmx.flax import nnx
 from jaxmx.flax._ops import MXAttention

@@ -14,6 +14,13 @@ NamedTuple of arrays, so it composes with ``optax.chain``, runs under
 # ruff: noqa: I001 (one re-export per line, grouped by concept)
 
 # Quantization maps and state codecs.
+try:  # an optional extra: the core of jaxmx does not need it
+    import optax as _optax  # noqa: F401
+except ImportError as _err:  # pragma: no cover - only without the extra
+    raise ImportError(
+        "jaxmx.optax needs optax: pip install 'jaxmx[optax]' (or pip install optax)"
+    ) from _err
+
 from jaxmx.optax.maps import QuantMap
 from jaxmx.optax.maps import dynamic_map
 from jaxmx.optax.maps import linear_map
