@@ -312,3 +312,41 @@ def test_rules_and_serving_take_every_family(fmt):
     )
     # The same float32 matmuls on the same decoded weights.
     np.testing.assert_array_equal(np.asarray(served), np.asarray(m.apply(decoded, x)))
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(codec="nvfp4", element="FP8_E4M3", scale="UE4M3", block_size=16, tensor_scale=True),
+         "FP4 E2M1 elements"),
+        (dict(codec="ocp", element="FP8_E4M3", scale="E8M0", tensor_scale=True), "no tensor scale"),
+        (dict(codec="microexp", element="INT8", scale="E8M0", block_size=16), "sign-magnitude"),
+        (dict(codec="tensor", element="FP4_E2M1", scale=None, block_size=None, tensor_scale=True),
+         "FP8 E4M3 or E5M2"),
+        (dict(codec="bdr", element="SM_INT8", scale="E8M0"), "unknown codec"),
+    ],
+)  # fmt: skip
+def test_a_record_must_fit_its_codec(fields, match):
+    from jaxmx import formats
+
+    kw = {
+        k: getattr(formats, v) if k in ("element", "scale") and v else v for k, v in fields.items()
+    }
+    with pytest.raises(ValueError, match=match):
+        jaxmx.MXFormat(name="custom", **kw)
+    # The same fields with the codec that describes them make a valid format.
+    ok = jaxmx.MXFormat(
+        name="ok", element=formats.SM_INT5, scale=formats.E8M0, block_size=8,
+        micro=formats.MICRO_1X2, codec="microexp",
+    )  # fmt: skip
+    assert ok.block_size == 8
+
+
+def test_a_grid_below_float32_is_refused():
+    # FP16 elements under E8M0's 2^-127 step down to 2^-151: not float32 numbers
+    # (found by the fuzzer: a subnormal block came back 4x too large).
+    from jaxmx import formats
+
+    with pytest.raises(ValueError, match="below float32's smallest subnormal"):
+        jaxmx.MXFormat(name="mxfp16", element=formats.FP16, scale=formats.E8M0)
+    assert jaxmx.MXFormat(name="e5m2", element=formats.FP8_E5M2, scale=formats.E8M0)
