@@ -187,7 +187,8 @@ def test_bf16_compute_runs_non_canonical_layouts(shapes, dims):
 # 6. Custom formats: supported fully or refused.
 
 
-@pytest.mark.parametrize("e,m", [(2, 2), (3, 3), (4, 4), (5, 4), (5, 5), (8, 7)])
+# (8, 7), bfloat16, is refused: under E8M0 its grid reaches 2^-260 (test_families).
+@pytest.mark.parametrize("e,m", [(2, 2), (3, 3), (4, 4), (5, 4), (5, 5), (5, 6)])
 def test_custom_widths_pack_and_decode_exactly(e, m):
     f = jaxmx.MXFormat(
         name=f"c{e}{m}", element=jaxmx.formats.float_format(e, m), scale=jaxmx.formats.E8M0
