@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxmx.formats import MXFormat, get_format
 from jaxmx.numerics import ROUNDINGS, SCALE_MODES
+from jaxmx.spec import positive_int
 
 __all__ = ["DotConfig", "FORWARD", "as_dot_config", "preset", "list_presets"]
 
@@ -129,8 +130,8 @@ class DotConfig:
             rb = tuple(rb)
         ok = (
             rb is None
-            or _positive_int(rb)
-            or (isinstance(rb, tuple) and len(rb) == 2 and all(_positive_int(b) for b in rb))
+            or positive_int(rb)
+            or (isinstance(rb, tuple) and len(rb) == 2 and all(positive_int(b) for b in rb))
         )
         if not ok:
             raise ValueError(
@@ -140,7 +141,7 @@ class DotConfig:
         set_("rhs_block_size", rb if not isinstance(rb, np.integer) else int(rb))
         if self.wgrad_hadamard is not None:
             h = self.wgrad_hadamard
-            if not _positive_int(h) or h & (h - 1):
+            if not positive_int(h) or h & (h - 1):
                 raise ValueError(
                     f"wgrad_hadamard must be None or a power of two (e.g. 16), got {h!r}"
                 )
@@ -212,10 +213,6 @@ class DotConfig:
             f"fwd {names['lhs']} x {names['rhs']}; dgrad {names['grad']} x {names['rhs_bwd']}; "
             f"wgrad {names['lhs_bwd']} x {names['grad']}"
         )
-
-
-def _positive_int(v) -> bool:
-    return not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v > 0
 
 
 def _resolve(role: str, value: FormatLike) -> MXFormat | None:

@@ -341,6 +341,11 @@ class MXFormat:
             )
 
     @property
+    def packable(self) -> bool:
+        """Whether packing saves memory: sub-byte codes, or microexponent bits."""
+        return self.element.bits % 8 != 0 or self.micro is not None
+
+    @property
     def bits_per_element(self) -> float:
         """Storage bits per element, amortized block scales and microexponents
         included (a per-tensor scale, 32 bits per tensor, is not counted)."""

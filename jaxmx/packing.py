@@ -28,10 +28,9 @@ from jax import lax
 
 from jaxmx.blocks import from_blocks, pack_group, to_blocks
 from jaxmx.codes import raw_dtype, raw_to_storage, storage_to_raw
-from jaxmx.formats import ElementFormat
 from jaxmx.tensor import MXTensor
 
-__all__ = ["pack", "unpack", "pack_codes", "packable", "unpack_codes"]
+__all__ = ["pack", "unpack", "pack_codes", "unpack_codes"]
 
 
 def pack_codes(raw: jax.Array, bits: int, axis: int) -> jax.Array:
@@ -93,11 +92,6 @@ def _unpack_bitwise(packed: jax.Array, bits: int, axis: int, length: int) -> jax
     return jnp.moveaxis(codes, -1, axis)
 
 
-def packable(elem: ElementFormat) -> bool:
-    """Whether codes of ``elem`` take less than whole bytes, so packing saves memory."""
-    return elem.bits % 8 != 0
-
-
 def pack(t: MXTensor) -> MXTensor:
     """Packs the codes of a format whose width is not whole bytes into bytes.
 
@@ -113,7 +107,7 @@ def pack(t: MXTensor) -> MXTensor:
     """
     if not isinstance(t, MXTensor):
         raise TypeError(f"pack expects an MXTensor, got {type(t).__name__}")
-    if t.packed or not (packable(t.format.element) or t.micro is not None):
+    if t.packed or not t.format.packable:
         return t
     return _pack(t)
 

@@ -61,9 +61,8 @@ from jax import lax
 from jaxmx import _hadamard, numerics
 from jaxmx.blocks import from_blocks, to_blocks
 from jaxmx.formats import MXFormat, get_format
-from jaxmx.packing import packable
-from jaxmx.quantize import check_array, check_flag, quantize_blocks, quantize_with_exponent
-from jaxmx.spec import QuantSpec, check_axis
+from jaxmx.quantize import check_array, quantize_blocks, quantize_with_exponent
+from jaxmx.spec import QuantSpec, check_axis, check_flag
 from jaxmx.tensor import MXTensor
 
 __all__ = [
@@ -211,7 +210,7 @@ def quantize_search(
     axis, bs = _blocking(x.ndim, fmt, axis, block_size)
     scale_mode = _check_scale_mode(scale_mode)
     offsets = _check_offsets(offsets)
-    packed = check_flag(packed, "packed") and packable(fmt.element)
+    packed = check_flag(packed, "packed") and fmt.packable
     importance = _check_importance(importance, x.shape, axis)
     e = _search_jit(x, fmt, axis, bs, scale_mode, offsets, importance)
     return quantize_with_exponent(x, e, fmt, axis, bs, packed)
@@ -562,7 +561,7 @@ def quantize_gptq(
     act_order = check_flag(act_order, "act_order")
     if search is not None and not isinstance(search, ScaleSearch):
         raise TypeError(f"search must be a ScaleSearch or None, got {type(search).__name__}")
-    packed = check_flag(packed, "packed") and packable(fmt.element)
+    packed = check_flag(packed, "packed") and fmt.packable
     n = w.shape[axis]
     hessian = np.asarray(hessian)
     if hessian.shape != (n, n):

@@ -77,13 +77,6 @@ def check_rounding(rounding, key, what: str = "rounding") -> None:
         )
 
 
-def check_flag(value, name: str) -> bool:
-    # Only real booleans: bool("no") is True, and a flag must not flip silently.
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
 def _check_tensor_amax(tensor_amax, spec: QuantSpec):
     if tensor_amax is None:
         return None
@@ -231,21 +224,21 @@ def quantize(
     >>> jaxmx.dequantize(t)  # small values drown next to the block max
     Array([[ 0., -0.,  8., 96.]], dtype=float32)
     """
+    x, rbits, amax, spec = _arguments(
+        x, format, key, tensor_amax, axis=axis, block_size=block_size, scale_mode=scale_mode,
+        rounding=rounding, flush_subnormals=flush_subnormals, packed=packed,
+    )  # fmt: skip
+    return _quantize_nodiff(x, rbits, amax, spec)
+
+
+def _arguments(x, format, key, tensor_amax, **options):
+    """Checked ``(x, random bits, tensor amax, QuantSpec)`` of a quantize call."""
     x = check_array(x)
-    spec = QuantSpec.make(
-        format,
-        x.ndim,
-        axis=axis,
-        block_size=block_size,
-        scale_mode=scale_mode,
-        rounding=rounding,
-        flush_subnormals=flush_subnormals,
-        packed=packed,
-    )
-    check_rounding(rounding, key)
+    spec = QuantSpec.make(format, x.ndim, **options)
+    check_rounding(spec.rounding, key)
     amax = _check_tensor_amax(tensor_amax, spec)
     rbits = random_bits(key, x.shape) if spec.random_bits else None
-    return _quantize_nodiff(x, rbits, amax, spec)
+    return x, rbits, amax, spec
 
 
 def quantize_spec(x, rbits, tensor_amax, spec: QuantSpec) -> MXTensor:
@@ -415,19 +408,10 @@ def fake_quantize(
     >>> jaxmx.fake_quantize(jnp.array([0.3, -1.7, 5.0, 6.5]), "mxfp4", block_size=4)
     Array([ 0.5, -1.5,  4. ,  6. ], dtype=float32)
     """
-    x = check_array(x)
-    spec = QuantSpec.make(
-        format,
-        x.ndim,
-        axis=axis,
-        block_size=block_size,
-        scale_mode=scale_mode,
-        rounding=rounding,
-        flush_subnormals=flush_subnormals,
-    )
-    check_rounding(rounding, key)
-    amax = _check_tensor_amax(tensor_amax, spec)
-    rbits = random_bits(key, x.shape) if spec.random_bits else None
+    x, rbits, amax, spec = _arguments(
+        x, format, key, tensor_amax, axis=axis, block_size=block_size, scale_mode=scale_mode,
+        rounding=rounding, flush_subnormals=flush_subnormals,
+    )  # fmt: skip
     return _fake_quantize(x, rbits, amax, spec)
 
 

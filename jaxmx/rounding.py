@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from jaxmx import formats, numerics
 from jaxmx.formats import BF16, FP16, ElementFormat, get_format
-from jaxmx.quantize import check_array, check_flag, check_rounding, random_bits
+from jaxmx.quantize import check_array, check_rounding, random_bits
+from jaxmx.spec import check_flag
 
 __all__ = ["round_to"]
 

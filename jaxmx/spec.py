@@ -22,7 +22,7 @@ import numpy as np
 from jaxmx import numerics
 from jaxmx.formats import MXFormat, get_format
 
-__all__ = ["QuantSpec", "CodecRules", "CODEC_RULES", "check_axis"]
+__all__ = ["QuantSpec", "CodecRules", "CODEC_RULES", "check_axis", "check_flag", "positive_int"]
 
 
 class CodecRules(NamedTuple):
@@ -54,14 +54,14 @@ CODEC_RULES: dict[str, CodecRules] = {
 }
 
 
-def _flag(value, name: str) -> bool:
+def check_flag(value, name: str) -> bool:
     # Only real booleans: bool("no") is True, and a flag must not flip silently.
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be True or False, got {value!r}")
     return bool(value)
 
 
-def _positive_int(v) -> bool:
+def positive_int(v) -> bool:
     return not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v > 0
 
 
@@ -154,14 +154,13 @@ scale_mode='floor', rounding='nearest_even', flush_subnormals=False, packed=Fals
                 f"{fmt.name} implements rounding {', '.join(rules.roundings)} only "
                 f"(its reference, {fmt.reference}, defines no other); got {rounding!r}"
             )
-        flush = _flag(flush_subnormals, "flush_subnormals")
+        flush = check_flag(flush_subnormals, "flush_subnormals")
         if flush and not rules.flush_subnormals:
             raise ValueError(
                 f"flush_subnormals=True is the MX emulator's rule for OCP formats; {fmt.name} "
                 "defines its own handling of tiny values (see docs/semantics.md)"
             )
-        # Whole-byte codes are packed already, unless microexponent bits ride along.
-        packed = _flag(packed, "packed") and (fmt.element.bits % 8 != 0 or fmt.micro is not None)
+        packed = check_flag(packed, "packed") and fmt.packable
         bs = _check_block_size(block_size, fmt, rules, axis, ndim)
         return cls(fmt, axis, bs, scale_mode, rounding, flush, packed)
 
@@ -198,7 +197,7 @@ def _check_block_size(block_size, fmt: MXFormat, rules: CodecRules, axis: int, n
             )
         return fmt.block_size
     if kind == "tiles" and isinstance(block_size, tuple):
-        if len(block_size) != 2 or not all(_positive_int(b) for b in block_size):
+        if len(block_size) != 2 or not all(positive_int(b) for b in block_size):
             raise ValueError(
                 f"2-D tiles take a pair of positive ints, e.g. (16, 16); got {block_size!r}"
             )
