@@ -212,7 +212,14 @@ def _method_direct(model, params, recipe: Recipe, calibration) -> tuple[Any, Any
 # transform in FP32 (sums and differences, no matmul for intercept to see),
 # as hardware would apply it.
 
-HADAMARD_SIZE = 32  # the MX block size: each block is rotated within itself
+HADAMARD_SIZE = 32  # the OCP MX block size: each block is rotated within itself
+
+
+def _hadamard_size(recipe: Recipe) -> int:
+    """The Hadamard order of a recipe: its format's block (16 for NVFP4 and BDR, 32 for OCP)."""
+    return min(HADAMARD_SIZE, jaxmx.get_format(recipe.fmt).block_size)
+
+
 CALIBRATION = {"windows": 4, "length": 512}  # SmolLM2 tokens for GPTQ's Hessians
 
 
@@ -250,16 +257,17 @@ def _untied(model, params):
     return untied, {**params, "params": {**p, "lm_head": head}}
 
 
-def _rotated(model, params):
+def _rotated(model, params, size: int = HADAMARD_SIZE):
     """The model with rotated Dense inputs and its kernels rotated to match."""
-    rotated = jaxmx.ptq.rotate_weights(params["params"], size=HADAMARD_SIZE)
-    return _RotatedInputs(inner=model), {**params, "params": {"inner": rotated}}
+    rotated = jaxmx.ptq.rotate_weights(params["params"], size=size)
+    return _RotatedInputs(inner=model, size=size), {**params, "params": {"inner": rotated}}
 
 
 _HESSIANS: dict = {}  # (model, calibration bytes) -> Hessians: shared by every GPTQ recipe
 
 
-def _hessians(model, params, calibration, *, rotated: bool = False) -> dict:
+def _hessians(model, params, calibration, *, rotated: int = 0) -> dict:
+    """GPTQ Hessians of every Dense input; ``rotated``: the Hadamard order they are rotated by."""
     if calibration is None:
         raise NotImplementedError("GPTQ needs calibration data (LMEval.calibration)")
     calibration = np.asarray(calibration)
@@ -274,8 +282,8 @@ def _hessians(model, params, calibration, *, rotated: bool = False) -> dict:
         return hess
 
     def rotate_both(h):  # (x H)^T (x H) = H^T (X^T X) H
-        r = jaxmx.ptq.rotate(jax.numpy.asarray(h, jax.numpy.float32), axis=1, size=HADAMARD_SIZE)
-        return np.asarray(jaxmx.ptq.rotate(r, axis=0, size=HADAMARD_SIZE), np.float64)
+        r = jaxmx.ptq.rotate(jax.numpy.asarray(h, jax.numpy.float32), axis=1, size=rotated)
+        return np.asarray(jaxmx.ptq.rotate(r, axis=0, size=rotated), np.float64)
 
     return {k.replace("params/", "params/inner/", 1): rotate_both(h) for k, h in hess.items()}
 
@@ -303,10 +311,11 @@ def _method_search_h(model, params, recipe: Recipe, calibration) -> tuple[Any, A
 def _method_gptq(
     model, params, recipe: Recipe, calibration, *, search=False, rotate=False, act_order=False
 ):
-    hess = _hessians(model, params, calibration, rotated=rotate)
+    size = _hadamard_size(recipe)
+    hess = _hessians(model, params, calibration, rotated=size if rotate else 0)
     model, params = _untied(model, params)
     if rotate:
-        model, params = _rotated(model, params)
+        model, params = _rotated(model, params, size)
     gptq = jaxmx.ptq.GPTQ(
         hessians=hess,
         scale_mode=recipe.scale_mode,
@@ -317,8 +326,8 @@ def _method_gptq(
 
 
 def _method_hadamard(model, params, recipe: Recipe, calibration) -> tuple[Any, Any]:
-    del recipe, calibration  # the scope casts the rotated weights and inputs directly
-    return _rotated(*_untied(model, params))
+    del calibration  # the scope casts the rotated weights and inputs directly
+    return _rotated(*_untied(model, params), _hadamard_size(recipe))
 
 
 # method name -> (model, params, recipe, calibration) -> (model, params). A

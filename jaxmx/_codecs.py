@@ -32,7 +32,7 @@ from jaxmx.packing import pack_codes
 from jaxmx.spec import QuantSpec
 from jaxmx.tensor import MXTensor
 
-__all__ = ["Codec", "CODECS"]
+__all__ = ["Codec", "CODECS", "microexp_search", "nvfp4_search", "quantize_onto"]
 
 
 class Codec(NamedTuple):
@@ -71,12 +71,7 @@ def _nvfp4_quantize(x, rbits, tensor_amax, spec: QuantSpec) -> MXTensor:
     q = nvfp4.nvfp4_quantize(
         x, axis=spec.axis, block_size=spec.block_size, tensor_amax=tensor_amax, rbits=rbits
     )
-    elem = spec.format.element
-    if spec.packed:
-        data = pack_codes(q.codes, elem.bits, spec.axis)
-    else:
-        data = codes.raw_to_storage(q.codes, elem)
-    return _tensor(spec, x, data, q.block_scales, tensor_scale=q.tensor_scale)
+    return _tensor(spec, x, _nvfp4_data(q.codes, spec), q.block_scales, tensor_scale=q.tensor_scale)
 
 
 def _nvfp4_fake_quantize(x, rbits, tensor_amax, spec: QuantSpec):
@@ -110,13 +105,7 @@ def _microexp_spec(fmt: MXFormat) -> microexp.MicroexpSpec:
 
 def _microexp_quantize(x, rbits, tensor_amax, spec: QuantSpec) -> MXTensor:
     q = microexp.quantize(x, _microexp_spec(spec.format), axis=spec.axis)
-    data, micro = q.mantissas, q.micro
-    if spec.packed:
-        data = pack_codes(data, spec.format.element.bits, spec.axis)
-    if spec.packed and micro is not None:
-        micro = pack_codes(micro, 1, spec.axis)
-    scale = lax.bitcast_convert_type(q.shared_exponent, spec.format.scale.storage_dtype)
-    return _tensor(spec, x, data, scale, micro=micro)
+    return _microexp_tensor(x, q, spec)
 
 
 def _microexp_fake_quantize(x, rbits, tensor_amax, spec: QuantSpec):
@@ -128,6 +117,63 @@ def _microexp_dequantize(t: MXTensor, dtype):
     return microexp.dequantize(
         t.data, exponent, t.micro, _microexp_spec(t.format), axis=t.axis, dtype=dtype
     )
+
+
+# --------------------------------------------------------------------------
+# Post-training: scales chosen by error, and codes onto given scales.
+# --------------------------------------------------------------------------
+
+
+def _nvfp4_data(q_codes, spec: QuantSpec):
+    elem = spec.format.element
+    if spec.packed:
+        return pack_codes(q_codes, elem.bits, spec.axis)
+    return codes.raw_to_storage(q_codes, elem)
+
+
+def nvfp4_search(x, importance, spec: QuantSpec) -> MXTensor:
+    """NVFP4 with Four Over Six block scales (:func:`nvfp4.nvfp4_quantize_4over6`)."""
+    q = nvfp4.nvfp4_quantize_4over6(
+        x, axis=spec.axis, block_size=spec.block_size, importance=importance
+    )
+    return _tensor(spec, x, _nvfp4_data(q.codes, spec), q.block_scales, tensor_scale=q.tensor_scale)
+
+
+def microexp_search(x, offsets, importance, spec: QuantSpec) -> MXTensor:
+    """BDR codes with shared exponents and micro bits chosen by squared error."""
+    q = microexp.quantize_search(
+        x, _microexp_spec(spec.format), axis=spec.axis, offsets=offsets, importance=importance
+    )
+    return _microexp_tensor(x, q, spec)
+
+
+def _microexp_tensor(x, q: microexp.MicroexpCodes, spec: QuantSpec) -> MXTensor:
+    data, micro = q.mantissas, q.micro
+    if spec.packed:
+        data = pack_codes(data, spec.format.element.bits, spec.axis)
+    if spec.packed and micro is not None:
+        micro = pack_codes(micro, 1, spec.axis)
+    scale = lax.bitcast_convert_type(q.shared_exponent, spec.format.scale.storage_dtype)
+    return _tensor(spec, x, data, scale, micro=micro)
+
+
+def quantize_onto(x, like: MXTensor, spec: QuantSpec) -> MXTensor:
+    """``x`` rounded to nearest onto the scales of ``like`` (an unpacked NVFP4 or BDR tensor).
+
+    ``spec`` is like's blocking with the packing wanted for the result.
+    """
+    if spec.format.codec == "nvfp4":
+        c = nvfp4.nvfp4_encode(
+            x, like.scale, like.tensor_scale, axis=spec.axis, block_size=spec.block_size
+        )
+        return _tensor(spec, x, _nvfp4_data(c, spec), like.scale, tensor_scale=like.tensor_scale)
+    if spec.format.codec == "microexp":
+        exponent = lax.bitcast_convert_type(like.scale, jnp.uint8)
+        q = microexp.quantize_fixed(
+            x, exponent, like.micro, _microexp_spec(spec.format), axis=spec.axis
+        )
+        return _microexp_tensor(x, q, spec)
+    raise ValueError(f"no fixed-scale encoder for the {spec.format.codec!r} family")
 
 
 # --------------------------------------------------------------------------

@@ -1,10 +1,14 @@
 """Post-training quantization methods that beat round-to-nearest direct cast.
 
-A direct cast (:func:`jaxmx.quantize`) takes each block's shared exponent
-from the block maximum and rounds every element to nearest. Three methods
-here spend some offline work to do better, and all of them still produce
-ordinary :class:`~jaxmx.MXTensor` weights (same codes and E8M0 scales, same
-layout), so a model runs from them exactly as from a direct cast:
+A direct cast (:func:`jaxmx.quantize`) takes each block's scale from the
+block maximum and rounds every element to nearest. Three methods here spend
+some offline work to do better, and all of them still produce ordinary
+:class:`~jaxmx.MXTensor` weights (same format, codes, scales and layout), so
+a model runs from them exactly as from a direct cast. They work on every
+block family: OCP MX (E8M0 exponents), NVFP4 (E4M3 block scales under a
+tensor scale) and the shared-microexponent formats MX9/MX6/MX4 and MSFP
+(an exponent per block, a micro bit per pair); per-tensor FP8 has no
+blocks and is refused.
 
 * **Per-block scale search** (:func:`quantize_search`, :class:`ScaleSearch`):
   each block tries the max-based exponent ``e`` and smaller ones (``e - 1``,
@@ -12,7 +16,9 @@ layout), so a model runs from them exactly as from a direct cast:
   grid) and keeps the one with the least squared error. The MSE-optimal
   clipping of Banner et al. 2019 (ACIQ, arXiv:1810.05723) and Sakr et al.
   2022 (OCTAV, arXiv:2206.06501), restricted to the power-of-two scales an
-  E8M0 block can hold.
+  E8M0 block can hold. For NVFP4 it is Four Over Six (Cook et al. 2025,
+  arXiv:2512.02010): each block's maximum maps to 6 or to 4; for the BDR
+  formats the exponent offsets plus each pair's micro bit chosen by error.
 * **Block-diagonal Hadamard rotation** (:func:`hadamard`, :func:`rotate`,
   :func:`rotate_weights`): ``x @ w = (x H) @ (H^T w)`` with ``H`` an
   orthonormal Hadamard matrix of 16 or 32 along the contraction axis, so the
@@ -58,10 +64,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxmx import _hadamard, numerics
+from jaxmx import _codecs, _hadamard, numerics
 from jaxmx.blocks import from_blocks, to_blocks
 from jaxmx.formats import MXFormat, get_format
-from jaxmx.quantize import check_array, quantize_blocks, quantize_with_exponent
+from jaxmx.quantize import (
+    check_array,
+    dequantize,
+    quantize_blocks,
+    quantize_spec,
+    quantize_with_exponent,
+)
 from jaxmx.spec import QuantSpec, check_axis, check_flag
 from jaxmx.tensor import MXTensor
 
@@ -85,13 +97,19 @@ _SCALE_MODES = ("floor", "rceil", "ceil", "even")
 # --------------------------------------------------------------------------
 
 
+# Families whose block scales the methods choose: OCP MX (E8M0 exponents),
+# NVFP4 (E4M3 block scales under a tensor scale) and the shared-microexponent
+# formats (an E8M0 exponent and micro bits). Per-tensor FP8 has no blocks.
+_FAMILIES = ("ocp", "nvfp4", "microexp")
+_DEFAULT_OFFSETS = (0, 1, -1, -2)
+
+
 def _check_format(format) -> MXFormat:
     fmt = get_format(format)
-    if fmt.codec != "ocp":
+    if fmt.codec not in _FAMILIES:
         raise ValueError(
-            f"{fmt.name} follows its own scale arithmetic ({fmt.reference}); the PTQ methods "
-            "choose the E8M0 exponents of OCP MX formats only (jaxmx.list_formats(): the "
-            "mxfp*/mxint* ones)"
+            f"{fmt.name} has one scale per tensor and no blocks to choose scales for; the PTQ "
+            "methods take block formats (OCP MX, NVFP4, MX9/MX6/MX4, MSFP)"
         )
     return fmt
 
@@ -99,6 +117,19 @@ def _check_format(format) -> MXFormat:
 def _blocking(ndim: int, fmt: MXFormat, axis, block_size) -> tuple[int, int]:
     spec = QuantSpec.make(fmt, ndim, axis=axis, block_size=block_size)
     return spec.axis, spec.block_size
+
+
+def _spec(fmt: MXFormat, ndim: int, axis, block_size, scale_mode, packed=False) -> QuantSpec:
+    """The blocking of a method's result; 2-D tiles cover the last two axes whatever ``axis``."""
+    tiles = isinstance(block_size, tuple)
+    return QuantSpec.make(
+        fmt,
+        ndim,
+        axis=-1 if tiles else axis,
+        block_size=block_size,
+        scale_mode=scale_mode,
+        packed=packed,
+    )
 
 
 def _check_scale_mode(scale_mode) -> str:
@@ -166,9 +197,9 @@ def quantize_search(
     importance=None,
     packed: bool = False,
 ) -> MXTensor:
-    """Quantizes ``x`` choosing each block's exponent by its squared error.
+    """Quantizes ``x`` choosing each block's scale by its squared error.
 
-    Each block tries the exponent ``e`` of ``scale_mode`` (OCP floor by
+    OCP MX formats: each block tries the exponent ``e`` of ``scale_mode`` (OCP floor by
     default) plus each offset (by default ``e + 1``, which undoes floor's
     clipping of a block maximum, and ``e - 1``, ``e - 2``), and keeps the
     exponent whose round-to-nearest result has the least sum of squared
@@ -179,13 +210,25 @@ def quantize_search(
     cast's. Source: MSE-optimal clipping (Banner et al. 2019,
     arXiv:1810.05723; Sakr et al. 2022, arXiv:2206.06501) over E8M0 scales.
 
+    NVFP4: Four Over Six (Cook et al. 2025, arXiv:2512.02010): each block's
+    E4M3 scale maps its maximum to 6 or to 4, whichever gives the smaller
+    error, under a tensor scale of ``amax / 1536`` (so that the 4-target
+    scales fit E4M3); see :func:`jaxmx._scaled.nvfp4.nvfp4_quantize_4over6`.
+    ``offsets`` do not apply.
+
+    MX9/MX6/MX4 and MSFP: the shared exponent tries Quark's plus each offset,
+    and under each every pair of elements takes the micro bit (finer grid or
+    not) with the smaller error instead of Quark's rule; no block's error
+    exceeds the direct cast's (:func:`jaxmx._scaled.microexp.quantize_search`).
+
     Args:
       x: float32, bfloat16 or float16 array.
-      format: an MX format with power-of-two scales (name or MXFormat).
+      format: a block format (name or MXFormat): OCP MX, NVFP4, MX9/MX6/MX4, MSFP.
       axis: the axis blocks run along (a weight's contraction axis).
       block_size: elements per block; None: the format's.
-      scale_mode: the rule for the starting exponent ``e``.
-      offsets: exponent offsets to try; must include 0.
+      scale_mode: the rule for the starting exponent ``e`` (OCP formats;
+        the others have their own rule, "floor").
+      offsets: exponent offsets to try; must include 0 (not for NVFP4).
       importance: optional non-negative weight of each position along
         ``axis`` (1-D, length ``x.shape[axis]``) in the block error: for a
         matmul weight, the diagonal of its calibration Hessian ``X^T X``
@@ -195,7 +238,7 @@ def quantize_search(
 
     Returns:
       An :class:`~jaxmx.MXTensor` like ``jaxmx.quantize(x, format, axis=axis)``'s,
-      with possibly smaller scales.
+      with other scales where they have less error.
 
     >>> import jax.numpy as jnp, jaxmx
     >>> x = jnp.array([3.2, 0.75, 0.75, -0.75])
@@ -207,13 +250,32 @@ def quantize_search(
     """
     fmt = _check_format(format)
     x = check_array(x)
-    axis, bs = _blocking(x.ndim, fmt, axis, block_size)
-    scale_mode = _check_scale_mode(scale_mode)
+    spec = _spec(fmt, x.ndim, axis, block_size, _check_scale_mode(scale_mode), packed)
     offsets = _check_offsets(offsets)
-    packed = check_flag(packed, "packed") and fmt.packable
-    importance = _check_importance(importance, x.shape, axis)
-    e = _search_jit(x, fmt, axis, bs, scale_mode, offsets, importance)
-    return quantize_with_exponent(x, e, fmt, axis, bs, packed)
+    if spec.tiles and importance is not None:
+        raise ValueError(
+            "importance weights the positions along one axis; 2-D tiles block two "
+            f"(block_size={spec.block_size}): drop importance or use 1-D blocks"
+        )
+    importance = _check_importance(importance, x.shape, spec.axis)
+    return _search_tensor(x, spec, offsets, importance)
+
+
+def _search_tensor(x, spec: QuantSpec, offsets, importance) -> MXTensor:
+    """The per-family search, on validated arguments (importance: broadcastable or None)."""
+    fmt, axis, bs = spec.format, spec.axis, spec.block_size
+    if fmt.codec == "ocp":
+        e = _search_jit(x, fmt, axis, bs, spec.scale_mode, offsets, importance)
+        return quantize_with_exponent(x, e, fmt, axis, bs, spec.packed)
+    full = None if importance is None else jnp.broadcast_to(importance, x.shape)
+    if fmt.codec == "nvfp4":
+        if offsets != _check_offsets(_DEFAULT_OFFSETS):
+            raise ValueError(
+                "NVFP4's search chooses each block's target (6 or 4, Four Over Six); exponent "
+                f"offsets apply to power-of-two scales only, got offsets={offsets!r}"
+            )
+        return _codecs.nvfp4_search(x, full, spec)
+    return _codecs.microexp_search(x, offsets, full, spec)
 
 
 def _check_importance(importance, shape, axis):
@@ -266,9 +328,11 @@ def fake_quantize_search(
     """
     fmt = _check_format(format)
     x = check_array(x)
-    axis, bs = _blocking(x.ndim, fmt, axis, block_size)
+    spec = _spec(fmt, x.ndim, axis, block_size, _check_scale_mode(scale_mode))
+    if fmt.codec != "ocp":
+        return dequantize(_search_tensor(x, spec, _check_offsets(offsets), None))
     return _fake_search_jit(
-        x, fmt, axis, bs, _check_scale_mode(scale_mode), _check_offsets(offsets)
+        x, fmt, spec.axis, spec.block_size, spec.scale_mode, _check_offsets(offsets)
     )
 
 
@@ -442,15 +506,64 @@ def _to_grid(w, e, elem):
     return numerics.bits_to_f32(out)
 
 
+# Each family's fixed grid, per entry: (rounding of values onto it, given the
+# per-entry parameter; the parameter of every entry of a fixed-scale tensor).
+
+
+def _ocp_round(w, e, fmt: MXFormat):
+    return _to_grid(w, e, fmt.element)
+
+
+def _nvfp4_round(w, dec, fmt: MXFormat):
+    # E2M1(round(w / dec)) * dec; a zero block scale holds zeros only.
+    safe = jnp.where(dec > 0, dec, 1.0)
+    return jnp.where(dec > 0, _to_grid(w / safe, 0, fmt.element) * safe, 0.0)
+
+
+def _microexp_round(w, step, fmt: MXFormat):
+    # Sign-magnitude integers times 2^step, half to even, saturating.
+    top = float((1 << (fmt.element.bits - 1)) - 1)
+    return jnp.ldexp(jnp.clip(jnp.round(jnp.ldexp(w, -step)), -top, top), step)
+
+
+def _expand(per_block, t: MXTensor, group: int | None = None):
+    """A per-block (or, with ``group``, per-group) array repeated onto every entry of ``t``."""
+    if isinstance(t.block_size, tuple):
+        r, c = t.block_size
+        return jnp.repeat(jnp.repeat(per_block, r, axis=-2), c, axis=-1)
+    n = t.shape[t.axis]
+    return lax.slice_in_dim(
+        jnp.repeat(per_block, group or t.block_size, axis=t.axis), 0, n, axis=t.axis
+    )
+
+
+def _nvfp4_params(t: MXTensor):
+    s8 = t.scale.astype(jnp.float32)  # exact: every E4M3 value is a float32
+    return _expand(s8, t) * t.tensor_scale
+
+
+def _microexp_params(t: MXTensor):
+    block_exp = lax.bitcast_convert_type(t.scale, jnp.uint8).astype(jnp.int32) - 127
+    step = _expand(block_exp, t) - (t.format.element.bits - 2)
+    if t.micro is not None:
+        step = step - _expand(t.micro.astype(jnp.int32), t, t.format.micro.group)
+    return step
+
+
+_ROUND = {"ocp": _ocp_round, "nvfp4": _nvfp4_round, "microexp": _microexp_round}
+_PARAMS = {"nvfp4": _nvfp4_params, "microexp": _microexp_params}
+
+
 @functools.partial(jax.jit, static_argnums=(3, 4))
-def _gptq_rows(w, u, e, elem, chunk):
+def _gptq_rows(w, u, e, fmt, chunk):
     """GPTQ's lazy-batch loop (Frantar et al. 2023, Algorithm 1) over rows of ``w``.
 
     ``w``: (n, R) float32, rows in quantization order (the contraction axis);
     ``u``: (n, n) upper Cholesky factor of the inverse Hessian; ``e``: (n, R)
-    int32 exponent of each entry's block (fixed). ``n`` is a multiple of
-    ``chunk``. Returns the quantized values, shaped like ``w``.
+    the fixed grid parameter of each entry (its family's, see ``_ROUND``).
+    ``n`` is a multiple of ``chunk``. Returns the quantized values, shaped like ``w``.
     """
+    to_grid = _ROUND[fmt.codec]
     n = w.shape[0]
     rows = jnp.arange(n)
 
@@ -463,7 +576,7 @@ def _gptq_rows(w, u, e, elem, chunk):
 
         def one_row(r, st):
             wc, qc, errs = st
-            qr = _to_grid(wc[r], ec[r], elem)
+            qr = to_grid(wc[r], ec[r], fmt)
             err = (wc[r] - qr) / uc[r, r]
             # uc is upper triangular: only rows after r move.
             wc = wc - uc[r][:, None] * err[None, :]
@@ -555,13 +668,13 @@ def quantize_gptq(
     """
     fmt = _check_format(format)
     w = check_array(w, "w").astype(jnp.float32)
-    axis, bs = _blocking(w.ndim, fmt, axis, block_size)
+    axis = check_axis(axis, w.ndim)  # the rows: the contraction axis
+    spec = _spec(fmt, w.ndim, axis, block_size, _check_scale_mode(scale_mode), packed)
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 <= damp < 1:
         raise ValueError(f"damp must be a float in [0, 1) (GPTQ uses 0.01), got {damp!r}")
     act_order = check_flag(act_order, "act_order")
     if search is not None and not isinstance(search, ScaleSearch):
         raise TypeError(f"search must be a ScaleSearch or None, got {type(search).__name__}")
-    packed = check_flag(packed, "packed") and fmt.packable
     n = w.shape[axis]
     hessian = np.asarray(hessian)
     if hessian.shape != (n, n):
@@ -574,16 +687,29 @@ def quantize_gptq(
     if not bool(jnp.all(jnp.isfinite(w))):
         raise ValueError("w holds NaN or Inf; GPTQ needs finite weights")
 
-    # 1. Fixed exponents, in the kept-dims blocked layout of w.
-    if search is not None:
-        imp = _check_importance(np.diag(hessian), w.shape, axis)
-        e = _search_jit(w, fmt, axis, bs, search.scale_mode, search.offsets, imp)
+    # 1. Fixed scales from w (a direct cast's, or a search's), and each
+    #    entry's grid parameter: OCP, the exponents in the kept-dims blocked
+    #    layout; the others, the parameters their _ROUND reads off `like`.
+    mode = _check_scale_mode(scale_mode if search is None else search.scale_mode)
+    imp = None
+    if search is not None and not spec.tiles:
+        imp = _check_importance(np.diag(hessian), w.shape, spec.axis)
+    if fmt.codec == "ocp":
+        bs = spec.block_size
+        if search is not None:
+            e = _search_jit(w, fmt, spec.axis, bs, mode, search.offsets, imp)
+        else:
+            e = quantize_blocks(w, fmt, spec.axis, bs, mode, False, None).exponent
+        e_blocks = jnp.broadcast_to(e, to_blocks(w, spec.axis, bs).shape)
+        params = from_blocks(e_blocks, spec.axis, w.shape[spec.axis])
     else:
-        mode = _check_scale_mode(scale_mode)
-        e = quantize_blocks(w, fmt, axis, bs, mode, False, None).exponent
-    # One exponent per entry, rows = the contraction axis.
-    e_full = from_blocks(jnp.broadcast_to(e, to_blocks(w, axis, bs).shape), axis, n)
-    rows_e = jnp.moveaxis(e_full, axis, 0).reshape(n, -1)
+        unpacked = dataclasses.replace(spec, packed=False, scale_mode=mode)
+        if search is not None:
+            like = _search_tensor(w, unpacked, search.offsets, imp)
+        else:
+            like = quantize_spec(w, None, None, unpacked)
+        params = _PARAMS[fmt.codec](like)
+    rows_e = jnp.moveaxis(params, axis, 0).reshape(n, -1)
     rows_w = jnp.moveaxis(w, axis, 0).reshape(n, -1)
 
     # 2. Inverse Hessian factor (rows permuted by act_order); dead inputs quantize to 0.
@@ -593,17 +719,21 @@ def quantize_gptq(
     rows_e = rows_e[order]
 
     # 3. Rows in lazy batches (padded with identity rows that quantize to 0).
-    chunk = min(128, -(-n // bs) * bs)
+    chunk = min(128, -(-n // 16) * 16)
     pad = -n % chunk
     u = np.pad(u, ((0, pad), (0, pad)))
     u[n:, n:] = np.eye(pad)
     rows_w = jnp.pad(rows_w, ((0, pad), (0, 0)))
     rows_e = jnp.pad(rows_e, ((0, pad), (0, 0)))
-    q = _gptq_rows(rows_w, jnp.asarray(u, jnp.float32), rows_e, fmt.element, chunk)[:n]
+    q = _gptq_rows(rows_w, jnp.asarray(u, jnp.float32), rows_e, fmt, chunk)[:n]
     q = q[np.argsort(order)]
     moved = jnp.moveaxis(w, axis, 0).shape
     q = jnp.moveaxis(q.reshape(moved), 0, axis)
-    return quantize_with_exponent(q, e, fmt, axis, bs, packed)
+
+    # 4. The codes of q on the fixed scales (q is on them: no value moves).
+    if fmt.codec == "ocp":
+        return quantize_with_exponent(q, e, fmt, spec.axis, spec.block_size, spec.packed)
+    return _codecs.quantize_onto(q, like, spec)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)

@@ -84,8 +84,10 @@ from jaxmx.formats import FP4_E2M1, FP8_E4M3
 __all__ = [
     "NVFP4Arrays",
     "nvfp4_dequantize",
+    "nvfp4_encode",
     "nvfp4_fake_quantize",
     "nvfp4_quantize",
+    "nvfp4_quantize_4over6",
 ]
 
 Semantics = Literal["te", "torchao", "torchao_1level"]
@@ -96,6 +98,8 @@ DECODES = ("scale", "amax")
 _ONE = 0x3F800000  # 1.0
 _ONE_SIXTH = 0x3E2AAAAB  # f32(1) / f32(6) = 0.16666667163372040
 _RANGE = 0x45280000  # 2688.0 = 448 * 6
+_RANGE_4OVER6 = 0x44C00000  # 1536.0 = 256 * 6: Four Over Six's tensor scale
+_ONE_QUARTER = 0x3E800000  # 0.25 = f32(1) / f32(4), exact
 _INV_RANGE = 0x39C30C31  # f32(1) / f32(2688) = 3.7202381e-4
 _SIX = 0x40C00000  # 6.0
 _E4M3_MAX = 0x43E00000  # 448.0 = 0x1.Cp8, E4M3 code 0x7E
@@ -325,13 +329,13 @@ def _fdiv(a, b) -> jax.Array:
     return f32.hw_div(a, b)
 
 
-def _tensor(block_amax, tensor_amax, semantics: str) -> _Tensor:
+def _tensor(block_amax, tensor_amax, semantics: str, range_bits: int = _RANGE) -> _Tensor:
     if tensor_amax is None:
         amax = jnp.max(block_amax)  # integer max: NaN above Inf above every finite value
     else:
         amax = f32.bits(tensor_amax) & _u32(f32.ABS)
     if semantics == "te":
-        s_enc = _min_bits(f32.div(_u32(_RANGE), amax), f32.FLT_MAX)
+        s_enc = _min_bits(f32.div(_u32(range_bits), amax), f32.FLT_MAX)
         degenerate = ((amax & _u32(f32.ABS)) == 0) | ((s_enc & _u32(f32.ABS)) == 0)
         s_enc = jnp.where(degenerate, _u32(_ONE), s_enc)
         s_dec = f32.div(_u32(_ONE), s_enc)
@@ -475,12 +479,12 @@ def _values(v: jax.Array, dec: jax.Array, exact: bool) -> jax.Array:
 # --------------------------------------------------------------------------
 
 
-def _prepare(x, tensor_amax, axes, sizes, semantics):
+def _prepare(x, tensor_amax, axes, sizes, semantics, range_bits: int = _RANGE):
     xb, within = _split(f32.bits(x), axes, sizes)
     # Materialized (a barrier): fused into its consumers, XLA:CPU recomputes
     # the block max per element or stores |x| in full.
     block_amax = lax.optimization_barrier(jnp.max(xb & _u32(f32.ABS), axis=within, keepdims=True))
-    return within, block_amax, _tensor(block_amax, tensor_amax, semantics)
+    return within, block_amax, _tensor(block_amax, tensor_amax, semantics, range_bits)
 
 
 def _branches(fn):
@@ -554,6 +558,52 @@ def _dequantize(codes, block_scales, factor, axes, sizes, dtype, from_amax) -> j
         return numerics.bits_to_dtype(out.reshape(codes.shape), dtype)
 
     return _branches(run)(fast, codes, s8, fb)
+
+
+# --------------------------------------------------------------------------
+# Post-training: Four Over Six, and encoding onto given scales.
+# --------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _four_over_six(x, tensor_amax, axes, sizes, importance=None) -> NVFP4Arrays:
+    within, block_amax, t = _prepare(x, tensor_amax, axes, sizes, "te", _RANGE_4OVER6)
+    factor4 = f32.mul(t.s_enc, _u32(_ONE_QUARTER))
+
+    def run(exact, x, block_amax, t, factor4, importance):
+        xb, _ = _split(f32.bits(x), axes, sizes)
+        mag = xb & _u32(f32.ABS)
+        ref = f32.from_bits(mag)
+        imp = None if importance is None else _split(importance, axes, sizes)[0]
+        picks = []
+        for factor in (t.factor, factor4):  # block amax -> 6, then -> 4
+            b = _blocks(block_amax, t._replace(factor=factor), "te", exact)
+            r = _round(_scaled_magnitude(mag, b.enc), None)
+            sq = jnp.square(f32.from_bits(_values(r, b.dec, exact)) - ref)
+            sq = sq if imp is None else sq * imp
+            picks.append((b.s8, r, jnp.sum(sq, axis=within, keepdims=True)))
+        (s8_6, r6, err6), (s8_4, r4, err4) = picks
+        four = err4 < err6  # strict: ties (and NaN blocks) keep 6
+        s8 = jnp.where(four, s8_4, s8_6)
+        nan_block = (s8 & jnp.uint8(0x7F)) == jnp.uint8(_E4M3_NAN)
+        c = jnp.where(nan_block, _u32(0), _code_of(jnp.where(four, r4, r6)))
+        c = c | lax.shift_right_logical(xb & _u32(f32.SIGN), _u32(28))
+        return c.astype(jnp.uint8).reshape(x.shape), s8
+
+    codes, s8 = _branches(run)(t.fast, x, block_amax, t, factor4, importance)
+    scales = lax.bitcast_convert_type(jnp.squeeze(s8, within), jnp.float8_e4m3fn)
+    return NVFP4Arrays(codes, scales, f32.from_bits(t.tensor_scale))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4))
+def _encode(x, block_scales, tensor_scale, axes, sizes) -> jax.Array:
+    xb, within = _split(f32.bits(x), axes, sizes)
+    s8 = jnp.expand_dims(lax.bitcast_convert_type(block_scales, jnp.uint8), within)
+    # TE's chain from the scale on (exact integer forms: per block, cheap).
+    dec = f32.mul(_e4m3_to_f32(s8), f32.bits(tensor_scale))
+    enc = _min_bits(f32.div(_u32(_ONE), dec), f32.FLT_MAX)
+    nan_block = (s8 & jnp.uint8(0x7F)) == jnp.uint8(_E4M3_NAN)
+    return _codes(xb, enc, nan_block).reshape(x.shape)
 
 
 # --------------------------------------------------------------------------
@@ -710,3 +760,85 @@ def nvfp4_fake_quantize(
     if decode == "amax" and semantics != "te":
         raise ValueError("decode='amax' is TransformerEngine's kernel formula; use semantics='te'")
     return _fake_quantize(x, amax, axes, sizes, semantics, decode, _check_rbits(rbits, x.shape))
+
+
+def nvfp4_quantize_4over6(
+    x,
+    *,
+    axis: int | tuple[int, int] = -1,
+    block_size: int | tuple[int, int] = 16,
+    tensor_amax=None,
+    importance=None,
+) -> NVFP4Arrays:
+    """NVFP4 with each block scaled to 4 or to 6, whichever has less squared error.
+
+    Four Over Six (Cook et al. 2025, arXiv:2512.02010): E2M1's top step is
+    from 4 to 6, so a block whose values sit between 2/3 of its maximum and
+    the maximum loses much of them when the maximum maps to 6. Each block is
+    quantized twice, with TE's block scale chain aimed at 6
+    (``e4m3(block_amax * (S_enc * f32(1/6)))``) and at 4
+    (``e4m3(block_amax * (S_enc * f32(1/4)))``), and keeps the one whose
+    decoded values have the smaller float32 sum of squared errors
+    (``importance``-weighted if given; ties and NaN blocks keep 6). The
+    tensor scale uses 256 instead of 448 as the largest block scale,
+    ``S_enc = 1536 / amax``, so that the 4-target's block scales (up to 384)
+    fit E4M3. Both candidates follow :func:`nvfp4_quantize`'s TE arithmetic
+    otherwise, and the result is ordinary NVFP4: any NVFP4 decoder reads it.
+
+    Args:
+      x, axis, block_size, tensor_amax: as :func:`nvfp4_quantize` (TE semantics).
+      importance: optional non-negative float32 weights in x's shape (or
+        broadcastable to it) for the block errors.
+
+    Returns:
+      ``NVFP4Arrays`` as :func:`nvfp4_quantize`.
+
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[4.0, 4.5, 5.0, 5.4] + [0.0] * 12])
+    >>> nvfp4_dequantize(*nvfp4_quantize(x))[0, :4]  # 5.4 -> 6: grid 3.6, 5.4
+    Array([3.6000001, 3.6000001, 5.4      , 5.4      ], dtype=float32)
+    >>> nvfp4_dequantize(*nvfp4_quantize_4over6(x))[0, :4]  # 5.4 -> 4: grid 4.05, 5.4
+    Array([4.05, 4.05, 5.4 , 5.4 ], dtype=float32)
+    """
+    x = _check_x(x)
+    axes, sizes = _layout(x.shape, axis, block_size)
+    amax = _check_amax(tensor_amax)
+    if importance is not None:
+        importance = jnp.broadcast_to(jnp.asarray(importance, jnp.float32), x.shape)
+    return _four_over_six(x, amax, axes, sizes, importance)
+
+
+def nvfp4_encode(
+    x,
+    block_scales,
+    tensor_scale,
+    *,
+    axis: int | tuple[int, int] = -1,
+    block_size: int | tuple[int, int] = 16,
+) -> jax.Array:
+    """E2M1 codes of ``x`` under given block scales and tensor scale (TE's rounding).
+
+    ``code = fp4(x * min(1 / (s8 * tensor_scale), FLT_MAX))``, the element
+    step of :func:`nvfp4_quantize` with the scales fixed instead of derived
+    from ``x``: for post-training methods that choose the scales first
+    (GPTQ rounds onto fixed grids). ``nvfp4_encode(x, *nvfp4_quantize(x)[1:])``
+    is ``nvfp4_quantize(x).codes``.
+
+    >>> import jax.numpy as jnp
+    >>> q = nvfp4_quantize(jnp.array([[6.0, 1.0] + [0.0] * 14]))
+    >>> nvfp4_encode(jnp.array([[3.1, -0.9] + [0.0] * 14]), q.block_scales, q.tensor_scale)[0, :2]
+    Array([ 5, 10], dtype=uint8)
+    """
+    x = _check_x(x)
+    axes, sizes = _layout(x.shape, axis, block_size)
+    block_scales = jnp.asarray(block_scales)
+    expect = _scale_shape(x.shape, axes, sizes)
+    if block_scales.dtype != jnp.float8_e4m3fn or block_scales.shape != expect:
+        raise ValueError(
+            f"block_scales must be float8_e4m3fn of shape {expect} for x of shape {x.shape}, "
+            f"got {block_scales.dtype}{tuple(block_scales.shape)}"
+        )
+    tensor_scale = jnp.asarray(tensor_scale, jnp.float32)
+    if tensor_scale.shape != ():
+        raise ValueError(f"tensor_scale must be a scalar, got shape {tensor_scale.shape}")
+    return _encode(x, block_scales, tensor_scale, axes, sizes)
