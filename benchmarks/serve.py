@@ -36,7 +36,7 @@ from benchmarks.common import machine, table
 from examples import pretrained
 from models.llama import generate
 
-FORMATS = ("mxfp8", "mxfp4")
+FORMATS = ("mxfp8", "mxfp4", "nvfp4")
 
 
 def variants(params, formats):

@@ -399,11 +399,16 @@ def available_formats(formats: Iterable[str]) -> tuple[list[str], list[str]]:
 
 
 def recipes_for(
-    formats: Sequence[str], modes: Sequence[str], scales: Sequence[str], scope: str, method: str
+    formats: Sequence[str],
+    modes: Sequence[str],
+    scales: Sequence[str],
+    scope: str,
+    method: str,
+    keep: Sequence[str] = (),
 ) -> list[Recipe]:
     """The grid of recipes, format-major (the table's order)."""
     return [
-        Recipe(fmt=f, mode=m, scale_mode=s, scope=scope, method=method)
+        Recipe(fmt=f, mode=m, scale_mode=s, scope=scope, method=method, keep=tuple(keep))
         for f in formats
         for m in modes
         for s in scales
@@ -570,6 +575,7 @@ def run_study(
     pairs: int | None,
     out: pathlib.Path,
     fresh: bool = False,
+    keep: Sequence[str] = (),
 ) -> dict:
     """Runs every missing (model, recipe) and saves after each one."""
     from tqdm.auto import tqdm
@@ -578,7 +584,7 @@ def run_study(
     known, unknown = available_formats(formats)
     for f in unknown:
         print(f"skipping {f}: not a jaxmx format yet (jaxmx.list_formats())")
-    grid = [Recipe(fmt=None)] + recipes_for(known, modes, scales, scope, method)
+    grid = [Recipe(fmt=None)] + recipes_for(known, modes, scales, scope, method, keep)
     machine = _machine()
     for name in models:
         evaluation = LMEval.load(windows, length) if name == "smollm2" else EmbedEval.load(pairs)
@@ -604,8 +610,12 @@ def run_study(
             except (NotImplementedError, ValueError) as err:
                 tqdm.write(f"  {recipe.key}: skipped ({err})")
                 continue
-            with tqdm(total=evaluation.units, desc=recipe.key, leave=False) as bar:
-                metrics = evaluation.run(q, progress=bar.update)
+            try:
+                with tqdm(total=evaluation.units, desc=recipe.key, leave=False) as bar:
+                    metrics = evaluation.run(q, progress=bar.update)
+            except ValueError as err:  # e.g. NVFP4 refusing a partial block of activations
+                tqdm.write(f"  {recipe.key}: skipped ({str(err).splitlines()[0]})")
+                continue
             entry["runs"][recipe.key] = {
                 "recipe": dataclasses.asdict(recipe),
                 **metrics,
@@ -776,14 +786,14 @@ def _methods_table(runs: dict, base: dict) -> list[str]:
 
 
 def _method_groups(runs: dict) -> dict:
-    """``{(scope, fmt, mode, scale): {method: ppl change %}}`` for recipes with PTQ methods."""
+    """``{(scope, fmt, mode, scale, keep): {method: ppl change %}}`` of recipes with methods."""
     base = runs.get("fp32")
     groups: dict = {}
     for key, run in runs.items():
         r = run.get("recipe", {})
-        if base is None or key == "fp32" or r.get("method", "direct") == "direct" or r["keep"]:
+        if base is None or key == "fp32" or r.get("method", "direct") == "direct":
             continue
-        group = (r["scope"], r["fmt"], r["mode"], r["scale_mode"])
+        group = (r["scope"], r["fmt"], r["mode"], r["scale_mode"], tuple(r["keep"]))
         direct = runs.get(key.replace(f"/{r['method']}/", "/direct/", 1))
         if direct is None:
             continue
@@ -804,7 +814,10 @@ def _plot_methods(ax, groups: dict) -> None:
               if name in g]  # fmt: skip
         ys = [g[name] for g in groups.values() if name in g]
         ax.bar(xs, ys, width, label=name, color=color)
-    labels = [f"{sc}: {f.split('_')[0]} {_SHORT[m]} {s}" for sc, f, m, s in groups]
+    labels = [
+        f"{sc}: {f.split('_')[0]} {_SHORT[m]} {s}" + (" (some FP32)" if keep else "")
+        for sc, f, m, s, keep in groups
+    ]
     ax.set_xticks(range(len(groups)), labels, fontsize=8)
     ax.set_yscale("symlog", linthresh=1.0)
     ax.set_ylabel("% change")
@@ -921,6 +934,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--scales", default="floor,rceil")
     parser.add_argument("--scope", default="dense", choices=sorted(SCOPES))
     parser.add_argument("--method", default="direct", choices=sorted(METHODS))
+    parser.add_argument(
+        "--keep",
+        action="append",
+        default=[],
+        help="rule pattern kept in FP32 (repeatable), e.g. 'bkgts,bskd->' for attention's p.v",
+    )
     parser.add_argument("--windows", type=int, default=8, help="SmolLM2 eval windows")
     parser.add_argument("--length", type=int, default=512, help="tokens per window")
     parser.add_argument("--pairs", type=int, default=None, help="MiniLM verse pairs (default all)")
@@ -956,6 +975,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             pairs=args.pairs,
             out=args.out,
             fresh=args.fresh,
+            keep=args.keep,
         )
     else:
         results = load_results(args.out)
