@@ -17,6 +17,7 @@ import pytest
 import jaxmx
 from jaxmx import MXTensor
 from jaxmx.codes import raw_dtype, raw_to_storage, storage_to_raw
+from tests._params import covering
 
 # The structural rules are written for the one-level power-of-two layout (the
 # OCP codec); the other families refuse them (test at the end).
@@ -132,26 +133,27 @@ def assert_leaves_equal(a, b):
     np.testing.assert_array_equal(sbytes(a), sbytes(b))
 
 
-def _matrix():
+def _matrix(salt: int):
     """Every format x packed x block-axis position. The default suite runs a
-    covering subset (each format once, at a position that rotates with the
-    format); the full product runs with ``make test-slow``, since every case
-    compiles its own shapes."""
+    covering subset: half the formats (which half rotates with ``salt``, so
+    the tests of this file between them take every format), each once, at a
+    position that rotates with the format; the full product runs with
+    ``make test-slow``, since every case compiles its own shapes."""
     out = []
     for i, f in enumerate(FORMATS):
-        # Default suite: one packing per format (sub-byte formats alternate
-        # packed / unpacked; 8-bit ones never pack), so it stays within the
-        # make-test budget; the full product is in make test-slow.
+        # One packing per format (sub-byte formats alternate packed /
+        # unpacked; 8-bit ones never pack).
         sub_byte = jaxmx.get_format(f).element.bits % 8 != 0
         default_packed = sub_byte and i % 2 == 0
         for p in (False, True):
             for j, q in enumerate(POS):
-                fast = j == (i + p) % len(POS) and p == default_packed
+                fast = j == (i + p) % len(POS) and p == default_packed and (i + salt) % 2 == 0
                 out.append(pytest.param(f, p, q, marks=() if fast else pytest.mark.slow))
     return out
 
 
-params = pytest.mark.parametrize("fmt,packed,pos", _matrix())
+params = pytest.mark.parametrize("fmt,packed,pos", _matrix(0))
+params_b = pytest.mark.parametrize("fmt,packed,pos", _matrix(1))
 
 
 def _skip_unpackable(fmt, packed):
@@ -218,7 +220,7 @@ BAD_RESHAPES = {
 }
 
 
-@params
+@params_b
 def test_reshape(fmt, packed, pos):
     _skip_unpackable(fmt, packed)
     b = POS[pos]
@@ -296,7 +298,7 @@ def test_getitem(fmt, packed, pos):
         np.testing.assert_array_equal(codes(r), codes(t)[np_idx])  # codes moved, not remade
 
 
-@params
+@params_b
 def test_getitem_block_axis_errors(fmt, packed, pos):
     _skip_unpackable(fmt, packed)
     b = POS[pos]
@@ -325,7 +327,7 @@ def test_getitem_block_axis_errors(fmt, packed, pos):
         t[..., 0, ...]
 
 
-@params
+@params_b
 def test_take(fmt, packed, pos):
     b, t, d = _case(fmt, packed, pos)
     for ax in (a for a in range(3) if a != b):
@@ -365,7 +367,7 @@ def test_take(fmt, packed, pos):
         jaxmx.take(t, jnp.array([0]), axis=(b + 1) % 3, mode="nearest")
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", covering(FORMATS, salt=1))
 def test_embedding_lookup_under_jit(fmt):
     table = handbuilt(fmt, (11, 40), 1, packed=jaxmx.get_format(fmt).element.bits % 8 != 0)
     ids = jnp.array([[3, 10, 0], [7, 7, 1]])
@@ -443,7 +445,7 @@ def test_concatenate_errors():
 # --------------------------------------------------------------------------
 
 
-@params
+@params_b
 def test_negative_and_abs(fmt, packed, pos):
     b, t, d = _case(fmt, packed, pos)
     elem = t.format.element
@@ -614,8 +616,19 @@ def test_len_iter_and_non_tensor_inputs():
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("packed", [False, True])
+def _one_packing_each():
+    """(format, packed) pairs: one packing per format by default (sub-byte
+    formats alternate; 8-bit ones never pack), the other in make test-slow."""
+    out = []
+    for i, f in enumerate(FORMATS):
+        sub_byte = jaxmx.get_format(f).element.bits % 8 != 0
+        for p in (False, True) if sub_byte else (False,):
+            fast = p == (i % 2 == 0 and sub_byte)
+            out.append(pytest.param(f, p, marks=() if fast else pytest.mark.slow))
+    return out
+
+
+@pytest.mark.parametrize("fmt,packed", _one_packing_each())
 def test_ops_commute_with_quantize(fmt, packed):
     key = jax.random.key(1)
     x = jax.random.normal(key, (6, 5, 64)) * jnp.exp2(jax.random.randint(key, (6, 5, 1), -8, 8))
@@ -655,8 +668,7 @@ def _pipeline(t, ids):
     return jaxmx.take(u.reshape(32, -1).T, ids, axis=0)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("fmt,packed", _one_packing_each())
 def test_under_jit(fmt, packed):
     _skip_unpackable(fmt, packed)
     t = handbuilt(fmt, (3, 4, 20), 2, packed)
@@ -673,7 +685,16 @@ def test_under_jit(fmt, packed):
 @pytest.mark.parametrize(
     "fmt,packed,in_axis",
     [
-        pytest.param(f, p, a, marks=() if (i + p + a // 2) % 2 == 0 else pytest.mark.slow)
+        # One (packing, mapped axis) per format by default, rotating.
+        pytest.param(
+            f,
+            p,
+            a,
+            marks=()
+            if (p == (i % 2 == 0 and jaxmx.get_format(f).element.bits % 8 != 0))
+            and a == (0 if i % 4 < 2 else 2)
+            else pytest.mark.slow,
+        )
         for i, f in enumerate(FORMATS)
         for p in (False, True)
         for a in (0, 2)
@@ -724,8 +745,13 @@ def _row(t, ax, i):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", [f for f in FORMATS if jaxmx.get_format(f).element.bits % 8 != 0])
-@pytest.mark.parametrize("bs", [3, 5, 6])
+@pytest.mark.parametrize(
+    "fmt,bs",
+    covering(
+        [(f, bs) for f in FORMATS if jaxmx.get_format(f).element.bits % 8 != 0 for bs in (3, 5, 6)],
+        every=3,
+    ),
+)
 def test_packed_blocks_off_byte_boundaries(fmt, bs):
     L = 4 * bs + 1
     t = handbuilt(fmt, (3, L), 1, packed=True, bs=bs, seed=8)

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 import jaxmx
 from jaxmx import checkpoint
 from tests import reference
+from tests._params import covering
 
 BACKENDS = ["orbax", "safetensors"]
 
@@ -81,9 +82,13 @@ def _weights(shape, seed, dtype=np.float32):
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("fmt", reference.OCP_FORMATS)
+@pytest.mark.parametrize(
+    "fmt,packed,backend",
+    covering(
+        [(f, p, b) for f in reference.OCP_FORMATS for p in (False, True) for b in BACKENDS],
+        every=2,
+    ),
+)
 def test_every_format_round_trips_bit_exactly(tmp_path, fmt, packed, backend):
     x = _weights((37, 5, 3), seed=hash(fmt) % 1000)
     x = x.at[0, 0, 0].set(jnp.nan)  # a NaN block: scale 0xFF

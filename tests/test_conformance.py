@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 import jaxmx
 from tests import reference
 from tests import reference_blockformats as ref_bf
+from tests._params import covering
 
 FORMATS = jaxmx.list_formats()
 
@@ -73,7 +74,7 @@ def _same_tensor(a: jaxmx.MXTensor, b: jaxmx.MXTensor):
         )
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", covering(FORMATS, salt=0))
 def test_jit_matches_eager(fmt):
     x = _x((8, 64))
     with jax.disable_jit():
@@ -86,14 +87,16 @@ def test_jit_matches_eager(fmt):
 
 
 def _dtype_cases():
-    # The OCP formats with every input dtype; the other families (whose own
-    # suites cover the dtypes) with bfloat16 in make test, all in test-slow.
+    # Every format with one input dtype in make test (rotating over the OCP
+    # formats; bfloat16 for the other families, whose own suites cover the
+    # dtypes); the full product in test-slow.
     out = []
-    for f in FORMATS:
+    dtypes = (jnp.float32, jnp.bfloat16, jnp.float16)
+    for i, f in enumerate(FORMATS):
         ocp = jaxmx.get_format(f).codec == "ocp"
-        for d in (jnp.float32, jnp.bfloat16, jnp.float16):
-            slow = not ocp and d != jnp.bfloat16
-            out.append(pytest.param(f, d, marks=pytest.mark.slow if slow else ()))
+        for d in dtypes:
+            fast = d == (dtypes[i % 3] if ocp else jnp.bfloat16)
+            out.append(pytest.param(f, d, marks=() if fast else pytest.mark.slow))
     return out
 
 
@@ -112,7 +115,7 @@ def test_input_dtypes(fmt, dtype):
     assert not np.array_equal(np.asarray(fq, np.float32), np.asarray(x, np.float32))
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", covering(FORMATS, salt=1))
 def test_any_axis_rank_and_partial_blocks(fmt):
     f = jaxmx.get_format(fmt)
     shape = (16, 48, 32) if f.codec == "nvfp4" else (3, 45, 5)
@@ -140,7 +143,7 @@ def test_any_axis_rank_and_partial_blocks(fmt):
             jaxmx.quantize(np.ones((3, 40), np.float32), fmt)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", covering(FORMATS, salt=0))
 def test_vmap_and_scan(fmt):
     x = _x((5, 4, 64))
     per_item = jnp.stack([jaxmx.fake_quantize(x[i], fmt) for i in range(5)])
@@ -161,7 +164,7 @@ def test_vmap_and_scan(fmt):
     np.testing.assert_allclose(total, per_item.sum(), rtol=1e-6)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", covering(FORMATS, salt=1))
 def test_pytree_round_trip(fmt):
     x = _x((4, 64))
     t = jaxmx.quantize(x, fmt)
@@ -176,7 +179,7 @@ def test_pytree_round_trip(fmt):
     _same_tensor(jax.tree.map(lambda a: a, p), p)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", covering(FORMATS, salt=0))
 def test_pack_round_trip_and_nbytes(fmt):
     x = _x(_shape(fmt, 6, 100))
     for axis in (-1, 0):

@@ -16,6 +16,7 @@ import pytest
 
 import jaxmx
 from tests import reference_blockformats as ref
+from tests._params import covering
 
 DATA = pathlib.Path(__file__).parent / "data" / "vectors_turn2"
 TE = sorted(p.name for p in (DATA / "nvfp4").glob("te_*.npz"))
@@ -160,7 +161,7 @@ def test_straight_through_gradient(fmt):
         jax.grad(lambda v: jaxmx.dequantize(jaxmx.quantize(v, fmt)).sum())(x)
 
 
-@pytest.mark.parametrize("fmt", NEW)
+@pytest.mark.parametrize("fmt", covering(NEW, always=("nvfp4",)))
 def test_dot_config_role(fmt):
     # Forward: Q(x) @ Q(w) with blocks along the contraction; the gradients
     # run their own quantized matmuls (checked to differ from the FP32 ones).

@@ -13,6 +13,7 @@ import jaxmx.flax as jf
 from jaxmx.flax import linen as mxnn
 from jaxmx.flax import nnx as mxnnx
 from models import GPT, CNNnnx, GPTConfig, GPTnnx, linen_to_nnx_params
+from tests._params import covering
 
 CFG = GPTConfig(vocab_size=13, context=16, depth=2, width=32, heads=2)
 TOKENS = (jnp.arange(2 * 16).reshape(2, 16) * 7) % 13
@@ -187,7 +188,7 @@ def _to_nnx(p):
 # --------------------------------------------------------------------------- training
 
 
-@pytest.mark.parametrize("recipe", ["mxfp8", "mxfp6", "mxfp4_weights", "mxfp4"])
+@pytest.mark.parametrize("recipe", covering(["mxfp8", "mxfp6", "mxfp4_weights", "mxfp4"], salt=1))
 def test_substituted_gpt_trains_under_every_recipe(recipe, gpt):
     """Loss goes down: learn to copy the previous token."""
     model, params = gpt
@@ -265,13 +266,13 @@ def test_third_party_flaxmodels_resnet():
     fm = pytest.importorskip("flaxmodels")
     model = fm.ResNet18(output="logits", pretrained=None, num_classes=10)
     x = jax.random.normal(jax.random.key(0), (1, 16, 16, 3))
-    variables = model.init(jax.random.key(0), x, train=False)
+    variables = jax.jit(lambda k: model.init(k, x, train=False))(jax.random.key(0))
     mx = jf.quantize_model(model, [("Dense", None), (".*", "mxfp8")])
-    y = mx.apply(variables, x, train=False)
+    y = jax.jit(lambda v: mx.apply(v, x, train=False))(variables)  # one compile, not op by op
     sub = jf.substitution_of(mx)
     assert len(sub.substituted) == 20  # 1 stem + 16 block convs + 3 downsampling convs
     assert {k for _, k, _ in sub.substituted} == {"Conv"}
-    y0 = model.apply(variables, x, train=False)
+    y0 = jax.jit(lambda v: model.apply(v, x, train=False))(variables)
     assert _differs(y, y0)
     assert np.abs(np.asarray(y - y0)).max() < 0.2 * np.abs(np.asarray(y0)).max()
 

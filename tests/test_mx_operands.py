@@ -16,6 +16,7 @@ import pytest
 from jax import lax
 
 import jaxmx
+from tests._params import covering
 
 DIMS = (((1,), (0,)), ((), ()))
 
@@ -32,8 +33,10 @@ def _normal(seed, shape):
     return jax.random.normal(jax.random.key(seed), shape)
 
 
-@pytest.mark.parametrize("fmt", jaxmx.list_formats())
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize(
+    "fmt,packed",
+    covering([(f, p) for f in jaxmx.list_formats() for p in (False, True)], every=2, salt=1),
+)
 def test_mx_weight_is_used_as_it_is(fmt, packed):
     x, w = _normal(0, (4, 96)), _normal(1, (96, 8))
     tw = jaxmx.quantize(w, fmt, axis=0, packed=packed)

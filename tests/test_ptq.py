@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import jaxmx
 from jaxmx import ptq
+from tests._params import covering
 
 EPS32 = float(np.finfo(np.float32).eps)  # 2^-23
 
@@ -197,8 +198,18 @@ def _correlated_layer(n_in=128, n_out=48, tokens=512, seed=4):
     return x, w
 
 
-@pytest.mark.parametrize("act_order", [False, True])
-@pytest.mark.parametrize("fmt", ["mxfp4_e2m1", "mxfp6_e2m3", "mxfp8_e4m3", "mxint8"])
+@pytest.mark.parametrize(
+    "fmt,act_order",
+    covering(
+        [
+            (f, a)
+            for f in ("mxfp4_e2m1", "mxfp6_e2m3", "mxfp8_e4m3", "mxint8")
+            for a in (False, True)
+        ],
+        every=2,
+        salt=1,
+    ),
+)
 def test_gptq_reduces_output_error_with_the_direct_cast_scales(fmt, act_order):
     x, w = _correlated_layer()
     direct = jaxmx.quantize(w, fmt, axis=0, packed=True)

@@ -20,6 +20,7 @@ import jaxmx
 from jaxmx import ptq
 from jaxmx._scaled import microexp, nvfp4
 from tests import reference_blockformats as ref
+from tests._params import covering
 
 F32 = np.float32
 
@@ -177,7 +178,7 @@ def test_bdr_fixed_refuses_missing_micro_bits():
 # --- the public methods on every block family ------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", ["nvfp4", "mx9", "mx6", "mx4", "msfp12"])
+@pytest.mark.parametrize("fmt", covering(["nvfp4", "mx9", "mx6", "mx4", "msfp12"]))
 def test_search_through_the_public_api_beats_the_direct_cast(fmt):
     x = _heavy((16, 128), 17)
     direct = jaxmx.quantize(x, fmt, axis=0)
@@ -200,7 +201,7 @@ def _correlated_layer(n_in=128, n_out=48, tokens=512, seed=4):
     return x, w
 
 
-@pytest.mark.parametrize("fmt", ["nvfp4", "mx6", "mx9"])
+@pytest.mark.parametrize("fmt", covering(["nvfp4", "mx6", "mx9"]))
 def test_gptq_keeps_the_fixed_scales_and_lowers_output_error(fmt):
     x, w = _correlated_layer()
     direct = jaxmx.quantize(w, fmt, axis=0)

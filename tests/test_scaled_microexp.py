@@ -25,6 +25,7 @@ from jaxmx import analysis, packing
 from jaxmx._scaled import microexp as me
 from jaxmx.blocks import packed_length
 from tests import reference_blockformats as ref
+from tests._params import covering
 
 DATA = pathlib.Path(__file__).parent / "data" / "vectors_turn2" / "bdr"
 MX_FILES = sorted(p.name for p in DATA.glob("*.npz") if not p.name.startswith("quark_bfp16"))
@@ -198,8 +199,9 @@ def test_edge_cases_against_model(fmt, rng):
     assert np.mean(r.y[0] != x[0]) > 0.9  # quantization did something
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("length", [1, 7, 17, 40])
+@pytest.mark.parametrize(
+    "fmt,length", covering([(f, n) for f in FORMATS for n in (1, 7, 17, 40)], every=2)
+)
 def test_partial_blocks(fmt, length, rng):
     x = (rng.standard_normal((3, length)) * 4).astype(F32)
     check_against_model(x, fmt)
@@ -363,8 +365,7 @@ def test_straight_through_gradient():
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("axis", [-1, 0])
+@pytest.mark.parametrize("fmt,axis", covering([(f, a) for f in FORMATS for a in (-1, 0)], every=2))
 def test_pack_round_trip(fmt, axis, rng):
     spec = me.get_spec(fmt)
     x = (rng.standard_normal((37, 24)) * 2).astype(F32)
