@@ -114,11 +114,6 @@ def _check_format(format) -> MXFormat:
     return fmt
 
 
-def _blocking(ndim: int, fmt: MXFormat, axis, block_size) -> tuple[int, int]:
-    spec = QuantSpec.make(fmt, ndim, axis=axis, block_size=block_size)
-    return spec.axis, spec.block_size
-
-
 def _spec(fmt: MXFormat, ndim: int, axis, block_size, scale_mode, packed=False) -> QuantSpec:
     """The blocking of a method's result; 2-D tiles cover the last two axes whatever ``axis``."""
     tiles = isinstance(block_size, tuple)
@@ -193,7 +188,7 @@ def quantize_search(
     axis: int = -1,
     block_size: int | None = None,
     scale_mode: str = "floor",
-    offsets: Iterable[int] = (0, 1, -1, -2),
+    offsets: Iterable[int] = _DEFAULT_OFFSETS,
     importance=None,
     packed: bool = False,
 ) -> MXTensor:
@@ -309,7 +304,7 @@ def fake_quantize_search(
     axis: int = -1,
     block_size: int | None = None,
     scale_mode: str = "floor",
-    offsets: Iterable[int] = (0, 1, -1, -2),
+    offsets: Iterable[int] = _DEFAULT_OFFSETS,
 ) -> jax.Array:
     """``dequantize(quantize_search(x, ...))`` in one pass, in float32.
 
@@ -356,7 +351,7 @@ class ScaleSearch:
     """
 
     # Exponent offsets tried around the scale rule's exponent (0 must be one).
-    offsets: tuple[int, ...] = (0, 1, -1, -2)
+    offsets: tuple[int, ...] = _DEFAULT_OFFSETS
     # Rule for the starting exponent: "floor" (OCP), "rceil", "ceil", "even".
     scale_mode: str = "floor"
     # Optional {path: X^T X}: block errors weighted by the Hessian diagonal
