@@ -107,7 +107,9 @@ def test_every_vector_file_is_used():
     assert len(MX_FILES) == 5 * 3 and len(BFP16_FILES) == 3
 
 
-@pytest.mark.parametrize("name", MX_FILES)
+# Every Quark file also runs through jaxmx.quantize in test_families (the
+# public path); here half of them run in make test, all in make test-slow.
+@pytest.mark.parametrize("name", covering(MX_FILES))
 def test_quark_vectors(name):
     f = np.load(DATA / name)
     meta = json.loads(str(f["meta"]))

@@ -66,7 +66,9 @@ def test_every_vector_file_is_tested():
     assert len(TE_FILES) == 10 and len(TORCHAO_FILES) == 10
 
 
-@pytest.mark.parametrize("name", TE_FILES)
+# Every TE file also runs through jaxmx.quantize in test_families (the public
+# path); here half of them run in make test, all in make test-slow.
+@pytest.mark.parametrize("name", covering(TE_FILES))
 def test_te_vectors(name):
     meta, d = load(name)
     x = d["x"]
