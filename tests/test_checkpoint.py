@@ -86,7 +86,7 @@ def _weights(shape, seed, dtype=np.float32):
     "fmt,packed,backend",
     covering(
         [(f, p, b) for f in reference.OCP_FORMATS for p in (False, True) for b in BACKENDS],
-        every=2,
+        every=3,
     ),
 )
 def test_every_format_round_trips_bit_exactly(tmp_path, fmt, packed, backend):

@@ -14,6 +14,7 @@ import pytest
 
 import jaxmx
 from tests import reference
+from tests._params import covering
 
 FORMATS = reference.OCP_FORMATS
 
@@ -99,8 +100,7 @@ def _check(got, model):
         assert np.all(err <= bound), f"{name}: max excess {np.max(err - bound)}"
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case,fmt", covering([(c, f) for f in FORMATS for c in CASES], salt=1))
 def test_forward_and_gradients_match_model(case, fmt):
     lhs, rhs, g = _data(case)
     cfg = jaxmx.DotConfig(lhs=fmt, rhs=fmt, grad=fmt)

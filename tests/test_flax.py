@@ -142,7 +142,10 @@ def test_mx_layers_equal_substituted_layers():
     assert _differs(a, Plain().apply(params, x))
 
 
-@pytest.mark.parametrize("kind", ["dense", "dense_general", "einsum", "conv", "attention"])
+@pytest.mark.parametrize(
+    "kind",
+    covering(["dense", "dense_general", "einsum", "conv", "attention"], always=("attention",)),
+)
 def test_linen_and_nnx_mx_layers_agree(kind):
     cfg = jaxmx.preset("mxfp8")
     rngs = nnx.Rngs(0)

@@ -15,6 +15,7 @@ import pytest
 import jaxmx
 from jaxmx import numerics
 from tests import reference
+from tests._params import covering
 
 FORMATS = reference.OCP_FORMATS
 ELEMS = {f: jaxmx.get_format(f).element for f in FORMATS}
@@ -48,8 +49,10 @@ def test_card_matches_ml_dtypes_and_grid(fmt):
         assert elem.max_normal == (2 ** (elem.bits - 1) - 1) * 2.0**-elem.mantissa_bits
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("e", [-127, -120, -3, 0, 5, 100, 127 - 8])
+@pytest.mark.parametrize(
+    "fmt,e",
+    covering([(f, e) for f in FORMATS for e in (-127, -120, -3, 0, 5, 100, 127 - 8)]),
+)
 def test_every_code_decodes_and_reencodes_to_itself(fmt, e):
     elem = ELEMS[fmt]
     codes = jnp.arange(elem.max_code + 1, dtype=jnp.uint32)
@@ -198,7 +201,9 @@ def test_flush_subnormals_zeroes_whole_blocks_only(fmt):
 
 @pytest.mark.parametrize(
     ("fmt", "mode", "rounding"),
-    list(itertools.product(FORMATS, ("floor", "rceil", "ceil", "even"), ROUNDINGS)),
+    # Half the product in make test (every format, mode and rounding still
+    # runs), all of it in make test-slow.
+    covering(list(itertools.product(FORMATS, ("floor", "rceil", "ceil", "even"), ROUNDINGS))),
 )
 def test_against_float64_model(fmt, mode, rounding):
     rng = np.random.default_rng(abs(hash((fmt, mode, rounding))) % 2**32)

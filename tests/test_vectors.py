@@ -16,6 +16,7 @@ import pytest
 from jax import lax
 
 import jaxmx
+from tests._params import covering
 
 DATA = pathlib.Path(__file__).parent / "data" / "vectors"
 FILES = sorted(p.name for p in DATA.glob("*.npz"))
@@ -47,7 +48,10 @@ def test_all_formats_have_vectors():
     assert len(FILES) == 8 * 2 * 2 * 3
 
 
-@pytest.mark.parametrize("name", FILES)
+# Files are format-major (block size, axis, rounding within): make test runs
+# every other file, so every format and every rounding, block size and axis
+# run; make test-slow runs all 96.
+@pytest.mark.parametrize("name", covering(FILES))
 def test_vectors(name):
     meta, cases = _load(name)
     opts = dict(
