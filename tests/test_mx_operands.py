@@ -35,7 +35,7 @@ def _normal(seed, shape):
 
 @pytest.mark.parametrize(
     "fmt,packed",
-    covering([(f, p) for f in jaxmx.list_formats() for p in (False, True)], every=2, salt=1),
+    covering([(f, p) for f in jaxmx.list_formats() for p in (False, True)], every=3, salt=1),
 )
 def test_mx_weight_is_used_as_it_is(fmt, packed):
     x, w = _normal(0, (4, 96)), _normal(1, (96, 8))

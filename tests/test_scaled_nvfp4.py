@@ -67,8 +67,8 @@ def test_every_vector_file_is_tested():
 
 
 # Every TE file also runs through jaxmx.quantize in test_families (the public
-# path); here half of them run in make test, all in make test-slow.
-@pytest.mark.parametrize("name", covering(TE_FILES))
+# path); here a third of them run in make test, all in make test-slow.
+@pytest.mark.parametrize("name", covering(TE_FILES, every=3))
 def test_te_vectors(name):
     meta, d = load(name)
     x = d["x"]
