@@ -32,7 +32,7 @@ from jaxmx.packing import pack_codes
 from jaxmx.spec import QuantSpec
 from jaxmx.tensor import MXTensor
 
-__all__ = ["Codec", "CODECS", "microexp_search", "nvfp4_search", "quantize_onto"]
+__all__ = ["Codec", "CODECS"]
 
 
 class Codec(NamedTuple):
@@ -44,6 +44,13 @@ class Codec(NamedTuple):
     fake_quantize: Callable
     # (unpacked MXTensor with its block axis canonical, dtype) -> array
     dequantize: Callable
+    # Post-training (jaxmx.ptq); None for a family without block scales.
+    # (x, like, spec) -> MXTensor: x rounded to nearest onto the scales of
+    # ``like`` (an unpacked tensor of this family), ``spec`` its blocking.
+    onto: Callable | None = None
+    # (x, offsets, importance or None, spec) -> MXTensor: block scales chosen
+    # by (weighted) squared error.
+    search: Callable | None = None
 
 
 def _tensor(t: QuantSpec, x, data, scale, *, tensor_scale=None, micro=None) -> MXTensor:
@@ -67,6 +74,13 @@ def _tensor(t: QuantSpec, x, data, scale, *, tensor_scale=None, micro=None) -> M
 # --------------------------------------------------------------------------
 
 
+def _nvfp4_data(raw_codes, spec: QuantSpec):
+    elem = spec.format.element
+    if spec.packed:
+        return pack_codes(raw_codes, elem.bits, spec.axis)
+    return codes.raw_to_storage(raw_codes, elem)
+
+
 def _nvfp4_quantize(x, rbits, tensor_amax, spec: QuantSpec) -> MXTensor:
     q = nvfp4.nvfp4_quantize(
         x, axis=spec.axis, block_size=spec.block_size, tensor_amax=tensor_amax, rbits=rbits
@@ -87,6 +101,21 @@ def _nvfp4_dequantize(t: MXTensor, dtype):
     )
 
 
+def _nvfp4_onto(x, like: MXTensor, spec: QuantSpec) -> MXTensor:
+    c = nvfp4.nvfp4_encode(
+        x, like.scale, like.tensor_scale, axis=spec.axis, block_size=spec.block_size
+    )
+    return _tensor(spec, x, _nvfp4_data(c, spec), like.scale, tensor_scale=like.tensor_scale)
+
+
+def _nvfp4_search(x, offsets, importance, spec: QuantSpec) -> MXTensor:
+    del offsets  # Four Over Six has two targets, 6 and 4, not exponent offsets
+    q = nvfp4.nvfp4_quantize_4over6(
+        x, axis=spec.axis, block_size=spec.block_size, importance=importance
+    )
+    return _tensor(spec, x, _nvfp4_data(q.codes, spec), q.block_scales, tensor_scale=q.tensor_scale)
+
+
 # --------------------------------------------------------------------------
 # Shared microexponents and block floating point.
 # --------------------------------------------------------------------------
@@ -103,8 +132,33 @@ def _microexp_spec(fmt: MXFormat) -> microexp.MicroexpSpec:
     )
 
 
+def _microexp_tensor(x, q: microexp.MicroexpCodes, spec: QuantSpec) -> MXTensor:
+    data, micro = q.mantissas, q.micro
+    if spec.packed:
+        data = pack_codes(data, spec.format.element.bits, spec.axis)
+    if spec.packed and micro is not None:
+        micro = pack_codes(micro, 1, spec.axis)
+    scale = lax.bitcast_convert_type(q.shared_exponent, spec.format.scale.storage_dtype)
+    return _tensor(spec, x, data, scale, micro=micro)
+
+
 def _microexp_quantize(x, rbits, tensor_amax, spec: QuantSpec) -> MXTensor:
     q = microexp.quantize(x, _microexp_spec(spec.format), axis=spec.axis)
+    return _microexp_tensor(x, q, spec)
+
+
+def _microexp_onto(x, like: MXTensor, spec: QuantSpec) -> MXTensor:
+    exponent = lax.bitcast_convert_type(like.scale, jnp.uint8)
+    q = microexp.quantize_fixed(
+        x, exponent, like.micro, _microexp_spec(spec.format), axis=spec.axis
+    )
+    return _microexp_tensor(x, q, spec)
+
+
+def _microexp_search(x, offsets, importance, spec: QuantSpec) -> MXTensor:
+    q = microexp.quantize_search(
+        x, _microexp_spec(spec.format), axis=spec.axis, offsets=offsets, importance=importance
+    )
     return _microexp_tensor(x, q, spec)
 
 
@@ -117,63 +171,6 @@ def _microexp_dequantize(t: MXTensor, dtype):
     return microexp.dequantize(
         t.data, exponent, t.micro, _microexp_spec(t.format), axis=t.axis, dtype=dtype
     )
-
-
-# --------------------------------------------------------------------------
-# Post-training: scales chosen by error, and codes onto given scales.
-# --------------------------------------------------------------------------
-
-
-def _nvfp4_data(q_codes, spec: QuantSpec):
-    elem = spec.format.element
-    if spec.packed:
-        return pack_codes(q_codes, elem.bits, spec.axis)
-    return codes.raw_to_storage(q_codes, elem)
-
-
-def nvfp4_search(x, importance, spec: QuantSpec) -> MXTensor:
-    """NVFP4 with Four Over Six block scales (:func:`nvfp4.nvfp4_quantize_4over6`)."""
-    q = nvfp4.nvfp4_quantize_4over6(
-        x, axis=spec.axis, block_size=spec.block_size, importance=importance
-    )
-    return _tensor(spec, x, _nvfp4_data(q.codes, spec), q.block_scales, tensor_scale=q.tensor_scale)
-
-
-def microexp_search(x, offsets, importance, spec: QuantSpec) -> MXTensor:
-    """BDR codes with shared exponents and micro bits chosen by squared error."""
-    q = microexp.quantize_search(
-        x, _microexp_spec(spec.format), axis=spec.axis, offsets=offsets, importance=importance
-    )
-    return _microexp_tensor(x, q, spec)
-
-
-def _microexp_tensor(x, q: microexp.MicroexpCodes, spec: QuantSpec) -> MXTensor:
-    data, micro = q.mantissas, q.micro
-    if spec.packed:
-        data = pack_codes(data, spec.format.element.bits, spec.axis)
-    if spec.packed and micro is not None:
-        micro = pack_codes(micro, 1, spec.axis)
-    scale = lax.bitcast_convert_type(q.shared_exponent, spec.format.scale.storage_dtype)
-    return _tensor(spec, x, data, scale, micro=micro)
-
-
-def quantize_onto(x, like: MXTensor, spec: QuantSpec) -> MXTensor:
-    """``x`` rounded to nearest onto the scales of ``like`` (an unpacked NVFP4 or BDR tensor).
-
-    ``spec`` is like's blocking with the packing wanted for the result.
-    """
-    if spec.format.codec == "nvfp4":
-        c = nvfp4.nvfp4_encode(
-            x, like.scale, like.tensor_scale, axis=spec.axis, block_size=spec.block_size
-        )
-        return _tensor(spec, x, _nvfp4_data(c, spec), like.scale, tensor_scale=like.tensor_scale)
-    if spec.format.codec == "microexp":
-        exponent = lax.bitcast_convert_type(like.scale, jnp.uint8)
-        q = microexp.quantize_fixed(
-            x, exponent, like.micro, _microexp_spec(spec.format), axis=spec.axis
-        )
-        return _microexp_tensor(x, q, spec)
-    raise ValueError(f"no fixed-scale encoder for the {spec.format.codec!r} family")
 
 
 # --------------------------------------------------------------------------
@@ -199,7 +196,15 @@ def _tensor_dequantize(t: MXTensor, dtype):
 
 
 CODECS: dict[str, Codec] = {
-    "nvfp4": Codec(_nvfp4_quantize, _nvfp4_fake_quantize, _nvfp4_dequantize),
-    "microexp": Codec(_microexp_quantize, _microexp_fake_quantize, _microexp_dequantize),
+    "nvfp4": Codec(
+        _nvfp4_quantize, _nvfp4_fake_quantize, _nvfp4_dequantize, _nvfp4_onto, _nvfp4_search
+    ),
+    "microexp": Codec(
+        _microexp_quantize,
+        _microexp_fake_quantize,
+        _microexp_dequantize,
+        _microexp_onto,
+        _microexp_search,
+    ),
     "tensor": Codec(_tensor_quantize, _tensor_fake_quantize, _tensor_dequantize),
 }

@@ -89,7 +89,7 @@ __all__ = [
     "rotate_weights",
 ]
 
-_SCALE_MODES = ("floor", "rceil", "ceil", "even")
+_SCALE_MODES = numerics.SCALE_MODES
 
 
 # --------------------------------------------------------------------------
@@ -100,7 +100,7 @@ _SCALE_MODES = ("floor", "rceil", "ceil", "even")
 # Families whose block scales the methods choose: OCP MX (E8M0 exponents),
 # NVFP4 (E4M3 block scales under a tensor scale) and the shared-microexponent
 # formats (an E8M0 exponent and micro bits). Per-tensor FP8 has no blocks.
-_FAMILIES = ("ocp", "nvfp4", "microexp")
+_FAMILIES = ("ocp", *(name for name, c in _codecs.CODECS.items() if c.search is not None))
 _DEFAULT_OFFSETS = (0, 1, -1, -2)
 
 
@@ -262,15 +262,13 @@ def _search_tensor(x, spec: QuantSpec, offsets, importance) -> MXTensor:
     if fmt.codec == "ocp":
         e = _search_jit(x, fmt, axis, bs, spec.scale_mode, offsets, importance)
         return quantize_with_exponent(x, e, fmt, axis, bs, spec.packed)
+    if fmt.codec == "nvfp4" and offsets != _check_offsets(_DEFAULT_OFFSETS):
+        raise ValueError(
+            "NVFP4's search chooses each block's target (6 or 4, Four Over Six); exponent "
+            f"offsets apply to power-of-two scales only, got offsets={offsets!r}"
+        )
     full = None if importance is None else jnp.broadcast_to(importance, x.shape)
-    if fmt.codec == "nvfp4":
-        if offsets != _check_offsets(_DEFAULT_OFFSETS):
-            raise ValueError(
-                "NVFP4's search chooses each block's target (6 or 4, Four Over Six); exponent "
-                f"offsets apply to power-of-two scales only, got offsets={offsets!r}"
-            )
-        return _codecs.nvfp4_search(x, full, spec)
-    return _codecs.microexp_search(x, offsets, full, spec)
+    return _codecs.CODECS[fmt.codec].search(x, offsets, full, spec)
 
 
 def _check_importance(importance, shape, axis):
@@ -728,7 +726,7 @@ def quantize_gptq(
     # 4. The codes of q on the fixed scales (q is on them: no value moves).
     if fmt.codec == "ocp":
         return quantize_with_exponent(q, e, fmt, spec.axis, spec.block_size, spec.packed)
-    return _codecs.quantize_onto(q, like, spec)
+    return _codecs.CODECS[fmt.codec].onto(q, like, spec)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)

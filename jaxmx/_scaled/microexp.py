@@ -291,14 +291,6 @@ class _Rounded(NamedTuple):
     k: jax.Array  # uint32 code magnitude (garbage where field is 255)
 
 
-def _reaching(e: jax.Array, block_e: jax.Array, spec: MicroexpSpec, j: int) -> jax.Array:
-    """Mask of the sub-blocks holding an exponent >= ``block_e`` (kept dims)."""
-    sub_index = _sub_index(e.shape, j, spec)
-    bit = lax.shift_left(jnp.uint32(1), sub_index.astype(jnp.uint32))
-    bit = jnp.where(e >= block_e, bit, jnp.uint32(0))
-    return jnp.expand_dims(lax.reduce(bit, jnp.uint32(0), lax.bitwise_or, (j,)), j)
-
-
 def _round(x: jax.Array, spec: MicroexpSpec, axis: int, fixed=None) -> tuple[_Rounded, int]:
     """Exponents, micro bits and code magnitudes; ``fixed``: given ``(block_e, keep)``.
 
