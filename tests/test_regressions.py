@@ -414,3 +414,33 @@ def test_division_by_a_broadcast_scale_is_correctly_rounded():
     got = nvfp4.nvfp4_quantize(xs, semantics="torchao")
     np.testing.assert_array_equal(np.asarray(got.block_scales).view(np.uint8), want.scales)
     np.testing.assert_array_equal(np.asarray(got.codes), want.codes)
+
+
+# Reliability round 3: an empty NVFP4 tensor.
+
+
+@pytest.mark.parametrize("name", jaxmx.list_formats())
+@pytest.mark.parametrize("shape,axis", [((0, 32), -1), ((32, 0), -1), ((0, 32), 0)])
+def test_empty_arrays_quantize_or_are_refused_consistently(name, shape, axis):
+    """quantize and fake_quantize of an empty array agree: both empty, or both refused.
+
+    NVFP4 failed in both with NumPy's "zero-size array to reduction operation
+    max" (the tensor amax of nothing); it now takes the amax of an empty
+    tensor as 0, as TE's reduction does, so the tensor scale is the degenerate 1.
+    """
+    x = jnp.zeros(shape, jnp.float32)
+    fmt = jaxmx.get_format(name)
+    outcomes = []
+    for fn in (jaxmx.quantize, jaxmx.fake_quantize):
+        try:
+            out = fn(x, fmt, axis=axis)
+        except ValueError as e:
+            outcomes.append("refused")
+            assert "empty" in str(e), str(e)
+            continue
+        outcomes.append("empty")
+        got = jaxmx.dequantize(out) if fn is jaxmx.quantize else out
+        assert got.shape == shape and got.dtype == x.dtype
+    assert outcomes[0] == outcomes[1], outcomes
+    if fmt.block_size is not None:  # block formats have nothing to refuse
+        assert outcomes == ["empty", "empty"]

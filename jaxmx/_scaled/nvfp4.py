@@ -331,7 +331,10 @@ def _fdiv(a, b) -> jax.Array:
 
 def _tensor(block_amax, tensor_amax, semantics: str, range_bits: int = _RANGE) -> _Tensor:
     if tensor_amax is None:
-        amax = jnp.max(block_amax)  # integer max: NaN above Inf above every finite value
+        # Integer max: NaN above Inf above every finite value. An empty tensor
+        # has amax 0 (as TE's amax reduction starts from 0): its tensor scale
+        # is then the degenerate 1, as for an all-zero tensor.
+        amax = jnp.max(block_amax, initial=_u32(0))
     else:
         amax = f32.bits(tensor_amax) & _u32(f32.ABS)
     if semantics == "te":
