@@ -20,6 +20,7 @@ Reference: OCP Microscaling Formats (MX) Specification v1.0, sections 5.3
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from typing import Literal
 
@@ -823,7 +824,9 @@ def get_format(fmt: str | MXFormat) -> MXFormat:
             + "; aliases: "
             + ", ".join(f"{a} -> {t}" for a, t in _ALIASES.items())
         )
-        raise ValueError(f"unknown format {fmt!r}; known formats: {known}") from None
+        close = difflib.get_close_matches(key, [*_REGISTRY, *_ALIASES], n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        raise ValueError(f"unknown format {fmt!r}{hint}; known formats: {known}") from None
 
 
 def _mx(name: str, element: ElementFormat, reference: str = "OCP MX v1.0") -> MXFormat:

@@ -17,6 +17,16 @@ def test_unknown_format_lists_known_ones():
         jaxmx.quantize(X, 8)
 
 
+def test_a_misspelled_format_name_gets_a_suggestion():
+    with pytest.raises(ValueError, match=r"unknown format 'nvfp' \(did you mean 'nvfp4'\?\)"):
+        jaxmx.quantize(X, "nvfp")
+    with pytest.raises(ValueError, match=r"'MXFP8_E4M2' \(did you mean .*'mxfp8_e4m3'"):
+        jaxmx.get_format("MXFP8_E4M2")
+    with pytest.raises(ValueError) as e:
+        jaxmx.get_format("bogus")
+    assert "did you mean" not in str(e.value)
+
+
 def test_aliases_and_case():
     assert jaxmx.get_format("MXFP8").name == "mxfp8_e4m3"
     assert jaxmx.get_format("mxfp6").name == "mxfp6_e3m2"  # as the preset "mxfp6"
