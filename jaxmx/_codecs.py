@@ -27,8 +27,8 @@ from jax import lax
 
 from jaxmx import codes
 from jaxmx._scaled import microexp, nvfp4, tensor_fp8
+from jaxmx.bitstream import pack_codes
 from jaxmx.formats import MXFormat
-from jaxmx.packing import pack_codes
 from jaxmx.spec import QuantSpec
 from jaxmx.tensor import MXTensor
 

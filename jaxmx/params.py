@@ -19,55 +19,20 @@ MXTensor(mxfp4_e2m1, shape=(64, 16), dtype=float32, axis=-2, block_size=32, pack
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Callable, Mapping
 
 import jax
 import numpy as np
 
+from jaxmx._paths import axis_function, contraction_axis, path_string
 from jaxmx.formats import MXFormat
+from jaxmx.ptq import PTQMethod, ScaleSearch
 from jaxmx.quantize import quantize
 from jaxmx.rules import parse_rules
 from jaxmx.tensor import MXTensor
 
 __all__ = ["contraction_axis", "param_bytes", "quantize_params"]
-
-
-def contraction_axis(path: str, x) -> int | None:
-    """The axis a weight at ``path`` is contracted over, by framework convention.
-
-    >>> import jax.numpy as jnp
-    >>> contraction_axis("params/Dense_0/kernel", jnp.ones((8, 4)))
-    0
-    >>> contraction_axis("fc/weight", jnp.ones((4, 8)))  # (out, in)
-    1
-
-    * ``.../kernel`` (Flax ``Dense``, ``Conv``, ``DenseGeneral``): 2-D
-      ``(in, out)`` -> 0; 3-D and more -> ``ndim - 2`` (a ``Conv`` kernel's
-      input features ``I`` in ``(*window, I, O)``, and ``DenseGeneral``
-      kernels whose last two axes are ``(in, out)``);
-    * ``.../weight`` 2-D (PyTorch-style ``(out, in)``, Equinox ``Linear``) -> 1;
-    * ``.../embedding`` (Flax ``Embed``) -> 1, the feature axis that
-      ``Embed.attend`` (tied output layers) contracts;
-    * anything else (biases, norms, scalars) -> ``None``: not a matmul weight.
-
-    Weights laid out otherwise (e.g. a ``DenseGeneral`` kernel ``(in, heads,
-    head_dim)``, contracted over axis 0) need ``axes=`` in
-    :func:`quantize_params`. A wrong axis is never silent: under
-    :func:`jaxmx.intercept` such a weight is decoded and re-quantized by the
-    rule, and :func:`jaxmx.dot_general` refuses it with an error.
-    """
-    parts = [q for q in path.split("/") if q not in ("value", "raw_value")]  # nnx Variables
-    name = parts[-1] if parts else ""
-    ndim = np.ndim(x) if not hasattr(x, "ndim") else x.ndim
-    if name == "kernel" and ndim >= 2:
-        return 0 if ndim == 2 else ndim - 2
-    if name == "weight" and ndim == 2:
-        return 1
-    if name == "embedding" and ndim == 2:
-        return 1
-    return None
 
 
 def quantize_params(
@@ -123,12 +88,12 @@ def quantize_params(
     """
     rules = parse_rules(rules)
     method = _method(method)
-    axis_of = _axis_function(axes)
+    axis_of = axis_function(axes)
     hits = [0] * len(rules)
     unknown: list[str] = []
 
     def one(path, x):
-        p = _path(path)
+        p = path_string(path)
         for i, rule in enumerate(rules):
             if rule.matches(p):
                 hits[i] += 1
@@ -186,23 +151,18 @@ def param_bytes(tree) -> int:
 
 
 def _method(method):
-    """None for a direct cast, else an object with ``quantize_weight`` (jaxmx.ptq)."""
+    """None for a direct cast, else a :class:`jaxmx.ptq.PTQMethod`."""
     if method is None or method == "direct":
         return None
     if method == "search":
-        from jaxmx.ptq import ScaleSearch
-
         return ScaleSearch()
-    if isinstance(method, str) or not callable(getattr(method, "quantize_weight", None)):
+    if isinstance(method, str) or not isinstance(method, PTQMethod):
         raise ValueError(
             f"unknown method {method!r}; allowed: None or 'direct' (direct cast), 'search', "
-            "jaxmx.ptq.ScaleSearch(...), jaxmx.ptq.GPTQ(hessians=...)"
+            "jaxmx.ptq.ScaleSearch(...), jaxmx.ptq.GPTQ(hessians=...), or any object with "
+            "the jaxmx.ptq.PTQMethod method quantize_weight"
         )
     return method
-
-
-def _path(path) -> str:
-    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def _weight_format(config) -> MXFormat | None:
@@ -211,29 +171,3 @@ def _weight_format(config) -> MXFormat | None:
 
 def _is_float_array(x) -> bool:
     return hasattr(x, "dtype") and jax.numpy.issubdtype(x.dtype, jax.numpy.floating)
-
-
-def _axis_function(axes):
-    if axes is None:
-        return contraction_axis
-    if callable(axes):
-
-        def by_function(p, x):
-            got = axes(p, x)
-            return contraction_axis(p, x) if got is None else got
-
-        return by_function
-    if not isinstance(axes, Mapping):
-        raise TypeError(
-            "axes must be a dict {pattern: axis} or a function (path, array) -> axis, "
-            f"got {axes!r}"
-        )
-    compiled = [(re.compile(k), v) for k, v in axes.items()]
-
-    def by_pattern(p, x):
-        for pattern, axis in compiled:
-            if pattern.search(p):
-                return axis
-        return contraction_axis(p, x)
-
-    return by_pattern

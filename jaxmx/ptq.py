@@ -58,6 +58,7 @@ import dataclasses
 import functools
 import re
 from collections.abc import Iterable, Mapping
+from typing import Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +66,7 @@ import numpy as np
 from jax import lax
 
 from jaxmx import _codecs, _hadamard, numerics
+from jaxmx._paths import contraction_axis, path_string
 from jaxmx.blocks import from_blocks, to_blocks
 from jaxmx.formats import MXFormat, get_format
 from jaxmx.quantize import (
@@ -79,6 +81,7 @@ from jaxmx.tensor import MXTensor
 
 __all__ = [
     "GPTQ",
+    "PTQMethod",
     "ScaleSearch",
     "collect_hessians",
     "fake_quantize_search",
@@ -90,6 +93,40 @@ __all__ = [
 ]
 
 _SCALE_MODES = numerics.SCALE_MODES
+
+
+@runtime_checkable
+class PTQMethod(Protocol):
+    """What ``method=`` of :func:`jaxmx.quantize_params` takes: one weight in, one MXTensor out.
+
+    :class:`ScaleSearch` and :class:`GPTQ` implement it; a new post-training
+    method is a (frozen, hashable) object with this one method, and
+    :func:`jaxmx.quantize_params` calls it for every weight a rule matched.
+
+    >>> import jaxmx
+    >>> isinstance(jaxmx.ptq.ScaleSearch(), jaxmx.ptq.PTQMethod)
+    True
+    """
+
+    def quantize_weight(
+        self, path: str, x: jax.Array, fmt: MXFormat, *, axis: int, block_size, packed: bool
+    ) -> MXTensor:
+        """Quantizes the weight ``x`` found at ``path``.
+
+        Args:
+          path: the weight's ``/``-joined tree path (``params/Dense_0/kernel``):
+            the key into per-weight data such as Hessians.
+          x: the float weight.
+          fmt: the format the matched rule gives the weight.
+          axis: its contraction axis (negative or non-negative), along
+            which blocks run.
+          block_size: the rule's block size (None: the format's own).
+          packed: whether sub-byte codes are to be packed.
+
+        Returns:
+          An :class:`~jaxmx.MXTensor` of ``x`` in ``fmt`` along ``axis``.
+        """
+        ...
 
 
 # --------------------------------------------------------------------------
@@ -469,12 +506,10 @@ def rotate_weights(params, *, size: int = 32, include: str = r"kernel$", axes=No
     >>> r["d"]["kernel"][0]
     Array([0.5, 0.5, 0.5, 0.5], dtype=float32)
     """
-    from jaxmx.params import _path, contraction_axis
-
     pattern = re.compile(include)
 
     def one(path, x):
-        p = _path(path)
+        p = path_string(path)
         if not pattern.search(p) or not hasattr(x, "dtype"):
             return x
         if not jnp.issubdtype(x.dtype, jnp.floating):

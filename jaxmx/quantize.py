@@ -26,9 +26,10 @@ from jax import lax
 
 from jaxmx import codes, numerics
 from jaxmx._codecs import CODECS, Codec
+from jaxmx.bitstream import pack_codes
 from jaxmx.blocks import from_blocks, to_blocks
 from jaxmx.formats import ElementFormat, MXFormat
-from jaxmx.packing import pack_codes, unpack
+from jaxmx.packing import unpack
 from jaxmx.spec import QuantSpec
 from jaxmx.tensor import MXTensor
 

@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from jaxmx import analysis, packing
+from jaxmx import analysis, bitstream
 from jaxmx._scaled import microexp as me
 from jaxmx.blocks import packed_length
 from tests import reference_blockformats as ref
@@ -375,10 +375,10 @@ def test_pack_round_trip(fmt, axis, rng):
     pc, pm = me.pack(q.mantissas, q.micro, fmt, axis=axis)
     n = x.shape[axis]
     assert pc.dtype == jnp.uint8 and pc.shape[axis] == packed_length(n, spec.element_bits)
-    # The same little-endian bit stream as jaxmx.packing.
+    # The same little-endian bit stream as jaxmx.bitstream.
     neg = axis if axis < 0 else axis - x.ndim
     np.testing.assert_array_equal(
-        np.asarray(pc), np.asarray(packing.pack_codes(q.mantissas, spec.element_bits, neg))
+        np.asarray(pc), np.asarray(bitstream.pack_codes(q.mantissas, spec.element_bits, neg))
     )
     m, mi = me.unpack(pc, pm, fmt, axis=axis, length=n)
     np.testing.assert_array_equal(np.asarray(m), np.asarray(q.mantissas))
@@ -387,7 +387,7 @@ def test_pack_round_trip(fmt, axis, rng):
     else:
         np.testing.assert_array_equal(np.asarray(mi), np.asarray(q.micro))
         np.testing.assert_array_equal(
-            np.asarray(pm), np.asarray(packing.pack_codes(q.micro, 1, neg))
+            np.asarray(pm), np.asarray(bitstream.pack_codes(q.micro, 1, neg))
         )
     bits_equal(
         me.dequantize(m, q.shared_exponent, mi, fmt, axis=axis), me.fake_quantize(x, fmt, axis=axis)
@@ -400,9 +400,9 @@ def test_pack_round_trip(fmt, axis, rng):
 def test_element_and_micro_widths_pack_densely_and_round_trip(bits, rng):
     # the widths MX9/6/4 and MSFP store (micro bits 1; mantissas 3, 4, 5, 8)
     codes = jnp.asarray(rng.integers(0, 2**bits, (5, 67)).astype(np.uint8))
-    packed = packing.pack_codes(codes, bits, -1)
+    packed = bitstream.pack_codes(codes, bits, -1)
     assert packed.shape == (5, packed_length(67, bits))
-    got = packing.unpack_codes(packed, bits, -1, 67)
+    got = bitstream.unpack_codes(packed, bits, -1, 67)
     assert got.dtype == jnp.uint8
     np.testing.assert_array_equal(np.asarray(got), np.asarray(codes))
 

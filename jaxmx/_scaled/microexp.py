@@ -83,9 +83,9 @@ import numpy as np
 from jax import lax
 
 from jaxmx import numerics
+from jaxmx.bitstream import pack_codes, unpack_codes
 from jaxmx.blocks import from_blocks, packed_length, to_blocks
 from jaxmx.numerics import f32_to_bits
-from jaxmx.packing import pack_codes, unpack_codes
 
 __all__ = [
     "MicroexpSpec",
