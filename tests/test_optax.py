@@ -176,6 +176,140 @@ def test_cast_codec_rounds_to_bfloat16(rng):
     )
 
 
+# Every family of formats, not only OCP MX (issue "Reliability, round 3", item 4).
+OTHER_FAMILIES = ["nvfp4", "mx9", "mx6", "mx4", "msfp16", "msfp12", "tensor_fp8_e4m3"]
+
+
+def _mx_reference(x, fmt, block_size=None):
+    """dequantize(quantize(x)) along the last axis; a partial NVFP4 block zero-padded."""
+    x = jnp.asarray(x).reshape(np.shape(x) or (1,))
+    n = x.shape[-1]
+    if jaxmx.get_format(fmt).codec == "nvfp4" and n % 16:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -n % 16)])
+    out = jaxmx.dequantize(jaxmx.quantize(x, fmt, axis=-1, block_size=block_size))
+    return np.asarray(out)[..., :n]
+
+
+@pytest.mark.parametrize("fmt", OTHER_FAMILIES)
+def test_mx_codec_keeps_every_leaf_of_every_family(fmt, rng):
+    # Before: NVFP4 lost its tensor scale and MX9/MX6/MX4 their microexponents
+    # (decode crashed), the default block of 32 refused the BDR formats, and
+    # per-tensor FP8 (block_size None) could not be built at all.
+    x = jnp.asarray(rng.standard_normal((8, 96)).astype(np.float32))
+    codec = jo.mx(fmt)
+    c = jax.jit(codec.encode)(x)
+    np.testing.assert_array_equal(np.asarray(codec.decode(c)), _mx_reference(x, fmt))
+    t = jaxmx.quantize(x, fmt, axis=-1, packed=True)
+    assert c.nbytes == t.nbytes  # codes, scales, tensor scale and microexponents
+    leaves = (c.codes, *c.scales)
+    assert len(leaves) == len(jax.tree.leaves(t))
+    assert all(a.dtype in (jnp.uint8, jnp.float32) for a in leaves)  # checkpoint-friendly
+
+
+def test_mx_codec_block_size_defaults_to_the_formats_own(rng):
+    assert jo.mx("mxfp8").block_size == 32
+    assert jo.mx("nvfp4").block_size == jo.mx("mx6").block_size == 16
+    assert jo.mx("tensor_fp8_e5m2").block_size is None
+    assert jo.mx("mxfp8") == jo.mx("mxfp8", block_size=32) == jo.mx("mxfp8_e4m3")
+    x = jnp.asarray(rng.standard_normal((4, 64)).astype(np.float32))
+    for fmt, bs in (("mxint8", 16), ("nvfp4", 32)):  # an explicit int still works
+        codec = jo.mx(fmt, block_size=bs)
+        got = np.asarray(codec.decode(codec.encode(x)))
+        np.testing.assert_array_equal(got, _mx_reference(x, fmt, bs))
+    with pytest.raises(ValueError, match="blocks of 16"):
+        jo.mx("mx9", block_size=32)
+    with pytest.raises(ValueError, match="no blocks"):
+        jo.mx("tensor_fp8_e4m3", block_size=32)
+    with pytest.raises(ValueError, match="rounding"):
+        jo.mx("mx6", rounding="stochastic")
+    with pytest.raises(ValueError, match="last axis"):
+        jo.mx("nvfp4", block_size=(16, 16))
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mx6", "tensor_fp8_e4m3", "mxfp4"])
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0), (5,), (3, 17), (2, 3, 33)])
+def test_mx_codec_takes_odd_shapes(fmt, shape, rng):
+    # Scalars are one-element vectors, NVFP4's partial blocks are zero-padded
+    # (jaxmx.quantize refuses them), empty tensors store nothing.
+    x = jnp.asarray(rng.standard_normal(shape).astype(np.float32))
+    codec = jo.mx(fmt)
+    got = np.asarray(jax.jit(codec.decode)(jax.jit(codec.encode)(x)))
+    assert got.shape == shape and got.dtype == np.float32
+    want = _mx_reference(x, fmt).reshape(shape) if x.size else np.zeros(shape, np.float32)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_compress_state_with_nvfp4_first_moment_updates(rng):
+    # The issue's reproducer: crashed on the first update.
+    params = _params(rng)
+    inner = optax.adamw(1e-3)
+    opt = jo.compress_state(inner, {"mu": jo.mx("nvfp4", block_size=16)})
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    updates, state = update(_grads(params, 0), state, params)
+    before = state
+    updates, state = update(_grads(params, 1), state, params)
+    decoded = jax.tree.map(
+        lambda x: x.codec.decode(x) if isinstance(x, jo.Compressed) else x,
+        before.inner_state,
+        is_leaf=lambda x: isinstance(x, jo.Compressed),
+    )
+    want_updates, want_state = jax.jit(inner.update)(_grads(params, 1), decoded, params)
+    for k in params:
+        np.testing.assert_array_equal(np.asarray(updates[k]), np.asarray(want_updates[k]))
+    mu = state.inner_state[0].mu["w"]
+    assert isinstance(mu, jo.Compressed) and len(mu.scales) == 2  # E4M3 scales, tensor scale
+    np.testing.assert_array_equal(
+        np.asarray(mu.codec.decode(mu)), _mx_reference(want_state[0].mu["w"], "nvfp4")
+    )
+
+
+def test_a_key_without_a_stochastic_codec_is_refused():
+    # As jaxmx.quantize refuses a key without stochastic rounding; before, it was ignored.
+    with pytest.raises(ValueError, match="no codec rounds stochastically"):
+        jo.compress_state(optax.adam(1e-3), "8bit", key=jax.random.key(0))
+    with pytest.raises(ValueError, match="no codec rounds stochastically"):
+        jo.compress_state(optax.adam(1e-3), {"mu": jo.mx("nvfp4")}, key=jax.random.key(0))
+    jo.compress_state(
+        optax.adam(1e-3), {"mu": jo.mx("nvfp4", rounding="stochastic")}, key=jax.random.key(1)
+    )
+
+
+def test_names_mean_the_same_as_a_whole_and_per_field():
+    eight, four = jo.codecs.PRESETS["8bit"]["codecs"], jo.codecs.PRESETS["4bit"]["codecs"]
+    params = {"w": jnp.zeros((80, 64))}
+    cases = [
+        ({"nu": "4bit"}, {"nu": four["nu"]}),  # refused before: codecs only in a mapping
+        ({"mu": "4bit", "nu": "8bit"}, {"mu": four["mu"], "nu": eight["nu"]}),
+        ({"mu": "nvfp4"}, {"mu": jo.mx("nvfp4")}),  # a format name is that format
+        ({"nu": "mxfp8"}, {"nu": jo.mx("mxfp8")}),
+    ]
+    for named, codecs in cases:
+        a = jo.compress_state(optax.adam(1e-3), named).init(params)
+        b = jo.compress_state(optax.adam(1e-3), codecs).init(params)
+        assert jax.tree.structure(a) == jax.tree.structure(b)
+    # A field the preset does not name gets its (signed) first-moment codec.
+    state = jo.compress_state(optax.sgd(0.1, momentum=0.9), {"trace": "4bit"}).init(params)
+    assert state.inner_state[0].trace["w"].codec == four["mu"]
+    # A format name as a whole: first moment in it, as the "mxfp8" preset.
+    a = jo.compress_state(optax.adam(1e-3), "mx6").init(params)
+    assert a.inner_state[0].mu["w"].codec == jo.mx("mx6")
+    assert not isinstance(a.inner_state[0].nu["w"], jo.Compressed)
+
+
+def test_nearest_even_is_the_rounding_name_everywhere():
+    # The core's name is accepted by every codec; "nearest" stays an alias.
+    dmap = jo.dynamic_map(signed=True)
+    assert jo.blockwise(dmap, rounding="nearest_even") == jo.blockwise(dmap)
+    assert jo.rank1(rounding="nearest_even") == jo.rank1(rounding="nearest")
+    assert jo.mx("mxfp8", rounding="nearest_even") == jo.mx("mxfp8")
+    assert jo.cast(rounding="nearest_even").rounding == "nearest_even"
+    assert jo.low_precision_params(optax.sgd(0.1), rounding="nearest") is not None
+    assert jo.StateCodec is jo.Codec and isinstance(jo.rank1(), jo.StateCodec)
+    with pytest.raises(ValueError, match="'nearest_even' \\(alias 'nearest'\\), 'stochastic'"):
+        jo.rank1(rounding="nearest_away")
+
+
 def test_codec_arguments_are_checked():
     with pytest.raises(ValueError, match="block_size"):
         jo.blockwise(jo.dynamic_map(signed=True), 255)
@@ -293,7 +427,9 @@ def test_wrapper_errors_name_what_was_given():
     with pytest.raises(ValueError, match="unknown preset 'int3'"):
         jo.compress_state(optax.adam(1e-3), "int3")
     with pytest.raises(TypeError, match="field names"):
-        jo.compress_state(optax.adam(1e-3), {"mu": "8bit"})
+        jo.compress_state(optax.adam(1e-3), {"mu": 8})
+    with pytest.raises(ValueError, match="unknown preset 'int3'"):
+        jo.compress_state(optax.adam(1e-3), {"mu": "int3"})
     with pytest.raises(ValueError, match="min_size"):
         jo.compress_state(optax.adam(1e-3), "8bit", min_size=-1)
     with pytest.raises(ValueError, match="key"):

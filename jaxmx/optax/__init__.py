@@ -26,6 +26,7 @@ from jaxmx.optax.maps import dynamic_map
 from jaxmx.optax.maps import linear_map
 from jaxmx.optax.codecs import Codec
 from jaxmx.optax.codecs import Compressed
+from jaxmx.optax.codecs import StateCodec
 from jaxmx.optax.codecs import blockwise
 from jaxmx.optax.codecs import cast
 from jaxmx.optax.codecs import mx
@@ -57,6 +58,7 @@ __all__ = [
     "DropBackState",
     "LowPrecisionParamsState",
     "QuantMap",
+    "StateCodec",
     "blockwise",
     "bytes_per_param",
     "cast",

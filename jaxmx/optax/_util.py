@@ -1,4 +1,4 @@
-"""Small helpers shared by the jaxmx.optax transformations: keys and byte counts."""
+"""Small helpers shared by the jaxmx.optax transformations: roundings, keys and byte counts."""
 
 from __future__ import annotations
 
@@ -8,6 +8,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# Rounding names: the core's vocabulary ("nearest_even", "stochastic"), plus
+# "nearest", the name jaxmx.optax used first, kept as an alias.
+ROUNDINGS = ("nearest_even", "stochastic")
+ROUNDING_ALIASES = {"nearest": "nearest_even"}
+
+
+def rounding(name, what: str = "rounding") -> str:
+    """The canonical rounding name: ``"nearest_even"`` (alias ``"nearest"``) or ``"stochastic"``."""
+    canonical = ROUNDING_ALIASES.get(name, name) if isinstance(name, str) else name
+    if canonical not in ROUNDINGS:
+        raise ValueError(
+            f"unknown {what} {name!r}; allowed: 'nearest_even' (alias 'nearest'), 'stochastic'"
+        )
+    return canonical
+
 
 def key_data(key, what: str = "key") -> jax.Array:
     """uint32[2] data of a PRNG key (typed ``jax.random.key`` or raw ``PRNGKey``).
@@ -15,6 +30,10 @@ def key_data(key, what: str = "key") -> jax.Array:
     States hold the raw words rather than a typed key: every checkpoint
     backend stores uint32 arrays.
     """
+    if key is None:
+        raise TypeError(
+            f"{what} must be a threefry PRNG key (jax.random.key(n) or PRNGKey(n)), got None"
+        )
     key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.key_data(key)

@@ -17,13 +17,20 @@ provided:
   > 2, of every axis-slice through it), then coded with the linear map
   without zero. One-dimensional tensors fall back to blocks of 128, as in
   the reference implementation.
-* :func:`mx` -- an MX format from jaxmx (``jaxmx.quantize`` along the last
-  axis), e.g. MXFP8 or MXINT8.
+* :func:`mx` -- any registered jaxmx format (``jaxmx.quantize`` along the
+  last axis): the OCP formats (MXFP8, MXINT8, ...), NVFP4, the shared
+  microexponent formats (MX9, MX6, MX4, MSFP) and per-tensor FP8, each with
+  its own default block size; every leaf of the ``MXTensor`` is kept.
 * :func:`cast` -- a plain narrower float (bfloat16, float16), the precedent
   of optax's ``scale_by_adam(mu_dtype=...)``.
 
-Every codec can round stochastically (``rounding="stochastic"``); its
-:meth:`encode` then takes a PRNG key. Sub-byte codes are packed two per byte.
+Every codec rounds to nearest (``rounding="nearest_even"``, the core's
+name; ``"nearest"`` is an alias) or, where its format allows it,
+stochastically (``rounding="stochastic"``); its :meth:`encode` then takes a
+PRNG key. The map codecs (:func:`blockwise`, :func:`rank1`) have no "even"
+value on their non-uniform tables: an exact tie goes to the smaller
+magnitude, as in bitsandbytes and lpmm. Sub-byte codes are packed two per
+byte. :class:`StateCodec` is the base class (``Codec`` is its old name).
 """
 
 from __future__ import annotations
@@ -38,11 +45,12 @@ import numpy as np
 from jax import lax
 
 import jaxmx
+from jaxmx.optax import _util
 from jaxmx.optax.maps import QuantMap, dynamic_map, linear_map
 
-__all__ = ["Codec", "Compressed", "blockwise", "rank1", "mx", "cast"]
+__all__ = ["StateCodec", "Codec", "Compressed", "blockwise", "rank1", "mx", "cast"]
 
-ROUNDINGS = ("nearest", "stochastic")
+ROUNDINGS = _util.ROUNDINGS
 _FLT_MIN = float(np.finfo(np.float32).tiny)  # 2**-126: smaller scales are treated as 0
 
 
@@ -55,8 +63,11 @@ class Compressed:
       codes: uint8 codes (sub-byte codes packed two per byte), or the
         narrower float values for :func:`cast`.
       scales: the scale arrays: per-block absolute maxima (float32), the
-        per-axis maxima of a rank-1 codec, or the E8M0 scale bytes of MX.
-      codec: the :class:`Codec` that wrote it (static).
+        per-axis maxima of a rank-1 codec, or for :func:`mx` the other leaves
+        of the ``MXTensor`` in its order: the block scale bytes (absent for
+        per-tensor FP8), the float32 tensor scale (NVFP4, per-tensor FP8) and
+        the microexponent bytes (MX9, MX6, MX4).
+      codec: the :class:`StateCodec` that wrote it (static).
       shape: shape of the tensor it stands for (static).
 
     >>> import jax.numpy as jnp
@@ -67,7 +78,7 @@ class Compressed:
 
     codes: jax.Array
     scales: tuple[jax.Array, ...]
-    codec: Codec = dataclasses.field(metadata=dict(static=True))
+    codec: StateCodec = dataclasses.field(metadata=dict(static=True))
     shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
 
     @property
@@ -85,10 +96,9 @@ def _nbytes(a) -> int:
     return math.prod(a.shape) * np.dtype(a.dtype).itemsize
 
 
-def _check_rounding(rounding) -> str:
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"unknown rounding {rounding!r}; allowed: {', '.join(ROUNDINGS)}")
-    return rounding
+def _check_rounding(codec) -> None:
+    # Canonical name stored, so that "nearest" and "nearest_even" make equal codecs.
+    object.__setattr__(codec, "rounding", _util.rounding(codec.rounding))
 
 
 def _check_block(block_size, what="block_size") -> int:
@@ -99,8 +109,10 @@ def _check_block(block_size, what="block_size") -> int:
     return int(block_size)
 
 
-class Codec:
+class StateCodec:
     """Base class of the state codecs (frozen dataclasses, hashable).
+
+    ``Codec`` is the same class under its earlier name.
 
     Subclasses implement ``_encode(x, rbits_or_key) -> (codes, scales)`` and
     ``_decode(codes, scales, shape) -> float32``; :meth:`encode` and
@@ -147,13 +159,16 @@ class Codec:
 
 # Jitted entry points (inlined under an outer jit): called eagerly, e.g. by an
 # optimizer's init, each codec compiles once instead of dispatching op by op.
+Codec = StateCodec  # the earlier name, kept
+
+
 @functools.partial(jax.jit, static_argnums=0)
-def _encode(codec: Codec, x, key):
+def _encode(codec: StateCodec, x, key):
     return codec._encode(x, key)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _decode(codec: Codec, codes, scales, shape):
+def _decode(codec: StateCodec, codes, scales, shape):
     return codec._decode(codes, scales, shape)
 
 
@@ -212,12 +227,12 @@ def _absmax_decode(qmap: QuantMap, codes, absmax):
 
 
 @dataclasses.dataclass(frozen=True)
-class Blockwise(Codec):
+class Blockwise(StateCodec):
     """Block-wise absmax scaling with a quantization map (see :func:`blockwise`)."""
 
     qmap: QuantMap  # the value table codes index
     block_size: int  # consecutive elements of the flattened tensor sharing one scale
-    rounding: str = "nearest"  # "nearest" or "stochastic"
+    rounding: str = "nearest_even"  # "nearest_even" (alias "nearest") or "stochastic"
 
     def __post_init__(self):
         if not isinstance(self.qmap, QuantMap):
@@ -225,7 +240,7 @@ class Blockwise(Codec):
         if self.qmap.bits not in (4, 8):
             raise ValueError(f"blockwise stores 4- or 8-bit codes, got a {self.qmap.bits}-bit map")
         _check_block(self.block_size)
-        _check_rounding(self.rounding)
+        _check_rounding(self)
 
     def _encode(self, x, key):
         codes, absmax = _absmax_encode(self.qmap, _to_blocks(x, self.block_size), key)
@@ -236,25 +251,25 @@ class Blockwise(Codec):
 
 
 @dataclasses.dataclass(frozen=True)
-class Rank1(Codec):
+class Rank1(StateCodec):
     """Rank-1 normalization with the linear map without zero (see :func:`rank1`)."""
 
     bits: int = 4  # code width of the linear map
     block_size: int = 128  # block size used for 1-D tensors
-    rounding: str = "nearest"  # "nearest" or "stochastic"
+    rounding: str = "nearest_even"  # "nearest_even" (alias "nearest") or "stochastic"
 
     def __post_init__(self):
         if self.bits not in (4, 8):
             raise ValueError(f"rank1 stores 4- or 8-bit codes, got bits={self.bits!r}")
         _check_block(self.block_size)
-        _check_rounding(self.rounding)
+        _check_rounding(self)
 
     @property
     def qmap(self) -> QuantMap:
         return linear_map(bits=self.bits)
 
     def _encode(self, x, key):
-        if x.ndim < 2:
+        if x.ndim < 2 or x.size == 0:  # (no maxima of an empty axis-slice either)
             codes, absmax = _absmax_encode(self.qmap, _to_blocks(x, self.block_size), key)
             return codes, (absmax,)
         # Second moments are non-negative, so the maxima are taken of x itself:
@@ -271,7 +286,7 @@ class Rank1(Codec):
         return _encode_codes(self.qmap, n, _rbits(key, n.shape)), maxima
 
     def _decode(self, codes, scales, shape):
-        if len(shape) < 2:
+        if len(shape) < 2 or math.prod(shape) == 0:
             return _from_blocks(_absmax_decode(self.qmap, codes, scales[0]), shape)
         n = _decode_codes(self.qmap, codes)[..., : shape[-1]]
         return n * _rank1_scale(scales)
@@ -288,59 +303,112 @@ def _rank1_scale(maxima) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class MX(Codec):
-    """An MX format from jaxmx along the last axis (see :func:`mx`)."""
+class MX(StateCodec):
+    """A jaxmx format along the last axis, every MXTensor leaf kept (see :func:`mx`)."""
 
-    format: str  # a jaxmx MX format name, e.g. "mxfp8_e4m3", "mxint8"
-    block_size: int = 32  # elements per MX block along the last axis
+    # A registered format name, e.g. "mxfp8_e4m3", "nvfp4", "mx6", "tensor_fp8_e4m3"
+    # (an unregistered MXFormat is held as the record itself).
+    format: str
+    # Elements per block along the last axis; None (given) means the format's
+    # own (32 OCP, 16 NVFP4 and MX9/MX6/MX4/MSFP); stays None for per-tensor FP8.
+    block_size: int | None = None
     scale_mode: str = "floor"  # jaxmx.quantize scale rule ("floor", "rceil", ...)
-    rounding: str = "nearest"  # "nearest" (to even) or "stochastic"
+    rounding: str = "nearest_even"  # "nearest_even" (alias "nearest") or "stochastic"
 
     def __post_init__(self):
         fmt = jaxmx.get_format(self.format)  # ValueError names the known formats
-        object.__setattr__(self, "format", fmt.name)
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int):
-            raise TypeError(f"block_size must be a positive int, got {self.block_size!r}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if self.scale_mode not in jaxmx.numerics.SCALE_MODES:
+        try:
+            registered = jaxmx.get_format(fmt.name) == fmt
+        except ValueError:
+            registered = False
+        object.__setattr__(self, "format", fmt.name if registered else fmt)
+        if isinstance(self.block_size, tuple):
             raise ValueError(
-                f"unknown scale_mode {self.scale_mode!r}; "
-                f"allowed: {', '.join(jaxmx.numerics.SCALE_MODES)}"
+                f"the state codec blocks along the last axis; got block_size={self.block_size!r} "
+                "(2-D tiles are for matmul operands): pass an int or None (the format's own)"
             )
-        _check_rounding(self.rounding)
+        _check_rounding(self)
+        bs = fmt.block_size if self.block_size is None else self.block_size
+        # Every other check is jaxmx.quantize's own, on a probe of one block.
+        probe = jnp.zeros((bs if isinstance(bs, int) and bs > 0 else 1,), jnp.float32)
+        jax.eval_shape(lambda: self._quantize(probe, self._probe_key(), bs))
+        object.__setattr__(self, "block_size", None if bs is None else int(bs))
 
-    def _quantize(self, x, key):
+    def _probe_key(self):
+        return jax.random.key(0) if self.stochastic else None
+
+    def _quantize(self, x, key, block_size=None):
         return jaxmx.quantize(
             x,
             self.format,
             axis=-1,
-            block_size=self.block_size,
+            block_size=self.block_size if block_size is None else block_size,
             scale_mode=self.scale_mode,
-            rounding="stochastic" if key is not None else "nearest_even",
+            rounding=self.rounding if key is not None else "nearest_even",
             key=key,
             packed=True,
         )
 
     def _encode(self, x, key):
-        if x.ndim == 0:
-            raise ValueError("the MX codec needs at least one axis; keep scalars uncompressed")
-        t = self._quantize(x, key)
+        if x.size == 0:  # nothing to store (per-tensor formats have no amax of nothing)
+            return jnp.zeros(x.shape, jnp.uint8), ()
+        t = self._quantize(_mx_input(self, x), key)
+        data, *rest = jax.tree.leaves(t)  # data, then scale / tensor_scale / micro if present
         # Bytes, not float8/E8M0 arrays: every checkpoint backend stores uint8.
-        return _as_bytes(t.data), (_as_bytes(t.scale),)
+        return _as_bytes(data), tuple(_as_bytes(a) for a in rest)
 
     def _decode(self, codes, scales, shape):
-        like = _mx_like(self, shape)
-        t = dataclasses.replace(
-            like,
-            data=lax.bitcast_convert_type(codes, like.data.dtype),
-            scale=lax.bitcast_convert_type(scales[0], like.scale.dtype),
-        )
-        return jaxmx.dequantize(t)
+        if math.prod(shape) == 0:
+            return jnp.zeros(shape, jnp.float32)
+        like_leaves, treedef = jax.tree.flatten(_mx_like(self, _mx_shape(self, shape)))
+        leaves = [
+            a if a.dtype == like.dtype else lax.bitcast_convert_type(a, like.dtype)
+            for a, like in zip((codes, *scales), like_leaves, strict=True)
+        ]
+        y = jaxmx.dequantize(jax.tree.unflatten(treedef, leaves))
+        n = shape[-1] if shape else 1
+        if y.shape[-1] != n:  # zero padding of a partial block
+            y = y[..., :n]
+        return y.reshape(shape)
 
 
 def _as_bytes(a: jax.Array) -> jax.Array:
-    return a if a.dtype == jnp.uint8 else lax.bitcast_convert_type(a, jnp.uint8)
+    # One-byte codes of any dtype (float8, E8M0, int8) as uint8; the float32
+    # tensor scale stays float32.
+    if a.dtype == jnp.uint8 or np.dtype(a.dtype).itemsize != 1:
+        return a
+    return lax.bitcast_convert_type(a, jnp.uint8)
+
+
+@functools.cache
+def _full_blocks(codec: MX) -> bool:
+    """Whether ``codec``'s format refuses a partial last block (NVFP4 does)."""
+    bs = codec.block_size
+    if bs is None:
+        return False
+    try:
+        probe = jnp.zeros((bs + 1,), jnp.float32)
+        jax.eval_shape(lambda: codec._quantize(probe, codec._probe_key()))
+    except ValueError:  # every other argument passed the probe in __post_init__
+        return True
+    return False
+
+
+def _mx_shape(codec: MX, shape) -> tuple[int, ...]:
+    """Shape handed to jaxmx.quantize: scalars as one element; for formats
+    without partial blocks, the last axis zero-padded to whole blocks."""
+    shape = tuple(shape) or (1,)
+    if _full_blocks(codec) and shape[-1] % codec.block_size:
+        shape = (*shape[:-1], shape[-1] + -shape[-1] % codec.block_size)
+    return shape
+
+
+def _mx_input(codec: MX, x: jax.Array) -> jax.Array:
+    shape = _mx_shape(codec, x.shape)
+    x = x.reshape(shape[:-1] + (x.shape[-1] if x.ndim else 1,))
+    if x.shape[-1] != shape[-1]:
+        x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, shape[-1] - x.shape[-1])])
+    return x
 
 
 @functools.cache
@@ -350,11 +418,11 @@ def _mx_like(codec: MX, shape) -> jaxmx.MXTensor:
 
 
 @dataclasses.dataclass(frozen=True)
-class Cast(Codec):
+class Cast(StateCodec):
     """A narrower float, elementwise (see :func:`cast`)."""
 
     dtype: str = "bfloat16"  # "bfloat16" or "float16"
-    rounding: str = "nearest"  # "nearest" (to even) or "stochastic"
+    rounding: str = "nearest_even"  # "nearest_even" (alias "nearest") or "stochastic"
 
     def __post_init__(self):
         allowed = ("bfloat16", "float16")
@@ -362,7 +430,7 @@ class Cast(Codec):
         if name not in allowed:
             raise ValueError(f"cast stores {', '.join(allowed)}; got dtype {self.dtype!r}")
         object.__setattr__(self, "dtype", name)
-        _check_rounding(self.rounding)
+        _check_rounding(self)
 
     def _encode(self, x, key):
         if key is not None:
@@ -383,8 +451,9 @@ def blockwise(qmap: QuantMap, block_size: int = 256, *, rounding: str = "nearest
     Args:
       qmap: a :func:`~jaxmx.optax.maps.dynamic_map` (or any 4/8-bit map).
       block_size: elements per block (256 in bitsandbytes, 128 in Li et al.).
-      rounding: ``"nearest"`` or ``"stochastic"`` (unbiased between the two
-        neighbouring map values).
+      rounding: ``"nearest_even"`` (alias ``"nearest"``: the nearest map value,
+        an exact tie to the smaller magnitude) or ``"stochastic"`` (unbiased
+        between the two neighbouring map values).
 
     Returns:
       The codec.
@@ -412,7 +481,7 @@ def rank1(bits: int = 4, *, block_size: int = 128, rounding: str = "nearest") ->
     Args:
       bits: 4 (the paper) or 8.
       block_size: block size for 1-D tensors.
-      rounding: ``"nearest"`` or ``"stochastic"``.
+      rounding: ``"nearest_even"`` (alias ``"nearest"``) or ``"stochastic"``.
 
     Returns:
       The codec.
@@ -430,25 +499,49 @@ def rank1(bits: int = 4, *, block_size: int = 128, rounding: str = "nearest") ->
 def mx(
     format: str = "mxfp8",
     *,
-    block_size: int = 32,
+    block_size: int | None = None,
     scale_mode: str = "floor",
     rounding: str = "nearest",
 ) -> MX:
-    """An MX format (jaxmx.quantize along the last axis, codes packed).
+    """Any jaxmx format (``jaxmx.quantize`` along the last axis, codes packed).
+
+    Decoding gives ``jaxmx.dequantize(jaxmx.quantize(x, format, axis=-1,
+    block_size=block_size, ...))`` bit for bit: every leaf of the
+    ``MXTensor`` is stored (codes, block scales, NVFP4's and per-tensor FP8's
+    float32 tensor scale, MX9/MX6/MX4's microexponents). Shapes
+    ``jaxmx.quantize`` does not take are stored as follows: a scalar as a
+    one-element vector; a format without partial blocks (NVFP4) gets its
+    last axis zero-padded to whole blocks, which is how jaxmx defines a
+    partial block for the other formats (zeros change neither a block's nor
+    the tensor's amax), the padding cropped on decode; a tensor with no
+    elements stores nothing.
 
     Args:
-      format: any :func:`jaxmx.list_formats` name or alias.
-      block_size: elements per shared scale.
-      scale_mode: the shared-exponent rule of :func:`jaxmx.quantize`.
-      rounding: ``"nearest"`` (to even) or ``"stochastic"``.
+      format: any :func:`jaxmx.list_formats` name or alias (or a registered
+        :class:`~jaxmx.MXFormat`).
+      block_size: elements per shared scale; None (default) is the format's
+        own: 32 for the OCP formats, 16 for NVFP4 and MX9/MX6/MX4/MSFP, none
+        for per-tensor FP8. The OCP formats and NVFP4 take other sizes.
+      scale_mode: the shared-exponent rule of :func:`jaxmx.quantize` (the
+        OCP formats; the others have their own rule and take ``"floor"``).
+      rounding: ``"nearest_even"`` (alias ``"nearest"``) or ``"stochastic"``
+        (OCP formats and NVFP4).
 
     Returns:
       The codec.
+
+    Raises:
+      ValueError / TypeError: what :func:`jaxmx.quantize` refuses for this
+        format (a block size its family does not take, a rounding or scale
+        rule it does not define), or an unknown format.
 
     >>> import jax.numpy as jnp
     >>> c = mx("mxint8").encode(jnp.linspace(-1.0, 1.0, 64))
     >>> c.nbytes  # 64 one-byte codes and 2 scale bytes
     66
+    >>> c = mx("nvfp4").encode(jnp.linspace(-1.0, 1.0, 64))
+    >>> c.nbytes  # 32 bytes of 4-bit codes, 4 E4M3 scales, a float32 tensor scale
+    40
     """
     return MX(format=format, block_size=block_size, scale_mode=scale_mode, rounding=rounding)
 

@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+import jaxmx
 from jaxmx.optax import _util
-from jaxmx.optax.codecs import PRESETS, Codec, Compressed
+from jaxmx.optax.codecs import PRESETS, Compressed, StateCodec, mx
 
 __all__ = ["CompressedState", "compress_state", "state_nbytes", "bytes_per_param"]
 
@@ -78,11 +79,48 @@ def _field_names(state, found: set) -> set:
     return found
 
 
+def _is_format(name: str) -> bool:
+    try:
+        jaxmx.get_format(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _unknown(name) -> ValueError:
+    return ValueError(
+        f"unknown preset {name!r}: not a preset ({', '.join(PRESETS)}) nor a jaxmx format "
+        "name (jaxmx.list_formats())"
+    )
+
+
+def _named(name: str) -> dict:
+    """The preset a name stands for as a whole: a preset, or a format for ``mu``."""
+    if name in PRESETS:
+        return PRESETS[name]
+    if _is_format(name):  # like the "mxfp8" and "mxint8" presets
+        return {"codecs": {"mu": mx(name)}, "min_size": 4096, "min_ndim": 1}
+    raise _unknown(name)
+
+
+def _field_codec(field: str, value) -> StateCodec:
+    """The codec a mapping gives one field: a codec, or a name (as a whole)."""
+    if isinstance(value, StateCodec):
+        return value
+    if not isinstance(value, str):
+        raise TypeError(
+            "codecs maps field names (str) to jaxmx.optax codecs or preset/format names, "
+            f"got {field!r}: {value!r}"
+        )
+    codecs = _named(value)["codecs"]
+    # The preset's codec for this field; a field it does not name (momentum's
+    # "trace") gets its first-moment codec, which is signed.
+    return codecs.get(field, codecs["mu"])
+
+
 def _resolve(codecs, min_size, min_ndim):
     if isinstance(codecs, str):
-        if codecs not in PRESETS:
-            raise ValueError(f"unknown preset {codecs!r}; allowed: {', '.join(PRESETS)}")
-        preset = PRESETS[codecs]
+        preset = _named(codecs)
         codecs = preset["codecs"]
         min_size = preset["min_size"] if min_size is None else min_size
         min_ndim = preset["min_ndim"] if min_ndim is None else min_ndim
@@ -91,22 +129,24 @@ def _resolve(codecs, min_size, min_ndim):
             "codecs must be a preset name or a non-empty mapping from state field name "
             f"to codec, got {codecs!r}"
         )
-    for name, codec in codecs.items():
-        if not isinstance(name, str) or not isinstance(codec, Codec):
+    for name in codecs:
+        if not isinstance(name, str):
             raise TypeError(
-                f"codecs maps field names (str) to jaxmx.optax codecs, got {name!r}: {codec!r}"
+                "codecs maps field names (str) to jaxmx.optax codecs or preset/format names, "
+                f"got {name!r}: {codecs[name]!r}"
             )
+    codecs = {name: _field_codec(name, value) for name, value in codecs.items()}
     min_size = 4096 if min_size is None else min_size
     min_ndim = 0 if min_ndim is None else min_ndim
     for what, v in (("min_size", min_size), ("min_ndim", min_ndim)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ValueError(f"{what} must be a non-negative int, got {v!r}")
-    return dict(codecs), min_size, min_ndim
+    return codecs, min_size, min_ndim
 
 
 def compress_state(
     inner: optax.GradientTransformation,
-    codecs: str | Mapping[str, Codec] = "8bit",
+    codecs: str | Mapping[str, StateCodec | str] = "8bit",
     *,
     min_size: int | None = None,
     min_ndim: int | None = None,
@@ -127,19 +167,30 @@ def compress_state(
           without zero; tensors of more than 4096 elements and >= 2 dims);
         * ``"mxfp8"`` / ``"mxint8"``: first moment in that MX format, second in float32;
         * ``"bf16"``: both moments in bfloat16;
-        * or e.g. ``{"mu": jaxmx.optax.mx("mxfp8"), "nu": jaxmx.optax.rank1()}``.
+        * any other jaxmx format name (``"nvfp4"``, ``"mx6"``, ...): the first
+          moment in that format (:func:`~jaxmx.optax.mx`, its own block
+          size), the second in float32, as ``"mxfp8"``;
+        * or a mapping, e.g. ``{"mu": jaxmx.optax.mx("mxfp8"), "nu":
+          jaxmx.optax.rank1()}``, whose values are codecs or the same names:
+          ``{"nu": "4bit"}`` is the ``"4bit"`` preset's second-moment codec,
+          ``{"mu": "nvfp4"}`` is ``mx("nvfp4")``; a field the preset does not
+          name (momentum's ``trace``) gets its first-moment codec.
       min_size: tensors with fewer elements stay as the inner state holds
-        them (float32); defaults to the preset's rule, else 4096.
-      min_ndim: tensors with fewer dimensions stay float32 (preset's rule, else 0).
-      key: PRNG key; required when a codec rounds stochastically.
+        them (float32); defaults to the preset's rule when ``codecs`` is a
+        name, else 4096.
+      min_ndim: tensors with fewer dimensions stay float32 (the name's rule, else 0).
+      key: PRNG key; required when a codec rounds stochastically, and refused
+        otherwise (as :func:`jaxmx.quantize` refuses a key without
+        stochastic rounding: a key that changes nothing is a mistake).
 
     Returns:
       A transformation whose state is a :class:`CompressedState`.
 
     Raises:
-      ValueError: unknown preset, bad sizes, a stochastic codec without a
-        key, or (at ``init``) no state field of ``inner`` named in ``codecs``.
-      TypeError: codecs that are not jaxmx.optax codecs.
+      ValueError: unknown name, bad sizes, a stochastic codec without a
+        key or a key without one, or (at ``init``) no state field of
+        ``inner`` named in ``codecs``.
+      TypeError: codecs that are neither jaxmx.optax codecs nor names.
 
     >>> import jax.numpy as jnp, optax, jaxmx.optax
     >>> params = {"w": jnp.ones((64, 128)), "b": jnp.zeros(128)}
@@ -153,6 +204,12 @@ def compress_state(
     stochastic = any(c.stochastic for c in codecs.values())
     if stochastic and key is None:
         raise ValueError("a codec rounds stochastically: pass key=jax.random.key(...)")
+    if key is not None and not stochastic:
+        raise ValueError(
+            "a key was given but no codec rounds stochastically "
+            f"({', '.join(f'{f}: {c.rounding}' for f, c in codecs.items())}); pass codecs "
+            "with rounding='stochastic' or drop the key"
+        )
     raw_key = _util.key_data(key) if key is not None else jnp.zeros(2, jnp.uint32)
     inner = optax.with_extra_args_support(inner)
 
