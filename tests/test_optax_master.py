@@ -87,6 +87,30 @@ def test_any_round_to_format(rng):
     assert not np.array_equal(np.asarray(new), np.asarray(p))
 
 
+def test_the_format_must_be_representable_in_the_params_dtype(rng):
+    # The documented rule, enforced (issue "Reliability, round 3"): float16 has
+    # three more mantissa bits than bfloat16, so in bfloat16 arrays each
+    # float16-rounded value would be rounded a second time, to bfloat16.
+    bf16 = {"w": jnp.asarray(_bf16(rng.standard_normal(8))).astype(jnp.bfloat16)}
+    f16 = {"w": jnp.ones(8, jnp.float16)}
+    with pytest.raises(ValueError, match=r"bfloat16 array, which cannot hold .* 'float16'"):
+        jo.low_precision_params(optax.sgd(0.1), "float16").init(bf16)
+    with pytest.raises(ValueError, match=r"float16 array, which cannot hold .* 'bfloat16'"):
+        jo.low_precision_params(optax.sgd(0.1), "bfloat16").init(f16)  # its range
+    opt = jo.low_precision_params(optax.sgd(0.1), "float16")
+    state = opt.init({"w": jnp.ones(8)})  # float32 arrays hold any format
+    with pytest.raises(ValueError, match="representable in the params' dtype"):
+        opt.update(bf16, state, bf16)
+    with pytest.raises(ValueError, match="round_params: .* 'float16'"):
+        jo.round_params(bf16, "float16")
+    # Formats within the dtype are accepted: FP8 and a 12-bit bfloat in bfloat16.
+    for fmt in ("fp8_e4m3", jaxmx.formats.float_format(8, 3), "bfloat16"):
+        o = jo.low_precision_params(optax.sgd(0.1), fmt)
+        new, _ = _step(o)(bf16["w"], o.init(bf16["w"]), jnp.ones(8, jnp.bfloat16))
+        assert new.dtype == jnp.bfloat16
+    jo.low_precision_params(optax.sgd(0.1), "fp8_e5m2").init(f16)
+
+
 def test_orbax_round_trip_resumes_bit_identically(tmp_path, rng):
     p = jnp.asarray(_bf16(rng.standard_normal((32, 32))))
     opt = jo.low_precision_params(

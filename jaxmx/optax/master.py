@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import jaxmx
@@ -31,8 +32,9 @@ from jaxmx.optax import _util
 
 __all__ = ["LowPrecisionParamsState", "low_precision_params", "round_params"]
 
-ROUNDINGS = ("nearest_even", "stochastic")
+ROUNDINGS = _util.ROUNDINGS  # "nearest" is accepted as an alias of "nearest_even"
 _CONTAINERS = (jnp.float32, jnp.bfloat16, jnp.float16)
+_NARROW = (jnp.bfloat16, jnp.float16)  # containers that cannot hold every format
 
 
 class LowPrecisionParamsState(NamedTuple):
@@ -48,6 +50,49 @@ def _check_format(fmt):
     return fmt
 
 
+def _witnesses(fmt) -> np.ndarray:
+    """float32 values of ``fmt`` that test whether a container holds all of its grid.
+
+    ``1 + 2**-m`` (its finest step near 1), every power of two it holds (its
+    smallest subnormal included) and its largest finite value, each read off
+    :func:`jaxmx.round_to` itself. A float dtype holds every value of ``fmt``
+    exactly when it holds these: the first needs as many mantissa bits, the
+    powers of two the exponent range down to the smallest step, the largest
+    value the range at the top.
+    """
+    f32 = np.finfo(np.float32)
+    probes = np.concatenate(
+        [
+            1.0 + 2.0 ** -np.arange(1, 24, dtype=np.float64),
+            2.0 ** np.arange(-149, 128, dtype=np.float64),
+            [float(f32.max)],
+        ]
+    ).astype(np.float32)
+    with jax.ensure_compile_time_eval():
+        got = np.asarray(jaxmx.round_to(jnp.asarray(probes), fmt, saturate=True))
+    return np.unique(got[np.isfinite(got) & (got != 0)])
+
+
+def _fmt_name(fmt) -> str:
+    return fmt if isinstance(fmt, str) else getattr(fmt, "name", repr(fmt))
+
+
+def _check_container(fmt, witnesses: np.ndarray, path: str, dtype, who: str) -> None:
+    with np.errstate(over="ignore"):  # a value beyond the dtype's range becomes inf
+        held = witnesses.astype(dtype).astype(np.float32)
+    bad = held != witnesses
+    if bad.any():
+        v, w = float(witnesses[bad][0]), float(held[bad][0])
+        name = np.dtype(dtype).name
+        raise ValueError(
+            f"{who}: param {path} is a {name} array, which cannot hold every "
+            f"value of the format {_fmt_name(fmt)!r} (e.g. {v!r} = {v.hex()} would become "
+            f"{w!r}); the format must be representable in the params' dtype: hold the params "
+            f"in float32 arrays (on the grid: round_params(params, fmt)) or pick a format "
+            f"within {name}"
+        )
+
+
 def round_params(params: Any, fmt="bfloat16") -> Any:
     """Rounds every float leaf to ``fmt`` (nearest even), keeping each leaf's dtype.
 
@@ -55,11 +100,20 @@ def round_params(params: Any, fmt="bfloat16") -> Any:
     :func:`low_precision_params` in float32 containers (or cast to
     ``jnp.bfloat16`` to hold them in bfloat16 arrays).
 
+    Raises:
+      ValueError: unknown format, or a bfloat16/float16 leaf that cannot
+        hold every value of ``fmt`` (e.g. ``"float16"`` in bfloat16 arrays:
+        the rounded value would be rounded again to the leaf's dtype).
+
     >>> import jax.numpy as jnp
     >>> round_params({"w": jnp.array([1.0 + 2**-10, 3.0])})["w"]
     Array([1., 3.], dtype=float32)
     """
     _check_format(fmt)
+    witnesses = _witnesses(fmt)
+    for path, p in jax.tree_util.tree_leaves_with_path(params):
+        if any(p.dtype == d for d in _NARROW):
+            _check_container(fmt, witnesses, jax.tree_util.keystr(path), p.dtype, "round_params")
     return jax.tree.map(
         lambda p: jaxmx.round_to(p, fmt) if jnp.issubdtype(p.dtype, jnp.floating) else p, params
     )
@@ -87,15 +141,18 @@ def low_precision_params(
     other or either is 0 (their difference is then exact in float32; an
     update that shrinks a weight more than that can leave it one float32
     rounding off the grid, and the next step puts it back). The format's
-    values must be representable in the params' dtype: any format in
-    float32 arrays, ``"bfloat16"`` (or narrower) in bfloat16 arrays.
+    values must be representable in the params' dtype, and ``init`` and
+    ``update`` refuse params that are not: any format in float32 arrays; in
+    bfloat16 arrays ``"bfloat16"`` or a format within it (``"fp8_e4m3"``,
+    ``float_format(8, 3)``), not ``"float16"`` (three more mantissa bits);
+    in float16 arrays ``"float16"`` or FP8, not ``"bfloat16"`` (its range).
 
     Args:
       inner: the float32 optimizer, e.g. ``optax.adamw(1e-3)``; its state is
         initialised from float32 copies of the params.
       fmt: any :func:`jaxmx.round_to` format: ``"bfloat16"``, ``"float16"``,
         ``"fp8_e4m3"``, ``jaxmx.formats.float_format(8, 3)``, ...
-      rounding: ``"nearest_even"`` or ``"stochastic"`` (needs ``key``).
+      rounding: ``"nearest_even"`` (alias ``"nearest"``) or ``"stochastic"`` (needs ``key``).
       compensation: None, or the dtype of a Kahan/Collage compensation buffer
         holding the rounding error of the last step (``"bfloat16"`` as in
         Collage, or ``"float32"``). Costs one buffer the size of the params.
@@ -105,8 +162,9 @@ def low_precision_params(
       A transformation with a :class:`LowPrecisionParamsState`.
 
     Raises:
-      ValueError: unknown format, rounding or compensation dtype, or a
-        stochastic rounding without key.
+      ValueError: unknown format, rounding or compensation dtype, a
+        stochastic rounding without key, or (at ``init``/``update``)
+        bfloat16/float16 params that cannot hold the format's values.
 
     >>> import jax.numpy as jnp, optax, jaxmx.optax
     >>> params = {"w": jnp.ones(4, jnp.bfloat16)}
@@ -118,8 +176,8 @@ def low_precision_params(
     Array([1, 1, 1, 1], dtype=bfloat16)
     """
     _check_format(fmt)
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"unknown rounding {rounding!r}; allowed: {', '.join(ROUNDINGS)}")
+    rounding = _util.rounding(rounding)
+    witnesses = _witnesses(fmt)
     stochastic = rounding == "stochastic"
     if stochastic and key is None:
         raise ValueError("rounding='stochastic' needs key=jax.random.key(...)")
@@ -142,6 +200,10 @@ def low_precision_params(
         }
         if bad:
             raise TypeError(f"params must be float32, bfloat16 or float16 arrays; got {bad}")
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+            if any(leaf.dtype == d for d in _NARROW):
+                path = jax.tree_util.keystr(path)
+                _check_container(fmt, witnesses, path, leaf.dtype, "low_precision_params")
 
     def f32(tree):
         return jax.tree.map(lambda a: a.astype(jnp.float32), tree)
