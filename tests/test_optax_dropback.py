@@ -189,5 +189,28 @@ def test_bad_arguments_name_what_was_given():
         jo.dropback(10, init_key=KEY, init_decay=0.0)
     with pytest.raises(TypeError, match="init_key"):
         jo.dropback(10, init_key=jnp.zeros(3))
+    # Before: "None is not a valid value for jnp.array".
+    with pytest.raises(TypeError, match="dropback needs init_key: .*initial_params.*got None"):
+        jo.dropback(10, init_key=None)
     with pytest.raises(TypeError, match="DropBackState"):
         jo.dropback_stats(optax.EmptyState(), {})
+
+
+def test_params_not_made_by_initial_params_are_refused_at_init():
+    # Before, dropback silently reset every untracked weight to values the
+    # params never had. init compares the params with the regenerated ones.
+    opt = jo.dropback(0.1, init_key=KEY, init_fn=uniform_init)
+    params0 = jo.initial_params(KEY, SHAPES, uniform_init)
+    opt.init(params0)  # the right ones pass
+    other_key = jo.initial_params(jax.random.key(7), SHAPES, uniform_init)
+    with pytest.raises(ValueError, match=r"differ from the initial values .*dense_1.*kernel"):
+        opt.init(other_key)
+    other_fn = jo.initial_params(KEY, SHAPES)  # the default init_fn, not uniform_init
+    with pytest.raises(ValueError, match="initial_params"):
+        opt.init(other_fn)
+    one_weight = jax.tree.map(lambda p: p, params0)
+    one_weight["dense_2"]["kernel"] = params0["dense_2"]["kernel"].at[3, 4].add(1.0)
+    with pytest.raises(ValueError, match=r"\['dense_2'\]\['kernel'\] \(1 of 320 weights\)"):
+        opt.init(one_weight)
+    # Abstract params cannot be compared: an abstract init (a resume's target) works.
+    jax.eval_shape(opt.init, other_key)

@@ -138,6 +138,40 @@ def _initializer(treedef, spec, init_fn):
     return make
 
 
+def _check_initial(params, raw_key, init_fn) -> None:
+    """Refuses params that are not the ones ``initial_params`` regenerates.
+
+    DropBack resets every untracked weight to the value regenerated from the
+    key; params drawn otherwise (``model.init``, another key or ``init_fn``)
+    would be silently replaced by other values. Only concrete params can be
+    compared: under ``jit`` or ``eval_shape`` the check is skipped.
+    """
+    leaves = jax.tree.leaves(params)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+        return
+    want = initial_params(raw_key, params, init_fn)
+    bad = {}
+    for (path, p), w in zip(
+        jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(want), strict=True
+    ):
+        p = jnp.asarray(p)
+        differ = int(jnp.sum(p != w)) if p.shape == w.shape else p.size
+        if differ:
+            bad[jax.tree_util.keystr(path)] = f"{differ} of {p.size}"
+    if bad:
+        shown = ", ".join(f"{k} ({v} weights)" for k, v in list(bad.items())[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(
+            f"dropback: the params given to init differ from the initial values regenerated "
+            f"from init_key and init_fn at {shown}{more}. DropBack resets every untracked "
+            "weight to its regenerated initial value, so params must be "
+            "jaxmx.optax.initial_params(init_key, like, init_fn) with the same key and "
+            "init_fn (and init_fn must give the same bits in every compiled program). "
+            "Resuming from a checkpoint: init with those initial params, or abstractly "
+            "(jax.eval_shape(opt.init, params)), then restore the state."
+        )
+
+
 def _check_args(tracked, scope, threshold, init_decay, quantile_rate):
     if isinstance(tracked, bool) or not isinstance(tracked, (int, float, np.integer, np.floating)):
         raise TypeError(f"tracked must be an int (weights) or a float fraction, got {tracked!r}")
@@ -203,7 +237,9 @@ def dropback(
     from its regenerated initial value ``r`` after the step; the weights with
     the ``k`` largest scores are updated to ``p + u``, every other one is set
     to its initial value (decayed by ``init_decay`` per step). Params must be
-    initialised by :func:`initial_params` with the same key and ``init_fn``.
+    initialised by :func:`initial_params` with the same key and ``init_fn``;
+    ``init`` checks it (bit for bit) when given concrete params and raises
+    otherwise (under ``jit``/``eval_shape`` it cannot look at the values).
 
     Args:
       tracked: the budget: a number of weights (int) or a fraction of all
@@ -225,7 +261,9 @@ def dropback(
       A transformation with a :class:`DropBackState` (scalars only).
 
     Raises:
-      ValueError / TypeError: bad budget, scope, threshold, decay or rate.
+      ValueError / TypeError: bad budget, scope, threshold, decay or rate;
+        ``init_key`` None or not a key; at ``init``, params that differ from
+        the initial values regenerated from ``init_key``.
 
     >>> import jax, jax.numpy as jnp, optax, jaxmx.optax
     >>> key = jax.random.key(0)
@@ -240,6 +278,12 @@ def dropback(
     """
     _check_args(tracked, scope, threshold, init_decay, quantile_rate)
     init_fn = init_fn or default_init
+    if init_key is None:
+        raise TypeError(
+            "dropback needs init_key: the PRNG key the params were drawn from with "
+            "jaxmx.optax.initial_params(init_key, like, init_fn) (jax.random.key(n) or "
+            "PRNGKey(n)), from which every untracked weight is regenerated; got None"
+        )
     raw_key = _util.key_data(init_key, "init_key")
     decay = float(init_decay)
 
@@ -250,6 +294,7 @@ def dropback(
         n = len(leaves_of(params))
         if n == 0:
             raise ValueError("dropback needs at least one parameter")
+        _check_initial(params, raw_key, init_fn)
         thr = jnp.zeros((), jnp.float32)
         thresholds = thr if scope == "global" else [thr] * n
         return DropBackState(
