@@ -41,6 +41,7 @@ __all__ = [
     "FLOAT_DTYPES",
     "f32_to_bits",
     "bits_to_f32",
+    "u32",
     "bits_to_dtype",
     "check_out_dtype",
     "encode_magnitude",
@@ -99,7 +100,8 @@ _INF_BITS = 0x7F800000  # magnitudes at or above this are Inf or NaN
 _QNAN_BITS = 0x7FC00000
 
 
-def _u32(v) -> jax.Array:
+def u32(v) -> jax.Array:
+    """``v`` as a uint32 array: the one spelling of a bit pattern constant."""
     return jnp.asarray(v, jnp.uint32)
 
 
@@ -111,7 +113,7 @@ def f32_to_bits(x: jax.Array) -> jax.Array:
     are normal float32 numbers, so its convert is exact everywhere.
     """
     if x.dtype == jnp.bfloat16:
-        return lax.shift_left(lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32), _u32(16))
+        return lax.shift_left(lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32), u32(16))
     return lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
 
 
@@ -171,10 +173,10 @@ def _normalize(mag: jax.Array) -> tuple[jax.Array, jax.Array]:
     sub = lax.bitcast_convert_type(
         lax.bitcast_convert_type(mag, jnp.int32).astype(jnp.float32), jnp.uint32
     )
-    sub = sub - _u32(149 << _MANT_BITS)  # wraps: a "biased exponent" <= 0
-    norm = lax.bitcast_convert_type(jnp.where(mag < _u32(_IMPLICIT), sub, mag), jnp.int32)
+    sub = sub - u32(149 << _MANT_BITS)  # wraps: a "biased exponent" <= 0
+    norm = lax.bitcast_convert_type(jnp.where(mag < u32(_IMPLICIT), sub, mag), jnp.int32)
     log2 = lax.shift_right_arithmetic(norm, jnp.int32(_MANT_BITS)) - _EXP_BIAS
-    frac = lax.bitcast_convert_type(norm, jnp.uint32) & _u32(_MANT_MASK)
+    frac = lax.bitcast_convert_type(norm, jnp.uint32) & u32(_MANT_MASK)
     return log2, frac
 
 
@@ -206,9 +208,9 @@ def shared_exponent(
       all-zero block gets ``min_exponent``), and a mask of blocks whose max is
       Inf or NaN.
     """
-    nonfinite = amax_bits >= _u32(_INF_BITS)
+    nonfinite = amax_bits >= u32(_INF_BITS)
     zero = amax_bits == 0
-    safe = jnp.where(nonfinite | zero, _u32(0x3F800000), amax_bits)  # 1.0 placeholder
+    safe = jnp.where(nonfinite | zero, u32(0x3F800000), amax_bits)  # 1.0 placeholder
     log2, frac = _normalize(safe)
     emax = elem.emax
     if mode == "floor":
@@ -224,9 +226,9 @@ def shared_exponent(
         m = elem.mantissa_bits
         drop = _MANT_BITS - m
         # The kept bit may be the implicit one (mantissa_bits = 0, e.g. INT2).
-        lsb = lax.shift_right_logical(frac | _u32(_IMPLICIT), _u32(drop)) & _u32(1)
-        rounded = frac + _u32((1 << (drop - 1)) - 1) + lsb
-        e = log2 + (rounded > _u32(_MANT_MASK)).astype(jnp.int32) - emax
+        lsb = lax.shift_right_logical(frac | u32(_IMPLICIT), u32(drop)) & u32(1)
+        rounded = frac + u32((1 << (drop - 1)) - 1) + lsb
+        e = log2 + (rounded > u32(_MANT_MASK)).astype(jnp.int32) - emax
     else:
         raise ValueError(f"unknown scale_mode {mode!r}; allowed: {', '.join(SCALE_MODES)}")
     e = jnp.clip(e, min_exponent, max_exponent)
@@ -244,18 +246,18 @@ def _round_shift(
     drop = drop.astype(jnp.uint32)
     if rounding == "toward_zero":
         return lax.shift_right_logical(sig, drop)
-    half = lax.shift_left(_u32(1), drop - 1)
+    half = lax.shift_left(u32(1), drop - 1)
     if rounding == "nearest_away":
         return lax.shift_right_logical(sig + half, drop)
     if rounding == "nearest_even":
-        lsb = lax.shift_right_logical(sig, drop) & _u32(1)
-        return lax.shift_right_logical(sig + half - _u32(1) + lsb, drop)
+        lsb = lax.shift_right_logical(sig, drop) & u32(1)
+        return lax.shift_right_logical(sig + half - u32(1) + lsb, drop)
     if rounding == "stochastic":
         if rbits is None:
             raise ValueError("stochastic rounding needs random bits (pass key=...)")
         # Adding a uniform integer in [0, 2^drop) and truncating rounds up with
         # probability (sig mod 2^drop) / 2^drop: unbiased.
-        noise = lax.shift_right_logical(rbits.astype(jnp.uint32), _u32(32) - drop)
+        noise = lax.shift_right_logical(rbits.astype(jnp.uint32), u32(32) - drop)
         return lax.shift_right_logical(sig + noise, drop)
     raise ValueError(f"unknown rounding {rounding!r}; allowed: {', '.join(ROUNDINGS)}")
 
@@ -291,9 +293,9 @@ def encode_magnitude(
     # which the addition performs. Capped so the shift cannot overflow.
     emin = elem.emin
     expo = jnp.clip(uy, emin, elem.emax + 1) - emin
-    code = lax.shift_left(expo.astype(jnp.uint32), _u32(elem.mantissa_bits)) + k
+    code = lax.shift_left(expo.astype(jnp.uint32), u32(elem.mantissa_bits)) + k
     if saturate:
-        code = jnp.minimum(code, _u32(elem.max_code))
+        code = jnp.minimum(code, u32(elem.max_code))
     return code
 
 
@@ -307,7 +309,7 @@ def _round_significand(mag, e, elem: ElementFormat, rounding, rbits):
     m = elem.mantissa_bits
     log2, frac = _normalize(mag)
     # value = sig * 2^(log2 - 23) with the leading bit of sig at bit 23.
-    sig = frac | _u32(_IMPLICIT)
+    sig = frac | u32(_IMPLICIT)
     uy = log2 - e
     # Bits to drop: 23 - m within a binade, more below the element's min normal.
     drop = (_MANT_BITS - m) + jnp.maximum(elem.emin - uy, 0)
@@ -342,7 +344,7 @@ def round_magnitude(
     t = jnp.maximum(uy, elem.emin) - elem.mantissa_bits + e
     bits = _assemble(k, t)
     # Largest grid value; above float32 it is Inf (MX values reach 448 * 2^127).
-    top = _assemble(_u32(_max_significand(elem)), _max_exponent(elem) + e)
+    top = _assemble(u32(_max_significand(elem)), _max_exponent(elem) + e)
     return jnp.minimum(bits, top)
 
 
@@ -364,10 +366,10 @@ def _assemble(k: jax.Array, t: jax.Array) -> jax.Array:
     t = jnp.asarray(t, jnp.int32)
     # Exact (k < 2^24); through int32 for the signed vector convert.
     fb = lax.bitcast_convert_type(k.astype(jnp.int32).astype(jnp.float32), jnp.uint32)
-    lead = lax.shift_right_logical(fb, _u32(_MANT_BITS)).astype(jnp.int32)  # 127 + log2(k)
+    lead = lax.shift_right_logical(fb, u32(_MANT_BITS)).astype(jnp.int32)  # 127 + log2(k)
     normal = (lead + t >= 1) & (lead > 0)
-    as_normal = fb + lax.shift_left(t.astype(jnp.uint32), _u32(_MANT_BITS))
-    as_normal = jnp.where(lead + t >= 255, _u32(_INF_BITS), as_normal)
+    as_normal = fb + lax.shift_left(t.astype(jnp.uint32), u32(_MANT_BITS))
+    as_normal = jnp.where(lead + t >= 255, u32(_INF_BITS), as_normal)
     as_sub = lax.shift_left(k, jnp.clip(t + 149, 0, 31).astype(jnp.uint32))
     return jnp.where(normal, as_normal, as_sub)
 
@@ -384,8 +386,8 @@ def decode_magnitude(code: jax.Array, e: jax.Array | int, elem: ElementFormat) -
       elem: the element format.
     """
     m = elem.mantissa_bits
-    field = lax.shift_right_logical(code, _u32(m)).astype(jnp.int32)
+    field = lax.shift_right_logical(code, u32(m)).astype(jnp.int32)
     eff = jnp.maximum(field, 1)
     # value = sig * 2^t with sig < 2^(m + 1).
-    sig = code - lax.shift_left((eff - 1).astype(jnp.uint32), _u32(m))
+    sig = code - lax.shift_left((eff - 1).astype(jnp.uint32), u32(m))
     return _assemble(sig, eff - elem.bias - m + e)

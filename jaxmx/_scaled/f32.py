@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxmx import numerics
+from jaxmx.numerics import u32
 
 __all__ = ["bits", "div", "from_bits", "mul", "round_pack"]
 
@@ -38,10 +39,6 @@ QUIET = 0x00400000
 DEFAULT_NAN = 0xFFC00000  # x86's result of an invalid operation (0 * Inf, 0 / 0)
 FLT_MAX = 0x7F7FFFFF  # 0x1.fffffep127
 _IMPLICIT = 0x00800000
-
-
-def _u32(v) -> jax.Array:
-    return jnp.asarray(v, jnp.uint32)
 
 
 def bits(x) -> jax.Array:
@@ -58,13 +55,13 @@ def _unpack(mag: jax.Array) -> tuple[jax.Array, jax.Array]:
     Subnormals are normalized with a count of leading zeros. Zero gives
     garbage that callers replace.
     """
-    normal = mag >= _u32(_IMPLICIT)
+    normal = mag >= u32(_IMPLICIT)
     shift = lax.clz(mag).astype(jnp.int32) - 8  # subnormals: moves the leading bit to bit 23
     shift = jnp.clip(shift, 0, 31)
     sig_sub = lax.shift_left(mag, shift.astype(jnp.uint32))
-    sig = jnp.where(normal, (mag & _u32(0x007FFFFF)) | _u32(_IMPLICIT), sig_sub)
+    sig = jnp.where(normal, (mag & u32(0x007FFFFF)) | u32(_IMPLICIT), sig_sub)
     t = jnp.where(
-        normal, lax.shift_right_logical(mag, _u32(23)).astype(jnp.int32) - 150, -149 - shift
+        normal, lax.shift_right_logical(mag, u32(23)).astype(jnp.int32) - 150, -149 - shift
     )
     return sig, t
 
@@ -89,59 +86,59 @@ def round_pack(q: jax.Array, sticky: jax.Array, t: jax.Array) -> jax.Array:
     s = u - t  # bits to drop (negative: the value is exact, shift up)
     sr = jnp.clip(s, 1, 31).astype(jnp.uint32)
     kept = lax.shift_right_logical(q, sr)
-    rem = q & (lax.shift_left(_u32(1), sr) - _u32(1))
-    half = lax.shift_left(_u32(1), sr - _u32(1))
-    up = (rem > half) | ((rem == half) & (sticky | ((kept & _u32(1)) == 1)))
+    rem = q & (lax.shift_left(u32(1), sr) - u32(1))
+    half = lax.shift_left(u32(1), sr - u32(1))
+    up = (rem > half) | ((rem == half) & (sticky | ((kept & u32(1)) == 1)))
     rounded = kept + up.astype(jnp.uint32)
     exact = lax.shift_left(q, jnp.clip(-s, 0, 31).astype(jnp.uint32))
-    r = jnp.where(s <= 0, exact, jnp.where(s >= 32, _u32(0), rounded))
+    r = jnp.where(s <= 0, exact, jnp.where(s >= 32, u32(0), rounded))
     # Biased exponent minus one, shifted, plus a significand in [2^23, 2^24]
     # gives the pattern (a carry to 2^24 moves to the next binade); the same
     # sum with exponent 0 is the subnormal pattern.
     field = jnp.minimum(u + 149, 255).astype(jnp.uint32)
-    out = lax.shift_left(field, _u32(23)) + r
-    out = jnp.minimum(out, _u32(INF))
-    return jnp.where(q == 0, _u32(0), out)
+    out = lax.shift_left(field, u32(23)) + r
+    out = jnp.minimum(out, u32(INF))
+    return jnp.where(q == 0, u32(0), out)
 
 
 def _nan_of(a: jax.Array, b: jax.Array, ma: jax.Array, mb: jax.Array) -> jax.Array:
     # The first NaN operand, quieted; otherwise (an invalid operation) the default NaN.
     return jnp.where(
-        ma > _u32(INF),
-        a | _u32(QUIET),
-        jnp.where(mb > _u32(INF), b | _u32(QUIET), _u32(DEFAULT_NAN)),
+        ma > u32(INF),
+        a | u32(QUIET),
+        jnp.where(mb > u32(INF), b | u32(QUIET), u32(DEFAULT_NAN)),
     )
 
 
 def mul(a: jax.Array, b: jax.Array) -> jax.Array:
     """float32 pattern of ``a * b`` (uint32 patterns in), IEEE round to nearest even."""
-    a, b = _u32(a), _u32(b)
-    ma, mb = a & _u32(ABS), b & _u32(ABS)
-    sign = (a ^ b) & _u32(SIGN)
+    a, b = u32(a), u32(b)
+    ma, mb = a & u32(ABS), b & u32(ABS)
+    sign = (a ^ b) & u32(SIGN)
     sa, ta = _unpack(ma)
     sb, tb = _unpack(mb)
     # 24 x 24 -> 48-bit product from 12-bit halves: N = H * 2^24 + x1.
-    ah, al = lax.shift_right_logical(sa, _u32(12)), sa & _u32(0xFFF)
-    bh, bl = lax.shift_right_logical(sb, _u32(12)), sb & _u32(0xFFF)
+    ah, al = lax.shift_right_logical(sa, u32(12)), sa & u32(0xFFF)
+    bh, bl = lax.shift_right_logical(sb, u32(12)), sb & u32(0xFFF)
     mid = ah * bl + al * bh  # < 2^25
-    x1 = al * bl + lax.shift_left(mid & _u32(0xFFF), _u32(12))  # < 2^25
-    h = ah * bh + lax.shift_right_logical(mid, _u32(12))
-    q = lax.shift_left(h, _u32(7)) + lax.shift_right_logical(x1, _u32(17))  # N >> 17
-    sticky = (x1 & _u32((1 << 17) - 1)) != 0
+    x1 = al * bl + lax.shift_left(mid & u32(0xFFF), u32(12))  # < 2^25
+    h = ah * bh + lax.shift_right_logical(mid, u32(12))
+    q = lax.shift_left(h, u32(7)) + lax.shift_right_logical(x1, u32(17))  # N >> 17
+    sticky = (x1 & u32((1 << 17) - 1)) != 0
     out = round_pack(q, sticky, ta + tb + 17)
-    a_inf, b_inf = ma == _u32(INF), mb == _u32(INF)
+    a_inf, b_inf = ma == u32(INF), mb == u32(INF)
     a_zero, b_zero = ma == 0, mb == 0
-    out = jnp.where(a_inf | b_inf, _u32(INF), jnp.where(a_zero | b_zero, _u32(0), out))
+    out = jnp.where(a_inf | b_inf, u32(INF), jnp.where(a_zero | b_zero, u32(0), out))
     out = out | sign
-    nan = (ma > _u32(INF)) | (mb > _u32(INF)) | (a_inf & b_zero) | (b_inf & a_zero)
+    nan = (ma > u32(INF)) | (mb > u32(INF)) | (a_inf & b_zero) | (b_inf & a_zero)
     return jnp.where(nan, _nan_of(a, b, ma, mb), out)
 
 
 def div(a: jax.Array, b: jax.Array) -> jax.Array:
     """float32 pattern of ``a / b`` (uint32 patterns in), IEEE round to nearest even."""
-    a, b = _u32(a), _u32(b)
-    ma, mb = a & _u32(ABS), b & _u32(ABS)
-    sign = (a ^ b) & _u32(SIGN)
+    a, b = u32(a), u32(b)
+    ma, mb = a & u32(ABS), b & u32(ABS)
+    sign = (a ^ b) & u32(SIGN)
     sa, ta = _unpack(ma)
     sb, tb = _unpack(mb)
     # Q = floor(sa * 2^29 / sb) in (2^28, 2^30): a float estimate, then the
@@ -151,7 +148,7 @@ def div(a: jax.Array, b: jax.Array) -> jax.Array:
     fb = sb.astype(jnp.int32).astype(jnp.float32)
     q0 = (fa / fb * jnp.float32(2.0**29)).astype(jnp.int32)
     r0 = lax.bitcast_convert_type(
-        lax.shift_left(sa, _u32(29)) - q0.astype(jnp.uint32) * sb, jnp.int32
+        lax.shift_left(sa, u32(29)) - q0.astype(jnp.uint32) * sb, jnp.int32
     )
     dq = jnp.floor(r0.astype(jnp.float32) / fb).astype(jnp.int32)
     sbi = sb.astype(jnp.int32)
@@ -161,11 +158,11 @@ def div(a: jax.Array, b: jax.Array) -> jax.Array:
     high = r1 >= sbi
     q1, r1 = jnp.where(high, q1 + 1, q1), jnp.where(high, r1 - sbi, r1)
     out = round_pack(q1.astype(jnp.uint32), r1 != 0, ta - tb - 29)
-    a_inf, b_inf = ma == _u32(INF), mb == _u32(INF)
+    a_inf, b_inf = ma == u32(INF), mb == u32(INF)
     a_zero, b_zero = ma == 0, mb == 0
-    out = jnp.where(a_inf | b_zero, _u32(INF), jnp.where(a_zero | b_inf, _u32(0), out))
+    out = jnp.where(a_inf | b_zero, u32(INF), jnp.where(a_zero | b_inf, u32(0), out))
     out = out | sign
-    nan = (ma > _u32(INF)) | (mb > _u32(INF)) | (a_zero & b_zero) | (a_inf & b_inf)
+    nan = (ma > u32(INF)) | (mb > u32(INF)) | (a_zero & b_zero) | (a_inf & b_inf)
     return jnp.where(nan, _nan_of(a, b, ma, mb), out)
 
 

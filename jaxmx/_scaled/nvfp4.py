@@ -80,6 +80,7 @@ from jax import lax
 from jaxmx import numerics
 from jaxmx._scaled import f32
 from jaxmx.formats import FP4_E2M1, FP8_E4M3
+from jaxmx.numerics import u32
 
 __all__ = [
     "NVFP4Arrays",
@@ -120,10 +121,6 @@ class NVFP4Arrays(NamedTuple):
     codes: jax.Array  # uint8 E2M1 codes (sign in bit 3), x's shape
     block_scales: jax.Array  # float8_e4m3fn, x's shape with each blocked axis // its block
     tensor_scale: jax.Array  # float32 scalar decode scale (TE: 1 / S_enc; torchao: amax / 2688)
-
-
-def _u32(v) -> jax.Array:
-    return jnp.asarray(v, jnp.uint32)
 
 
 # --------------------------------------------------------------------------
@@ -278,25 +275,25 @@ class _Blocks(NamedTuple):
 
 def _min_bits(v: jax.Array, cap: int) -> jax.Array:
     # min(v, cap) of a float32 pattern v with cap > 0, NaN propagating as np.minimum.
-    m = v & _u32(f32.ABS)
-    return jnp.where((v < _u32(f32.SIGN)) & (m > _u32(cap)) & (m <= _u32(f32.INF)), _u32(cap), v)
+    m = v & u32(f32.ABS)
+    return jnp.where((v < u32(f32.SIGN)) & (m > u32(cap)) & (m <= u32(f32.INF)), u32(cap), v)
 
 
 def _e4m3(v: jax.Array) -> jax.Array:
     """Round-to-nearest-even E4M3 byte of float32 patterns with |v| <= 448; NaN -> 0x7F/0xFF."""
-    m = v & _u32(f32.ABS)
-    nan = m > _u32(f32.INF)
-    code = numerics.encode_magnitude(jnp.where(nan, _u32(0), m), 0, FP8_E4M3)
-    code = jnp.where(nan, _u32(_E4M3_NAN), code)
-    return (code | lax.shift_right_logical(v & _u32(f32.SIGN), _u32(24))).astype(jnp.uint8)
+    m = v & u32(f32.ABS)
+    nan = m > u32(f32.INF)
+    code = numerics.encode_magnitude(jnp.where(nan, u32(0), m), 0, FP8_E4M3)
+    code = jnp.where(nan, u32(_E4M3_NAN), code)
+    return (code | lax.shift_right_logical(v & u32(f32.SIGN), u32(24))).astype(jnp.uint8)
 
 
 def _e4m3_to_f32(s8: jax.Array) -> jax.Array:
     b = s8.astype(jnp.uint32)
-    m = b & _u32(0x7F)
-    out = numerics.decode_magnitude(jnp.where(m == _E4M3_NAN, _u32(0), m), 0, FP8_E4M3)
-    out = jnp.where(m == _E4M3_NAN, _u32(0x7FC00000), out)
-    return out | lax.shift_left(b & _u32(0x80), _u32(24))
+    m = b & u32(0x7F)
+    out = numerics.decode_magnitude(jnp.where(m == _E4M3_NAN, u32(0), m), 0, FP8_E4M3)
+    out = jnp.where(m == _E4M3_NAN, u32(0x7FC00000), out)
+    return out | lax.shift_left(b & u32(0x80), u32(24))
 
 
 def _e4m3_float(v: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -308,17 +305,15 @@ def _e4m3_float(v: jax.Array) -> tuple[jax.Array, jax.Array]:
     subnormal pattern reads as 0 and rounds to 0, as it must (it is far
     below 2^-10). NaN gives 0x7F.
     """
-    field = jnp.minimum(lax.shift_right_logical(v, _u32(23)), _u32(135))  # 448 < 2^9
+    field = jnp.minimum(lax.shift_right_logical(v, u32(23)), u32(135))  # 448 < 2^9
     magic = f32.from_bits(
-        lax.shift_left(jnp.maximum(field + _u32(20), _u32(141)), _u32(23)) | _u32(0x00400000)
+        lax.shift_left(jnp.maximum(field + u32(20), u32(141)), u32(23)) | u32(0x00400000)
     )
     r = f32.bits((f32.from_bits(v) + magic) - magic)
     sub = (f32.from_bits(r) * jnp.float32(512.0)).astype(jnp.int32).astype(jnp.uint32)
-    byte = jnp.where(
-        r >= _u32(_TORCHAO_FLOOR), lax.shift_right_logical(r, _u32(20)) - _u32(960), sub
-    )
-    nan = r > _u32(f32.INF)
-    return jnp.where(nan, _u32(_E4M3_NAN), byte).astype(jnp.uint8), r
+    byte = jnp.where(r >= u32(_TORCHAO_FLOOR), lax.shift_right_logical(r, u32(20)) - u32(960), sub)
+    nan = r > u32(f32.INF)
+    return jnp.where(nan, u32(_E4M3_NAN), byte).astype(jnp.uint8), r
 
 
 def _fmul(a, b) -> jax.Array:
@@ -334,20 +329,20 @@ def _tensor(block_amax, tensor_amax, semantics: str, range_bits: int = _RANGE) -
         # Integer max: NaN above Inf above every finite value. An empty tensor
         # has amax 0 (as TE's amax reduction starts from 0): its tensor scale
         # is then the degenerate 1, as for an all-zero tensor.
-        amax = jnp.max(block_amax, initial=_u32(0))
+        amax = jnp.max(block_amax, initial=u32(0))
     else:
-        amax = f32.bits(tensor_amax) & _u32(f32.ABS)
+        amax = f32.bits(tensor_amax) & u32(f32.ABS)
     if semantics == "te":
-        s_enc = _min_bits(f32.div(_u32(range_bits), amax), f32.FLT_MAX)
-        degenerate = ((amax & _u32(f32.ABS)) == 0) | ((s_enc & _u32(f32.ABS)) == 0)
-        s_enc = jnp.where(degenerate, _u32(_ONE), s_enc)
-        s_dec = f32.div(_u32(_ONE), s_enc)
-        factor = f32.mul(s_enc, _u32(_ONE_SIXTH))
-        fast = (s_dec >= _u32(_FAST_TE)) & (s_dec < _u32(f32.INF))
+        s_enc = _min_bits(f32.div(u32(range_bits), amax), f32.FLT_MAX)
+        degenerate = ((amax & u32(f32.ABS)) == 0) | ((s_enc & u32(f32.ABS)) == 0)
+        s_enc = jnp.where(degenerate, u32(_ONE), s_enc)
+        s_dec = f32.div(u32(_ONE), s_enc)
+        factor = f32.mul(s_enc, u32(_ONE_SIXTH))
+        fast = (s_dec >= u32(_FAST_TE)) & (s_dec < u32(f32.INF))
         return _Tensor(s_dec, s_enc, factor, amax, fast)
-    pts = f32.div(amax, _u32(_RANGE)) if semantics == "torchao" else _u32(_ONE)
-    fast = (pts >= _u32(_FAST_TORCHAO)) & (pts < _u32(f32.INF))
-    return _Tensor(pts, f32.div(_u32(_ONE), pts), _u32(0), amax, fast)
+    pts = f32.div(amax, u32(_RANGE)) if semantics == "torchao" else u32(_ONE)
+    fast = (pts >= u32(_FAST_TORCHAO)) & (pts < u32(f32.INF))
+    return _Tensor(pts, f32.div(u32(_ONE), pts), u32(0), amax, fast)
 
 
 def _te_blocks(block_amax, t: _Tensor, exact: bool) -> _Blocks:
@@ -355,26 +350,26 @@ def _te_blocks(block_amax, t: _Tensor, exact: bool) -> _Blocks:
     if exact:
         s8 = _e4m3(_min_bits(f32.mul(block_amax, t.factor), _E4M3_MAX))
         dec = f32.mul(_e4m3_to_f32(s8), t.tensor_scale)
-        enc = _min_bits(f32.div(_u32(_ONE), dec), f32.FLT_MAX)
+        enc = _min_bits(f32.div(u32(_ONE), dec), f32.FLT_MAX)
     else:
         s8, s8f = _e4m3_float(_min_bits(_scaled_magnitude(block_amax, t.factor), _E4M3_MAX))
         dec = _fmul(s8f, t.tensor_scale)
-        enc = _min_bits(_fdiv(_u32(_ONE), dec), f32.FLT_MAX)
+        enc = _min_bits(_fdiv(u32(_ONE), dec), f32.FLT_MAX)
     return _Blocks(s8, enc, dec)
 
 
 def _torchao_blocks(block_amax, t: _Tensor, exact: bool) -> _Blocks:
     pts = t.tensor_scale
     if exact:
-        q = f32.div(f32.div(block_amax, _u32(_SIX)), pts)
+        q = f32.div(f32.div(block_amax, u32(_SIX)), pts)
     else:
         # A subnormal block amax reads as 0 here; its quotient would be far
         # below 2^-6 and clamp to it all the same.
-        q = _fdiv(_fdiv(block_amax, _u32(_SIX)), pts)
+        q = _fdiv(_fdiv(block_amax, u32(_SIX)), pts)
     # clamp(q, 2^-6, 448), NaN passing through.
-    m = q & _u32(f32.ABS)
-    low = ((q >= _u32(f32.SIGN)) & (m <= _u32(f32.INF))) | (q < _u32(_TORCHAO_FLOOR))
-    q = jnp.where(low, _u32(_TORCHAO_FLOOR), _min_bits(q, _E4M3_MAX))
+    m = q & u32(f32.ABS)
+    low = ((q >= u32(f32.SIGN)) & (m <= u32(f32.INF))) | (q < u32(_TORCHAO_FLOOR))
+    q = jnp.where(low, u32(_TORCHAO_FLOOR), _min_bits(q, _E4M3_MAX))
     if exact:
         s8 = _e4m3(q)
         s8f = _e4m3_to_f32(s8)
@@ -393,8 +388,8 @@ def _amax_decode(s8: jax.Array, amax: jax.Array, exact: bool) -> jax.Array:
     # TE's dequantize kernel: (s8 * amax) * f32(1/2688).
     s8f = _e4m3_to_f32(s8)
     if exact:
-        return f32.mul(f32.mul(s8f, amax), _u32(_INV_RANGE))
-    return _fmul(_fmul(s8f, amax), _u32(_INV_RANGE))
+        return f32.mul(f32.mul(s8f, amax), u32(_INV_RANGE))
+    return _fmul(_fmul(s8f, amax), u32(_INV_RANGE))
 
 
 # --------------------------------------------------------------------------
@@ -415,16 +410,16 @@ def _scaled_magnitude(mag: jax.Array, enc: jax.Array) -> jax.Array:
     """
     p = _fmul(mag, enc)
     enc_lo = jnp.where(
-        enc >= _u32(f32.INF),
+        enc >= u32(f32.INF),
         enc,
-        jnp.where(enc > _u32(50 << 23), enc - _u32(49 << 23), _u32(0)),
+        jnp.where(enc > u32(50 << 23), enc - u32(49 << 23), u32(0)),
     )
     p_lo = f32.bits(
         lax.bitcast_convert_type(mag, jnp.int32).astype(jnp.float32) * f32.from_bits(enc_lo)
     )
-    shifted = jnp.where(p_lo > _u32(100 << 23), p_lo - _u32(100 << 23), _u32(0))
-    p_lo = jnp.where(p_lo >= _u32(f32.INF), p_lo, shifted)
-    return jnp.where(mag < _u32(0x00800000), p_lo, p)
+    shifted = jnp.where(p_lo > u32(100 << 23), p_lo - u32(100 << 23), u32(0))
+    p_lo = jnp.where(p_lo >= u32(f32.INF), p_lo, shifted)
+    return jnp.where(mag < u32(0x00800000), p_lo, p)
 
 
 def _round_e2m1(p: jax.Array) -> jax.Array:
@@ -437,9 +432,9 @@ def _round_e2m1(p: jax.Array) -> jax.Array:
     1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4). A subnormal ``p``
     (read as 0) and every ``p`` below 0.25 give 0.
     """
-    field = jnp.minimum(lax.shift_right_logical(p, _u32(23)), _u32(130))  # p >= 8 saturates
+    field = jnp.minimum(lax.shift_right_logical(p, u32(23)), u32(130))  # p >= 8 saturates
     magic = f32.from_bits(
-        lax.shift_left(jnp.maximum(field + _u32(22), _u32(149)), _u32(23)) | _u32(0x00400000)
+        lax.shift_left(jnp.maximum(field + u32(22), u32(149)), u32(23)) | u32(0x00400000)
     )
     r = (f32.from_bits(p) + magic) - magic
     return f32.bits(jnp.minimum(r, jnp.float32(6.0)))
@@ -448,9 +443,9 @@ def _round_e2m1(p: jax.Array) -> jax.Array:
 def _code_of(r: jax.Array) -> jax.Array:
     # E2M1 value pattern -> code magnitude: 0, 0.5 -> 0, 1; 2^k * (1 + m/2) -> 2k + 2 + m.
     return jnp.where(
-        r >= _u32(_ONE),
-        lax.shift_right_logical(r, _u32(22)) - _u32(252),
-        jnp.where(r == _u32(0x3F000000), _u32(1), _u32(0)),
+        r >= u32(_ONE),
+        lax.shift_right_logical(r, u32(22)) - u32(252),
+        jnp.where(r == u32(0x3F000000), u32(1), u32(0)),
     )
 
 
@@ -467,9 +462,9 @@ def _round(p: jax.Array, rbits: jax.Array | None) -> jax.Array:
 
 def _codes(xb: jax.Array, enc: jax.Array, nan_block: jax.Array, rbits=None) -> jax.Array:
     """uint8 E2M1 codes of the elements (blocked layout); NaN blocks get signed zero codes."""
-    c = _code_of(_round(_scaled_magnitude(xb & _u32(f32.ABS), enc), rbits))
-    c = jnp.where(nan_block, _u32(0), c)
-    return (c | lax.shift_right_logical(xb & _u32(f32.SIGN), _u32(28))).astype(jnp.uint8)
+    c = _code_of(_round(_scaled_magnitude(xb & u32(f32.ABS), enc), rbits))
+    c = jnp.where(nan_block, u32(0), c)
+    return (c | lax.shift_right_logical(xb & u32(f32.SIGN), u32(28))).astype(jnp.uint8)
 
 
 def _values(v: jax.Array, dec: jax.Array, exact: bool) -> jax.Array:
@@ -486,7 +481,7 @@ def _prepare(x, tensor_amax, axes, sizes, semantics, range_bits: int = _RANGE):
     xb, within = _split(f32.bits(x), axes, sizes)
     # Materialized (a barrier): fused into its consumers, XLA:CPU recomputes
     # the block max per element or stores |x| in full.
-    block_amax = lax.optimization_barrier(jnp.max(xb & _u32(f32.ABS), axis=within, keepdims=True))
+    block_amax = lax.optimization_barrier(jnp.max(xb & u32(f32.ABS), axis=within, keepdims=True))
     return within, block_amax, _tensor(block_amax, tensor_amax, semantics, range_bits)
 
 
@@ -528,9 +523,9 @@ def _fake_quantize(x, tensor_amax, axes, sizes, semantics, decode, rbits=None) -
         enc, dec = lax.optimization_barrier((b.enc, dec))
         xb, _ = _split(f32.bits(x), axes, sizes)
         rb = None if rbits is None else _split(rbits, axes, sizes)[0]
-        r = _round(_scaled_magnitude(xb & _u32(f32.ABS), enc), rb)
+        r = _round(_scaled_magnitude(xb & u32(f32.ABS), enc), rb)
         # A NaN block's decode factor is NaN: no need to mask its codes.
-        out = _values(r | (xb & _u32(f32.SIGN)), dec, exact)
+        out = _values(r | (xb & u32(f32.SIGN)), dec, exact)
         return numerics.bits_to_dtype(out.reshape(x.shape), x.dtype)
 
     return _branches(run)(t.fast, x, block_amax, t, rbits)
@@ -543,21 +538,21 @@ def _dequantize(codes, block_scales, factor, axes, sizes, dtype, from_amax) -> j
         lax.bitcast_convert_type(block_scales, jnp.uint8), _split(codes, axes, sizes)[1]
     )
     fb = f32.bits(factor)
-    m = fb & _u32(f32.ABS)
+    m = fb & u32(f32.ABS)
     # Fast (float) where every nonzero decode factor and value stays normal.
-    fast = (m >= _u32(_FAST_TORCHAO if from_amax else _FAST_TE)) | (m == 0)
+    fast = (m >= u32(_FAST_TORCHAO if from_amax else _FAST_TE)) | (m == 0)
 
     def run(exact, codes, s8, fb):
         if from_amax:
-            dec = _amax_decode(s8, fb & _u32(f32.ABS), exact)
+            dec = _amax_decode(s8, fb & u32(f32.ABS), exact)
         else:
             s8f = _e4m3_to_f32(s8)
             dec = f32.mul(s8f, fb) if exact else _fmul(s8f, fb)
         dec = lax.optimization_barrier(dec)
         cb, _ = _split(codes.astype(jnp.uint32), axes, sizes)
-        c = cb & _u32(7)
-        v = jnp.where(c >= 2, lax.shift_left(c + _u32(252), _u32(22)), c * _u32(0x3F000000))
-        out = _values(v | lax.shift_left(cb & _u32(8), _u32(28)), dec, exact)
+        c = cb & u32(7)
+        v = jnp.where(c >= 2, lax.shift_left(c + u32(252), u32(22)), c * u32(0x3F000000))
+        out = _values(v | lax.shift_left(cb & u32(8), u32(28)), dec, exact)
         return numerics.bits_to_dtype(out.reshape(codes.shape), dtype)
 
     return _branches(run)(fast, codes, s8, fb)
@@ -571,11 +566,11 @@ def _dequantize(codes, block_scales, factor, axes, sizes, dtype, from_amax) -> j
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _four_over_six(x, tensor_amax, axes, sizes, importance=None) -> NVFP4Arrays:
     within, block_amax, t = _prepare(x, tensor_amax, axes, sizes, "te", _RANGE_4OVER6)
-    factor4 = f32.mul(t.s_enc, _u32(_ONE_QUARTER))
+    factor4 = f32.mul(t.s_enc, u32(_ONE_QUARTER))
 
     def run(exact, x, block_amax, t, factor4, importance):
         xb, _ = _split(f32.bits(x), axes, sizes)
-        mag = xb & _u32(f32.ABS)
+        mag = xb & u32(f32.ABS)
         ref = f32.from_bits(mag)
         imp = None if importance is None else _split(importance, axes, sizes)[0]
         picks = []
@@ -589,8 +584,8 @@ def _four_over_six(x, tensor_amax, axes, sizes, importance=None) -> NVFP4Arrays:
         four = err4 < err6  # strict: ties (and NaN blocks) keep 6
         s8 = jnp.where(four, s8_4, s8_6)
         nan_block = (s8 & jnp.uint8(0x7F)) == jnp.uint8(_E4M3_NAN)
-        c = jnp.where(nan_block, _u32(0), _code_of(jnp.where(four, r4, r6)))
-        c = c | lax.shift_right_logical(xb & _u32(f32.SIGN), _u32(28))
+        c = jnp.where(nan_block, u32(0), _code_of(jnp.where(four, r4, r6)))
+        c = c | lax.shift_right_logical(xb & u32(f32.SIGN), u32(28))
         return c.astype(jnp.uint8).reshape(x.shape), s8
 
     codes, s8 = _branches(run)(t.fast, x, block_amax, t, factor4, importance)
@@ -604,7 +599,7 @@ def _encode(x, block_scales, tensor_scale, axes, sizes) -> jax.Array:
     s8 = jnp.expand_dims(lax.bitcast_convert_type(block_scales, jnp.uint8), within)
     # TE's chain from the scale on (exact integer forms: per block, cheap).
     dec = f32.mul(_e4m3_to_f32(s8), f32.bits(tensor_scale))
-    enc = _min_bits(f32.div(_u32(_ONE), dec), f32.FLT_MAX)
+    enc = _min_bits(f32.div(u32(_ONE), dec), f32.FLT_MAX)
     nan_block = (s8 & jnp.uint8(0x7F)) == jnp.uint8(_E4M3_NAN)
     return _codes(xb, enc, nan_block).reshape(x.shape)
 

@@ -37,6 +37,7 @@ from jax import lax
 from jaxmx import numerics
 from jaxmx._scaled import f32
 from jaxmx.formats import FP8_E4M3, FP8_E5M2, ElementFormat
+from jaxmx.numerics import u32
 
 __all__ = [
     "TensorFP8Arrays",
@@ -64,10 +65,6 @@ class TensorFP8Arrays(NamedTuple):
 
     codes: jax.Array  # float8_e4m3fn or float8_e5m2, x's shape
     scale: jax.Array  # float32 scalar decode scale, amax / max_normal (NaN for nonfinite x)
-
-
-def _u32(v) -> jax.Array:
-    return jnp.asarray(v, jnp.uint32)
 
 
 def _element(element) -> tuple[ElementFormat, int, int]:
@@ -98,9 +95,9 @@ def _amax(x: jax.Array) -> jax.Array:
     """
     fmax = f32.bits(jnp.max(jnp.abs(x.astype(jnp.float32))))
     return lax.cond(
-        fmax >= _u32(0x00800000),
+        fmax >= u32(0x00800000),
         lambda x: fmax,
-        lambda x: jnp.max(f32.bits(x) & _u32(f32.ABS)),
+        lambda x: jnp.max(f32.bits(x) & u32(f32.ABS)),
         x,
     )
 
@@ -108,14 +105,14 @@ def _amax(x: jax.Array) -> jax.Array:
 def _scale(x: jax.Array, top: int) -> tuple[jax.Array, jax.Array]:
     """(scale pattern, nonfinite flag) of x."""
     amax = _amax(x)
-    nonfinite = amax >= _u32(f32.INF)
-    s = jnp.maximum(f32.div(amax, _u32(top)), _u32(_SMALLEST))
-    s = jnp.where(amax == 0, _u32(_ONE), s)
-    return jnp.where(nonfinite, _u32(0x7FC00000), s), nonfinite
+    nonfinite = amax >= u32(f32.INF)
+    s = jnp.maximum(f32.div(amax, u32(top)), u32(_SMALLEST))
+    s = jnp.where(amax == 0, u32(_ONE), s)
+    return jnp.where(nonfinite, u32(0x7FC00000), s), nonfinite
 
 
 def _fast(scale: jax.Array) -> jax.Array:
-    return (scale >= _u32(_FAST_SCALE)) | (scale == _u32(_ONE))
+    return (scale >= u32(_FAST_SCALE)) | (scale == u32(_ONE))
 
 
 def _quotient(mag: jax.Array, scale: jax.Array, exact: bool) -> jax.Array:
@@ -145,10 +142,10 @@ def _quantize(x, element) -> TensorFP8Arrays:
 
     def run(exact, x, scale):
         xb = f32.bits(x)
-        q = _quotient(xb & _u32(f32.ABS), scale, exact)
-        code = numerics.encode_magnitude(jnp.where(nonfinite, _u32(0), q), 0, elem)
-        code = code | lax.shift_right_logical(xb & _u32(f32.SIGN), _u32(24))
-        code = jnp.where(nonfinite, _u32(nan_byte), code).astype(jnp.uint8)
+        q = _quotient(xb & u32(f32.ABS), scale, exact)
+        code = numerics.encode_magnitude(jnp.where(nonfinite, u32(0), q), 0, elem)
+        code = code | lax.shift_right_logical(xb & u32(f32.SIGN), u32(24))
+        code = jnp.where(nonfinite, u32(nan_byte), code).astype(jnp.uint8)
         return lax.bitcast_convert_type(code, elem.storage_dtype)
 
     codes = lax.cond(
@@ -160,19 +157,19 @@ def _quantize(x, element) -> TensorFP8Arrays:
 def _decode_codes(codes: jax.Array, elem: ElementFormat) -> jax.Array:
     """float32 patterns of FP8 codes, exactly (Inf and NaN codes included)."""
     b = lax.bitcast_convert_type(codes, jnp.uint8).astype(jnp.uint32)
-    m = b & _u32(0x7F)
-    special = m > _u32(elem.max_code)
-    v = numerics.decode_magnitude(jnp.where(special, _u32(0), m), 0, elem)
-    inf = elem.has_inf & (m == _u32(elem.max_code + 1))
-    v = jnp.where(special, jnp.where(inf, _u32(f32.INF), _u32(0x7FC00000)), v)
-    return v | lax.shift_left(b & _u32(0x80), _u32(24))
+    m = b & u32(0x7F)
+    special = m > u32(elem.max_code)
+    v = numerics.decode_magnitude(jnp.where(special, u32(0), m), 0, elem)
+    inf = elem.has_inf & (m == u32(elem.max_code + 1))
+    v = jnp.where(special, jnp.where(inf, u32(f32.INF), u32(0x7FC00000)), v)
+    return v | lax.shift_left(b & u32(0x80), u32(24))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _dequantize(codes, scale, element, dtype) -> jax.Array:
     elem = _ELEMENTS[element][0]
     s = f32.bits(scale)
-    m = s & _u32(f32.ABS)
+    m = s & u32(f32.ABS)
     fast = _fast(m) | (m == 0)
 
     def run(exact, codes, s):
@@ -188,10 +185,10 @@ def _fake_quantize(x, element) -> jax.Array:
 
     def run(exact, x, scale):
         xb = f32.bits(x)
-        q = _quotient(xb & _u32(f32.ABS), scale, exact)
+        q = _quotient(xb & u32(f32.ABS), scale, exact)
         r = numerics.round_magnitude(q, 0, elem)  # saturates at max_normal
-        out = _product(r, scale, exact) ^ (xb & _u32(f32.SIGN))
-        out = jnp.where(nonfinite, _u32(0x7FC00000), out)
+        out = _product(r, scale, exact) ^ (xb & u32(f32.SIGN))
+        out = jnp.where(nonfinite, u32(0x7FC00000), out)
         return numerics.bits_to_dtype(out, x.dtype)
 
     return lax.cond(
