@@ -12,7 +12,7 @@ import numpy as np
 from jaxmx.blocks import packed_length
 from jaxmx.formats import MXFormat
 
-__all__ = ["MXTensor"]
+__all__ = ["MXTensor", "check_leaves"]
 
 
 @jax.tree_util.register_dataclass
@@ -82,6 +82,13 @@ class MXTensor:
     made_ndim: int | None = dataclasses.field(default=None, metadata=dict(static=True))
     tensor_scale: jax.Array | None = None
     micro: jax.Array | None = None
+
+    def __post_init__(self):
+        # dtypes and presence only, of leaves that are arrays: JAX rebuilds
+        # MXTensors with placeholder leaves while it transforms them, and a
+        # shape check here would refuse tracers whose batch axes are removed.
+        if isinstance(self.format, MXFormat):
+            _check_leaf_dtypes(self)
 
     def block_axis(self) -> int:
         """The axis (negative) along which blocks run, read off the leaves' shapes.
@@ -317,6 +324,222 @@ def _stored_length(t: MXTensor) -> int:
 
 def _nbytes(a) -> int:
     return math.prod(a.shape) * np.dtype(a.dtype).itemsize
+
+
+# --------------------------------------------------------------------------
+# Leaves against the format.
+# --------------------------------------------------------------------------
+
+_UINT8 = np.dtype(np.uint8)
+_FLOAT32 = np.dtype(np.float32)
+_LEAF_TYPES = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
+
+
+def check_leaves(t: MXTensor) -> None:
+    """Checks that the leaves of ``t`` are what its format holds; raises ValueError.
+
+    * dtypes: codes in the element's storage dtype (4-bit float codes also
+      in uint8, as CPU holds them; uint8 when ``packed``), block scales in
+      the scale format's dtype, ``tensor_scale`` float32, ``micro`` uint8;
+    * presence: ``scale``, ``tensor_scale`` and ``micro`` exist exactly when
+      the format has block scales, a tensor scale and microexponents;
+    * static fields: the block size the format's family takes, ``packed``
+      only for formats that pack;
+    * shapes: ``data`` and ``scale`` fit one block axis
+      (:meth:`MXTensor.block_axis`); ``tensor_scale`` is a scalar, or the
+      leading (batch) axes of ``data`` for a tensor made under ``vmap``;
+      ``micro`` is ``data`` with the block axis holding the microexponent
+      groups (their bytes when packed).
+
+    Shapes and dtypes only, never values: no device sync. Constructing an
+    MXTensor checks the dtypes and presence of leaves that are arrays (JAX
+    rebuilds MXTensors with placeholder leaves while it transforms them);
+    :func:`jaxmx.load` runs the whole check on every MXTensor it rebuilds.
+
+    >>> import dataclasses, jax.numpy as jnp, jaxmx
+    >>> from jaxmx.tensor import check_leaves
+    >>> t = jaxmx.quantize(jnp.ones((4, 64)), "mxfp8")
+    >>> check_leaves(t)
+    >>> check_leaves(dataclasses.replace(t, scale=t.scale[:, :1]))
+    Traceback (most recent call last):
+    ...
+    ValueError: cannot tell the block axis of this mxfp8_e4m3 MXTensor: ...
+    """
+    if not isinstance(t, MXTensor):
+        raise TypeError(f"check_leaves expects an MXTensor, got {type(t).__name__}")
+    fmt = t.format
+    if not isinstance(fmt, MXFormat):
+        raise ValueError(f"an MXTensor's format must be an MXFormat, got {type(fmt).__name__}")
+    for name in ("data", "scale", "tensor_scale", "micro"):
+        leaf = getattr(t, name)
+        if leaf is not None and not _is_leaf_array(leaf):
+            raise ValueError(
+                f"this {fmt.name} MXTensor's {name} is a {type(leaf).__name__}, not an array"
+            )
+    _check_leaf_dtypes(t)
+    _check_static(t)
+    axis = t.block_axis()  # data against scale (or the stored axis, per-tensor)
+    shape = tuple(t.data.shape)
+    if t.tensor_scale is not None:
+        ts = tuple(t.tensor_scale.shape)
+        batch = len(shape) + (-2 if isinstance(t.block_size, tuple) else axis)
+        if len(ts) > batch or ts != shape[: len(ts)]:
+            raise ValueError(
+                f"this {fmt.name} MXTensor's tensor_scale has shape {ts}; with data of shape "
+                f"{shape} it must be a scalar, or the leading (vmap) axes of data before the "
+                f"block axis {axis}"
+            )
+    if t.micro is not None:
+        groups = t.num_blocks * (t.block_size // fmt.micro.group)
+        want = list(shape)
+        want[axis] = packed_length(groups, 1) if t.packed else groups
+        if tuple(t.micro.shape) != tuple(want):
+            raise ValueError(
+                f"this {fmt.name} MXTensor's micro has shape {tuple(t.micro.shape)}; its "
+                f"{groups} microexponent groups along axis {axis} need {tuple(want)}"
+                f"{' (packed, 8 per byte)' if t.packed else ''}"
+            )
+
+
+def _is_leaf_array(x) -> bool:
+    tp = type(x)
+    if tp not in _ARRAY_TYPES:
+        if not isinstance(x, _LEAF_TYPES):
+            return False
+        _ARRAY_TYPES.add(tp)
+    # Not float0 (a structured dtype), the cotangent of integer leaves under
+    # jax.grad(..., allow_int=True); ml_dtypes' dtypes are "V" kind too, unnamed.
+    return x.dtype.names is None
+
+
+# Types seen to be arrays (a set lookup is cheaper than isinstance on jax.Array).
+_ARRAY_TYPES: set[type] = set()
+# Per format: (format, unpacked code dtypes, and the dtype scale, tensor_scale
+# and micro are held in, or None where the format has none). Keyed by id
+# (hashing a format hashes every field of its records), the format kept in
+# the entry so that the id stays its own.
+_LEAF_RULES: dict[int, tuple] = {}
+
+
+def _leaf_rules(fmt: MXFormat) -> tuple:
+    rules = _LEAF_RULES.get(id(fmt))
+    if rules is not None and rules[0] is fmt:
+        return rules
+    elem = fmt.element
+    held = np.dtype(elem.storage_dtype)
+    codes = (held,)
+    if elem.kind == "float" and held.itemsize * 8 != elem.bits:
+        # Sub-byte floats held in a byte on CPU (jaxmx.codes.storage_dtype).
+        codes = (held, np.dtype(np.uint16 if elem.bits > 8 else np.uint8))
+    rules = (
+        fmt,
+        codes,
+        None if fmt.scale is None else np.dtype(fmt.scale.storage_dtype),
+        _FLOAT32 if fmt.tensor_scale else None,
+        None if fmt.micro is None else _UINT8,
+    )
+    if len(_LEAF_RULES) > 1024:  # formats made in a loop: start over
+        _LEAF_RULES.clear()
+    _LEAF_RULES[id(fmt)] = rules
+    return rules
+
+
+def _check_leaf_dtypes(t: MXTensor) -> None:
+    """dtypes of the leaves that are arrays, and which optional leaves exist."""
+    fmt = t.format
+    _, codes, scale, tensor_scale, micro = _leaf_rules(fmt)
+    data = t.data
+    real = _is_leaf_array(data)
+    if real:
+        allowed = (_UINT8,) if t.packed else codes
+        if data.dtype not in allowed:
+            raise ValueError(
+                f"this {fmt.name} MXTensor's data (its codes) is {np.dtype(data.dtype).name}; "
+                f"{'packed ' if t.packed else ''}{fmt.element.name} codes are held in "
+                f"{' or '.join(d.name for d in allowed)}"
+            )
+    _check_optional(t, "scale", scale, "block scales", real)
+    if tensor_scale is not None or t.tensor_scale is not None:
+        _check_optional(t, "tensor_scale", tensor_scale, "a per-tensor scale", real)
+    if micro is not None or t.micro is not None:
+        _check_optional(t, "micro", micro, "microexponent bits", real)
+
+
+def _check_optional(t: MXTensor, name: str, dtype, what: str, real: bool) -> None:
+    leaf = getattr(t, name)
+    fmt = t.format
+    if leaf is None:
+        if dtype is not None and real:
+            raise ValueError(
+                f"this {fmt.name} MXTensor has no {name}; {fmt.name} has {what} ({dtype.name})"
+            )
+    elif _is_leaf_array(leaf):
+        if dtype is None:
+            raise ValueError(
+                f"this {fmt.name} MXTensor holds a {name}, but {fmt.name} has no {what} "
+                f"({name} must be None)"
+            )
+        if leaf.dtype != dtype:
+            raise ValueError(
+                f"this {fmt.name} MXTensor's {name} is {np.dtype(leaf.dtype).name}; "
+                f"{fmt.name} holds {what} in {dtype.name}"
+            )
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _whole(v, least: int) -> bool:
+    return _is_int(v) and v >= least
+
+
+def _check_static(t: MXTensor) -> None:
+    from jaxmx.spec import CODEC_RULES  # spec builds on formats only; kept out of import time
+
+    fmt, bs = t.format, t.block_size
+    kind = CODEC_RULES[fmt.codec].block_sizes
+
+    if kind == "tensor":
+        ok = bs is None
+    elif kind == "fixed":
+        ok = _whole(bs, 1) and bs == fmt.block_size
+    elif isinstance(bs, tuple):
+        ok = kind == "tiles" and len(bs) == 2 and all(_whole(b, 1) for b in bs)
+    else:
+        ok = _whole(bs, 1)
+    if not ok:
+        allowed = {
+            "tensor": "None (one scale per tensor)",
+            "fixed": f"{fmt.block_size} (the format's own)",
+            "tiles": "a positive int or a pair of them (2-D tiles)",
+            "any": "a positive int",
+        }[kind]
+        raise ValueError(
+            f"this {fmt.name} MXTensor has block_size {bs!r}; {fmt.name} takes {allowed}"
+        )
+    if not isinstance(t.packed, (bool, np.bool_)) or (t.packed and not fmt.packable):
+        raise ValueError(
+            f"this {fmt.name} MXTensor has packed={t.packed!r}; only formats with sub-byte codes "
+            "or microexponents pack (packed must be True or False)"
+        )
+    if not _whole(t.length, 0) or not _is_int(t.axis):
+        raise ValueError(
+            f"this {fmt.name} MXTensor has length {t.length!r} and axis {t.axis!r}; both must be "
+            "ints, the length not negative"
+        )
+    made = t.made_ndim
+    if made is not None and not _whole(made, 0):
+        raise ValueError(f"this {fmt.name} MXTensor has made_ndim {made!r}; an int or None")
+    try:
+        floating = jax.dtypes.issubdtype(np.dtype(t.dtype), np.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        raise ValueError(
+            f"this {fmt.name} MXTensor stands for a {t.dtype!r} array; MXTensors stand for "
+            "float arrays"
+        )
 
 
 # nnx (Flax) treats attribute values of unregistered types as static: an
