@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -366,12 +367,21 @@ def test_safetensors_header_names_dtypes_and_layout(tmp_path):
     # Named, not positional; the leaves an MXFP4 tensor does not have are None.
     assert set(node["leaves"]) == {"data", "scale", "tensor_scale", "micro"}
     assert node["leaves"]["tensor_scale"] is None and node["leaves"]["micro"] is None
+    scale_bits = _bits(tree["params"]["w"].scale)
     assert node["leaves"]["scale"] == {
         "name": "params.w.scale",
         "dtype": "float8_e8m0fnu",
         "shape": [2, 32],
         "stored_dtype": "uint8",
+        "crc32": zlib.crc32(scale_bits),  # of the bytes as stored
     }
+    assert manifest["jaxmx_checkpoint"] == 2
+    body = json.dumps(
+        {"formats": manifest["formats"], "tree": manifest["tree"]},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+    assert manifest["crc32"] == zlib.crc32(body.encode())
     assert manifest["formats"]["mxfp4_e2m1"]["fields"]["element"]["fields"]["bits"] == 4
     # safetensors' own reader sees the manifest and opens the E8M0 scales as their bytes.
     with safe_open(path, framework="np") as f:
@@ -520,3 +530,405 @@ def test_flax_linen_params_with_quantized_kernels(tmp_path, backend):
     out = run(loaded)
     np.testing.assert_array_equal(out, run(quantized))
     assert not np.array_equal(out, model.apply(params, x))  # the kernels really are MXFP4
+
+
+# --------------------------------------------------------------------------
+# Damaged, truncated and inconsistent checkpoints: a ValueError naming the
+# file, never a wrong tree. Each test below failed on the loader before it
+# checked what it reads (said in its docstring); the random version of all of
+# them is tests/test_fuzz_checkpoint.py.
+# --------------------------------------------------------------------------
+
+# safetensors dtype codes, written out here rather than taken from jaxmx.
+_ST_DTYPES = {
+    "BOOL": np.bool_,
+    "U8": np.uint8,
+    "I8": np.int8,
+    "U16": np.uint16,
+    "I16": np.int16,
+    "U32": np.uint32,
+    "I32": np.int32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F32": np.float32,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+_ST_CODES = {np.dtype(v).name: k for k, v in _ST_DTYPES.items()}
+
+
+def _seal(manifest: dict) -> dict:
+    """An edited manifest with its checksum recomputed, as a writer that made it so would."""
+    if "crc32" in manifest:
+        body = {"formats": manifest.get("formats"), "tree": manifest.get("tree")}
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        manifest["crc32"] = zlib.crc32(text.encode())
+    return manifest
+
+
+def _st_read(path):
+    """(manifest, {name: array as stored}, header) of a safetensors file."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    manifest = json.loads(header.pop("__metadata__")["jaxmx"])
+    tensors = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        a = np.frombuffer(raw[8 + n + start : 8 + n + end], _ST_DTYPES[info["dtype"]])
+        tensors[name] = a.reshape(info["shape"])
+    return manifest, tensors, header
+
+
+def _st_write(path, manifest, tensors, edit_header=None):
+    """Writes a safetensors file by hand; ``edit_header`` may then change the header."""
+    header, data, at = {}, b"", 0
+    for name, a in tensors.items():
+        b = np.ascontiguousarray(a).tobytes()
+        header[name] = {
+            "dtype": _ST_CODES[a.dtype.name],
+            "shape": list(a.shape),
+            "data_offsets": [at, at + len(b)],
+        }
+        data, at = data + b, at + len(b)
+    if edit_header is not None:
+        edit_header(header)
+    text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+    header["__metadata__"] = {"jaxmx": text}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def _orbax_read(path):
+    import orbax.checkpoint as ocp
+
+    manifest = json.loads((path / "jaxmx" / "metadata").read_text())
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as c:
+        got = c.restore(path, args=ocp.args.Composite(arrays=ocp.args.StandardRestore()))
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            name = f"{prefix}.{k}" if prefix else k
+            out.update(flat(v, name) if isinstance(v, dict) else {name: np.asarray(v)})
+        return out
+
+    return manifest, flat(got["arrays"])
+
+
+def _orbax_write(path, manifest, arrays):
+    """Rewrites an orbax checkpoint with orbax itself: its own records agree with the arrays."""
+    import orbax.checkpoint as ocp
+
+    nested: dict = {}
+    for name, a in arrays.items():
+        *parents, last = name.split(".")
+        d = nested
+        for p in parents:
+            d = d.setdefault(p, {})
+        d[last] = a
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as c:
+        c.save(
+            path,
+            args=ocp.args.Composite(
+                arrays=ocp.args.StandardSave(nested), jaxmx=ocp.args.JsonSave(manifest)
+            ),
+            force=True,
+        )
+
+
+def _rewrite(path, backend, edit):
+    """Reads a checkpoint, lets ``edit(manifest, arrays)`` change it, writes it consistently."""
+    if backend == "safetensors":
+        manifest, arrays, _ = _st_read(path)
+        edit(manifest, arrays)
+        _st_write(path, _seal(manifest), arrays)
+    else:
+        manifest, arrays = _orbax_read(path)
+        edit(manifest, arrays)
+        _orbax_write(path, _seal(manifest), arrays)
+
+
+def _edit_manifest(path, backend, edit, seal=True):
+    """Changes the manifest only, in place (orbax: its JSON file)."""
+    if backend == "safetensors":
+        manifest, arrays, _ = _st_read(path)
+        edit(manifest)
+        _st_write(path, _seal(manifest) if seal else manifest, arrays)
+    else:
+        file = path / "jaxmx" / "metadata"
+        manifest = json.loads(file.read_text())
+        edit(manifest)
+        file.write_text(json.dumps(_seal(manifest) if seal else manifest))
+
+
+def _refused(path, match=None):
+    """load raises a ValueError that names the file (and matches ``match``)."""
+    with pytest.raises(ValueError) as info:
+        jaxmx.load(path)
+    assert str(path) in str(info.value), info.value
+    if match is not None:
+        assert __import__("re").search(match, str(info.value)), info.value
+    return str(info.value)
+
+
+def _nvfp4(seed=20):
+    return jaxmx.quantize(_weights((32, 48), seed), "nvfp4")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_manifest_naming_another_format_over_the_leaves_is_refused(tmp_path, backend):
+    """An MXFP4 manifest over NVFP4 leaves (E4M3 scales, a tensor scale): refused.
+
+    Failed before: the loader built the MXTensor from whatever the manifest
+    named, and the values decoded up to 2.69 away.
+    """
+    other = tmp_path / ("other" + _suffix(backend))
+    jaxmx.save(other, {"w": jaxmx.quantize(_weights((32, 48), 21), "mxfp4")})
+    if backend == "safetensors":
+        mxfp4_card = _st_read(other)[0]["formats"]["mxfp4_e2m1"]
+    else:
+        mxfp4_card = json.loads((other / "jaxmx" / "metadata").read_text())["formats"]
+        mxfp4_card = mxfp4_card["mxfp4_e2m1"]
+    path = tmp_path / _suffix(backend)
+    jaxmx.save(path, {"w": _nvfp4()})
+
+    def as_mxfp4(m):
+        m["formats"] = {"mxfp4_e2m1": mxfp4_card}
+        m["tree"]["children"][0]["static"]["format"] = {"format": "mxfp4_e2m1"}
+
+    _edit_manifest(path, backend, as_mxfp4)
+    _refused(path, r"tree\['w'\].*mxfp4_e2m1 MXTensor's scale is float8_e4m3fn")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_scale_stored_as_int32_is_refused(tmp_path, backend):
+    """A tensor scale held as int32 (header, orbax and manifest agreeing): refused.
+
+    Failed before: it loaded, and its bits read as an int decoded to 2.6e12.
+    """
+    path = tmp_path / _suffix(backend)
+    jaxmx.save(path, {"w": _nvfp4()})
+
+    def to_int32(m, arrays):
+        arrays["w.tensor_scale"] = arrays["w.tensor_scale"].view(np.int32)
+        m["tree"]["children"][0]["leaves"]["tensor_scale"]["dtype"] = "int32"
+
+    _rewrite(path, backend, to_int32)
+    _refused(path, "tensor_scale is int32; nvfp4 holds a per-tensor scale in float32")
+
+
+def test_mxtensor_refuses_leaves_of_another_format_but_not_jax_placeholders():
+    """The same check where MXTensors are built from given leaves (dtypes and
+    presence; shapes are checked by check_leaves, on load). Failed before:
+    MXTensor took any leaves."""
+    t = _nvfp4()
+    mxfp4 = jaxmx.get_format("mxfp4")
+    with pytest.raises(ValueError, match="scale is float8_e4m3fn; mxfp4_e2m1 holds block scales"):
+        dataclasses.replace(t, format=mxfp4, tensor_scale=None)
+    with pytest.raises(ValueError, match="holds a tensor_scale, but mxfp4_e2m1 has no"):
+        dataclasses.replace(
+            t, format=mxfp4, scale=jax.lax.bitcast_convert_type(t.scale, jnp.float8_e8m0fnu)
+        )
+    with pytest.raises(ValueError, match="has no tensor_scale; nvfp4 has a per-tensor scale"):
+        dataclasses.replace(t, tensor_scale=None)
+    with pytest.raises(ValueError, match="data \\(its codes\\) is float32"):
+        dataclasses.replace(t, data=t.data.astype(jnp.float32))
+    # JAX rebuilds MXTensors with placeholders while transforming them.
+    assert jax.tree.map(lambda a: None, t).data is None
+    axes = jax.tree.map(lambda a: 0, t)
+    assert axes.data == 0
+    stacked = jax.tree.map(lambda a: jnp.stack([a, a]), t)
+    np.testing.assert_array_equal(
+        jax.vmap(jaxmx.dequantize, in_axes=(axes,))(stacked)[1], jaxmx.dequantize(t)
+    )
+    assert jax.eval_shape(lambda: t).scale.dtype == jnp.float8_e4m3fn
+    g = jax.grad(lambda u: jaxmx.dequantize(u).sum(), allow_int=True)(t)  # float0 leaves
+    assert g.data.dtype == jax.dtypes.float0
+    checkpoint_check = jaxmx.tensor.check_leaves
+    checkpoint_check(jax.vmap(lambda a: jaxmx.quantize(a, "nvfp4"))(jnp.ones((3, 4, 32))))
+    with pytest.raises(ValueError, match="tensor_scale has shape \\(2,\\)"):
+        checkpoint_check(dataclasses.replace(t, tensor_scale=jnp.ones(2, jnp.float32)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_record_and_manifest_must_agree(tmp_path, backend):
+    """The safetensors header (or orbax's record) and the manifest disagree: refused,
+    naming the file, the tensor and both descriptions.
+
+    Failed before: safetensors returned an array of the header's shape ((2, 2)
+    for a saved (4,)) or read F32 bytes as int32; orbax cast float32 values to
+    the manifest's int32.
+    """
+    path = tmp_path / _suffix(backend)
+    jaxmx.save(path, {"v": jnp.arange(4.0) + 0.5})
+    if backend == "safetensors":
+        manifest, arrays, _ = _st_read(path)
+        arrays["v"] = arrays["v"].reshape(2, 2)
+        _st_write(path, manifest, arrays)
+        _refused(path, r"'v' is F32\[2, 2\] in the safetensors header but float32\[4\]")
+        jaxmx.save(path, {"v": jnp.arange(4.0) + 0.5}, overwrite=True)
+    _edit_manifest(path, backend, lambda m: m["tree"]["children"][0].update(dtype="int32"))
+    _refused(path, r"'v' is (F32\[4\]|float32\[4\]) in .* but int32\[4\]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overwrite_leaves_what_is_not_a_checkpoint_alone(tmp_path, backend):
+    """overwrite=True replaces a checkpoint, nothing else. Failed before: a
+    directory of other files was deleted (orbax) and a file of another kind
+    replaced (safetensors)."""
+    t = {"w": jnp.ones(3)}
+    folder = tmp_path / ("notes" + (".safetensors" if backend == "safetensors" else ""))
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    file = tmp_path / ("notes.txt" if backend == "orbax" else "notes2.safetensors")
+    file.write_text("mine too")
+    for path in (folder, file):
+        with pytest.raises(FileExistsError, match=f"not a jaxmx {backend} checkpoint"):
+            jaxmx.save(path, t, overwrite=True, backend=backend)
+    assert (folder / "keep.txt").read_text() == "mine" and file.read_text() == "mine too"
+    if backend == "orbax":  # an orbax checkpoint jaxmx did not write
+        import orbax.checkpoint as ocp
+
+        with ocp.StandardCheckpointer() as c:
+            c.save(tmp_path / "plain", {"w": jnp.ones(3)})
+        with pytest.raises(FileExistsError, match="not a jaxmx orbax checkpoint"):
+            jaxmx.save(tmp_path / "plain", t, overwrite=True)
+        assert (tmp_path / "plain").is_dir()
+
+
+def test_truncated_or_misaddressed_safetensors_is_refused(tmp_path):
+    """Truncation, offsets past the end, overlapping tensors, byte counts that
+    do not fit dtype x shape: refused as damage, naming the file. Failed
+    before: numpy's "cannot reshape array of size 1014", or (overlap) a tree
+    whose two arrays silently held the same bytes."""
+    path = tmp_path / "c.safetensors"
+    tree = {"w": jaxmx.quantize(_weights((16, 64), 22), "mxfp8"), "a": jnp.arange(4.0)}
+    tree["b"] = jnp.ones(4)
+    jaxmx.save(path, tree)
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-10])
+    _refused(path, "truncated")
+    path.write_bytes(whole)
+    manifest, arrays, _ = _st_read(path)
+
+    def past_end(h):
+        last = max(h.values(), key=lambda e: e["data_offsets"][1])
+        last["data_offsets"] = [o + 8 for o in last["data_offsets"]]
+
+    def overlap(h):
+        h["b"]["data_offsets"] = list(h["a"]["data_offsets"])
+
+    def wrong_count(h):
+        h["a"]["shape"] = [3]
+
+    for edit, match in (
+        (past_end, "truncated or damaged"),
+        (overlap, "damaged: the bytes of tensor .b. .* overlap"),
+        (wrong_count, r"damaged: tensor 'a' \(F32\[3\]\) needs 12 bytes"),
+    ):
+        _st_write(path, manifest, arrays, edit)
+        _refused(path, match)
+
+
+_MALFORMED = {
+    "not JSON": (None, "not valid JSON"),
+    "no tree": (lambda m: m.pop("tree"), r"at tree: missing"),
+    "node without children": (lambda m: m["tree"].pop("children"), r"at tree\.children: missing"),
+    "more keys than children": (
+        lambda m: m["tree"]["keys"].append("x"),
+        r"at tree\.keys: has 3 keys for 2 children",
+    ),
+    "leaf without a name": (
+        lambda m: m["tree"]["children"][0]["leaves"]["scale"].pop("name"),
+        r"at tree\.children\[0\]\.leaves\.scale\.name: missing",
+    ),
+    "dtype not a string": (
+        lambda m: m["tree"]["children"][0]["leaves"]["scale"].update(dtype=7),
+        r"at tree\.children\[0\]\.leaves\.scale\.dtype: a dtype name is a string",
+    ),
+    "unknown node type": (
+        lambda m: m["tree"]["children"][1].update(type="set"),
+        r"at tree\.children\[1\]\.type: is 'set'",
+    ),
+    "missing static field": (
+        lambda m: m["tree"]["children"][0]["static"].pop("length"),
+        r"at tree\.children\[0\]\.static\.length: missing",
+    ),
+    "format card of another class": (
+        lambda m: m["formats"]["mxfp8_e4m3"].update({"class": "os.system"}),
+        r"at formats\['mxfp8_e4m3'\]\.class: is 'os.system'",
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(_MALFORMED))
+def test_malformed_manifest_names_the_file_and_the_field(tmp_path, backend, case):
+    """Failed before: bare JSONDecodeError without the path, KeyError: 'tree' or
+    'children', "zip() argument 2 is longer", "None is not a valid value"."""
+    edit, match = _MALFORMED[case]
+    path = tmp_path / _suffix(backend)
+    jaxmx.save(path, {"w": jaxmx.quantize(_weights((4, 32), 23), "mxfp8"), "b": jnp.ones(2)})
+    if edit is not None:
+        _edit_manifest(path, backend, edit)
+    elif backend == "safetensors":
+        _, arrays, _ = _st_read(path)
+        _st_write(path, '{"jaxmx_checkpoint": 2, "tree": [', arrays)
+    else:
+        (path / "jaxmx" / "metadata").write_text('{"jaxmx_checkpoint": 2, "tree": [')
+        match = "manifest cannot be read"
+    _refused(path, match)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_changed_bytes_are_caught_by_the_checksums(tmp_path, backend):
+    """Flipped bytes in a tensor (safetensors), other values written by orbax
+    under the old manifest, and a changed manifest field: refused, naming the
+    tensor or the manifest. Failed before: all three loaded silently."""
+    path = tmp_path / _suffix(backend)
+    tree = {"w": jaxmx.quantize(_weights((16, 64), 24), "mxfp8"), "b": jnp.arange(3.0)}
+    jaxmx.save(path, tree)
+    if backend == "safetensors":
+        whole = path.read_bytes()
+        _, _, header = _st_read(path)
+        n = struct.unpack("<Q", whole[:8])[0]
+        start, end = header["w.data"]["data_offsets"]
+        raw = bytearray(whole)
+        raw[8 + n + (start + end) // 2] ^= 0x10
+        path.write_bytes(bytes(raw))
+        _refused(path, r"damaged: the bytes of tensor 'w.data' do not match their checksum")
+        path.write_bytes(whole)
+    else:
+
+        def other_values(m, arrays):
+            arrays["b"] = arrays["b"] + 1
+
+        _rewrite(path, backend, other_values)
+        _refused(path, r"damaged: the bytes of array 'b' do not match their checksum")
+        jaxmx.save(path, tree, overwrite=True)
+    # made_ndim 2 -> 3 on a 2-D tensor decodes alike but is not what was saved.
+    _edit_manifest(
+        path, backend, lambda m: m["tree"]["children"][0]["static"].update(made_ndim=3), seal=False
+    )
+    _refused(path, "crc32: the manifest does not match its checksum")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_version_1_checkpoints_without_checksums_still_load(tmp_path, backend):
+    path = tmp_path / _suffix(backend)
+    tree = {"w": _nvfp4(), "b": jnp.arange(3.0)}
+    jaxmx.save(path, tree)
+
+    def to_version_1(m):
+        m["jaxmx_checkpoint"] = 1
+        del m["crc32"]
+        for node in (m["tree"]["children"][0]["leaves"]["data"], m["tree"]["children"][1]):
+            del node["crc32"]
+        for leaf in m["tree"]["children"][0]["leaves"].values():
+            if leaf is not None:
+                leaf.pop("crc32", None)
+
+    _edit_manifest(path, backend, to_version_1)
+    _assert_same_tree(tree, jaxmx.load(path))

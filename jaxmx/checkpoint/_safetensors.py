@@ -1,0 +1,207 @@
+"""The safetensors backend: one file, the manifest in the header's ``__metadata__``.
+
+On load the file is checked before any tensor is read: the header is a JSON
+object of well-formed entries; the tensors' byte ranges match their dtype and
+shape, tile the data section without gaps or overlaps, and end where the
+file ends (a truncated file is reported as such). Each tensor the manifest
+lists must be in the header with the same shape and dtype (the dtype it is
+stored in, for dtypes held as unsigned bits), and no other tensor may be.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+
+import jax
+import numpy as np
+
+from jaxmx.checkpoint import _manifest as M
+from jaxmx.checkpoint import _tree
+
+_ENTRY = {"dtype", "shape", "data_offsets"}
+
+
+def save(path: str, manifest: dict, leaves: dict) -> None:
+    try:
+        from safetensors.numpy import save_file
+    except ImportError as e:
+        raise ImportError(
+            "jaxmx checkpoints with backend='safetensors' need safetensors: "
+            "pip install safetensors (or pip install 'jaxmx[serve]')"
+        ) from e
+    tensors = {}
+    for name, entry in M.arrays_of(manifest["tree"]):
+        a = leaves[name]
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            raise ValueError(
+                f"{name!r} is sharded over several processes; write it with backend='orbax'"
+            )
+        a = np.asarray(a, order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
+        if a.dtype.name not in M.SAFETENSORS_CODES:
+            bits = np.dtype(f"uint{8 * a.dtype.itemsize}")
+            a = a.view(bits)
+            entry["stored_dtype"] = bits.name
+        entry["crc32"] = M.crc32(a)
+        tensors[name] = a
+    save_file(tensors, path, metadata={M.KEY: json.dumps(M.seal(manifest))})
+
+
+def is_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a file whose header carries a jaxmx manifest (for overwrite)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                return False
+            size = struct.unpack("<Q", head)[0]
+            if not 0 < size <= os.path.getsize(path) - 8:
+                return False
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, RecursionError):
+        return False
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(meta, dict) and M.KEY in meta
+
+
+class Header:
+    """A checked safetensors header: tensor entries and where the data starts."""
+
+    def __init__(self, tensors: dict, data_start: int):
+        self.tensors = tensors
+        self.data_start = data_start
+
+
+def read(path: str) -> tuple[object, Header]:
+    """The manifest (as parsed, unchecked) and the checked header of ``path``."""
+    file_size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < size <= file_size - 8:
+            raise ValueError(
+                f"{path} is truncated or not a safetensors file: its first 8 bytes give a "
+                f"header of {size} bytes, the file holds {file_size}"
+            )
+        raw = f.read(size)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(
+            f"{path} is not a jaxmx checkpoint: not a safetensors file (its header is not "
+            f"JSON: {e})"
+        ) from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a jaxmx checkpoint: its header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or M.KEY not in meta:
+        keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(
+            f"{path} is not a jaxmx checkpoint: its safetensors header has no "
+            f"__metadata__[{M.KEY!r}] (keys: {keys})"
+        )
+    if not isinstance(meta[M.KEY], str):
+        raise ValueError(f"{path}: its jaxmx manifest is not a JSON string")
+    try:
+        manifest = json.loads(meta[M.KEY])
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: its jaxmx manifest is not valid JSON ({e})") from None
+    data_start = 8 + size
+    return manifest, Header(_layout(path, header, file_size - data_start), data_start)
+
+
+def _layout(path: str, header: dict, data_bytes: int) -> dict:
+    """Checks every tensor entry and that their bytes tile the data section exactly."""
+    spans = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != _ENTRY:
+            raise ValueError(
+                f"{path} is damaged: its header entry for tensor {name!r} is not "
+                f"{{dtype, shape, data_offsets}}: {info!r}"
+            )
+        code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if code not in M.SAFETENSORS_DTYPES:
+            raise ValueError(f"{path} is damaged: tensor {name!r} has unknown dtype {code!r}")
+        ints = [*shape, *offsets] if isinstance(shape, list) and isinstance(offsets, list) else []
+        if (
+            not ints
+            or len(offsets) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints)
+        ):
+            raise ValueError(
+                f"{path} is damaged: tensor {name!r} has shape {shape!r} and data_offsets "
+                f"{offsets!r}; both must be lists of ints >= 0, two offsets"
+            )
+        start, end = offsets
+        want = math.prod(shape) * np.dtype(M.SAFETENSORS_DTYPES[code]).itemsize
+        if end - start != want:
+            raise ValueError(
+                f"{path} is damaged: tensor {name!r} ({code}{shape}) needs {want} bytes, its "
+                f"data_offsets {offsets} span {end - start}"
+            )
+        if end > data_bytes:
+            raise ValueError(
+                f"{path} is truncated or damaged: tensor {name!r} ends at byte {end} of the data, "
+                f"which holds {data_bytes} bytes"
+            )
+        spans.append((start, end, name))
+    at = 0
+    for start, end, name in sorted(spans):
+        if start != at:
+            what = "overlap the tensor before" if start < at else "start after a gap"
+            raise ValueError(
+                f"{path} is damaged: the bytes of tensor {name!r} ({start}..{end}) {what} "
+                f"(the data before ends at {at})"
+            )
+        at = end
+    if at != data_bytes:
+        if at > data_bytes:
+            raise ValueError(
+                f"{path} is truncated or damaged: its tensors need {at} bytes of data, the file "
+                f"holds {data_bytes}"
+            )
+        raise ValueError(
+            f"{path} is damaged: {data_bytes - at} bytes follow the last tensor's data"
+        )
+    return header
+
+
+def restore(path: str, header: Header, tree: dict, specs: dict) -> dict:
+    listed = dict(M.arrays_of(tree))
+    extra = sorted(set(header.tensors) - set(listed))
+    if extra:
+        raise ValueError(
+            f"{path} holds tensors its manifest does not list: {extra[:5]}; the file was "
+            "changed after save wrote it"
+        )
+    out = {}
+    with open(path, "rb") as f:
+        for name, entry in listed.items():
+            info = header.tensors.get(name)
+            if info is None:
+                raise ValueError(f"{path} lacks the tensor {name!r} its manifest lists")
+            stored = entry.get("stored_dtype", entry["dtype"])
+            want = f"{M.SAFETENSORS_CODES.get(stored)}{entry['shape']}"
+            got = f"{info['dtype']}{info['shape']}"
+            if want != got:
+                raise ValueError(
+                    f"{path}: tensor {name!r} is {got} in the safetensors header but "
+                    f"{entry['dtype']}{entry['shape']} (stored as {want}) in the jaxmx manifest"
+                )
+            start, end = info["data_offsets"]
+            f.seek(header.data_start + start)
+            buf = f.read(end - start)
+            if len(buf) != end - start:
+                raise ValueError(f"{path} is truncated: tensor {name!r} is cut short")
+            crc = entry.get("crc32")
+            if crc is not None and M.crc32(buf) != crc:
+                raise ValueError(
+                    f"{path} is damaged: the bytes of tensor {name!r} do not match their "
+                    "checksum (CRC-32) in the manifest"
+                )
+            a = np.frombuffer(buf, dtype=M.dtype(stored)).reshape(entry["shape"])
+            a = a.view(M.dtype(entry["dtype"]))  # safetensors is little-endian, as jax hosts are
+            out[name] = jax.device_put(a, _tree.sharding(specs[name][0]))
+    return out
