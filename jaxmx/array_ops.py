@@ -48,7 +48,7 @@ from jaxmx.blocks import pack_group, packed_length, to_blocks
 from jaxmx.codes import raw_to_storage, storage_to_raw
 from jaxmx.packing import pack, unpack
 from jaxmx.spec import CODEC_RULES
-from jaxmx.tensor import MXTensor
+from jaxmx.tensor import MXTensor, register_ops
 
 __all__ = [
     "absolute",
@@ -1014,3 +1014,17 @@ def _is_dtype_like(d) -> bool:
     except TypeError:
         return False
     return True
+
+
+register_ops(
+    transpose=transpose,
+    swapaxes=swapaxes,
+    reshape=reshape,
+    take=take,
+    getitem=getitem,
+    negative=negative,
+    absolute=absolute,
+    multiply=multiply,
+    ldexp=ldexp,
+    astype=astype,
+)

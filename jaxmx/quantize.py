@@ -31,7 +31,7 @@ from jaxmx.blocks import from_blocks, to_blocks
 from jaxmx.formats import ElementFormat, MXFormat
 from jaxmx.packing import unpack
 from jaxmx.spec import QuantSpec
-from jaxmx.tensor import MXTensor
+from jaxmx.tensor import MXTensor, register_ops
 
 __all__ = ["quantize", "dequantize", "fake_quantize"]
 
@@ -449,3 +449,5 @@ _OCP = Codec(
     dequantize=_ocp_dequantize,
 )
 _ALL_CODECS: dict[str, Codec] = {"ocp": _OCP, **CODECS}
+
+register_ops(dequantize=dequantize)

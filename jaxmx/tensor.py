@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+from collections.abc import Callable
 
 import jax
 import numpy as np
 
+from jaxmx._leaf_dtypes import check_leaf_dtypes, is_leaf_array
 from jaxmx.blocks import packed_length
 from jaxmx.formats import MXFormat
+from jaxmx.spec import CODEC_RULES
 
 __all__ = ["MXTensor", "check_leaves"]
 
@@ -88,7 +91,7 @@ class MXTensor:
         # MXTensors with placeholder leaves while it transforms them, and a
         # shape check here would refuse tracers whose batch axes are removed.
         if isinstance(self.format, MXFormat):
-            _check_leaf_dtypes(self)
+            check_leaf_dtypes(self)
 
     def block_axis(self) -> int:
         """The axis (negative) along which blocks run, read off the leaves' shapes.
@@ -221,26 +224,26 @@ class MXTensor:
     @property
     def T(self) -> MXTensor:
         """The tensor with its axes reversed; the block axis moves with them."""
-        return _ops().transpose(self)
+        return _op("transpose")(self)
 
     def transpose(self, *axes) -> MXTensor:
         """Permutes axes: ``t.transpose(1, 0)`` or ``t.transpose((1, 0))``."""
-        return _ops().transpose(self, _varargs(axes))
+        return _op("transpose")(self, _varargs(axes))
 
     def swapaxes(self, axis1: int, axis2: int) -> MXTensor:
         """Swaps two axes (see :func:`jaxmx.swapaxes`)."""
-        return _ops().swapaxes(self, axis1, axis2)
+        return _op("swapaxes")(self, axis1, axis2)
 
     def reshape(self, *shape) -> MXTensor:
         """Reshapes keeping blocks whole: ``t.reshape(2, -1)`` (see :func:`jaxmx.reshape`)."""
-        return _ops().reshape(self, _varargs(shape))
+        return _op("reshape")(self, _varargs(shape))
 
     def take(self, indices, axis: int | None = None, *, mode: str | None = None) -> MXTensor:
         """Gathers along an axis, e.g. rows of an MX embedding table (see :func:`jaxmx.take`)."""
-        return _ops().take(self, indices, axis, mode=mode)
+        return _op("take")(self, indices, axis, mode=mode)
 
     def __getitem__(self, idx) -> MXTensor:
-        return _ops().getitem(self, idx)
+        return _op("getitem")(self, idx)
 
     # NumPy operators defer to ours (``np.float32(2) * t`` reaches __rmul__).
     __array_ufunc__ = None
@@ -259,41 +262,53 @@ class MXTensor:
         return (self[i] for i in range(len(self)))
 
     def __neg__(self) -> MXTensor:
-        return _ops().negative(self)
+        return _op("negative")(self)
 
     def __pos__(self) -> MXTensor:
         return self
 
     def __abs__(self) -> MXTensor:
-        return _ops().absolute(self)
+        return _op("absolute")(self)
 
     def __mul__(self, other) -> MXTensor:
-        return _ops().multiply(self, other)
+        return _op("multiply")(self, other)
 
     __rmul__ = __mul__
 
     def __truediv__(self, other) -> MXTensor:
-        return _ops().multiply(self, _reciprocal_pow2(other))
+        return _op("multiply")(self, _reciprocal_pow2(other))
 
     def ldexp(self, k) -> MXTensor:
         """``self * 2**k`` exactly, by moving the scales (see :func:`jaxmx.ldexp`)."""
-        return _ops().ldexp(self, k)
+        return _op("ldexp")(self, k)
 
     def astype(self, dtype) -> MXTensor:
         """The same codes and scales, standing for ``dtype`` (float32/bfloat16/float16)."""
-        return _ops().astype(self, dtype)
+        return _op("astype")(self, dtype)
 
     def dequantize(self, dtype=None):
         """Decodes to ``dtype``, by default ``self.dtype`` (see :func:`jaxmx.dequantize`)."""
-        from jaxmx.quantize import dequantize
-
-        return dequantize(self, self.dtype if dtype is None else dtype)
+        return _op("dequantize")(self, self.dtype if dtype is None else dtype)
 
 
-def _ops():
-    from jaxmx import array_ops  # imported late: array_ops builds on this module
+# MXTensor's array-like methods are implemented by the layers above it
+# (jaxmx.array_ops, jaxmx.quantize), which register them here when they are
+# imported: this module imports nothing above itself.
+_OPS: dict[str, Callable] = {}
 
-    return array_ops
+
+def register_ops(**fns: Callable) -> None:
+    """Attaches implementations of MXTensor's methods (``transpose=...``, ``dequantize=...``)."""
+    _OPS.update(fns)
+
+
+def _op(name: str) -> Callable:
+    try:
+        return _OPS[name]
+    except KeyError:
+        raise RuntimeError(
+            f"MXTensor.{name} is implemented in jaxmx.array_ops / jaxmx.quantize; import jaxmx"
+        ) from None
 
 
 def _varargs(args: tuple):
@@ -329,10 +344,6 @@ def _nbytes(a) -> int:
 # --------------------------------------------------------------------------
 # Leaves against the format.
 # --------------------------------------------------------------------------
-
-_UINT8 = np.dtype(np.uint8)
-_FLOAT32 = np.dtype(np.float32)
-_LEAF_TYPES = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
 
 
 def check_leaves(t: MXTensor) -> None:
@@ -372,11 +383,11 @@ def check_leaves(t: MXTensor) -> None:
         raise ValueError(f"an MXTensor's format must be an MXFormat, got {type(fmt).__name__}")
     for name in ("data", "scale", "tensor_scale", "micro"):
         leaf = getattr(t, name)
-        if leaf is not None and not _is_leaf_array(leaf):
+        if leaf is not None and not is_leaf_array(leaf):
             raise ValueError(
                 f"this {fmt.name} MXTensor's {name} is a {type(leaf).__name__}, not an array"
             )
-    _check_leaf_dtypes(t)
+    check_leaf_dtypes(t)
     _check_static(t)
     axis = t.block_axis()  # data against scale (or the stored axis, per-tensor)
     shape = tuple(t.data.shape)
@@ -401,91 +412,6 @@ def check_leaves(t: MXTensor) -> None:
             )
 
 
-def _is_leaf_array(x) -> bool:
-    tp = type(x)
-    if tp not in _ARRAY_TYPES:
-        if not isinstance(x, _LEAF_TYPES):
-            return False
-        _ARRAY_TYPES.add(tp)
-    # Not float0 (a structured dtype), the cotangent of integer leaves under
-    # jax.grad(..., allow_int=True); ml_dtypes' dtypes are "V" kind too, unnamed.
-    return x.dtype.names is None
-
-
-# Types seen to be arrays (a set lookup is cheaper than isinstance on jax.Array).
-_ARRAY_TYPES: set[type] = set()
-# Per format: (format, unpacked code dtypes, and the dtype scale, tensor_scale
-# and micro are held in, or None where the format has none). Keyed by id
-# (hashing a format hashes every field of its records), the format kept in
-# the entry so that the id stays its own.
-_LEAF_RULES: dict[int, tuple] = {}
-
-
-def _leaf_rules(fmt: MXFormat) -> tuple:
-    rules = _LEAF_RULES.get(id(fmt))
-    if rules is not None and rules[0] is fmt:
-        return rules
-    elem = fmt.element
-    held = np.dtype(elem.storage_dtype)
-    codes = (held,)
-    if elem.kind == "float" and held.itemsize * 8 != elem.bits:
-        # Sub-byte floats held in a byte on CPU (jaxmx.codes.storage_dtype).
-        codes = (held, np.dtype(np.uint16 if elem.bits > 8 else np.uint8))
-    rules = (
-        fmt,
-        codes,
-        None if fmt.scale is None else np.dtype(fmt.scale.storage_dtype),
-        _FLOAT32 if fmt.tensor_scale else None,
-        None if fmt.micro is None else _UINT8,
-    )
-    if len(_LEAF_RULES) > 1024:  # formats made in a loop: start over
-        _LEAF_RULES.clear()
-    _LEAF_RULES[id(fmt)] = rules
-    return rules
-
-
-def _check_leaf_dtypes(t: MXTensor) -> None:
-    """dtypes of the leaves that are arrays, and which optional leaves exist."""
-    fmt = t.format
-    _, codes, scale, tensor_scale, micro = _leaf_rules(fmt)
-    data = t.data
-    real = _is_leaf_array(data)
-    if real:
-        allowed = (_UINT8,) if t.packed else codes
-        if data.dtype not in allowed:
-            raise ValueError(
-                f"this {fmt.name} MXTensor's data (its codes) is {np.dtype(data.dtype).name}; "
-                f"{'packed ' if t.packed else ''}{fmt.element.name} codes are held in "
-                f"{' or '.join(d.name for d in allowed)}"
-            )
-    _check_optional(t, "scale", scale, "block scales", real)
-    if tensor_scale is not None or t.tensor_scale is not None:
-        _check_optional(t, "tensor_scale", tensor_scale, "a per-tensor scale", real)
-    if micro is not None or t.micro is not None:
-        _check_optional(t, "micro", micro, "microexponent bits", real)
-
-
-def _check_optional(t: MXTensor, name: str, dtype, what: str, real: bool) -> None:
-    leaf = getattr(t, name)
-    fmt = t.format
-    if leaf is None:
-        if dtype is not None and real:
-            raise ValueError(
-                f"this {fmt.name} MXTensor has no {name}; {fmt.name} has {what} ({dtype.name})"
-            )
-    elif _is_leaf_array(leaf):
-        if dtype is None:
-            raise ValueError(
-                f"this {fmt.name} MXTensor holds a {name}, but {fmt.name} has no {what} "
-                f"({name} must be None)"
-            )
-        if leaf.dtype != dtype:
-            raise ValueError(
-                f"this {fmt.name} MXTensor's {name} is {np.dtype(leaf.dtype).name}; "
-                f"{fmt.name} holds {what} in {dtype.name}"
-            )
-
-
 def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
@@ -495,8 +421,6 @@ def _whole(v, least: int) -> bool:
 
 
 def _check_static(t: MXTensor) -> None:
-    from jaxmx.spec import CODEC_RULES  # spec builds on formats only; kept out of import time
-
     fmt, bs = t.format, t.block_size
     kind = CODEC_RULES[fmt.codec].block_sizes
 
