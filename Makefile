@@ -33,14 +33,14 @@ venv: $(STAMP)
 fashion-mnist:
 	@test -f $(FASHION) || $(SUDO) apt-get install -y dataset-fashion-mnist
 
-# The fuzzers (tests/test_fuzz.py) run in their default profile here; test-slow
+# The fuzzers (tests/test_fuzz*.py) run in their default profile here; test-slow
 # adds the larger one.
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(JOBS) -m "not slow" jaxmx models examples tests
 
 test-slow: $(STAMP) fashion-mnist
 	$(PY) -m pytest -q -m slow tests
-	JAXMX_FUZZ=large $(PY) -m pytest -q tests/test_fuzz.py
+	JAXMX_FUZZ=large $(PY) -m pytest -q tests/test_fuzz.py tests/test_fuzz_checkpoint.py tests/test_fuzz_optax.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
