@@ -24,6 +24,7 @@ from hypothesis.extra import numpy as hnp
 from jaxmx import analysis, bitstream
 from jaxmx._scaled import microexp as me
 from jaxmx.blocks import packed_length
+from tests import _microexp_storage as storage
 from tests import reference_blockformats as ref
 from tests._params import covering
 
@@ -372,7 +373,7 @@ def test_pack_round_trip(fmt, axis, rng):
     spec = me.get_spec(fmt)
     x = (rng.standard_normal((37, 24)) * 2).astype(F32)
     q = me.quantize(x, fmt, axis=axis)
-    pc, pm = me.pack(q.mantissas, q.micro, fmt, axis=axis)
+    pc, pm = storage.pack(q.mantissas, q.micro, fmt, axis=axis)
     n = x.shape[axis]
     assert pc.dtype == jnp.uint8 and pc.shape[axis] == packed_length(n, spec.element_bits)
     # The same little-endian bit stream as jaxmx.bitstream.
@@ -380,7 +381,7 @@ def test_pack_round_trip(fmt, axis, rng):
     np.testing.assert_array_equal(
         np.asarray(pc), np.asarray(bitstream.pack_codes(q.mantissas, spec.element_bits, neg))
     )
-    m, mi = me.unpack(pc, pm, fmt, axis=axis, length=n)
+    m, mi = storage.unpack(pc, pm, fmt, axis=axis, length=n)
     np.testing.assert_array_equal(np.asarray(m), np.asarray(q.mantissas))
     if spec.sub_block_size is None:
         assert pm is None and mi is None
@@ -393,7 +394,7 @@ def test_pack_round_trip(fmt, axis, rng):
         me.dequantize(m, q.shared_exponent, mi, fmt, axis=axis), me.fake_quantize(x, fmt, axis=axis)
     )
     stored = pc.size + q.shared_exponent.size + (0 if pm is None else pm.size)
-    assert stored == me.nbytes(x.shape, fmt, axis=axis)
+    assert stored == storage.nbytes(x.shape, fmt, axis=axis)
 
 
 @pytest.mark.parametrize("bits", [1, 3, 4, 5, 8])
@@ -411,8 +412,8 @@ def test_bits_per_element():
     got = {name: s.bits_per_element for name, s in me.SPECS.items()}
     assert got == {"mx9": 9.0, "mx6": 6.0, "mx4": 4.0, "msfp16": 8.5, "msfp12": 4.5}
     for name, s in me.SPECS.items():
-        assert me.nbytes((16, 128), name) * 8 == s.bits_per_element * 16 * 128
-        assert me.nbytes((128, 16), name, axis=0) * 8 == s.bits_per_element * 16 * 128
+        assert storage.nbytes((16, 128), name) * 8 == s.bits_per_element * 16 * 128
+        assert storage.nbytes((128, 16), name, axis=0) * 8 == s.bits_per_element * 16 * 128
 
 
 # --------------------------------------------------------------------------
@@ -459,6 +460,6 @@ def test_errors():
         me.dequantize(q.mantissas, q.shared_exponent[:1], q.micro, "mx6")
     with pytest.raises(ValueError, match="no microexponents"):
         me.dequantize(q.mantissas, q.shared_exponent, q.micro, "msfp12")
-    pc, pm = me.pack(q.mantissas, q.micro, "mx6")
+    pc, pm = storage.pack(q.mantissas, q.micro, "mx6")
     with pytest.raises(ValueError, match="take"):
-        me.unpack(pc, pm, "mx6", length=17)
+        storage.unpack(pc, pm, "mx6", length=17)
