@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 import jaxmx
 from jaxmx import checkpoint
 from tests import reference
+from tests._checkpoint_files import orbax_write
 from tests._params import covering
 
 BACKENDS = ["orbax", "safetensors"]
@@ -617,27 +618,6 @@ def _orbax_read(path):
     return manifest, flat(got["arrays"])
 
 
-def _orbax_write(path, manifest, arrays):
-    """Rewrites an orbax checkpoint with orbax itself: its own records agree with the arrays."""
-    import orbax.checkpoint as ocp
-
-    nested: dict = {}
-    for name, a in arrays.items():
-        *parents, last = name.split(".")
-        d = nested
-        for p in parents:
-            d = d.setdefault(p, {})
-        d[last] = a
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as c:
-        c.save(
-            path,
-            args=ocp.args.Composite(
-                arrays=ocp.args.StandardSave(nested), jaxmx=ocp.args.JsonSave(manifest)
-            ),
-            force=True,
-        )
-
-
 def _rewrite(path, backend, edit):
     """Reads a checkpoint, lets ``edit(manifest, arrays)`` change it, writes it consistently."""
     if backend == "safetensors":
@@ -647,7 +627,7 @@ def _rewrite(path, backend, edit):
     else:
         manifest, arrays = _orbax_read(path)
         edit(manifest, arrays)
-        _orbax_write(path, _seal(manifest), arrays)
+        orbax_write(path, _seal(manifest), arrays)
 
 
 def _edit_manifest(path, backend, edit, seal=True):

@@ -46,6 +46,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jaxmx
+from tests._checkpoint_files import orbax_write
 
 BACKENDS = ("orbax", "safetensors")
 RAW = ("truncate", "flip_meta", "flip_data", "append", "delete")
@@ -322,26 +323,6 @@ def _orbax_read(path: str):
     return manifest, flat
 
 
-def _orbax_write(path: str, manifest: dict, arrays: dict) -> None:
-    import orbax.checkpoint as ocp
-
-    nested: dict = {}
-    for name, a in arrays.items():
-        *parents, last = name.split(".")
-        d = nested
-        for p in parents:
-            d = d.setdefault(p, {})
-        d[last] = a
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as c:
-        c.save(
-            path,
-            args=ocp.args.Composite(
-                arrays=ocp.args.StandardSave(nested), jaxmx=ocp.args.JsonSave(manifest)
-            ),
-            force=True,
-        )
-
-
 def _read(path: str, backend: str):
     return _st_read(path) if backend == "safetensors" else _orbax_read(path)
 
@@ -350,7 +331,7 @@ def _write(path: str, backend: str, manifest: dict, arrays: dict) -> None:
     if backend == "safetensors":
         _st_write(path, manifest, arrays)
     else:
-        _orbax_write(path, manifest, arrays)
+        orbax_write(path, manifest, arrays)
 
 
 # --------------------------------------------------------------------------
