@@ -345,30 +345,28 @@ def _check_entry(entry, field: str, keys: tuple, ctx: _Context, array: bool = Fa
         )
 
 
+def _mx_part(part, at: str, known: set, what: str) -> None:
+    """An MXTensor's ``static`` or ``leaves`` object names only what MXTensor has."""
+    if not isinstance(part, dict):
+        raise ManifestError(at, f"must be an object, got {_kind(part)}")
+    for k in sorted(part.keys() - known):
+        raise ManifestError(
+            f"{at}.{k}",
+            f"is a {what} this jaxmx's MXTensor does not have; load the checkpoint with the "
+            "jaxmx version that wrote it",
+        )
+
+
 def _check_mx(node: dict, field: str, keys: tuple, ctx: _Context) -> None:
     _fields(node, field, {"type", "shape", "static", "leaves"})
     _shape(node["shape"], f"{field}.shape")
     static, at = node["static"], f"{field}.static"
-    if not isinstance(static, dict):
-        raise ManifestError(at, f"must be an object, got {_kind(static)}")
-    for k in sorted(static.keys() - _STATIC):
-        raise ManifestError(
-            f"{at}.{k}",
-            "is a field this jaxmx's MXTensor does not have; load the checkpoint with the "
-            "jaxmx version that wrote it",
-        )
+    _mx_part(static, at, _STATIC, "field")
     _fields(static, at, _REQUIRED_STATIC, _STATIC)
     for k, v in static.items():
         _check_static(k, v, f"{at}.{k}", ctx)
     leaves, at = node["leaves"], f"{field}.leaves"
-    if not isinstance(leaves, dict):
-        raise ManifestError(at, f"must be an object, got {_kind(leaves)}")
-    for k in sorted(leaves.keys() - _LEAVES):
-        raise ManifestError(
-            f"{at}.{k}",
-            "is a leaf this jaxmx's MXTensor does not have; load the checkpoint with the "
-            "jaxmx version that wrote it",
-        )
+    _mx_part(leaves, at, _LEAVES, "leaf")
     _fields(leaves, at, _REQUIRED_LEAVES, _LEAVES)
     if leaves["data"] is None:
         raise ManifestError(f"{at}.data", "must be an array entry, got null")
