@@ -2,11 +2,16 @@
 
 Private to jaxmx's ops: the compute dtype, the random bits of stochastic
 rounding (a key, or a hash of the tensor), fake-quantizing an operand along
-its contraction, argument checks, and a ``lax.dot_general`` that runs on
-XLA:CPU for every layout.
+its contraction, argument checks, a ``lax.dot_general`` that runs on XLA:CPU
+for every layout, and the float32-accumulating product of two dequantized
+operands (bfloat16 where XLA:CPU runs it safely).
 """
 
 from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +27,11 @@ __all__ = [
     "check_key",
     "check_operands",
     "compute_dtype",
+    "dot_compute_dtype",
     "fake_operand",
     "lax_dot",
     "operand_spec",
+    "product",
     "random_bits",
 ]
 
@@ -33,15 +40,47 @@ _ROLE_IDS = {"lhs": 1, "rhs": 2, "grad_dgrad": 3, "rhs_bwd": 4, "lhs_bwd": 5, "g
 
 
 def compute_dtype(config: DotConfig):
+    """dtype the operands of a convolution are decoded into."""
     if config.compute_dtype is not None:
         return jnp.dtype(config.compute_dtype)
     # Every MX value (down to 2^-133) is exact in bfloat16 and products
     # accumulate in float32, so the choice is only about speed: bfloat16 on
-    # accelerators. On CPU the dot itself runs in float32 either way (see
-    # lax_dot), so converting to bfloat16 first would only cost time.
-    if jax.default_backend() != "cpu":
+    # accelerators, float32 on CPU.
+    return jnp.dtype(jnp.float32 if _on_cpu() else jnp.bfloat16)
+
+
+def dot_compute_dtype(config: DotConfig):
+    """dtype the operands of a dot_general are decoded into (see :func:`product`).
+
+    None: bfloat16 on accelerators and on CPUs with bfloat16 dot instructions,
+    float32 on other CPUs, where XLA:CPU's bfloat16 dot converts its operands
+    on the fly and runs slower than the float32 one (1.5x on AVX2).
+    """
+    if config.compute_dtype is not None:
+        return jnp.dtype(config.compute_dtype)
+    if not _on_cpu() or cpu_has_bf16_dot():
         return jnp.dtype(jnp.bfloat16)
     return jnp.dtype(jnp.float32)
+
+
+# The two platform choices, kept here so that they can move to lowering time
+# (jax.lax.platform_dependent) in one place.
+
+
+def _on_cpu() -> bool:
+    """Whether the default backend is XLA:CPU (a trace-time choice)."""
+    return jax.default_backend() == "cpu"
+
+
+@functools.cache
+def cpu_has_bf16_dot() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16, AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def hash_bits(x: jax.Array, salt: int) -> jax.Array:
@@ -68,14 +107,18 @@ def random_bits(x, spec: QuantSpec, key, role: str):
     return jax.random.bits(jax.random.fold_in(key, _ROLE_IDS[role]), x.shape, jnp.uint32)
 
 
-def fake_operand(x, fmt: MXFormat | None, axis: int | None, config: DotConfig, rounding, key, role):
-    """``x`` fake-quantized to ``fmt`` with blocks along ``axis``, in compute dtype.
+def fake_operand(
+    x, fmt: MXFormat | None, axis: int | None, config: DotConfig, rounding, key, role, dtype=None
+):
+    """``x`` fake-quantized to ``fmt`` with blocks along ``axis``, in ``dtype``
+    (default: :func:`compute_dtype`).
 
     ``axis=None``: nothing to contract, one element per block. An
     :class:`~jaxmx.MXTensor` is already quantized: it is only decoded.
     """
+    dtype = compute_dtype(config) if dtype is None else dtype
     if isinstance(x, MXTensor):
-        return dequantize(x, compute_dtype(config))
+        return dequantize(x, dtype)
     if fmt is None:
         return x
     if axis is None:
@@ -95,7 +138,7 @@ def fake_operand(x, fmt: MXFormat | None, axis: int | None, config: DotConfig, r
     q = fake_quantize_spec(x, random_bits(x, spec, key, role), None, spec)
     if axis is None:
         q = q[..., 0]
-    return q.astype(compute_dtype(config))
+    return q.astype(dtype)
 
 
 _WEIGHT_ROLES = ("rhs", "rhs_bwd")
@@ -152,7 +195,7 @@ def lax_dot(lhs, rhs, dims, precision=None, preferred_element_type=None, out_sha
     """
     kwargs = {} if out_sharding is None else {"out_sharding": out_sharding}
     out_dtype = jnp.dtype(preferred_element_type or jnp.promote_types(lhs.dtype, rhs.dtype))
-    if jax.default_backend() == "cpu" and jnp.bfloat16 in (lhs.dtype, rhs.dtype):
+    if _on_cpu() and jnp.bfloat16 in (lhs.dtype, rhs.dtype):
         widen = jnp.promote_types(jnp.float32, out_dtype)
         out = lax.dot_general(
             lhs.astype(widen),
@@ -166,6 +209,188 @@ def lax_dot(lhs, rhs, dims, precision=None, preferred_element_type=None, out_sha
     return lax.dot_general(
         lhs, rhs, dims, precision, preferred_element_type=preferred_element_type, **kwargs
     )
+
+
+def product(qa, qb, dims, precision=None, compute=jnp.float32, out_sharding=None):
+    """float32 ``dot_general`` of two dequantized operands (float32 accumulation).
+
+    The operands are multiplied in ``compute`` or their wider dtype. In
+    bfloat16 every product is exact in float32, so only the summation order
+    differs from a float32 dot; on CPU bfloat16 runs through
+    :func:`_cpu_bf16_dot`, which XLA:CPU runs for every layout.
+    """
+    common = jnp.promote_types(jnp.promote_types(qa.dtype, qb.dtype), compute)
+    qa, qb = qa.astype(common), qb.astype(common)
+    if common == jnp.bfloat16 and out_sharding is None and _on_cpu():
+        return _cpu_bf16_dot(qa, qb, _tuple_dims(dims), precision)
+    return lax_dot(qa, qb, dims, precision, jnp.float32, out_sharding)
+
+
+def _tuple_dims(dims):
+    (lc, rc), (lb, rb) = dims
+    return (tuple(lc), tuple(rc)), (tuple(lb), tuple(rb))
+
+
+# XLA:CPU and bfloat16 x bfloat16 -> float32 dots. XLA decides early in its
+# pipeline (float-normalization, after its dot decomposer) whether a bf16 dot
+# goes to a library kernel (YNNPACK/oneDNN, which take [B,] M x K times [B,]
+# K x N or [B,] N x K) or is widened to float32. Later passes can still change
+# the dot: transpose-folding folds a transpose that feeds it into its
+# dimension numbers, and the simplifier turns transpose(dot(a, b)) into
+# dot(b, a). A bf16 dot the library does not take then reaches DotThunk,
+# which has no bf16 x bf16 = f32 kernel ("UNIMPLEMENTED: Unsupported element
+# type for DotThunk::Execute: BF16 x BF16 = F32"). The transposes come from
+# XLA's own dot decomposer (batch axes not leading, several free or
+# contracting axes out of order), from the caller (an operand that is a
+# transposed array), from vmap's batch axes, from a gradient (the weight
+# gradient transposed back to the weight's layout), or from jaxmx itself.
+#
+# So on CPU a bf16 dot is emitted in the library's layout only, with an
+# optimization barrier on its operands and on its result, and a vmap rule
+# that adds vmapped axes as a leading batch axis (where XLA's batching rule
+# would put them anywhere). The result's barrier is needed (the weight
+# gradient of an (N, K) weight crashed without it); the operands' keeps XLA
+# from ever seeing a transpose it could fold in (none crashed without it in
+# jax 0.10.2: XLA widens a dot of the caller's transpose itself). The layout
+# comes from reshapes alone where the axes allow it (no copy). An lhs that is
+# [B,] K x M as it stands (the weight gradient of a 2-D dense layer) is
+# widened to float32 instead, which XLA runs without a copy, as it does
+# itself for a plain bf16 dot_general in that layout. Any other layout is
+# transposed into the library's: the copy XLA's dot decomposer makes for it
+# anyway, here in bf16. These are the dtypes and copies of a plain bf16
+# dot_general on XLA:CPU, where it does not crash. Every product is exact.
+
+
+class _Plan(NamedTuple):
+    """How :func:`_cpu_bf16_dot` runs one dot_general: operand permutations
+    (None: none needed), the 2-D/3-D shapes they are reshaped to, and whether
+    it runs in bfloat16 (lhs ``[B,] M, K``) or float32 (lhs ``[B,] K, M``,
+    which the library does not take)."""
+
+    lhs_perm: tuple[int, ...] | None
+    rhs_perm: tuple[int, ...] | None
+    lhs_shape: tuple[int, ...]
+    rhs_shape: tuple[int, ...]
+    lhs_km: bool  # lhs is [B,] K, M (run in float32)
+    rhs_nk: bool  # rhs is [B,] N, K
+
+
+def matmul_plan(lhs_shape, rhs_shape, dims) -> _Plan:
+    """The plain (batched) matmul that ``dims`` is, and how to reach it.
+
+    ``B`` merges the batch axes, ``M`` lhs's free axes (ascending), ``K`` the
+    contracting axes (in one pair order on both sides), ``N`` rhs's free axes
+    (ascending): the result ``[B,] M, N`` is ``dot_general``'s, reshaped.
+    """
+    (lc, rc), (lb, rb) = dims
+    lf = tuple(d for d in range(len(lhs_shape)) if d not in lc and d not in lb)
+    rf = tuple(d for d in range(len(rhs_shape)) if d not in rc and d not in rb)
+
+    def ident(perm):
+        return perm == tuple(range(len(perm)))
+
+    # Each pair order of the contracting axes, each layout: fewest copies
+    # first, then bfloat16 (lhs M, K) before float32 (lhs K, M); then copies
+    # that keep the innermost axis in place. float32 only for an lhs that is
+    # [B,] K, M as it stands, the one layout XLA itself runs in float32 (for
+    # a plain bf16 dot_general) rather than copy into its library's.
+    options = []
+    by_lhs = sorted(zip(lc, rc, strict=True))
+    for pairs in (by_lhs, sorted(by_lhs, key=lambda p: p[1])):
+        lcp, rcp = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+        for lhs_km in (False, True):
+            lperm = (*lb, *lcp, *lf) if lhs_km else (*lb, *lf, *lcp)
+            for rhs_nk in (False, True):
+                rperm = (*rb, *rf, *rcp) if rhs_nk else (*rb, *rcp, *rf)
+                copies = (not ident(lperm)) + (not ident(rperm))
+                # Among copies, those that keep the innermost axis are cheaper.
+                inner = (lperm[-1:] != (len(lperm) - 1,)) + (rperm[-1:] != (len(rperm) - 1,))
+                if not lhs_km or (copies == 0 and len(lc) == 1 and len(lf) <= 1):
+                    options.append(((copies, lhs_km, inner), lhs_km, rhs_nk, lperm, rperm))
+    _, lhs_km, rhs_nk, lperm, rperm = min(options, key=lambda o: o[0])
+    nb = len(lb)
+    lead = (math.prod(lhs_shape[d] for d in lb),) if nb else ()
+    m = math.prod(lhs_shape[d] for d in lf)
+    k = math.prod(lhs_shape[d] for d in lc)
+    n = math.prod(rhs_shape[d] for d in rf)
+    return _Plan(
+        None if ident(lperm) else lperm,
+        None if ident(rperm) else rperm,
+        lead + ((k, m) if lhs_km else (m, k)),
+        lead + ((n, k) if rhs_nk else (k, n)),
+        lhs_km,
+        rhs_nk,
+    )
+
+
+def _widened_dot(a, b, dims, precision):
+    f32 = jnp.float32
+    a, b = a.astype(f32), b.astype(f32)
+    return lax.dot_general(a, b, dims, precision, preferred_element_type=f32)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _cpu_bf16_dot(a, b, dims, precision):
+    """bf16 x bf16 -> f32 ``dot_general`` that XLA:CPU runs for every layout
+    (see above); differentiable (through float32 dots) and vmappable."""
+
+    @jax.custom_batching.custom_vmap
+    def dot(a, b):
+        a_shape, b_shape = a.shape, b.shape
+        plan = matmul_plan(a_shape, b_shape, dims)
+        if plan.lhs_perm is not None:
+            a = jnp.transpose(a, plan.lhs_perm)
+        if plan.rhs_perm is not None:
+            b = jnp.transpose(b, plan.rhs_perm)
+        a, b = a.reshape(plan.lhs_shape), b.reshape(plan.rhs_shape)
+        nb = len(plan.lhs_shape) - 2
+        dn = (
+            ((nb + (0 if plan.lhs_km else 1),), (nb + (1 if plan.rhs_nk else 0),)),
+            ((0,), (0,)) if nb else ((), ()),
+        )
+        if plan.lhs_km:
+            out = _widened_dot(a, b, dn, precision)
+        else:
+            a, b = lax.optimization_barrier((a, b))
+            out = lax.optimization_barrier(
+                lax.dot_general(a, b, dn, precision, preferred_element_type=jnp.float32)
+            )
+        (lc, rc), (lb, rb) = dims
+        return out.reshape(
+            tuple(a_shape[d] for d in lb)
+            + tuple(a_shape[d] for d in range(len(a_shape)) if d not in lc and d not in lb)
+            + tuple(b_shape[d] for d in range(len(b_shape)) if d not in rc and d not in rb)
+        )
+
+    @dot.def_vmap
+    def _vmapped(axis_size, in_batched, a, b):
+        # Batched arguments carry the vmapped axis first.
+        del axis_size
+        (lc, rc), (lb, rb) = dims
+        on_a, on_b = in_batched
+
+        def shift(ds, on):
+            return tuple(d + on for d in ds)
+
+        bdims = (shift(lc, on_a), shift(rc, on_b)), (shift(lb, on_a), shift(rb, on_b))
+        if on_a and on_b:  # a new leading batch axis
+            (lc2, rc2), (lb2, rb2) = bdims
+            return _cpu_bf16_dot(a, b, ((lc2, rc2), ((0, *lb2), (0, *rb2))), precision), True
+        if not on_b:  # lhs's first free axis, after the batch axes
+            where = len(lb)
+        else:  # rhs's first free axis, after the batch and lhs free axes
+            where = a.ndim - len(lc)
+        out = _cpu_bf16_dot(a, b, bdims, precision)
+        return jnp.moveaxis(out, where, 0), True
+
+    return dot(a, b)
+
+
+@_cpu_bf16_dot.defjvp
+def _cpu_bf16_dot_jvp(dims, precision, primals, tangents):
+    (a, b), (ta, tb) = primals, tangents
+    out = _cpu_bf16_dot(a, b, dims, precision)
+    return out, _widened_dot(ta, b, dims, precision) + _widened_dot(a, tb, dims, precision)
 
 
 def check_operands(lhs, rhs, op: str) -> tuple[jax.Array, jax.Array]:

@@ -79,8 +79,11 @@ class DotConfig:
     residuals: Literal["high_precision", "quantized"] = "high_precision"
     # dtype of the dequantized operands fed to the matmul. Every MX value down
     # to 2^-133 is exact in bfloat16 and products accumulate in float32 either
-    # way; None picks bfloat16 on accelerators and float32 on CPU (XLA:CPU's
-    # bfloat16 dot with a float32 result fails on some layouts).
+    # way; None picks bfloat16 on accelerators and, for dot_general/einsum, on
+    # CPUs with bfloat16 dot instructions (AVX512-BF16, AMX), float32 on other
+    # CPUs (slower bf16 dots there) and for CPU convolutions. On CPU a bfloat16
+    # dot runs in a layout XLA:CPU's library kernels take, or widened to
+    # float32 where that needs no copy (jaxmx._operand explains why).
     compute_dtype: str | None = None
     # Blocks of the weight (rhs and rhs_bwd) only, overriding block_size for
     # it: an int, or a pair for 2-D tiles over the weight's last two axes

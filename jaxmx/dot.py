@@ -37,10 +37,11 @@ from jaxmx import _hadamard, native
 from jaxmx._operand import (
     check_key,
     check_operands,
-    compute_dtype,
+    dot_compute_dtype,
     fake_operand,
     lax_dot,
     operand_spec,
+    product,
     random_bits,
 )
 from jaxmx.config import DotConfig, as_dot_config
@@ -148,17 +149,16 @@ def _qmatmul(a: _Side, b: _Side, dims, static: _Static, key, out_dtype, out_shar
     if native.use_native(cfg, reason):
         ta, tb = (_mx_tensor(s, cfg, key) for s in (a, b))
         return native.scaled_dot(ta, tb, dims, out_dtype)
-    qa = fake_operand(a.x, a.fmt, _last(a.contracting), cfg, a.rounding, key, a.role)
-    qb = fake_operand(b.x, b.fmt, _last(b.contracting), cfg, b.rounding, key, b.role)
-    return _matmul(qa, qb, dims, static.precision, out_dtype, out_sharding)
+    cdt = dot_compute_dtype(cfg)
+    qa = fake_operand(a.x, a.fmt, _last(a.contracting), cfg, a.rounding, key, a.role, cdt)
+    qb = fake_operand(b.x, b.fmt, _last(b.contracting), cfg, b.rounding, key, b.role, cdt)
+    return _matmul(qa, qb, dims, static.precision, out_dtype, cdt, out_sharding)
 
 
-def _matmul(qa, qb, dims, precision, out_dtype, out_sharding=None):
-    """float32-accumulating dot_general of two dequantized operands."""
-    common = jnp.promote_types(qa.dtype, qb.dtype)
-    return lax_dot(
-        qa.astype(common), qb.astype(common), dims, precision, jnp.float32, out_sharding
-    ).astype(out_dtype)
+def _matmul(qa, qb, dims, precision, out_dtype, cdt, out_sharding=None):
+    """float32-accumulating dot_general of two dequantized operands, multiplied
+    in ``cdt`` or wider."""
+    return product(qa, qb, dims, precision, cdt, out_sharding).astype(out_dtype)
 
 
 def _native_reason(a: _Side, b: _Side, cfg: DotConfig) -> str | None:
@@ -218,9 +218,9 @@ def _mx_dot_fwd(lhs, rhs, key, static: _Static):
     if native.use_native(cfg, _native_reason(a, b, cfg)):
         out = native.scaled_dot(unpack(ta), unpack(tb), dims, static.out_dtype)
     else:
-        cdt = compute_dtype(cfg)
+        cdt = dot_compute_dtype(cfg)
         qa, qb = (dequantize(t, cdt) if isinstance(t, MXTensor) else t for t in (ta, tb))
-        out = _matmul(qa, qb, dims, static.precision, static.out_dtype, static.out_sharding)
+        out = _matmul(qa, qb, dims, static.precision, static.out_dtype, cdt, static.out_sharding)
     return out, (ta, tb, key)
 
 
