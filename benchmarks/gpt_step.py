@@ -4,7 +4,9 @@ The model and batch are ``examples/train_lm.py``'s defaults (4 blocks, width
 64, context 64, batch 32) unless overridden. Each recipe substitutes every
 matmul of the unmodified model (``jaxmx.flax.quantize_model``); the step is
 the training loop's own jitted step (forward, backward, AdamW update), timed
-interleaved with the FP32 step in the same run.
+interleaved with the FP32 step in the same run. Below the table: which
+dtype the MX matmuls multiply in and how XLA runs each step's dots
+(``train_step.dot_layouts``).
 
     python benchmarks/gpt_step.py [--recipes mxfp8,mxfp6] [--width 256]
 """
@@ -21,7 +23,9 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common
+from train_step import compute_line, dot_layouts
 
+import jaxmx
 from examples import study, training
 from examples.train_lm import DEFAULTS
 from models import GPT, GPTConfig
@@ -47,8 +51,10 @@ def main() -> None:
 
     def step_for(recipe):
         fn = training.make_train_step(study.get_recipe(recipe)(model), optimizer, 0)
+        layouts.append(f"{recipe}: {dot_layouts(fn, params, opt_state, x, y, jnp.int32(0))}")
         return lambda p, s: fn(p, s, x, y, jnp.int32(0))
 
+    layouts = []
     base = step_for("fp32")
     rows = []
     for recipe in study.parse_recipes(args.recipes):
@@ -62,6 +68,11 @@ def main() -> None:
         f"{common.machine()}\n"
     )
     print(common.table(["recipe", "fp32 ms", "recipe ms", "ratio"], rows))
+    # Every recipe leaves DotConfig.compute_dtype at None.
+    print("\n" + compute_line(jaxmx.preset("mxfp8")))
+    print("Dots of each compiled step (count x operand dtype, runner, contracting axes):")
+    for line in layouts:
+        print(f"  {line}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ instructions), to show how much of the difference is the matmul dtype.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import re
 import sys
 from pathlib import Path
 
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
 
 import jaxmx
-from jaxmx.dot import _compute_dtype
+from jaxmx._operand import cpu_has_bf16_dot, dot_compute_dtype
 
 DN = (((1,), (0,)), ((), ()))
 
@@ -64,6 +66,55 @@ def _ops(mode: str, cfg: jaxmx.DotConfig):
 
         return dense, ein
     return (lambda x, w: jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))), jnp.einsum
+
+
+_INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\S+?)(?:\{[^}]*\})? ([a-z-]+)\((.*)$")
+_COMP = re.compile(r"^(?:ENTRY )?%(\S+) \(")
+
+
+def dot_layouts(fn, *args) -> str:
+    """How XLA runs each dot of ``fn``'s compiled step, counted by kind.
+
+    Each kind is ``dtype runner lhs_c=.. rhs_c=..`` (``batch=..`` if any):
+    the operand dtype, ``library`` for a dot in a library fusion (YNNPACK,
+    oneDNN) or ``DotThunk`` for XLA's own, and the contracting axes.
+    """
+    text = fn.lower(*args).compile().as_text()
+    types, custom, dots, comp = {}, set(), [], None
+    for line in text.splitlines():
+        if m := _COMP.match(line):
+            comp = m.group(1)
+            continue
+        if not (m := _INSTR.match(line)):
+            continue
+        name, typ, op, rest = m.groups()
+        types[name] = typ.split("[")[0]
+        if op == "fusion" and "kind=kCustom" in rest:
+            custom.update(re.findall(r"calls=%([\w.-]+)", rest))
+        if op == "dot":
+            lhs = re.match(r"%(\S+?), %(\S+?)\)", rest)
+            dims = dict(re.findall(r"(\w+_dims)=\{([\d,]*)\}", rest))
+            dots.append((comp, lhs.group(1), lhs.group(2), dims))
+    kinds = collections.Counter()
+    for comp, a, b, dims in dots:
+        dtype = (
+            types.get(a, "?") if types.get(a) == types.get(b) else f"{types.get(a)}x{types.get(b)}"
+        )
+        runner = "library" if comp in custom else "DotThunk"
+        kind = f"{dtype} {runner} lhs_c={{{dims.get('lhs_contracting_dims', '')}}}"
+        kind += f" rhs_c={{{dims.get('rhs_contracting_dims', '')}}}"
+        if dims.get("lhs_batch_dims"):
+            kind += f" batch={{{dims['lhs_batch_dims']}}}"
+        kinds[kind] += 1
+    return "; ".join(f"{n}x {k}" for k, n in sorted(kinds.items())) or "no dots"
+
+
+def compute_line(cfg: jaxmx.DotConfig) -> str:
+    """Which dtype the MX matmuls decode their operands into, and why."""
+    why = f"compute_dtype={cfg.compute_dtype!r}"
+    if cfg.compute_dtype is None and jax.default_backend() == "cpu":
+        why += f" on a CPU {'with' if cpu_has_bf16_dot() else 'without'} bf16 dot instructions"
+    return f"MX matmuls multiply dequantized operands in {dot_compute_dtype(cfg)} ({why}; exact)"
 
 
 def mlp_case(key):
@@ -125,20 +176,26 @@ def main() -> None:
     p.add_argument("--recipe", default="mxfp8", help="a jaxmx preset name")
     args = p.parse_args()
     cfg = jaxmx.preset(args.recipe)
-    rows = []
+    rows, layouts = [], []
     for name, case in (("mlp 256x1024x1024x1024", mlp_case), ("transformer block", block_case)):
         make, fargs = case(jax.random.key(0))
         fp32 = make("fp32", cfg)
+        layouts.append(f"{name}, float32: {dot_layouts(fp32, *fargs)}")
         for mode, label in (
             ("mx", f"{args.recipe} (6 quantizations/matmul)"),
             ("bf16", "float32 model, bf16 matmuls"),
         ):
-            t, base = common.compare(make(mode, cfg), fp32, fargs, repeats=args.repeats)
+            step = make(mode, cfg)
+            layouts.append(f"{name}, {label}: {dot_layouts(step, *fargs)}")
+            t, base = common.compare(step, fp32, fargs, repeats=args.repeats)
             rows.append([name, label, f"{base * 1e3:.1f}", f"{t * 1e3:.1f}", f"{t / base:.2f}x"])
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     print(f"\nforward+backward, median of {args.repeats} steps; {common.machine()}")
-    print(f"MX matmuls multiply dequantized operands in {_compute_dtype(cfg)} (exact)\n")
+    print(compute_line(cfg) + "\n")
     print(common.table(["model", "step", "float32 ms", "ms", "ratio to float32"], rows))
+    print("\nDots of each compiled step (count x operand dtype, runner, contracting axes):")
+    for line in layouts:
+        print(f"  {line}")
 
 
 if __name__ == "__main__":
