@@ -42,6 +42,7 @@ from jax import lax
 
 import jaxmx
 from jaxmx import formats as F
+from jaxmx.formats import _catalog
 from tests import reference
 
 FORMATS = reference.OCP_FORMATS
@@ -781,14 +782,14 @@ def _registry_restored():
     The registry has no public way to unregister, so its two dicts are
     restored directly.
     """
-    reg, ali = dict(F._REGISTRY), dict(F._ALIASES)
+    reg, ali = dict(_catalog._REGISTRY), dict(_catalog._ALIASES)
     try:
         yield
     finally:
-        F._REGISTRY.clear()
-        F._REGISTRY.update(reg)
-        F._ALIASES.clear()
-        F._ALIASES.update(ali)
+        _catalog._REGISTRY.clear()
+        _catalog._REGISTRY.update(reg)
+        _catalog._ALIASES.clear()
+        _catalog._ALIASES.update(ali)
 
 
 @st.composite
