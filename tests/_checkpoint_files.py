@@ -1,4 +1,12 @@
-"""Writing checkpoint files by hand, for the tests that damage or edit them."""
+"""Reading and writing checkpoint files by hand, for the tests that damage or edit them."""
+
+import json
+import pathlib
+import struct
+import zlib
+
+import ml_dtypes
+import numpy as np
 
 from jaxmx.checkpoint._orbax import _nest
 
@@ -15,3 +23,64 @@ def orbax_write(path, manifest: dict, arrays: dict) -> None:
             ),
             force=True,
         )
+
+
+# safetensors dtype codes, written out here rather than taken from jaxmx.
+ST_DTYPES = {
+    "BOOL": np.bool_,
+    "U8": np.uint8,
+    "I8": np.int8,
+    "U16": np.uint16,
+    "I16": np.int16,
+    "U32": np.uint32,
+    "I32": np.int32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "F32": np.float32,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn,
+    "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+ST_CODES = {np.dtype(v).name: k for k, v in ST_DTYPES.items()}
+
+
+def seal(manifest: dict) -> dict:
+    """An edited manifest with its checksum recomputed, as a writer that made it so would."""
+    if "crc32" in manifest:
+        body = {"formats": manifest.get("formats"), "tree": manifest.get("tree")}
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        manifest["crc32"] = zlib.crc32(text.encode())
+    return manifest
+
+
+def st_read(path):
+    """(manifest, {name: array as stored}, header) of a safetensors file."""
+    raw = pathlib.Path(path).read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    manifest = json.loads(header.pop("__metadata__")["jaxmx"])
+    tensors = {}
+    for name, info in header.items():
+        start, end = info["data_offsets"]
+        a = np.frombuffer(raw[8 + n + start : 8 + n + end], ST_DTYPES[info["dtype"]])
+        tensors[name] = a.reshape(info["shape"])
+    return manifest, tensors, header
+
+
+def st_write(path, manifest, tensors, edit_header=None):
+    """Writes a safetensors file by hand; ``edit_header`` may then change the header."""
+    header, data, at = {}, b"", 0
+    for name, a in tensors.items():
+        b = np.ascontiguousarray(a).tobytes()
+        header[name] = {
+            "dtype": ST_CODES[a.dtype.name],
+            "shape": list(a.shape),
+            "data_offsets": [at, at + len(b)],
+        }
+        data, at = data + b, at + len(b)
+    if edit_header is not None:
+        edit_header(header)
+    text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+    header["__metadata__"] = {"jaxmx": text}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    pathlib.Path(path).write_bytes(struct.pack("<Q", len(text)) + text + data)

@@ -25,7 +25,8 @@ from jax.sharding import PartitionSpec as P
 import jaxmx
 from jaxmx import checkpoint
 from tests import reference
-from tests._checkpoint_files import orbax_write
+from tests._checkpoint_files import orbax_write, st_read, st_write
+from tests._checkpoint_files import seal as reseal
 from tests._params import covering
 
 BACKENDS = ["orbax", "safetensors"]
@@ -540,66 +541,6 @@ def test_flax_linen_params_with_quantized_kernels(tmp_path, backend):
 # them is tests/test_fuzz_checkpoint.py.
 # --------------------------------------------------------------------------
 
-# safetensors dtype codes, written out here rather than taken from jaxmx.
-_ST_DTYPES = {
-    "BOOL": np.bool_,
-    "U8": np.uint8,
-    "I8": np.int8,
-    "U16": np.uint16,
-    "I16": np.int16,
-    "U32": np.uint32,
-    "I32": np.int32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "F32": np.float32,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn,
-    "F8_E5M2": ml_dtypes.float8_e5m2,
-}
-_ST_CODES = {np.dtype(v).name: k for k, v in _ST_DTYPES.items()}
-
-
-def _seal(manifest: dict) -> dict:
-    """An edited manifest with its checksum recomputed, as a writer that made it so would."""
-    if "crc32" in manifest:
-        body = {"formats": manifest.get("formats"), "tree": manifest.get("tree")}
-        text = json.dumps(body, sort_keys=True, separators=(",", ":"))
-        manifest["crc32"] = zlib.crc32(text.encode())
-    return manifest
-
-
-def _st_read(path):
-    """(manifest, {name: array as stored}, header) of a safetensors file."""
-    raw = path.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8 : 8 + n])
-    manifest = json.loads(header.pop("__metadata__")["jaxmx"])
-    tensors = {}
-    for name, info in header.items():
-        start, end = info["data_offsets"]
-        a = np.frombuffer(raw[8 + n + start : 8 + n + end], _ST_DTYPES[info["dtype"]])
-        tensors[name] = a.reshape(info["shape"])
-    return manifest, tensors, header
-
-
-def _st_write(path, manifest, tensors, edit_header=None):
-    """Writes a safetensors file by hand; ``edit_header`` may then change the header."""
-    header, data, at = {}, b"", 0
-    for name, a in tensors.items():
-        b = np.ascontiguousarray(a).tobytes()
-        header[name] = {
-            "dtype": _ST_CODES[a.dtype.name],
-            "shape": list(a.shape),
-            "data_offsets": [at, at + len(b)],
-        }
-        data, at = data + b, at + len(b)
-    if edit_header is not None:
-        edit_header(header)
-    text = manifest if isinstance(manifest, str) else json.dumps(manifest)
-    header["__metadata__"] = {"jaxmx": text}
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
-
 
 def _orbax_read(path):
     import orbax.checkpoint as ocp
@@ -621,26 +562,26 @@ def _orbax_read(path):
 def _rewrite(path, backend, edit):
     """Reads a checkpoint, lets ``edit(manifest, arrays)`` change it, writes it consistently."""
     if backend == "safetensors":
-        manifest, arrays, _ = _st_read(path)
+        manifest, arrays, _ = st_read(path)
         edit(manifest, arrays)
-        _st_write(path, _seal(manifest), arrays)
+        st_write(path, reseal(manifest), arrays)
     else:
         manifest, arrays = _orbax_read(path)
         edit(manifest, arrays)
-        orbax_write(path, _seal(manifest), arrays)
+        orbax_write(path, reseal(manifest), arrays)
 
 
 def _edit_manifest(path, backend, edit, seal=True):
     """Changes the manifest only, in place (orbax: its JSON file)."""
     if backend == "safetensors":
-        manifest, arrays, _ = _st_read(path)
+        manifest, arrays, _ = st_read(path)
         edit(manifest)
-        _st_write(path, _seal(manifest) if seal else manifest, arrays)
+        st_write(path, reseal(manifest) if seal else manifest, arrays)
     else:
         file = path / "jaxmx" / "metadata"
         manifest = json.loads(file.read_text())
         edit(manifest)
-        file.write_text(json.dumps(_seal(manifest) if seal else manifest))
+        file.write_text(json.dumps(reseal(manifest) if seal else manifest))
 
 
 def _refused(path, match=None):
@@ -667,7 +608,7 @@ def test_manifest_naming_another_format_over_the_leaves_is_refused(tmp_path, bac
     other = tmp_path / ("other" + _suffix(backend))
     jaxmx.save(other, {"w": jaxmx.quantize(_weights((32, 48), 21), "mxfp4")})
     if backend == "safetensors":
-        mxfp4_card = _st_read(other)[0]["formats"]["mxfp4_e2m1"]
+        mxfp4_card = st_read(other)[0]["formats"]["mxfp4_e2m1"]
     else:
         mxfp4_card = json.loads((other / "jaxmx" / "metadata").read_text())["formats"]
         mxfp4_card = mxfp4_card["mxfp4_e2m1"]
@@ -744,9 +685,9 @@ def test_backend_record_and_manifest_must_agree(tmp_path, backend):
     path = tmp_path / _suffix(backend)
     jaxmx.save(path, {"v": jnp.arange(4.0) + 0.5})
     if backend == "safetensors":
-        manifest, arrays, _ = _st_read(path)
+        manifest, arrays, _ = st_read(path)
         arrays["v"] = arrays["v"].reshape(2, 2)
-        _st_write(path, manifest, arrays)
+        st_write(path, manifest, arrays)
         _refused(path, r"'v' is F32\[2, 2\] in the safetensors header but float32\[4\]")
         jaxmx.save(path, {"v": jnp.arange(4.0) + 0.5}, overwrite=True)
     _edit_manifest(path, backend, lambda m: m["tree"]["children"][0].update(dtype="int32"))
@@ -791,7 +732,7 @@ def test_truncated_or_misaddressed_safetensors_is_refused(tmp_path):
     path.write_bytes(whole[:-10])
     _refused(path, "truncated")
     path.write_bytes(whole)
-    manifest, arrays, _ = _st_read(path)
+    manifest, arrays, _ = st_read(path)
 
     def past_end(h):
         last = max(h.values(), key=lambda e: e["data_offsets"][1])
@@ -808,7 +749,7 @@ def test_truncated_or_misaddressed_safetensors_is_refused(tmp_path):
         (overlap, "damaged: the bytes of tensor .b. .* overlap"),
         (wrong_count, r"damaged: tensor 'a' \(F32\[3\]\) needs 12 bytes"),
     ):
-        _st_write(path, manifest, arrays, edit)
+        st_write(path, manifest, arrays, edit)
         _refused(path, match)
 
 
@@ -854,8 +795,8 @@ def test_malformed_manifest_names_the_file_and_the_field(tmp_path, backend, case
     if edit is not None:
         _edit_manifest(path, backend, edit)
     elif backend == "safetensors":
-        _, arrays, _ = _st_read(path)
-        _st_write(path, '{"jaxmx_checkpoint": 2, "tree": [', arrays)
+        _, arrays, _ = st_read(path)
+        st_write(path, '{"jaxmx_checkpoint": 2, "tree": [', arrays)
     else:
         (path / "jaxmx" / "metadata").write_text('{"jaxmx_checkpoint": 2, "tree": [')
         match = "manifest cannot be read"
@@ -872,7 +813,7 @@ def test_changed_bytes_are_caught_by_the_checksums(tmp_path, backend):
     jaxmx.save(path, tree)
     if backend == "safetensors":
         whole = path.read_bytes()
-        _, _, header = _st_read(path)
+        _, _, header = st_read(path)
         n = struct.unpack("<Q", whole[:8])[0]
         start, end = header["w.data"]["data_offsets"]
         raw = bytearray(whole)

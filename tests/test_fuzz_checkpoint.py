@@ -35,7 +35,6 @@ import os
 import shutil
 import struct
 import tempfile
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +45,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jaxmx
-from tests._checkpoint_files import orbax_write
+from jaxmx.checkpoint._manifest import card as format_card
+from tests._checkpoint_files import ST_CODES, ST_DTYPES, orbax_write, st_read, st_write
+from tests._checkpoint_files import seal as reseal
 
 BACKENDS = ("orbax", "safetensors")
 RAW = ("truncate", "flip_meta", "flip_data", "append", "delete")
@@ -77,21 +78,6 @@ DTYPES = [
     "float8_e8m0fnu",
     "float4_e2m1fn",
 ]
-ST_DTYPES = {
-    "BOOL": np.bool_,
-    "U8": np.uint8,
-    "I8": np.int8,
-    "U16": np.uint16,
-    "I16": np.int16,
-    "U32": np.uint32,
-    "I32": np.int32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "F32": np.float32,
-    "F8_E4M3": ml_dtypes.float8_e4m3fn,
-    "F8_E5M2": ml_dtypes.float8_e5m2,
-}
-ST_CODES = {np.dtype(v).name: k for k, v in ST_DTYPES.items()}
 NATIVE = set(ST_CODES)  # dtypes safetensors holds as themselves
 
 
@@ -236,13 +222,6 @@ def _same(saved, loaded) -> str | None:
 # --------------------------------------------------------------------------
 
 
-def _seal(m: dict) -> dict:
-    if "crc32" in m:
-        body = {"formats": m.get("formats"), "tree": m.get("tree")}
-        m["crc32"] = zlib.crc32(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
-    return m
-
-
 def _to_v1(m: dict) -> dict:
     m["jaxmx_checkpoint"] = 1
     m.pop("crc32", None)
@@ -273,38 +252,6 @@ def _mx_nodes(m: dict) -> list[dict]:
     return out
 
 
-def _st_read(path: str):
-    with open(path, "rb") as f:
-        raw = f.read()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8 : 8 + n])
-    manifest = json.loads(header.pop("__metadata__")["jaxmx"])
-    arrays = {}
-    for name, info in header.items():
-        start, end = info["data_offsets"]
-        a = np.frombuffer(raw[8 + n + start : 8 + n + end], ST_DTYPES[info["dtype"]])
-        arrays[name] = a.reshape(info["shape"])
-    return manifest, arrays
-
-
-def _st_write(path: str, manifest: dict, arrays: dict) -> None:
-    header, data, at = {}, [], 0
-    for name, a in arrays.items():
-        b = np.ascontiguousarray(a).tobytes()
-        header[name] = {
-            "dtype": ST_CODES[a.dtype.name],
-            "shape": list(a.shape),
-            "data_offsets": [at, at + len(b)],
-        }
-        data.append(b)
-        at += len(b)
-    header["__metadata__"] = {"jaxmx": json.dumps(manifest)}
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text + b"".join(data))
-
-
 def _orbax_read(path: str):
     import orbax.checkpoint as ocp
 
@@ -324,12 +271,12 @@ def _orbax_read(path: str):
 
 
 def _read(path: str, backend: str):
-    return _st_read(path) if backend == "safetensors" else _orbax_read(path)
+    return st_read(path)[:2] if backend == "safetensors" else _orbax_read(path)
 
 
 def _write(path: str, backend: str, manifest: dict, arrays: dict) -> None:
     if backend == "safetensors":
-        _st_write(path, manifest, arrays)
+        st_write(path, manifest, arrays)
     else:
         orbax_write(path, manifest, arrays)
 
@@ -449,7 +396,7 @@ def _edit_static(rng, m: dict, node: dict) -> str:
             if not _leaf_signature(jaxmx.get_format(f), static.get("packed", False), node["leaves"])
         ]
         target = str(rng.choice(others))
-        card = _card(jaxmx.get_format(target))
+        card = format_card(jaxmx.get_format(target))
         m["formats"][target] = card
         static["format"] = {"format": target}
         return f"format {current.name} -> {target}"
@@ -469,20 +416,6 @@ def _edit_static(rng, m: dict, node: dict) -> str:
         return "length changed"
     static["packed"] = not static.get("packed", False)
     return f"packed -> {static['packed']}"
-
-
-def _card(obj) -> dict:
-    import dataclasses
-
-    fields = {}
-    for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
-        if dataclasses.is_dataclass(v):
-            v = _card(v)
-        elif isinstance(v, np.dtype):
-            v = {"dtype": v.name}
-        fields[f.name] = v
-    return {"class": type(obj).__name__, "fields": fields}
 
 
 def _edit(rng, kind: str, path: str, backend: str) -> str:
@@ -552,7 +485,7 @@ def _edit(rng, kind: str, path: str, backend: str) -> str:
     if v1:
         _to_v1(m)
     else:
-        _seal(m)
+        reseal(m)
     if backend == "orbax":
         shutil.rmtree(path)
     _write(path, backend, m, arrays)
