@@ -113,6 +113,8 @@ def test_mx_codec_is_dequantize_of_quantize(fmt, seed, data):
         got = np.asarray(decode(c))
         assert got.shape == shape and got.dtype == np.float32
         np.testing.assert_array_equal(got, reference(x, fmt), err_msg=f"shape {shape}")
+        if x.size >= 16:  # random normals: some element is off every grid of 8 bits or less
+            assert not np.array_equal(got, x), f"shape {shape}: the codec did not quantize"
         # Checkpoint-friendly leaves: bytes, and the float32 tensor scale of
         # NVFP4 and per-tensor FP8.
         assert all(a.dtype in (jnp.uint8, jnp.float32) for a in (c.codes, *c.scales))

@@ -199,6 +199,7 @@ def test_mx_codec_keeps_every_leaf_of_every_family(fmt, rng):
     codec = jo.mx(fmt)
     c = jax.jit(codec.encode)(x)
     np.testing.assert_array_equal(np.asarray(codec.decode(c)), _mx_reference(x, fmt))
+    assert not np.array_equal(np.asarray(codec.decode(c)), np.asarray(x))  # it quantized
     t = jaxmx.quantize(x, fmt, axis=-1, packed=True)
     assert c.nbytes == t.nbytes  # codes, scales, tensor scale and microexponents
     leaves = (c.codes, *c.scales)
