@@ -547,8 +547,6 @@ def test_damaged_safetensors_file_loads_bit_identical_or_is_refused(seed):
     _property("safetensors", seed)
 
 
-# orbax reports the exceptions of its abandoned read coroutines as unraisable.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @_fuzz(12)
 @given(seed=st.integers(0, 2**32 - 1))
 def test_damaged_orbax_checkpoint_loads_bit_identical_or_is_refused(seed):
