@@ -9,16 +9,17 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RECIPES := fp32,mxfp8,mxfp6,mxfp4_weights,mxfp4
 STUDY := fp32,mxfp8,mxfp8_rceil,mxfp6,mxfp6_rceil,mxfp4_weights,mxfp4_weights_rceil,mxfp4,mxfp4_rceil
 
-.PHONY: help venv test test-slow lint demo study ptq-study tour bench fashion-mnist clean
+.PHONY: help venv test test-slow lint demo study ptq-study tour bench docs fashion-mnist clean
 
 help:
 	@echo "make demo       set up and run the main job: a short MX training study (a few minutes)"
 	@echo "make test       set up and run the default test suite"
 	@echo "make test-slow  run the slow studies (real training runs)"
-	@echo "make study      the runs behind the README tables (hours on 2 cores; resumes)"
+	@echo "make study      the runs behind the study pages in docs/studies (hours on 2 cores; resumes)"
 	@echo "make ptq-study  post-training quantization of SmolLM2 and MiniLM (part of study)"
 	@echo "make tour       quantize two tensors to every format and compare"
 	@echo "make bench      run the benchmarks in benchmarks/"
+	@echo "make docs       build the documentation site into docs/_build/html (warnings are errors)"
 	@echo "make lint       ruff check + format check"
 
 $(STAMP): pyproject.toml
@@ -28,6 +29,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install --quiet -e '.[docs]'
+	touch $(DOCS_STAMP)
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package.
 fashion-mnist:
@@ -109,5 +115,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/optimizer.py
 	$(PY) benchmarks/serve.py
 
+# The documentation site: the MyST guides of docs/ and an API reference generated
+# from the docstrings (docs/api/_generated). Nothing is executed here: the pages'
+# code blocks run in make test (tests/test_docs.py).
+docs: $(DOCS_STAMP)
+	$(VENV)/bin/sphinx-build -W --keep-going -b html docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis runs
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis runs docs/_build docs/api/_generated

@@ -310,7 +310,7 @@ def plot_gaps(rows: list[dict], path) -> pathlib.Path:
     for i, r in enumerate(rows):
         ax.bar(i, r["gap_mean"], color="#9ecae1")
         ax.plot([i] * len(r["runs"]), [x["gap"] for x in r["runs"]], "o", color="#08519c")
-    ax.axhline(-1.0, color="#d62728", linestyle="--", label="goal: within 1 point")
+    ax.axhline(-1.0, color="#d62728", linestyle="--", label="1 point below FP32")
     ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=20, ha="right")
     ax.set_ylabel("test accuracy gap to FP32 (points)")

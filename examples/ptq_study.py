@@ -774,7 +774,7 @@ def _methods_table(runs: dict, base: dict) -> list[str]:
     return [
         "PTQ methods (`jaxmx.ptq`; `examples/ptq_study.py` METHODS) against the direct cast",
         "of the same scope, format, mode and scale rule. Gap: perplexity change vs FP32;",
-        "closed: the share of the direct cast's gap the method removes (goal: 50%). A",
+        "closed: the share of the direct cast's gap the method removes. A",
         "pattern in parentheses names matmuls kept in FP32 in both (`bskd->`: attention's",
         "q.k and p.v einsums), a diagnostic of where the remaining gap comes from.",
         "",

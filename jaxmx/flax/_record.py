@@ -36,15 +36,8 @@ def kept_reason(rule: Rule | None) -> str:
 class Substitution:
     """Rules, and a record of what they did.
 
-    Attributes:
-      rules: the rules, in priority order.
-      substituted: ``(path, layer type, config description)`` for every
-        matmul module that runs in MX.
-      kept: ``(path, layer type, reason)`` for every matmul module that stays
-        in high precision: matched by a ``None`` rule or by no rule, holding
-        a matmul function of the user's own, or a layer whose matmul Flax
-        gives no injection point for (``ConvTranspose``, ``Embed.attend``).
-      unmatched: rules that matched no matmul module.
+    ``rules`` holds the rules in priority order; the properties
+    ``substituted``, ``kept`` and ``unmatched`` say what they did.
 
     The model itself has the empty path ``""`` (printed as ``(root)``), so a
     top-level ``Dense`` is matched by ``".*"`` or ``"^$"``.
@@ -76,10 +69,17 @@ class Substitution:
 
     @property
     def substituted(self) -> list[tuple[str, str, str]]:
+        """``(path, layer type, config description)`` of every matmul module in MX."""
         return [(p, k, d) for (p, k), (d, _) in self._entries.items() if d is not None]
 
     @property
     def kept(self) -> list[tuple[str, str, str]]:
+        """``(path, layer type, reason)`` of every matmul module kept in high precision.
+
+        A module is kept when a ``None`` rule or no rule matches it, when it
+        holds a matmul function of the user's own, or when Flax gives its
+        matmul no injection point (``ConvTranspose``, ``Embed.attend``).
+        """
         return [(p, k, r) for (p, k), (d, r) in self._entries.items() if d is None]
 
     @property
