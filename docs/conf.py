@@ -70,5 +70,17 @@ def _mend_docstring(app, what, name, obj, options, lines):
         lines[:] = [line.replace(old, new) for line in lines]
 
 
+def _skip_top_level_names(app, what, name, obj, skip, options):
+    """A submodule's page (jaxmx.formats, ...) leaves out what jaxmx itself exports.
+
+    Those names have pages of their own; a class described twice would be a
+    duplicate-description warning.
+    """
+    if what == "module" and name in jaxmx.__all__ and getattr(jaxmx, name) is obj:
+        return True
+    return None
+
+
 def setup(app):
     app.connect("autodoc-process-docstring", _mend_docstring)
+    app.connect("autodoc-skip-member", _skip_top_level_names)
