@@ -58,6 +58,11 @@ its format (:func:`jaxmx.tensor.check_leaves`), the backend's own record of
 each array (safetensors header, orbax metadata) must agree with the manifest,
 safetensors byte offsets must fit the file, and the checksums must match.
 Whatever fails is a ``ValueError`` that names the checkpoint.
+
+``layout=`` reads and writes the layouts other libraries ship instead:
+``"gpt-oss"`` (OpenAI's MXFP4 weights), ``"compressed-tensors"`` and
+``"modelopt"`` (NVFP4); see :mod:`jaxmx.checkpoint._layouts` and
+docs/serving.md. ``"jaxmx"`` is the checkpoint described above.
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from jaxmx.checkpoint import _manifest, _orbax, _safetensors, _tree
+from jaxmx.checkpoint import _layouts, _manifest, _orbax, _safetensors, _tree
 
 __all__ = ["SaveInfo", "save", "load"]
 
@@ -106,6 +111,7 @@ def save(
     *,
     backend: Literal["orbax", "safetensors"] | None = None,
     overwrite: bool = False,
+    layout: str = "jaxmx",
 ) -> SaveInfo:
     """Saves a tree of MXTensors and arrays, bit for bit, with all metadata.
 
@@ -125,6 +131,12 @@ def save(
       overwrite: replace an existing checkpoint at ``path``; without it an
         existing path is an error. Only a jaxmx checkpoint of the same
         backend is replaced: any other file or directory is left alone.
+      layout: ``"jaxmx"`` (this checkpoint), or a layout other libraries
+        read: ``"gpt-oss"`` (MXFP4 weights), ``"compressed-tensors"`` or
+        ``"modelopt"`` (NVFP4 weights), written to ``path`` if it ends in
+        ``.safetensors``, else to a model directory (``model.safetensors``
+        and its ``config.json``). A leaf the layout cannot hold is an error
+        naming it; see docs/serving.md. ``backend`` is for ``"jaxmx"`` only.
 
     Returns:
       A :class:`SaveInfo`: the path, the backend, ``disk_bytes`` (bytes on
@@ -132,8 +144,9 @@ def save(
 
     Raises:
       TypeError: a container or leaf of a type that cannot be saved.
-      ValueError: an unknown backend, two leaves whose names collide, or an
-        MXTensor whose leaves do not fit its format.
+      ValueError: an unknown backend or layout, two leaves whose names
+        collide, an MXTensor whose leaves do not fit its format, or a leaf
+        the layout cannot hold.
       FileExistsError: ``path`` exists and ``overwrite`` is False, or it is
         not a jaxmx checkpoint of this backend.
       ImportError: the backend's package is not installed.
@@ -150,9 +163,14 @@ def save(
     MXTensor(mxfp4_e2m1, shape=(64, 32), dtype=float32, axis=-2, block_size=32, packed, nbytes=1088)
     """
     path = _path(path)
-    backend = _backend(path, backend)
+    _layouts.check(layout, for_load=False)
     if not isinstance(overwrite, (bool, np.bool_)):
         raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
+    if layout != _layouts.JAXMX:
+        _no_backend(backend, layout)
+        counts = _layouts.save(path, tree, layout, bool(overwrite))
+        return SaveInfo(path=path, backend="safetensors", disk_bytes=_disk_bytes(path), **counts)
+    backend = _backend(path, backend)
     if os.path.lexists(path):
         _check_replaceable(path, backend, overwrite)
     formats: dict[str, dict] = {}
@@ -181,6 +199,7 @@ def load(
     *,
     target: Any = None,
     backend: Literal["orbax", "safetensors"] | None = None,
+    layout: str | None = None,
 ) -> Any:
     """Loads a tree written by :func:`save`, checking everything it reads.
 
@@ -206,7 +225,13 @@ def load(
         sharding. Every shape, dtype and MXTensor metadata must match the
         checkpoint; a mismatch is an error, not a conversion.
       backend: ``"orbax"`` or ``"safetensors"``; ``None``: safetensors for a
-        file, orbax for a directory.
+        file, orbax for a directory. For ``layout="jaxmx"`` only.
+      layout: ``"jaxmx"``, ``"gpt-oss"``, ``"compressed-tensors"`` or
+        ``"modelopt"``; ``None`` (the default) detects it: a jaxmx checkpoint
+        by its manifest, a model directory by the ``quantization_config`` of
+        its ``config.json`` (``hf_quant_config.json`` for ModelOpt), a file by
+        the names of its tensors. A layout file loads as nested dicts of
+        MXTensors (never decoded) and plain arrays; see docs/serving.md.
 
     Returns:
       The tree, with ``jax.Array`` leaves.
@@ -230,6 +255,14 @@ def load(
     path = _path(path)
     if not os.path.lexists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
+    _layouts.check(layout, for_load=True)
+    if layout is None and backend is None and target is None:
+        layout = _layouts.detect(path)
+    if layout not in (None, _layouts.JAXMX):
+        _no_backend(backend, layout)
+        if target is not None:
+            raise ValueError(f"target= is for layout='jaxmx'; layout {layout!r} takes none")
+        return _layouts.load(path, layout)
     if backend is None:
         backend = "orbax" if os.path.isdir(path) else "safetensors"
     elif backend not in _BACKENDS:
@@ -289,6 +322,14 @@ def _backend(path: str, backend) -> str:
     if backend not in _BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; allowed: orbax, safetensors")
     return backend
+
+
+def _no_backend(backend, layout: str) -> None:
+    if backend is not None:
+        raise ValueError(
+            f"backend={backend!r} is for layout='jaxmx'; layout {layout!r} is always one "
+            "safetensors file (or a directory of them): leave backend out"
+        )
 
 
 def _disk_bytes(path: str) -> int:
