@@ -1,7 +1,7 @@
 """Speed of MX9 / MX6 fake_quantize against a jitted copy.
 
 For a 4096 x 4096 float32 array under ``jit``, the median time of the fused
-shared-microexponent fake_quantize (jaxmx/_scaled/microexp.py) divided by
+shared-microexponent fake_quantize (jaxmx/families/microexp/_kernels.py) divided by
 the median time of a jitted float32 elementwise pass over the same array
 (``x * 1.0001``, which reads and writes the array once: the floor for any
 quantizer returning a float32 array), measured interleaved in one run. The
@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common
 
-from jaxmx._scaled import microexp
+from jaxmx.families.microexp import _kernels as microexp
 
 GOAL = 1.6
 

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common
 
-from jaxmx._scaled.nvfp4 import nvfp4_fake_quantize
-from jaxmx._scaled.tensor_fp8 import tensor_fp8_fake_quantize
+from jaxmx.families.nvfp4._kernels import nvfp4_fake_quantize
+from jaxmx.families.tensor_fp8._kernels import tensor_fp8_fake_quantize
 
 GOAL = 1.6
 

@@ -12,11 +12,19 @@ MXTensor(mxfp8_e4m3, shape=(2, 32), dtype=float32, axis=-1, block_size=32, nbyte
 from jaxmx import codes
 from jaxmx import formats
 from jaxmx import numerics
+
+# The families (OCP MX, NVFP4, shared microexponents, per-tensor FP8) and
+# their formats, registered on import.
+from jaxmx import families
 from jaxmx.formats import ElementFormat
+from jaxmx.formats import Family
 from jaxmx.formats import MXFormat
 from jaxmx.formats import ScaleFormat
+from jaxmx.formats import get_family
 from jaxmx.formats import get_format
+from jaxmx.formats import list_families
 from jaxmx.formats import list_formats
+from jaxmx.formats import register_family
 from jaxmx.formats import register_format
 from jaxmx.rounding import round_to
 
@@ -77,6 +85,7 @@ __all__ = [
     "FORWARD",
     "DotConfig",
     "ElementFormat",
+    "Family",
     "MXFormat",
     "MXTensor",
     "MatmulSite",
@@ -91,8 +100,11 @@ __all__ = [
     "einsum",
     "fake_quantize",
     "intercept",
+    "families",
     "formats",
+    "get_family",
     "get_format",
+    "list_families",
     "list_formats",
     "list_presets",
     "load",
@@ -105,6 +117,7 @@ __all__ = [
     "qsnr",
     "quantize",
     "quantize_params",
+    "register_family",
     "register_format",
     "round_to",
     "save",

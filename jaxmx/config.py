@@ -24,7 +24,7 @@ import numpy as np
 
 from jaxmx.formats import MXFormat, get_format
 from jaxmx.numerics import ROUNDINGS, SCALE_MODES
-from jaxmx.spec import positive_int
+from jaxmx.spec import is_positive_int
 
 __all__ = ["DotConfig", "FORWARD", "as_dot_config", "preset", "list_presets"]
 
@@ -133,8 +133,8 @@ class DotConfig:
             rb = tuple(rb)
         ok = (
             rb is None
-            or positive_int(rb)
-            or (isinstance(rb, tuple) and len(rb) == 2 and all(positive_int(b) for b in rb))
+            or is_positive_int(rb)
+            or (isinstance(rb, tuple) and len(rb) == 2 and all(is_positive_int(b) for b in rb))
         )
         if not ok:
             raise ValueError(
@@ -144,7 +144,7 @@ class DotConfig:
         set_("rhs_block_size", rb if not isinstance(rb, np.integer) else int(rb))
         if self.wgrad_hadamard is not None:
             h = self.wgrad_hadamard
-            if not positive_int(h) or h & (h - 1):
+            if not is_positive_int(h) or h & (h - 1):
                 raise ValueError(
                     f"wgrad_hadamard must be None or a power of two (e.g. 16), got {h!r}"
                 )

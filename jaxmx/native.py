@@ -27,12 +27,9 @@ from jax import lax
 
 from jaxmx.codes import storage_to_raw
 from jaxmx.config import DotConfig
-from jaxmx.formats import MXFormat
+from jaxmx.formats import MXFormat, get_family
 
 __all__ = ["has_native_mx", "unsupported_reason"]
-
-# Element formats the block-scaled matmul takes (XLA dtypes exist for them).
-_NATIVE_ELEMENTS = ("fp8_e4m3", "fp8_e5m2", "fp4_e2m1")
 
 
 @functools.cache
@@ -64,7 +61,7 @@ def unsupported_reason(
     if a_fmt is None or b_fmt is None:
         return "an operand is not quantized"
     for f in (a_fmt, b_fmt):
-        if f.codec != "ocp" or f.element.name not in _NATIVE_ELEMENTS:
+        if "scaled_dot" not in get_family(f).native_matmuls(f):
             return f"{f.name} has no native block-scaled matmul (those: MXFP8, MXFP4)"
     if not a_contract:
         return "nothing to contract"  # paired axes: b contracts as many as a

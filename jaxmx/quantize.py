@@ -1,34 +1,21 @@
-"""quantize, dequantize and fake_quantize: float arrays <-> MX blocks.
+"""quantize, dequantize and fake_quantize: float arrays <-> block-scaled tensors.
 
-The conversion of one block follows OCP MX v1.0, section 6.3:
-
-1. ``amax = max |x_i|`` over the block;
-2. a shared exponent ``e`` from ``amax`` by the chosen scale rule, clamped to
-   the scale's range (E8M0: [-127, 127]; an all-zero block gets 2^-127);
-3. each element ``x_i / 2^e`` rounded onto the element grid and saturated to
-   the element's largest finite value;
-4. a block holding NaN or Inf gets the NaN scale (0xFF): the whole block
-   decodes to NaN, never to a silent number.
-
-All of it runs on float32 bit patterns (see :mod:`jaxmx.numerics`), so the
-results are bit-exact on every backend, float32 subnormals included.
+The public entry points check their arguments once (a frozen
+:class:`~jaxmx.spec.QuantSpec`) and hand the work to the format's family
+(:func:`jaxmx.formats.get_family`; the built-in ones are in
+:mod:`jaxmx.families`). The OCP MX arithmetic (OCP MX v1.0 section 6.3) is
+:mod:`jaxmx.families.ocp`.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
 
-from jaxmx import codes, numerics
-from jaxmx._codecs import CODECS, Codec
-from jaxmx.bitstream import pack_codes
-from jaxmx.blocks import from_blocks, to_blocks
-from jaxmx.formats import ElementFormat, MXFormat
+from jaxmx import numerics
+from jaxmx.formats import MXFormat, get_family
 from jaxmx.packing import unpack
 from jaxmx.spec import QuantSpec
 from jaxmx.tensor import MXTensor, register_ops
@@ -100,54 +87,6 @@ def random_bits(key, shape) -> jax.Array:
 
 
 # --------------------------------------------------------------------------
-# Quantizing in blocks (see jaxmx.blocks for the layout).
-# --------------------------------------------------------------------------
-
-
-class _Blocks(NamedTuple):
-    sign: jax.Array  # uint32 0/1, blocked layout
-    mag: jax.Array  # uint32 magnitude patterns, blocked layout (Inf/NaN left in)
-    rbits: jax.Array | None  # random bits for stochastic rounding, blocked layout
-    exponent: jax.Array  # int32 shared exponent per block, kept-dims layout
-    nonfinite: jax.Array  # bool per block, kept-dims layout
-
-
-def quantize_blocks(
-    x: jax.Array,
-    fmt: MXFormat,
-    axis: int,
-    block_size: int,
-    scale_mode: str,
-    flush_subnormals: bool,
-    rbits: jax.Array | None,
-) -> _Blocks:
-    bits = to_blocks(numerics.f32_to_bits(x), axis, block_size)
-    sign = lax.shift_right_logical(bits, jnp.uint32(31))
-    mag = bits & jnp.uint32(0x7FFFFFFF)
-    block_axis = bits.ndim + axis  # the within-block axis in blocked layout
-    # Integer max of magnitudes orders finite values, Inf and NaN correctly.
-    amax = jnp.max(mag, axis=block_axis, keepdims=True)
-    if flush_subnormals:
-        # The MX emulator's rule: a block whose shared exponent before
-        # clamping, floor(log2(max |x|)), is at or below -127 (its max is a
-        # float32 subnormal or zero) becomes zero; subnormal elements of any
-        # other block are kept and quantized as usual.
-        tiny = amax < jnp.uint32(0x00800000)
-        mag = jnp.where(tiny, jnp.uint32(0), mag)
-        amax = jnp.where(tiny, jnp.uint32(0), amax)
-    e, nonfinite = numerics.shared_exponent(
-        amax,
-        fmt.element,
-        scale_mode,
-        min_exponent=fmt.scale.min_exponent,
-        max_exponent=fmt.scale.max_exponent,
-    )
-    if rbits is not None:
-        rbits = to_blocks(rbits, axis, block_size)
-    return _Blocks(sign, mag, rbits, e, nonfinite)
-
-
-# --------------------------------------------------------------------------
 # Public API.
 # --------------------------------------------------------------------------
 
@@ -199,7 +138,7 @@ def quantize(
         (calibrated, or the same for every shard); default ``max |x|``.
 
     The relatives of the OCP formats follow their own reference arithmetic
-    (``format.codec``; see docs/semantics.md): ``"nvfp4"`` (blocks of 16 or
+    (``format.family``; see docs/semantics.md): ``"nvfp4"`` (blocks of 16 or
     ``block_size=(16, 16)`` tiles over the last two axes, E4M3 block scales
     in ``t.scale``, ``t.tensor_scale``; rounding nearest_even or
     stochastic), ``"mx9"``/``"mx6"``/``"mx4"``/``"msfp16"``/``"msfp12"``
@@ -244,16 +183,12 @@ def _arguments(x, format, key, tensor_amax, **options):
 
 def quantize_spec(x, rbits, tensor_amax, spec: QuantSpec) -> MXTensor:
     """:func:`quantize` with validated arguments (for jaxmx's ops)."""
-    return _codec(spec.format).quantize(x, rbits, tensor_amax, spec)
+    return get_family(spec.format).quantize(x, rbits, tensor_amax, spec)
 
 
 def fake_quantize_spec(x, rbits, tensor_amax, spec: QuantSpec) -> jax.Array:
     """:func:`fake_quantize` with validated arguments, no custom gradient."""
-    return _codec(spec.format).fake_quantize(x, rbits, tensor_amax, spec)
-
-
-def _codec(fmt: MXFormat) -> Codec:
-    return _ALL_CODECS[fmt.codec]
+    return get_family(spec.format).fake_quantize(x, rbits, tensor_amax, spec)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
@@ -270,62 +205,6 @@ def _quantize_jvp(spec, primals, tangents):
         "jaxmx.fake_quantize for a straight-through gradient, or wrap the input in "
         "jax.lax.stop_gradient if no gradient should flow"
     )
-
-
-@functools.partial(jax.jit, static_argnums=(2,))
-def _ocp_quantize_jit(x, rbits, spec: QuantSpec) -> MXTensor:
-    fmt, axis, bs = spec.format, spec.axis, spec.block_size
-    blk = quantize_blocks(x, fmt, axis, bs, spec.scale_mode, spec.flush_subnormals, rbits)
-    return _encode_blocks(blk, x, fmt, axis, bs, spec.rounding, spec.packed)
-
-
-def _encode_blocks(blk: _Blocks, x, fmt, axis, bs, rounding, packed) -> MXTensor:
-    """Codes and scale bytes of blocks whose shared exponents are decided."""
-    elem = fmt.element
-    # Blocks holding Inf/NaN get the NaN scale and all-zero codes.
-    mag = jnp.where(blk.nonfinite, jnp.uint32(0), blk.mag)
-    code = numerics.encode_magnitude(mag, blk.exponent, elem, rounding, blk.rbits)
-    sign = jnp.where(blk.nonfinite, jnp.uint32(0), blk.sign)
-    if packed:
-        raw = from_blocks(codes.raw_codes(sign, code, elem), axis, x.shape[axis])
-        # Kept out of the packing fusion: fused, its strided loop runs ~2x slower on CPU.
-        raw = lax.optimization_barrier(raw)
-        data = pack_codes(raw, elem.bits, axis)
-    else:
-        data = from_blocks(codes.signed_codes(sign, code, elem), axis, x.shape[axis])
-    biased = (blk.exponent + fmt.scale.bias).astype(jnp.uint8)
-    biased = jnp.where(blk.nonfinite, jnp.uint8(fmt.scale.nan_code), biased)
-    scale = lax.bitcast_convert_type(jnp.squeeze(biased, axis), fmt.scale.storage_dtype)
-    return MXTensor(
-        data=data,
-        scale=scale,
-        format=fmt,
-        axis=axis,
-        block_size=bs,
-        length=x.shape[axis],
-        dtype=np.dtype(x.dtype),
-        packed=packed,
-        made_ndim=x.ndim,
-    )
-
-
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
-def quantize_with_exponent(x, exponent, fmt: MXFormat, axis: int, bs: int, packed: bool):
-    """Quantizes ``x`` with given shared exponents instead of ones from the block max.
-
-    For post-training methods that choose each block's scale themselves
-    (:mod:`jaxmx.ptq`). ``exponent``: int32 in the kept-dims blocked layout
-    (``to_blocks`` of ``x`` with the within-block axis of size 1), within the
-    scale format's range; elements round to nearest even and saturate, as in
-    :func:`quantize`. Blocks holding Inf/NaN still get the NaN scale.
-    """
-    bits = to_blocks(numerics.f32_to_bits(x), axis, bs)
-    mag = bits & jnp.uint32(0x7FFFFFFF)
-    nonfinite = jnp.max(mag, axis=bits.ndim + axis, keepdims=True) >= jnp.uint32(0x7F800000)
-    sign = lax.shift_right_logical(bits, jnp.uint32(31))
-    exponent = jnp.asarray(exponent, jnp.int32)
-    blk = _Blocks(sign, mag, None, exponent, nonfinite)
-    return _encode_blocks(blk, x, fmt, axis, bs, "nearest_even", packed)
 
 
 def dequantize(t: MXTensor, dtype=jnp.float32) -> jax.Array:
@@ -355,31 +234,7 @@ def _decode(t: MXTensor, dtype) -> jax.Array:
         # Made under vmap or stacked by scan: one tensor scale per mapped
         # item, on the leading axes of every leaf.
         return jax.vmap(lambda u: _decode(u, dtype))(t)
-    return _codec(t.format).dequantize(t, dtype)
-
-
-@functools.partial(jax.jit, static_argnums=(1,))
-def _ocp_dequantize(t: MXTensor, dtype) -> jax.Array:
-    elem, fmt = t.format.element, t.format
-    sign, mag, special = codes.split_codes(to_blocks(t.data, t.axis, t.block_size), elem)
-    biased = jnp.expand_dims(lax.bitcast_convert_type(t.scale, jnp.uint8), t.axis)
-    e = biased.astype(jnp.int32) - fmt.scale.bias
-    nan_block = biased == jnp.uint8(fmt.scale.nan_code)
-    bits = numerics.decode_magnitude(mag, e, elem) | lax.shift_left(sign, jnp.uint32(31))
-    if elem.has_nan:
-        # Codes above the largest finite one are the element's own Inf/NaN.
-        bits = jnp.where(special, _special_bits(mag, sign, elem), bits)
-    bits = jnp.where(nan_block, jnp.uint32(0x7FC00000), bits)
-    return from_blocks(numerics.bits_to_dtype(bits, dtype), t.axis, t.length)
-
-
-def _special_bits(mag, sign, elem: ElementFormat) -> jax.Array:
-    nan = jnp.uint32(0x7FC00000)
-    if not elem.has_inf:
-        return jnp.broadcast_to(nan, mag.shape)
-    inf_code = elem.max_code + 1
-    inf = jnp.uint32(0x7F800000) | lax.shift_left(sign, jnp.uint32(31))
-    return jnp.where(mag == inf_code, inf, nan)
+    return get_family(t.format).dequantize(t, dtype)
 
 
 def fake_quantize(
@@ -426,28 +281,5 @@ def _fake_quantize_jvp(spec, primals, tangents):
     x, rbits, tensor_amax = primals
     return _fake_quantize(x, rbits, tensor_amax, spec), tangents[0]
 
-
-@functools.partial(jax.jit, static_argnums=(2,))
-def _ocp_fake_quantize_jit(x, rbits, spec: QuantSpec):
-    fmt, axis, bs = spec.format, spec.axis, spec.block_size
-    elem, rounding = fmt.element, spec.rounding
-    blk = quantize_blocks(x, fmt, axis, bs, spec.scale_mode, spec.flush_subnormals, rbits)
-    # Rounded values straight from the significands, no codes in between;
-    # Inf/NaN lanes compute garbage that the NaN of their block replaces.
-    bits = numerics.round_magnitude(blk.mag, blk.exponent, elem, rounding, blk.rbits)
-    sign = blk.sign
-    if elem.kind == "int":  # two's complement has no -0: zero results are +0, as stored
-        sign = jnp.where(bits == 0, jnp.uint32(0), sign)
-    bits = bits | lax.shift_left(sign, jnp.uint32(31))
-    bits = jnp.where(blk.nonfinite, jnp.uint32(0x7FC00000), bits)
-    return from_blocks(numerics.bits_to_dtype(bits, x.dtype), axis, x.shape[axis])
-
-
-_OCP = Codec(
-    quantize=lambda x, rbits, tensor_amax, spec: _ocp_quantize_jit(x, rbits, spec),
-    fake_quantize=lambda x, rbits, tensor_amax, spec: _ocp_fake_quantize_jit(x, rbits, spec),
-    dequantize=_ocp_dequantize,
-)
-_ALL_CODECS: dict[str, Codec] = {"ocp": _OCP, **CODECS}
 
 register_ops(dequantize=dequantize)

@@ -6,52 +6,23 @@ the jitted code as one static argument. Every check of a quantization
 argument lives here, so a value is refused the same way whichever entry
 point it came through.
 
-What each family of formats accepts is data too (:data:`CODEC_RULES`): the
-OCP formats take every scale rule, rounding and block size; NVFP4 takes 1-D
-blocks or 2-D tiles and nearest-even or stochastic rounding; the BDR formats
-and per-tensor FP8 are defined with one rounding and their own blocking.
+What each family of formats accepts is data too (``Family.rules``, a
+:class:`jaxmx.formats.FamilyRules`): the OCP formats take every scale rule,
+rounding and block size; NVFP4 takes 1-D blocks or 2-D tiles and
+nearest-even or stochastic rounding; the BDR formats and per-tensor FP8 are
+defined with one rounding and their own blocking.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import numpy as np
 
 from jaxmx import numerics
-from jaxmx.formats import MXFormat, get_format
+from jaxmx.formats import FamilyRules, MXFormat, get_family, get_format
 
-__all__ = ["QuantSpec", "CodecRules", "CODEC_RULES", "check_axis", "check_flag", "positive_int"]
-
-
-class CodecRules(NamedTuple):
-    """The options a codec (a family's arithmetic, ``MXFormat.codec``) accepts."""
-
-    # Element roundings it implements.
-    roundings: tuple[str, ...]
-    # Shared-exponent rules it implements (the first is the default).
-    scale_modes: tuple[str, ...]
-    # Whether flush_subnormals=True means anything for it.
-    flush_subnormals: bool
-    # Block sizes: "any" (a positive int), "tiles" (an int or a pair of ints,
-    # 2-D tiles over the last two axes), "fixed" (the format's own only), or
-    # "tensor" (no blocks: one scale per tensor).
-    block_sizes: str
-    # Whether a global amax may be supplied (tensor_amax=).
-    tensor_amax: bool
-    # Whether jaxmx.array_ops acts on its codes and scales (transpose,
-    # reshape, slicing, concatenate, sign and power-of-two ops). Only the
-    # one-level power-of-two layout has these rules written and tested.
-    array_ops: bool
-
-
-CODEC_RULES: dict[str, CodecRules] = {
-    "ocp": CodecRules(numerics.ROUNDINGS, numerics.SCALE_MODES, True, "any", False, True),
-    "nvfp4": CodecRules(("nearest_even", "stochastic"), ("floor",), False, "tiles", True, False),
-    "microexp": CodecRules(("nearest_even",), ("floor",), False, "fixed", False, False),
-    "tensor": CodecRules(("nearest_even",), ("floor",), False, "tensor", False, False),
-}
+__all__ = ["QuantSpec", "check_axis", "check_flag", "is_positive_int"]
 
 
 def check_flag(value, name: str) -> bool:
@@ -61,7 +32,7 @@ def check_flag(value, name: str) -> bool:
     return bool(value)
 
 
-def positive_int(v) -> bool:
+def is_positive_int(v) -> bool:
     return not isinstance(v, bool) and isinstance(v, (int, np.integer)) and v > 0
 
 
@@ -92,8 +63,8 @@ scale_mode='floor', rounding='nearest_even', flush_subnormals=False, packed=Fals
     packed: bool = False
 
     @property
-    def rules(self) -> CodecRules:
-        return CODEC_RULES[self.format.codec]
+    def rules(self) -> FamilyRules:
+        return get_family(self.format).rules
 
     @property
     def random_bits(self) -> bool:
@@ -103,12 +74,12 @@ scale_mode='floor', rounding='nearest_even', flush_subnormals=False, packed=Fals
     @staticmethod
     def block_size_is_free(fmt: MXFormat) -> bool:
         """Whether ``fmt`` takes a block size other than its own."""
-        return CODEC_RULES[fmt.codec].block_sizes in ("any", "tiles")
+        return get_family(fmt).rules.block_sizes in ("any", "tiles")
 
     @staticmethod
     def scale_modes_of(fmt: MXFormat) -> tuple[str, ...]:
         """The scale rules ``fmt`` implements (the first is its default)."""
-        return CODEC_RULES[fmt.codec].scale_modes
+        return get_family(fmt).rules.scale_modes
 
     @property
     def tiles(self) -> bool:
@@ -136,7 +107,7 @@ scale_mode='floor', rounding='nearest_even', flush_subnormals=False, packed=Fals
           TypeError: non-int axis or block size, non-bool flags.
         """
         fmt = get_format(format)
-        rules = CODEC_RULES[fmt.codec]
+        rules = get_family(fmt).rules
         axis = check_axis(axis, ndim)
         if not isinstance(scale_mode, str) or scale_mode not in numerics.SCALE_MODES:
             raise ValueError(
@@ -178,7 +149,7 @@ def check_axis(axis, ndim: int) -> int:
     return int(axis) - ndim if axis >= 0 else int(axis)
 
 
-def _check_block_size(block_size, fmt: MXFormat, rules: CodecRules, axis: int, ndim: int):
+def _check_block_size(block_size, fmt: MXFormat, rules: FamilyRules, axis: int, ndim: int):
     kind = rules.block_sizes
     if kind == "tensor":
         if block_size is not None:
@@ -197,7 +168,7 @@ def _check_block_size(block_size, fmt: MXFormat, rules: CodecRules, axis: int, n
             )
         return fmt.block_size
     if kind == "tiles" and isinstance(block_size, tuple):
-        if len(block_size) != 2 or not all(positive_int(b) for b in block_size):
+        if len(block_size) != 2 or not all(is_positive_int(b) for b in block_size):
             raise ValueError(
                 f"2-D tiles take a pair of positive ints, e.g. (16, 16); got {block_size!r}"
             )

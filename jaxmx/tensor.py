@@ -12,8 +12,7 @@ import numpy as np
 
 from jaxmx._leaf_dtypes import check_leaf_dtypes, is_leaf_array
 from jaxmx.blocks import packed_length
-from jaxmx.formats import MXFormat
-from jaxmx.spec import CODEC_RULES
+from jaxmx.formats import MXFormat, get_family
 
 __all__ = ["MXTensor", "check_leaves"]
 
@@ -422,7 +421,7 @@ def _whole(v, least: int) -> bool:
 
 def _check_static(t: MXTensor) -> None:
     fmt, bs = t.format, t.block_size
-    kind = CODEC_RULES[fmt.codec].block_sizes
+    kind = get_family(fmt).rules.block_sizes
 
     if kind == "tensor":
         ok = bs is None

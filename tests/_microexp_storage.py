@@ -2,7 +2,7 @@
 
 Test helpers: jaxmx stores MX9/MX6/MX4/MSFP tensors packed through
 :func:`jaxmx.pack` (the same little-endian bit stream); these functions pack
-the raw arrays of :mod:`jaxmx._scaled.microexp` directly, so the tests can
+the raw arrays of :mod:`jaxmx.families.microexp._kernels` directly, so the tests can
 check the stored sizes against the BDR paper's bits per element.
 """
 
@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmx._scaled.microexp import MicroexpSpec, _check_axis, get_spec, quantize
 from jaxmx.bitstream import pack_codes, unpack_codes
 from jaxmx.blocks import packed_length
+from jaxmx.families.microexp._kernels import MicroexpSpec, _check_axis, get_spec, quantize
 
 __all__ = ["nbytes", "pack", "quantize", "unpack"]
 

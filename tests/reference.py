@@ -26,7 +26,7 @@ _ML_DTYPES = {
 # The formats this model describes: the OCP MX family (one E8M0 power-of-two
 # scale per block). NVFP4, the BDR formats and per-tensor FP8 have their own
 # models in tests/reference_blockformats.py.
-OCP_FORMATS = [f for f in jaxmx.list_formats() if jaxmx.get_format(f).codec == "ocp"]
+OCP_FORMATS = [f for f in jaxmx.list_formats() if jaxmx.get_format(f).family == "ocp"]
 
 
 @functools.cache

@@ -21,8 +21,8 @@ from tests._params import covering
 
 # The structural rules are written for the one-level power-of-two layout (the
 # OCP codec); the other families refuse them (test at the end).
-FORMATS = [f for f in jaxmx.list_formats() if jaxmx.get_format(f).codec == "ocp"]
-OTHERS = [f for f in jaxmx.list_formats() if jaxmx.get_format(f).codec != "ocp"]
+FORMATS = [f for f in jaxmx.list_formats() if jaxmx.get_format(f).family == "ocp"]
+OTHERS = [f for f in jaxmx.list_formats() if jaxmx.get_format(f).family != "ocp"]
 BS = 8
 # Block axis first, middle, last; length 20 = blocks of 8, 8 and a partial 4.
 SHAPES = {"first": (20, 3, 4), "middle": (3, 20, 4), "last": (3, 4, 20)}

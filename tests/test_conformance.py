@@ -25,11 +25,11 @@ FORMATS = jaxmx.list_formats()
 def _reference(x: np.ndarray, fmt: str, axis: int, block_size) -> np.ndarray:
     """fake_quantize of x by the family's NumPy model."""
     f = jaxmx.get_format(fmt)
-    if f.codec == "ocp":
+    if f.family == "ocp":
         return reference.fake_quantize(x, fmt, axis=axis, block_size=block_size)[0]
-    if f.codec == "nvfp4":
+    if f.family == "nvfp4":
         return ref_bf.nvfp4_te(x, axis=axis).dequant_enc  # decode by the stored 1 / S_enc
-    if f.codec == "microexp":
+    if f.family == "microexp":
         return ref_bf.quark_mx(x, fmt, axis=axis).y
     return ref_bf.tensor_fp8(x, f.element.name.removeprefix("fp8_")).y
 
@@ -40,7 +40,7 @@ def _leaves(t: jaxmx.MXTensor) -> int:
 
 def _shape(fmt: str, rows: int, cols: int) -> tuple[int, int]:
     # NVFP4 has no partial blocks (as TransformerEngine): whole blocks of 16.
-    if jaxmx.get_format(fmt).codec == "nvfp4":
+    if jaxmx.get_format(fmt).family == "nvfp4":
         return (-(-rows // 16) * 16, -(-cols // 16) * 16)
     return (rows, cols)
 
@@ -93,7 +93,7 @@ def _dtype_cases():
     out = []
     dtypes = (jnp.float32, jnp.bfloat16, jnp.float16)
     for i, f in enumerate(FORMATS):
-        ocp = jaxmx.get_format(f).codec == "ocp"
+        ocp = jaxmx.get_format(f).family == "ocp"
         for d in dtypes:
             fast = d == (dtypes[i % 3] if ocp else jnp.bfloat16)
             out.append(pytest.param(f, d, marks=() if fast else pytest.mark.slow))
@@ -118,10 +118,10 @@ def test_input_dtypes(fmt, dtype):
 @pytest.mark.parametrize("fmt", covering(FORMATS, salt=1, every=3))
 def test_any_axis_rank_and_partial_blocks(fmt):
     f = jaxmx.get_format(fmt)
-    shape = (16, 48, 32) if f.codec == "nvfp4" else (3, 45, 5)
+    shape = (16, 48, 32) if f.family == "nvfp4" else (3, 45, 5)
     x = np.asarray(_x(shape, seed=1))
     # Block sizes: 8 where the format takes any, else its own (or none).
-    bs = 8 if f.codec == "ocp" else None
+    bs = 8 if f.family == "ocp" else None
     for axis in (0, 1, 2, -1, -2):
         got = jaxmx.fake_quantize(x, fmt, axis=axis, block_size=bs)
         want = _reference(x, fmt, axis, bs)
@@ -138,7 +138,7 @@ def test_any_axis_rank_and_partial_blocks(fmt):
         want_scale[axis] = nb
         assert t.scale.shape == tuple(want_scale)
         assert t.num_blocks == nb
-    if f.codec == "nvfp4":
+    if f.family == "nvfp4":
         with pytest.raises(ValueError, match="no partial blocks"):
             jaxmx.quantize(np.ones((3, 40), np.float32), fmt)
 

@@ -6,6 +6,7 @@ resulting MXTensor leaves are compared, and every family is used where any
 format can be: spec checks, gradients, DotConfig roles, checkpoints.
 """
 
+import dataclasses
 import json
 import pathlib
 
@@ -318,16 +319,17 @@ def test_rules_and_serving_take_every_family(fmt):
 @pytest.mark.parametrize(
     "fields, match",
     [
-        (dict(codec="nvfp4", element="FP8_E4M3", scale="UE4M3", block_size=16, tensor_scale=True),
+        (dict(family="nvfp4", element="FP8_E4M3", scale="UE4M3", block_size=16, tensor_scale=True),
          "FP4 E2M1 elements"),
-        (dict(codec="ocp", element="FP8_E4M3", scale="E8M0", tensor_scale=True), "no tensor scale"),
-        (dict(codec="microexp", element="INT8", scale="E8M0", block_size=16), "sign-magnitude"),
-        (dict(codec="tensor", element="FP4_E2M1", scale=None, block_size=None, tensor_scale=True),
+        (dict(family="ocp", element="FP8_E4M3", scale="E8M0", tensor_scale=True),
+         "no tensor scale"),
+        (dict(family="microexp", element="INT8", scale="E8M0", block_size=16), "sign-magnitude"),
+        (dict(family="tensor", element="FP4_E2M1", scale=None, block_size=None, tensor_scale=True),
          "FP8 E4M3 or E5M2"),
-        (dict(codec="bdr", element="SM_INT8", scale="E8M0"), "unknown codec"),
+        (dict(family="bdr", element="SM_INT8", scale="E8M0"), "unknown family 'bdr'"),
     ],
 )  # fmt: skip
-def test_a_record_must_fit_its_codec(fields, match):
+def test_a_record_must_fit_its_family(fields, match):
     from jaxmx import formats
 
     kw = {
@@ -335,12 +337,28 @@ def test_a_record_must_fit_its_codec(fields, match):
     }
     with pytest.raises(ValueError, match=match):
         jaxmx.MXFormat(name="custom", **kw)
-    # The same fields with the codec that describes them make a valid format.
+    # The same fields with the family that describes them make a valid format.
     ok = jaxmx.MXFormat(
         name="ok", element=formats.SM_INT5, scale=formats.E8M0, block_size=8,
-        micro=formats.MICRO_1X2, codec="microexp",
+        micro=formats.MICRO_1X2, family="microexp",
     )  # fmt: skip
     assert ok.block_size == 8
+
+
+def test_codec_is_a_deprecated_name_of_family():
+    from jaxmx import formats
+
+    with pytest.warns(DeprecationWarning, match="family"):
+        old = jaxmx.MXFormat(
+            name="old", element=formats.SM_INT5, scale=formats.E8M0, block_size=16,
+            micro=formats.MICRO_1X2, codec="microexp",
+        )  # fmt: skip
+    assert old.family == "microexp" and old == dataclasses.replace(old, family="microexp")
+    with pytest.warns(DeprecationWarning, match="MXFormat.family"):
+        assert old.codec == "microexp"
+    with pytest.raises(ValueError, match="disagree"), pytest.warns(DeprecationWarning):
+        jaxmx.MXFormat(name="x", element=formats.FP8_E4M3, scale=formats.E8M0, family="ocp",
+                       codec="nvfp4")  # fmt: skip
 
 
 def test_a_grid_below_float32_is_refused():

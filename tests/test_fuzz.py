@@ -51,7 +51,7 @@ PRESETS = [
     p
     for p in jaxmx.list_presets()
     if all(
-        jaxmx.preset(p).role(r) is None or jaxmx.preset(p).role(r).codec == "ocp"
+        jaxmx.preset(p).role(r) is None or jaxmx.preset(p).role(r).family == "ocp"
         for r in ("lhs", "rhs", "grad", "lhs_bwd", "rhs_bwd")
     )
 ]

@@ -4,9 +4,11 @@ Read from the source with ``ast`` (every ``import`` statement at any depth,
 inside functions too), so a late import that hides a cycle from Python's
 import machinery still fails here. The layers, bottom to top:
 
-* numerics: format records, bit-level rounding and scales, block layouts,
-  the reference arithmetic of each family on plain arrays;
-* tensor: the MXTensor pytree and what makes, reads, stores and reshapes it;
+* numerics: format records and the family protocol, bit-level rounding and
+  scales, block layouts;
+* tensor: the MXTensor pytree and what reads, stores and reshapes it;
+* families: each family's arithmetic (jaxmx.families), and quantize /
+  dequantize, which hand a tensor to its format's family;
 * ops: matmul configuration, the quantized matmuls, rules, intercept,
   serving and post-training quantization;
 * integrations: Flax and Optax, which may also use the public surface
@@ -27,7 +29,6 @@ LAYERS = {
         "jaxmx._hadamard",
         "jaxmx._leaf_dtypes",
         "jaxmx._paths",
-        "jaxmx._scaled",
         "jaxmx.bitstream",
         "jaxmx.blocks",
         "jaxmx.codes",
@@ -36,14 +37,16 @@ LAYERS = {
         "jaxmx.spec",
     ),
     "tensor": (
-        "jaxmx._codecs",
-        "jaxmx.analysis",
         "jaxmx.array_ops",
         "jaxmx.checkpoint",
         "jaxmx.packing",
+        "jaxmx.tensor",
+    ),
+    "families": (
+        "jaxmx.analysis",
+        "jaxmx.families",
         "jaxmx.quantize",
         "jaxmx.rounding",
-        "jaxmx.tensor",
     ),
     "ops": (
         "jaxmx._intercept",

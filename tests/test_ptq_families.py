@@ -18,7 +18,8 @@ import pytest
 
 import jaxmx
 from jaxmx import ptq
-from jaxmx._scaled import microexp, nvfp4
+from jaxmx.families.microexp import _kernels as microexp
+from jaxmx.families.nvfp4 import _kernels as nvfp4
 from tests import reference_blockformats as ref
 from tests._params import covering
 

@@ -396,7 +396,7 @@ def test_division_by_a_broadcast_scale_is_correctly_rounded():
     by a tensor scale and by 6, so both must stay true divisions. Found on
     MiniLM activations: -0.17675766 / (6.3349943 / 448) is 12.500001 (code
     13), where the reciprocal product gives 12.499999 (code 12)."""
-    from jaxmx._scaled import nvfp4
+    from jaxmx.families.nvfp4 import _kernels as nvfp4
     from tests import reference_blockformats as ref
 
     x = np.array([6.3349943, -0.17675766], np.float32)

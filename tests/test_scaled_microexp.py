@@ -1,4 +1,4 @@
-"""MX9 / MX6 / MX4 and MSFP16 / MSFP12 (jaxmx/_scaled/microexp.py) against Quark.
+"""MX9 / MX6 / MX4 and MSFP16 / MSFP12 (jaxmx/families/microexp/_kernels.py) against Quark.
 
 Ground truth: the AMD Quark 0.13 vectors in tests/data/vectors_turn2/bdr (bit
 for bit: y, codes, step exponents, block exponents, micro bits) and the
@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from jaxmx import analysis, bitstream
-from jaxmx._scaled import microexp as me
 from jaxmx.blocks import packed_length
+from jaxmx.families.microexp import _kernels as me
 from tests import _microexp_storage as storage
 from tests import reference_blockformats as ref
 from tests._params import covering

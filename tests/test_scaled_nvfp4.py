@@ -1,4 +1,4 @@
-"""NVFP4 numerics (jaxmx._scaled.nvfp4) against the vectors and the NumPy reference.
+"""NVFP4 numerics (jaxmx.families.nvfp4._kernels) against the vectors and the NumPy reference.
 
 tests/data/vectors_turn2/nvfp4 holds what TransformerEngine's arithmetic and
 torchao's NVFP4Tensor computed on 16x128 inputs; every array must match bit
@@ -6,7 +6,7 @@ for bit. tests/reference_blockformats.py models the same arithmetic
 independently in NumPy (no flushing of subnormals), so on random inputs,
 zeros, tiny and huge scales, NaN/Inf, other axes and 2-D tiles jaxmx must
 agree with it bit for bit as well, under jit and vmap. The exact integer
-float32 helpers (jaxmx._scaled.f32) are checked against NumPy's IEEE
+float32 helpers (jaxmx.families._f32) are checked against NumPy's IEEE
 arithmetic on random bit patterns.
 """
 
@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 
 from jaxmx import numerics
-from jaxmx._scaled import f32, nvfp4
-from jaxmx._scaled.nvfp4 import nvfp4_dequantize, nvfp4_fake_quantize, nvfp4_quantize
+from jaxmx.families import _f32 as f32
+from jaxmx.families.nvfp4 import _kernels as nvfp4
+from jaxmx.families.nvfp4._kernels import nvfp4_dequantize, nvfp4_fake_quantize, nvfp4_quantize
 from tests import reference_blockformats as ref
 from tests._params import covering
 

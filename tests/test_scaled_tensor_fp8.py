@@ -1,4 +1,4 @@
-"""Per-tensor FP8 numerics (jaxmx._scaled.tensor_fp8) against the NumPy reference.
+"""Per-tensor FP8 numerics (jaxmx.families.tensor_fp8._kernels) against the NumPy reference.
 
 There are no reference vectors for per-tensor FP8 (tests/data/vectors_turn2
 holds NVFP4 and the shared-microexponent formats); the ground truth is
@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from jaxmx._scaled.tensor_fp8 import (
+from jaxmx.families.tensor_fp8._kernels import (
     tensor_fp8_dequantize,
     tensor_fp8_fake_quantize,
     tensor_fp8_quantize,

@@ -11,8 +11,8 @@ import numpy as np
 from jax import lax
 
 from jaxmx.blocks import pack_group, packed_length
+from jaxmx.formats import get_family
 from jaxmx.packing import pack, unpack
-from jaxmx.spec import CODEC_RULES
 from jaxmx.tensor import MXTensor
 
 _OUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -44,12 +44,12 @@ def _tensor(t, op: str) -> MXTensor:
 
 
 def _check_layout(t: MXTensor, op: str) -> None:
-    if not CODEC_RULES[t.format.codec].array_ops:
+    if not get_family(t.format).rules.array_ops:
         raise TypeError(
-            f"jaxmx.{op} acts on the codes and scales of OCP MX tensors; {_where(t)} has "
-            f"{t.format.codec} scales (tensor scale, E4M3 or microexponent leaves) for which "
-            "no exact rule is implemented. Dequantize first (t.dequantize()) and quantize "
-            "the result again if you need it in this format"
+            f"jaxmx.{op} acts on the codes and scales of OCP MX tensors; {_where(t)} is of "
+            f"the {t.format.family!r} family (tensor scale, E4M3 or microexponent leaves, or "
+            "scales of its own), for which no exact rule is implemented. Dequantize first "
+            "(t.dequantize()) and quantize the result again if you need it in this format"
         )
 
 

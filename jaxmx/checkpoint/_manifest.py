@@ -425,6 +425,8 @@ def card(obj) -> dict:
 def _from_card(c: dict):
     fields = {}
     for k, v in c["fields"].items():
+        if k == "codec" and c["class"] == "MXFormat":
+            k = "family"  # the field's name in checkpoints written before the rename
         if isinstance(v, dict) and "class" in v:
             v = _from_card(v)
         elif isinstance(v, dict):

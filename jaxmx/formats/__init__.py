@@ -13,6 +13,11 @@ so a new format is a new record, not a new code path. The constants of every
 card are written exactly (hex floats or bit patterns) and are checked
 against ml_dtypes by the test suite.
 
+A format names its *family* (``MXFormat.family``): the arithmetic of its
+reference implementation, a :class:`Family` registered under that name
+(:mod:`jaxmx.families` registers OCP MX, NVFP4, the shared-microexponent
+formats and per-tensor FP8, each with its formats).
+
 Reference: OCP Microscaling Formats (MX) Specification v1.0, sections 5.3
 (element data types) and 5.4 (scale data type).
 """
@@ -22,7 +27,13 @@ from jaxmx.formats._records import ElementFormat
 from jaxmx.formats._records import MicroExponent
 from jaxmx.formats._records import MXFormat
 from jaxmx.formats._records import ScaleFormat
-from jaxmx.formats._families import CODECS
+from jaxmx.formats._family import DEFAULT_OFFSETS
+from jaxmx.formats._family import DESCRIPTIONS
+from jaxmx.formats._family import Family
+from jaxmx.formats._family import FamilyRules
+from jaxmx.formats._family import get_family
+from jaxmx.formats._family import list_families
+from jaxmx.formats._family import register_family
 from jaxmx.formats._elements import BF16
 from jaxmx.formats._elements import E8M0
 from jaxmx.formats._elements import FP4_E2M1
@@ -41,22 +52,6 @@ from jaxmx.formats._elements import SM_INT5
 from jaxmx.formats._elements import SM_INT8
 from jaxmx.formats._elements import UE4M3
 from jaxmx.formats._elements import float_format
-from jaxmx.formats._catalog import MSFP12
-from jaxmx.formats._catalog import MSFP16
-from jaxmx.formats._catalog import MX4
-from jaxmx.formats._catalog import MX6
-from jaxmx.formats._catalog import MX9
-from jaxmx.formats._catalog import MXFP4_E2M1
-from jaxmx.formats._catalog import MXFP6_E2M3
-from jaxmx.formats._catalog import MXFP6_E3M2
-from jaxmx.formats._catalog import MXFP8_E4M3
-from jaxmx.formats._catalog import MXFP8_E5M2
-from jaxmx.formats._catalog import MXINT2
-from jaxmx.formats._catalog import MXINT4
-from jaxmx.formats._catalog import MXINT8
-from jaxmx.formats._catalog import NVFP4
-from jaxmx.formats._catalog import TENSOR_FP8_E4M3
-from jaxmx.formats._catalog import TENSOR_FP8_E5M2
 from jaxmx.formats._catalog import get_format
 from jaxmx.formats._catalog import list_formats
 from jaxmx.formats._catalog import register_format
@@ -83,6 +78,13 @@ __all__ = [
     "SM_INT4",
     "SM_INT3",
     "MicroExponent",
+    "Family",
+    "FamilyRules",
+    "register_family",
+    "get_family",
+    "list_families",
+    "DESCRIPTIONS",
+    "DEFAULT_OFFSETS",
     "CODECS",
     "float_format",
     "get_format",
@@ -106,3 +108,16 @@ __all__ = [
     "TENSOR_FP8_E4M3",
     "TENSOR_FP8_E5M2",
 ]
+
+# The formats jaxmx ships are registered by their families; their constants
+# are read from the registry (the families register before any user code runs).
+_REGISTERED = frozenset(__all__[__all__.index("MXFP8_E4M3") :])
+
+# Former name of DESCRIPTIONS (family name -> reference).
+CODECS = DESCRIPTIONS
+
+
+def __getattr__(name: str):
+    if name in _REGISTERED:
+        return get_format(name.lower())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,7 @@
-"""The registry of formats by name, and the formats jaxmx registers."""
+"""The registry of formats by name.
+
+The formats jaxmx ships are registered by their families (:mod:`jaxmx.families`).
+"""
 
 from __future__ import annotations
 
@@ -6,24 +9,7 @@ import difflib
 
 import numpy as np
 
-from jaxmx.formats._elements import (
-    E8M0,
-    FP4_E2M1,
-    FP6_E2M3,
-    FP6_E3M2,
-    FP8_E4M3,
-    FP8_E5M2,
-    INT2,
-    INT4,
-    INT8,
-    MICRO_1X2,
-    SM_INT3,
-    SM_INT4,
-    SM_INT5,
-    SM_INT8,
-    UE4M3,
-)
-from jaxmx.formats._records import ElementFormat, MicroExponent, MXFormat
+from jaxmx.formats._records import MXFormat
 
 # --------------------------------------------------------------------------
 # The registry.
@@ -112,68 +98,3 @@ def get_format(fmt: str | MXFormat) -> MXFormat:
         close = difflib.get_close_matches(key, [*_REGISTRY, *_ALIASES], n=3, cutoff=0.6)
         hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
         raise ValueError(f"unknown format {fmt!r}{hint}; known formats: {known}") from None
-
-
-def _mx(name: str, element: ElementFormat, reference: str = "OCP MX v1.0") -> MXFormat:
-    return MXFormat(name=name, element=element, scale=E8M0, block_size=32, reference=reference)
-
-
-MXFP8_E4M3 = register_format(_mx("mxfp8_e4m3", FP8_E4M3), aliases=("mxfp8",))
-MXFP8_E5M2 = register_format(_mx("mxfp8_e5m2", FP8_E5M2))
-# "mxfp6" is E3M2 everywhere (format, preset, recipe): the MX paper's MXFP6.
-MXFP6_E3M2 = register_format(_mx("mxfp6_e3m2", FP6_E3M2), aliases=("mxfp6",))
-MXFP6_E2M3 = register_format(_mx("mxfp6_e2m3", FP6_E2M3))
-MXFP4_E2M1 = register_format(_mx("mxfp4_e2m1", FP4_E2M1), aliases=("mxfp4",))
-MXINT8 = register_format(_mx("mxint8", INT8))
-MXINT4 = register_format(_mx("mxint4", INT4, reference="jaxmx extension of OCP MX"))
-MXINT2 = register_format(_mx("mxint2", INT2, reference="jaxmx extension of OCP MX"))
-
-# NVFP4: NVIDIA's Blackwell format, TransformerEngine's arithmetic.
-NVFP4 = register_format(
-    MXFormat(
-        name="nvfp4",
-        element=FP4_E2M1,
-        scale=UE4M3,
-        block_size=16,
-        tensor_scale=True,
-        codec="nvfp4",
-        reference="NVIDIA NVFP4 (TransformerEngine; arXiv 2509.25149)",
-    )
-)
-
-
-def _bdr(name: str, element: ElementFormat, micro: MicroExponent | None) -> MXFormat:
-    return MXFormat(
-        name=name,
-        element=element,
-        scale=E8M0,
-        block_size=16,
-        micro=micro,
-        codec="microexp",
-        reference="Rouhani et al., ISCA 2023 (AMD Quark 0.13)",
-    )
-
-
-# Shared microexponents and block floating point (the BDR paper).
-MX9 = register_format(_bdr("mx9", SM_INT8, MICRO_1X2))
-MX6 = register_format(_bdr("mx6", SM_INT5, MICRO_1X2))
-MX4 = register_format(_bdr("mx4", SM_INT3, MICRO_1X2))
-MSFP16 = register_format(_bdr("msfp16", SM_INT8, None))
-MSFP12 = register_format(_bdr("msfp12", SM_INT4, None))
-
-
-def _per_tensor(name: str, element: ElementFormat) -> MXFormat:
-    return MXFormat(
-        name=name,
-        element=element,
-        scale=None,
-        block_size=None,
-        tensor_scale=True,
-        codec="tensor",
-        reference="per-tensor current scaling (TransformerEngine Float8CurrentScaling)",
-    )
-
-
-# Per-tensor FP8: the baselines of the BDR paper's comparison.
-TENSOR_FP8_E4M3 = register_format(_per_tensor("tensor_fp8_e4m3", FP8_E4M3))
-TENSOR_FP8_E5M2 = register_format(_per_tensor("tensor_fp8_e5m2", FP8_E5M2))

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Literal
 
 import ml_dtypes
 import numpy as np
 
-from jaxmx.formats._families import CODECS, check_codec
+from jaxmx.formats._family import get_family
 
 _UINT8 = np.dtype(np.uint8)
 
@@ -118,7 +119,7 @@ class ElementFormat:
 class ScaleFormat:
     """The number format of a block's shared scale.
 
-    Two kinds:
+    Three kinds:
 
     * ``"pow2"``: a power of two stored as a biased exponent byte. The OCP
       formats' E8M0 (``2**(E - 127)`` for ``E`` in 0..254, 0xFF is NaN, no
@@ -126,6 +127,9 @@ class ScaleFormat:
     * ``"float"``: an unsigned small float whose grid is ``element``'s
       positive half (NVFP4's E4M3 scale: values 2^-9 .. 448, and zero). The
       exponent range is that of ``element``, subnormals included.
+    * ``"float32"``: a float32 number held as float32 (``bits=32``,
+      exponents -149 .. 127, ``bias`` and ``nan_code`` 0: NaN is float32's
+      own), as blockwise INT8 schemes keep their absmax scales.
     """
 
     name: str
@@ -144,10 +148,26 @@ class ScaleFormat:
     element: ElementFormat | None = None
 
     def __post_init__(self):
-        if self.kind not in ("pow2", "float"):
+        object.__setattr__(self, "storage_dtype", np.dtype(self.storage_dtype))
+        if self.kind not in ("pow2", "float", "float32"):
             raise ValueError(
-                f"scale format {self.name!r}: unknown kind {self.kind!r}; allowed: pow2, float"
+                f"scale format {self.name!r}: unknown kind {self.kind!r}; allowed: pow2, float, "
+                "float32"
             )
+        if self.kind == "float32":
+            got = (self.bits, self.bias, self.min_exponent, self.max_exponent, self.nan_code)
+            if got != (32, 0, -149, 127, 0) or self.element is not None:
+                raise ValueError(
+                    f"scale format {self.name!r}: a float32 scale has bits=32, bias=0, "
+                    "min_exponent=-149, max_exponent=127, nan_code=0 and no element; got "
+                    f"(bits, bias, min_exponent, max_exponent, nan_code) = {got}"
+                )
+            if np.dtype(self.storage_dtype) != np.dtype(np.float32):
+                raise ValueError(
+                    f"scale format {self.name!r}: a float32 scale is held in float32, got "
+                    f"{self.storage_dtype}"
+                )
+            return
         if _not_int(self.bits) or not 1 <= self.bits <= 8:
             raise ValueError(f"scale format {self.name!r}: bits must be 1..8, got {self.bits!r}")
         top = (1 << self.bits) - 1
@@ -208,7 +228,7 @@ class MicroExponent:
             )
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@dataclasses.dataclass(frozen=True, kw_only=True, init=False)
 class MXFormat:
     """A block-scaled format: elements, their scales, and the arithmetic that joins them.
 
@@ -217,8 +237,11 @@ class MXFormat:
     (``tensor_scale``; NVFP4, per-tensor FP8), a small-float block scale
     (``scale.kind == "float"``; NVFP4's E4M3), a second level of
     microexponents (``micro``; MX9/MX6/MX4), or no block scale at all
-    (``scale=None``; per-tensor FP8). ``codec`` names the arithmetic of the
-    reference implementation the format is bit-exact with (:data:`CODECS`).
+    (``scale=None``; per-tensor FP8). ``family`` names the arithmetic of the
+    reference implementation the format is bit-exact with (a family
+    registered with :func:`jaxmx.formats.register_family`; see
+    :func:`jaxmx.formats.list_families`). ``codec`` is the former name of
+    ``family``, accepted with a DeprecationWarning.
     """
 
     name: str
@@ -233,8 +256,47 @@ class MXFormat:
     micro: MicroExponent | None = None
     # Whether a float32 scale per tensor multiplies the block scales.
     tensor_scale: bool = False
-    # The arithmetic: a key of CODECS.
-    codec: str = "ocp"
+    # The arithmetic: the name of a registered family.
+    family: str = "ocp"
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        element: ElementFormat,
+        scale: ScaleFormat | None,
+        block_size: int | None = 32,
+        reference: str = "OCP MX v1.0",
+        micro: MicroExponent | None = None,
+        tensor_scale: bool = False,
+        family: str | None = None,
+        codec: str | None = None,
+    ):
+        if codec is not None:
+            warnings.warn(
+                "MXFormat(codec=...) is deprecated; the field is called family now",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            if family is not None and family != codec:
+                raise ValueError(
+                    f"MXFormat {name!r}: family={family!r} and codec={codec!r} disagree "
+                    "(codec is the former name of family; pass family only)"
+                )
+            family = codec
+        values = (name, element, scale, block_size, reference, micro, tensor_scale)
+        values += ("ocp" if family is None else family,)
+        for f, v in zip(dataclasses.fields(self), values, strict=True):
+            object.__setattr__(self, f.name, v)
+        self.__post_init__()
+
+    @property
+    def codec(self) -> str:
+        """Deprecated: the former name of :attr:`family`."""
+        warnings.warn(
+            "MXFormat.codec is deprecated; read MXFormat.family", DeprecationWarning, stacklevel=2
+        )
+        return self.family
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -259,12 +321,11 @@ class MXFormat:
                 f"MXFormat {self.name!r}: tensor_scale must be True or False, got "
                 f"{self.tensor_scale!r}"
             )
-        if self.codec not in CODECS:
-            raise ValueError(
-                f"MXFormat {self.name!r}: unknown codec {self.codec!r}; allowed: "
-                f"{', '.join(CODECS)}"
-            )
-        check_codec(self)
+        try:
+            family = get_family(self.family)
+        except ValueError as e:
+            raise ValueError(f"MXFormat {self.name!r}: {e}") from None
+        family.check_format(self)
         if self.scale is None:
             if self.block_size is not None or not self.tensor_scale:
                 raise ValueError(

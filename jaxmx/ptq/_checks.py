@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from jaxmx import _codecs, numerics
-from jaxmx.formats import MXFormat, get_format
+from jaxmx import numerics
+from jaxmx.formats import DEFAULT_OFFSETS, MXFormat, get_family, get_format
 from jaxmx.spec import QuantSpec
 
 _SCALE_MODES = numerics.SCALE_MODES
@@ -16,19 +16,22 @@ _SCALE_MODES = numerics.SCALE_MODES
 # --------------------------------------------------------------------------
 
 
-# Families whose block scales the methods choose: OCP MX (E8M0 exponents),
-# NVFP4 (E4M3 block scales under a tensor scale) and the shared-microexponent
-# formats (an E8M0 exponent and micro bits). Per-tensor FP8 has no blocks.
-_FAMILIES = ("ocp", *(name for name, c in _codecs.CODECS.items() if c.search is not None))
-_DEFAULT_OFFSETS = (0, 1, -1, -2)
+_DEFAULT_OFFSETS = DEFAULT_OFFSETS
 
 
 def _check_format(format) -> MXFormat:
+    """A format whose family implements the methods (a scale search and a fixed grid)."""
     fmt = get_format(format)
-    if fmt.codec not in _FAMILIES:
+    if not get_family(fmt).searchable:
+        if fmt.scale is None:
+            raise ValueError(
+                f"{fmt.name} has one scale per tensor and no blocks to choose scales for; the "
+                "PTQ methods take block formats (OCP MX, NVFP4, MX9/MX6/MX4, MSFP)"
+            )
         raise ValueError(
-            f"{fmt.name} has one scale per tensor and no blocks to choose scales for; the PTQ "
-            "methods take block formats (OCP MX, NVFP4, MX9/MX6/MX4, MSFP)"
+            f"{fmt.name}'s family {fmt.family!r} implements no scale search, so the PTQ "
+            "methods cannot take it (a family provides them with Family.search, onto, grid "
+            "and round_to_grid)"
         )
     return fmt
 

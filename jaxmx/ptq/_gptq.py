@@ -11,18 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxmx import _codecs, numerics
-from jaxmx.blocks import from_blocks, to_blocks
-from jaxmx.formats import MXFormat
+from jaxmx.formats import MXFormat, get_family
 from jaxmx.ptq._checks import _check_format, _check_scale_mode, _spec
 from jaxmx.ptq._hessians import _hessian_of
-from jaxmx.ptq._search import ScaleSearch, _check_importance, _search_jit, _search_tensor
-from jaxmx.quantize import (
-    check_array,
-    quantize_blocks,
-    quantize_spec,
-    quantize_with_exponent,
-)
+from jaxmx.ptq._search import ScaleSearch, _check_importance, _search_tensor
+from jaxmx.quantize import check_array, quantize_spec
 from jaxmx.spec import check_axis, check_flag
 from jaxmx.tensor import MXTensor
 
@@ -31,72 +24,16 @@ from jaxmx.tensor import MXTensor
 # --------------------------------------------------------------------------
 
 
-def _to_grid(w, e, elem):
-    """``w`` rounded to nearest even on the grid ``2^e * elem``, saturated (float32)."""
-    bits = numerics.f32_to_bits(w)
-    mag = bits & jnp.uint32(0x7FFFFFFF)
-    out = numerics.round_magnitude(mag, e, elem) | (bits & jnp.uint32(0x80000000))
-    return numerics.bits_to_f32(out)
-
-
-# Each family's fixed grid, per entry: (rounding of values onto it, given the
-# per-entry parameter; the parameter of every entry of a fixed-scale tensor).
-
-
-def _ocp_round(w, e, fmt: MXFormat):
-    return _to_grid(w, e, fmt.element)
-
-
-def _nvfp4_round(w, dec, fmt: MXFormat):
-    # E2M1(round(w / dec)) * dec; a zero block scale holds zeros only.
-    safe = jnp.where(dec > 0, dec, 1.0)
-    return jnp.where(dec > 0, _to_grid(w / safe, 0, fmt.element) * safe, 0.0)
-
-
-def _microexp_round(w, step, fmt: MXFormat):
-    # Sign-magnitude integers times 2^step, half to even, saturating.
-    top = float((1 << (fmt.element.bits - 1)) - 1)
-    return jnp.ldexp(jnp.clip(jnp.round(jnp.ldexp(w, -step)), -top, top), step)
-
-
-def _expand(per_block, t: MXTensor, group: int | None = None):
-    """A per-block (or, with ``group``, per-group) array repeated onto every entry of ``t``."""
-    if isinstance(t.block_size, tuple):
-        r, c = t.block_size
-        return jnp.repeat(jnp.repeat(per_block, r, axis=-2), c, axis=-1)
-    n = t.shape[t.axis]
-    return lax.slice_in_dim(
-        jnp.repeat(per_block, group or t.block_size, axis=t.axis), 0, n, axis=t.axis
-    )
-
-
-def _nvfp4_params(t: MXTensor):
-    s8 = t.scale.astype(jnp.float32)  # exact: every E4M3 value is a float32
-    return _expand(s8, t) * t.tensor_scale
-
-
-def _microexp_params(t: MXTensor):
-    block_exp = lax.bitcast_convert_type(t.scale, jnp.uint8).astype(jnp.int32) - 127
-    step = _expand(block_exp, t) - (t.format.element.bits - 2)
-    if t.micro is not None:
-        step = step - _expand(t.micro.astype(jnp.int32), t, t.format.micro.group)
-    return step
-
-
-_ROUND = {"ocp": _ocp_round, "nvfp4": _nvfp4_round, "microexp": _microexp_round}
-_PARAMS = {"nvfp4": _nvfp4_params, "microexp": _microexp_params}
-
-
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def _gptq_rows(w, u, e, fmt, chunk):
     """GPTQ's lazy-batch loop (Frantar et al. 2023, Algorithm 1) over rows of ``w``.
 
     ``w``: (n, R) float32, rows in quantization order (the contraction axis);
     ``u``: (n, n) upper Cholesky factor of the inverse Hessian; ``e``: (n, R)
-    the fixed grid parameter of each entry (its family's, see ``_ROUND``).
+    the fixed grid parameter of each entry (``Family.grid``).
     ``n`` is a multiple of ``chunk``. Returns the quantized values, shaped like ``w``.
     """
-    to_grid = _ROUND[fmt.codec]
+    to_grid = get_family(fmt).round_to_grid
     n = w.shape[0]
     rows = jnp.arange(n)
 
@@ -221,27 +158,18 @@ def quantize_gptq(
         raise ValueError("w holds NaN or Inf; GPTQ needs finite weights")
 
     # 1. Fixed scales from w (a direct cast's, or a search's), and each
-    #    entry's grid parameter: OCP, the exponents in the kept-dims blocked
-    #    layout; the others, the parameters their _ROUND reads off `like`.
+    #    entry's grid parameter (Family.grid).
     mode = _check_scale_mode(scale_mode if search is None else search.scale_mode)
     imp = None
     if search is not None and not spec.tiles:
         imp = _check_importance(np.diag(hessian), w.shape, spec.axis)
-    if fmt.codec == "ocp":
-        bs = spec.block_size
-        if search is not None:
-            e = _search_jit(w, fmt, spec.axis, bs, mode, search.offsets, imp)
-        else:
-            e = quantize_blocks(w, fmt, spec.axis, bs, mode, False, None).exponent
-        e_blocks = jnp.broadcast_to(e, to_blocks(w, spec.axis, bs).shape)
-        params = from_blocks(e_blocks, spec.axis, w.shape[spec.axis])
+    unpacked = dataclasses.replace(spec, packed=False, scale_mode=mode)
+    if search is not None:
+        like = _search_tensor(w, unpacked, search.offsets, imp)
     else:
-        unpacked = dataclasses.replace(spec, packed=False, scale_mode=mode)
-        if search is not None:
-            like = _search_tensor(w, unpacked, search.offsets, imp)
-        else:
-            like = quantize_spec(w, None, None, unpacked)
-        params = _PARAMS[fmt.codec](like)
+        like = quantize_spec(w, None, None, unpacked)
+    family = get_family(fmt)
+    params = family.grid(like)
     rows_e = jnp.moveaxis(params, axis, 0).reshape(n, -1)
     rows_w = jnp.moveaxis(w, axis, 0).reshape(n, -1)
 
@@ -264,9 +192,7 @@ def quantize_gptq(
     q = jnp.moveaxis(q.reshape(moved), 0, axis)
 
     # 4. The codes of q on the fixed scales (q is on them: no value moves).
-    if fmt.codec == "ocp":
-        return quantize_with_exponent(q, e, fmt, spec.axis, spec.block_size, spec.packed)
-    return _codecs.CODECS[fmt.codec].onto(q, like, spec)
+    return family.onto(q, like, spec)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)

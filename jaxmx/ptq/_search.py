@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-from jaxmx import _codecs, numerics
-from jaxmx.blocks import from_blocks, to_blocks
-from jaxmx.formats import MXFormat
+from jaxmx.formats import MXFormat, get_family
 from jaxmx.ptq._checks import (
     _DEFAULT_OFFSETS,
     _check_format,
@@ -22,42 +18,9 @@ from jaxmx.ptq._checks import (
     _spec,
 )
 from jaxmx.ptq._hessians import _hessian_of
-from jaxmx.quantize import (
-    check_array,
-    dequantize,
-    quantize_blocks,
-    quantize_with_exponent,
-)
+from jaxmx.quantize import check_array, dequantize
 from jaxmx.spec import QuantSpec
 from jaxmx.tensor import MXTensor
-
-# --------------------------------------------------------------------------
-# Per-block scale search.
-# --------------------------------------------------------------------------
-
-
-def _search_exponents(x, fmt, axis, bs, scale_mode, offsets, importance=None):
-    """(best exponent, best rounded values in blocked layout, the blocks)."""
-    blk = quantize_blocks(x, fmt, axis, bs, scale_mode, False, None)
-    block_axis = blk.mag.ndim + axis
-    finite = jnp.where(blk.mag >= jnp.uint32(0x7F800000), jnp.uint32(0), blk.mag)
-    ref = numerics.bits_to_f32(finite)
-    imp = None if importance is None else to_blocks(importance, axis, bs)
-    lo, hi = fmt.scale.min_exponent, fmt.scale.max_exponent
-    best_e = best_v = best_err = None
-    for d in offsets:  # a handful of candidates: unrolled, each one fused pass
-        e = jnp.clip(blk.exponent + d, lo, hi)
-        v = numerics.bits_to_f32(numerics.round_magnitude(finite, e, fmt.element))
-        sq = jnp.square(v - ref) if imp is None else imp * jnp.square(v - ref)
-        err = jnp.sum(sq, axis=block_axis, keepdims=True)
-        if best_e is None:
-            best_e, best_v, best_err = e, v, err
-        else:
-            better = err < best_err  # strict: ties keep the earlier (direct) exponent
-            best_e = jnp.where(better, e, best_e)
-            best_v = jnp.where(better, v, best_v)
-            best_err = jnp.where(better, err, best_err)
-    return best_e, best_v, blk
 
 
 def quantize_search(
@@ -87,13 +50,13 @@ def quantize_search(
     NVFP4: Four Over Six (Cook et al. 2025, arXiv:2512.02010): each block's
     E4M3 scale maps its maximum to 6 or to 4, whichever gives the smaller
     error, under a tensor scale of ``amax / 1536`` (so that the 4-target
-    scales fit E4M3); see :func:`jaxmx._scaled.nvfp4.nvfp4_quantize_4over6`.
+    scales fit E4M3); see :func:`jaxmx.families.nvfp4._kernels.nvfp4_quantize_4over6`.
     ``offsets`` do not apply.
 
     MX9/MX6/MX4 and MSFP: the shared exponent tries Quark's plus each offset,
     and under each every pair of elements takes the micro bit (finer grid or
     not) with the smaller error instead of Quark's rule; no block's error
-    exceeds the direct cast's (:func:`jaxmx._scaled.microexp.quantize_search`).
+    exceeds the direct cast's (:func:`jaxmx.families.microexp._kernels.quantize_search`).
 
     Args:
       x: float32, bfloat16 or float16 array.
@@ -136,18 +99,9 @@ def quantize_search(
 
 
 def _search_tensor(x, spec: QuantSpec, offsets, importance) -> MXTensor:
-    """The per-family search, on validated arguments (importance: broadcastable or None)."""
-    fmt, axis, bs = spec.format, spec.axis, spec.block_size
-    if fmt.codec == "ocp":
-        e = _search_jit(x, fmt, axis, bs, spec.scale_mode, offsets, importance)
-        return quantize_with_exponent(x, e, fmt, axis, bs, spec.packed)
-    if fmt.codec == "nvfp4" and offsets != _check_offsets(_DEFAULT_OFFSETS):
-        raise ValueError(
-            "NVFP4's search chooses each block's target (6 or 4, Four Over Six); exponent "
-            f"offsets apply to power-of-two scales only, got offsets={offsets!r}"
-        )
+    """The family's search, on validated arguments (importance: broadcastable or None)."""
     full = None if importance is None else jnp.broadcast_to(importance, x.shape)
-    return _codecs.CODECS[fmt.codec].search(x, offsets, full, spec)
+    return get_family(spec.format).search(x, offsets, full, spec)
 
 
 def _check_importance(importance, shape, axis):
@@ -165,13 +119,6 @@ def _check_importance(importance, shape, axis):
     view = [1] * len(shape)
     view[axis] = n
     return jnp.asarray(imp.reshape(view), jnp.float32)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
-def _search_jit(x, fmt, axis, bs, scale_mode, offsets, importance=None):
-    if importance is not None:
-        importance = jnp.broadcast_to(importance, x.shape)
-    return _search_exponents(x, fmt, axis, bs, scale_mode, offsets, importance)[0]
 
 
 def fake_quantize_search(
@@ -201,19 +148,11 @@ def fake_quantize_search(
     fmt = _check_format(format)
     x = check_array(x)
     spec = _spec(fmt, x.ndim, axis, block_size, _check_scale_mode(scale_mode))
-    if fmt.codec != "ocp":
-        return dequantize(_search_tensor(x, spec, _check_offsets(offsets), None))
-    return _fake_search_jit(
-        x, fmt, spec.axis, spec.block_size, spec.scale_mode, _check_offsets(offsets)
-    )
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
-def _fake_search_jit(x, fmt, axis, bs, scale_mode, offsets):
-    _, v, blk = _search_exponents(x, fmt, axis, bs, scale_mode, offsets)
-    bits = numerics.f32_to_bits(v) | lax.shift_left(blk.sign, jnp.uint32(31))
-    bits = jnp.where(blk.nonfinite, jnp.uint32(0x7FC00000), bits)
-    return from_blocks(numerics.bits_to_f32(bits), axis, x.shape[axis])
+    offsets = _check_offsets(offsets)
+    values = get_family(fmt).fake_search(x, offsets, spec)
+    if values is None:
+        values = dequantize(_search_tensor(x, spec, offsets, None))
+    return values
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

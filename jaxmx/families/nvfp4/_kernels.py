@@ -30,7 +30,7 @@ What the formulas give at the edges, which jaxmx follows:
   decode to 0. ``S_enc`` is clamped at FLT_MAX, so a tensor whose amax is
   below ``2688 / FLT_MAX`` (about 2^-116.6) decodes to a fixed fraction of
   its values. XLA:CPU flushes float32 subnormals, so every step that can
-  reach one is computed on integers (:mod:`jaxmx._scaled.f32`).
+  reach one is computed on integers (:mod:`jaxmx.families._f32`).
 * Huge inputs: the block scale saturates at 448 and elements at 6.
 * NaN: a NaN in x makes the tensor amax NaN, so every block scale is NaN
   (byte 0x7F) and everything decodes to NaN. With a finite ``tensor_amax``
@@ -78,7 +78,7 @@ import numpy as np
 from jax import lax
 
 from jaxmx import numerics
-from jaxmx._scaled import f32
+from jaxmx.families import _f32 as f32
 from jaxmx.formats import FP4_E2M1, FP8_E4M3
 from jaxmx.numerics import u32
 
@@ -244,7 +244,7 @@ def _scale_shape(shape, axes, sizes) -> tuple[int, ...]:
 # operands and results, so each chain has two forms: a fast one in float
 # arithmetic, taken when the tensor scale keeps every per-block quantity and
 # every decoded value normal (which the bounds in _FAST_* guarantee), and an
-# exact one on integers (jaxmx._scaled.f32) for the rest: tensors whose amax
+# exact one on integers (jaxmx.families._f32) for the rest: tensors whose amax
 # is below about 2^-100, and NaN amax. A lax.cond picks one per tensor.
 
 # TE: with s_dec = 1 / S_enc >= 2^-115, every nonzero decode factor s8 * s_dec

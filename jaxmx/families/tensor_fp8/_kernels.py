@@ -18,7 +18,7 @@ Where the formula breaks down:
   scale is the smallest positive float32, 2^-149, so ``x / scale`` stays
   finite. Other tiny amax give a subnormal scale, which is kept: every step
   is IEEE float32 with gradual underflow, computed on integers where XLA:CPU
-  would flush (:mod:`jaxmx._scaled.f32`).
+  would flush (:mod:`jaxmx.families._f32`).
 * NaN or Inf anywhere: the scale is NaN and every code is NaN (E4M3 0x7F,
   E5M2 0x7E), the convention jaxmx uses for a block holding a NaN or Inf, the
   tensor being the block here. One Inf would otherwise make ``scale = Inf``
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxmx import numerics
-from jaxmx._scaled import f32
+from jaxmx.families import _f32 as f32
 from jaxmx.formats import FP8_E4M3, FP8_E5M2, ElementFormat
 from jaxmx.numerics import u32
 
