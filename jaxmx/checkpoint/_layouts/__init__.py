@@ -150,6 +150,8 @@ def load(path: str, layout: str):
 
 def save(path: str, tree, layout: str, overwrite: bool) -> dict:
     """Writes ``tree`` in ``layout``; returns the counts SaveInfo reports."""
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     codec = CODECS[layout]
     tensors: dict[str, np.ndarray] = {}
     owners: dict[str, str] = {}
@@ -184,7 +186,7 @@ def save(path: str, tree, layout: str, overwrite: bool) -> dict:
         raise ValueError("the tree holds no arrays or MXTensors; there is nothing to save")
     if notes:
         warnings.warn(_inexact(path, "will hold", notes), UserWarning, stacklevel=3)
-    if os.path.lexists(path):
+    if os.path.lexists(path):  # only now that the whole tree is known to fit the layout
         _files.check_replaceable(path, overwrite, layout)
     _files.write(path, tensors, layout, hints, codec.config(stems, plain))
     return {
