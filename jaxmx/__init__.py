@@ -12,6 +12,7 @@ MXTensor(mxfp8_e4m3, shape=(2, 32), dtype=float32, axis=-1, block_size=32, nbyte
 from jaxmx import codes
 from jaxmx import formats
 from jaxmx import numerics
+from jaxmx import platforms
 
 # The families (OCP MX, NVFP4, shared microexponents, per-tensor FP8) and
 # their formats, registered on import.
@@ -112,6 +113,7 @@ __all__ = [
     "numerics",
     "pack",
     "param_bytes",
+    "platforms",
     "preset",
     "ptq",
     "qsnr",

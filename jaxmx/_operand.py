@@ -19,6 +19,7 @@ from jax import lax
 
 from jaxmx.config import DotConfig
 from jaxmx.formats import MXFormat
+from jaxmx.platforms import Platform, per_platform
 from jaxmx.quantize import dequantize, fake_quantize_spec
 from jaxmx.spec import QuantSpec
 from jaxmx.tensor import MXTensor
@@ -39,37 +40,29 @@ __all__ = [
 _ROLE_IDS = {"lhs": 1, "rhs": 2, "grad_dgrad": 3, "rhs_bwd": 4, "lhs_bwd": 5, "grad_wgrad": 6}
 
 
-def compute_dtype(config: DotConfig):
-    """dtype the operands of a convolution are decoded into."""
+def compute_dtype(config: DotConfig, platform: Platform):
+    """dtype the operands of a convolution are decoded into on ``platform``."""
     if config.compute_dtype is not None:
         return jnp.dtype(config.compute_dtype)
     # Every MX value (down to 2^-133) is exact in bfloat16 and products
-    # accumulate in float32, so the choice is only about speed: bfloat16 on
-    # accelerators, float32 on CPU.
-    return jnp.dtype(jnp.float32 if _on_cpu() else jnp.bfloat16)
+    # accumulate in float32, so the choice is only about speed.
+    return jnp.dtype(platform.conv_dtype)
 
 
-def dot_compute_dtype(config: DotConfig):
-    """dtype the operands of a dot_general are decoded into (see :func:`product`).
+def dot_compute_dtype(config: DotConfig, platform: Platform):
+    """dtype the operands of a dot_general are decoded into on ``platform``
+    (see :func:`product`).
 
-    None: bfloat16 on accelerators and on CPUs with bfloat16 dot instructions,
-    float32 on other CPUs, where XLA:CPU's bfloat16 dot converts its operands
-    on the fly and runs slower than the float32 one (1.5x on AVX2).
+    None: the platform's (:class:`jaxmx.platforms.Platform`); on CPU
+    bfloat16 where the CPU has bfloat16 dot instructions, float32 elsewhere,
+    where XLA:CPU's bfloat16 dot converts its operands on the fly and runs
+    slower than the float32 one (1.5x on AVX2).
     """
     if config.compute_dtype is not None:
         return jnp.dtype(config.compute_dtype)
-    if not _on_cpu() or cpu_has_bf16_dot():
-        return jnp.dtype(jnp.bfloat16)
-    return jnp.dtype(jnp.float32)
-
-
-# The two platform choices, kept here so that they can move to lowering time
-# (jax.lax.platform_dependent) in one place.
-
-
-def _on_cpu() -> bool:
-    """Whether the default backend is XLA:CPU (a trace-time choice)."""
-    return jax.default_backend() == "cpu"
+    if platform.dot_dtype == "host":
+        return jnp.dtype(jnp.bfloat16 if cpu_has_bf16_dot() else jnp.float32)
+    return jnp.dtype(platform.dot_dtype)
 
 
 @functools.cache
@@ -108,15 +101,13 @@ def random_bits(x, spec: QuantSpec, key, role: str):
 
 
 def fake_operand(
-    x, fmt: MXFormat | None, axis: int | None, config: DotConfig, rounding, key, role, dtype=None
+    x, fmt: MXFormat | None, axis: int | None, config: DotConfig, rounding, key, role, dtype
 ):
-    """``x`` fake-quantized to ``fmt`` with blocks along ``axis``, in ``dtype``
-    (default: :func:`compute_dtype`).
+    """``x`` fake-quantized to ``fmt`` with blocks along ``axis``, in ``dtype``.
 
     ``axis=None``: nothing to contract, one element per block. An
     :class:`~jaxmx.MXTensor` is already quantized: it is only decoded.
     """
-    dtype = compute_dtype(config) if dtype is None else dtype
     if isinstance(x, MXTensor):
         return dequantize(x, dtype)
     if fmt is None:
@@ -182,7 +173,9 @@ def operand_spec(
     return QuantSpec.make(fmt, ndim, axis=axis, block_size=bs, scale_mode=mode, rounding=rounding)
 
 
-def lax_dot(lhs, rhs, dims, precision=None, preferred_element_type=None, out_sharding=None):
+def lax_dot(
+    lhs, rhs, dims, precision=None, preferred_element_type=None, out_sharding=None, platform=None
+):
     """``lax.dot_general`` that runs on XLA:CPU for every legal layout.
 
     XLA:CPU implements a bfloat16 x bfloat16 -> float32 dot for some layouts
@@ -191,11 +184,18 @@ def lax_dot(lhs, rhs, dims, precision=None, preferred_element_type=None, out_sha
     of a rematerialized scan). Products of two bfloat16 values are exact in
     float32, so on CPU bfloat16 operands are widened to float32 first: the
     result is the same float32-accumulated sum, and nothing crashes where
-    float32 works. Other backends get the call as it is.
+    float32 works. Other backends get the call as it is. ``platform``: the
+    record to follow (None: the one the program is lowered for).
     """
+    if platform is None and jnp.bfloat16 in (lhs.dtype, rhs.dtype):
+        return per_platform(
+            lambda p, a, b: lax_dot(a, b, dims, precision, preferred_element_type, out_sharding, p),
+            lhs,
+            rhs,
+        )
     kwargs = {} if out_sharding is None else {"out_sharding": out_sharding}
     out_dtype = jnp.dtype(preferred_element_type or jnp.promote_types(lhs.dtype, rhs.dtype))
-    if _on_cpu() and jnp.bfloat16 in (lhs.dtype, rhs.dtype):
+    if platform is not None and platform.cpu_dot_layouts and jnp.bfloat16 in (lhs.dtype, rhs.dtype):
         widen = jnp.promote_types(jnp.float32, out_dtype)
         out = lax.dot_general(
             lhs.astype(widen),
@@ -211,7 +211,9 @@ def lax_dot(lhs, rhs, dims, precision=None, preferred_element_type=None, out_sha
     )
 
 
-def product(qa, qb, dims, precision=None, compute=jnp.float32, out_sharding=None):
+def product(
+    qa, qb, dims, platform: Platform, precision=None, compute=jnp.float32, out_sharding=None
+):
     """float32 ``dot_general`` of two dequantized operands (float32 accumulation).
 
     The operands are multiplied in ``compute`` or their wider dtype. In
@@ -221,9 +223,9 @@ def product(qa, qb, dims, precision=None, compute=jnp.float32, out_sharding=None
     """
     common = jnp.promote_types(jnp.promote_types(qa.dtype, qb.dtype), compute)
     qa, qb = qa.astype(common), qb.astype(common)
-    if common == jnp.bfloat16 and out_sharding is None and _on_cpu():
+    if common == jnp.bfloat16 and out_sharding is None and platform.cpu_dot_layouts:
         return _cpu_bf16_dot(qa, qb, _tuple_dims(dims), precision)
-    return lax_dot(qa, qb, dims, precision, jnp.float32, out_sharding)
+    return lax_dot(qa, qb, dims, precision, jnp.float32, out_sharding, platform)
 
 
 def _tuple_dims(dims):

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxmx import platforms
 from jaxmx.formats import ElementFormat
 
 __all__ = [
@@ -35,18 +36,23 @@ def raw_dtype(bits: int):
 
 
 def storage_dtype(elem: ElementFormat) -> np.dtype:
-    """dtype of the element codes of an unpacked MXTensor on the default backend.
+    """dtype of the element codes of an unpacked MXTensor.
 
     The format's own ``storage_dtype`` (the ml_dtypes float where XLA has
-    one), except for 4-bit floats on CPU: XLA:CPU miscompiles some programs
-    that carry ``float4_e2m1fn`` arrays (a ``lax.scan`` over them fails with
-    "Invalid LLVM IR: bitcast i8 to i4"), and its 4-bit arrays are slow, so
-    there the 4-bit code is held in a uint8, as FP6 codes are everywhere.
-    ``tests/test_regressions.py`` keeps the upstream failure under watch.
+    one), except for 4-bit floats, whose code is held in a uint8 as FP6
+    codes are: XLA:CPU miscompiles some programs that carry
+    ``float4_e2m1fn`` arrays (a ``lax.scan`` over them fails with "Invalid
+    LLVM IR: bitcast i8 to i4"), and a dtype is part of a program's types,
+    so it cannot follow the platform the program is lowered for. A forced
+    accelerator platform (:func:`jaxmx.platforms.force`) holds them as
+    float4. ``tests/test_regressions.py`` keeps the upstream failure under
+    watch.
     """
     dtype = np.dtype(elem.storage_dtype)
-    if elem.kind == "float" and dtype.itemsize * 8 != elem.bits and jax.default_backend() == "cpu":
-        return np.dtype(raw_dtype(elem.bits))
+    if elem.kind == "float" and dtype.itemsize * 8 != elem.bits:
+        forced = platforms.forced()
+        if forced is None or not forced.float4_codes:
+            return np.dtype(raw_dtype(elem.bits))
     return dtype
 
 

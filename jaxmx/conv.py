@@ -29,6 +29,7 @@ from jax import lax
 
 from jaxmx._operand import check_key, check_operands, compute_dtype, fake_operand
 from jaxmx.config import DotConfig, as_dot_config
+from jaxmx.platforms import per_platform
 from jaxmx.quantize import dequantize
 from jaxmx.tensor import MXTensor
 
@@ -63,13 +64,13 @@ def _conv(lhs, rhs, s: _ConvStatic):
     )
 
 
-def _grouped(x, fmt, axis: int, groups: int, cfg: DotConfig, rounding, key, role):
+def _grouped(x, fmt, axis: int, groups: int, cfg: DotConfig, rounding, key, role, dtype):
     """Quantizes ``x`` along ``axis`` with blocks kept inside each of ``groups`` groups."""
     if fmt is None or groups == 1 or isinstance(x, MXTensor):  # an MXTensor: checked, decoded
-        return fake_operand(x, fmt, axis, cfg, rounding, key, role)
+        return fake_operand(x, fmt, axis, cfg, rounding, key, role, dtype)
     shape = x.shape
     split = shape[:axis] + (groups, shape[axis] // groups) + shape[axis + 1 :]
-    q = fake_operand(x.reshape(split), fmt, axis + 1, cfg, rounding, key, role)
+    q = fake_operand(x.reshape(split), fmt, axis + 1, cfg, rounding, key, role, dtype)
     return q.reshape(shape)
 
 
@@ -84,10 +85,16 @@ def _mx_conv_fwd(lhs, rhs, key, s: _ConvStatic):
     Residuals: the high-precision ``(lhs, rhs, key)``.
     """
     cfg, dn = s.config, s.dimension_numbers
-    x = _grouped(lhs, cfg.lhs, dn.lhs_spec[1], s.feature_group_count, cfg, cfg.rounding, key, "lhs")
-    w = fake_operand(rhs, cfg.rhs, dn.rhs_spec[1], cfg, cfg.rounding, key, "rhs")
-    common = jnp.promote_types(x.dtype, w.dtype)
-    return _conv(x.astype(common), w.astype(common), s).astype(s.out_dtype), (lhs, rhs, key)
+    groups = s.feature_group_count
+
+    def run(platform):
+        cdt = compute_dtype(cfg, platform)
+        x = _grouped(lhs, cfg.lhs, dn.lhs_spec[1], groups, cfg, cfg.rounding, key, "lhs", cdt)
+        w = fake_operand(rhs, cfg.rhs, dn.rhs_spec[1], cfg, cfg.rounding, key, "rhs", cdt)
+        common = jnp.promote_types(x.dtype, w.dtype)
+        return _conv(x.astype(common), w.astype(common), s).astype(s.out_dtype)
+
+    return per_platform(run), (lhs, rhs, key)
 
 
 def _mx_conv_bwd(s: _ConvStatic, res, g):
@@ -99,27 +106,34 @@ def _mx_conv_bwd(s: _ConvStatic, res, g):
     lhs, rhs, key = (dequantize(x, x.dtype) if isinstance(x, MXTensor) else x for x in res)
     g_round = cfg.effective_grad_rounding
     groups = s.feature_group_count
-    cdt = jnp.promote_types(compute_dtype(cfg), jnp.promote_types(lhs.dtype, rhs.dtype))
 
-    g1 = _grouped(g, cfg.grad, dn.out_spec[1], groups, cfg, g_round, key, "grad_dgrad")
-    w1 = _grouped(
-        rhs, cfg.role("rhs_bwd"), dn.rhs_spec[0], groups, cfg, cfg.rounding, key, "rhs_bwd"
-    )
-    # The convolution is linear in each operand: its VJP in lhs, taken at
-    # the quantized kernel, is the dgrad convolution of Q(dY) and Q(W).
-    d_lhs = d_rhs = None
-    if not lhs_const:
-        _, vjp_lhs = jax.vjp(lambda x: _conv(x, w1.astype(cdt), s), lhs.astype(cdt))
-        (d_lhs,) = vjp_lhs(g1.astype(jnp.float32))
-        d_lhs = d_lhs.astype(lhs.dtype)
-    if not rhs_const:
-        x2 = fake_operand(
-            lhs, cfg.role("lhs_bwd"), dn.lhs_spec[0], cfg, cfg.rounding, key, "lhs_bwd"
+    def run(platform):
+        cdt = jnp.promote_types(
+            compute_dtype(cfg, platform), jnp.promote_types(lhs.dtype, rhs.dtype)
         )
-        g2 = fake_operand(g, cfg.grad, dn.out_spec[0], cfg, g_round, key, "grad_wgrad")
-        _, vjp_rhs = jax.vjp(lambda w: _conv(x2.astype(cdt), w, s), rhs.astype(cdt))
-        (d_rhs,) = vjp_rhs(g2.astype(jnp.float32))
-        d_rhs = d_rhs.astype(rhs.dtype)
+        g1 = _grouped(g, cfg.grad, dn.out_spec[1], groups, cfg, g_round, key, "grad_dgrad", cdt)
+        w1 = _grouped(
+            rhs, cfg.role("rhs_bwd"), dn.rhs_spec[0], groups, cfg, cfg.rounding, key,
+            "rhs_bwd", cdt,
+        )  # fmt: skip
+        # The convolution is linear in each operand: its VJP in lhs, taken at
+        # the quantized kernel, is the dgrad convolution of Q(dY) and Q(W).
+        d_lhs = d_rhs = None
+        if not lhs_const:
+            _, vjp_lhs = jax.vjp(lambda x: _conv(x, w1.astype(cdt), s), lhs.astype(cdt))
+            (d_lhs,) = vjp_lhs(g1.astype(jnp.float32))
+            d_lhs = d_lhs.astype(lhs.dtype)
+        if not rhs_const:
+            x2 = fake_operand(
+                lhs, cfg.role("lhs_bwd"), dn.lhs_spec[0], cfg, cfg.rounding, key, "lhs_bwd", cdt
+            )
+            g2 = fake_operand(g, cfg.grad, dn.out_spec[0], cfg, g_round, key, "grad_wgrad", cdt)
+            _, vjp_rhs = jax.vjp(lambda w: _conv(x2.astype(cdt), w, s), rhs.astype(cdt))
+            (d_rhs,) = vjp_rhs(g2.astype(jnp.float32))
+            d_rhs = d_rhs.astype(rhs.dtype)
+        return d_lhs, d_rhs
+
+    d_lhs, d_rhs = per_platform(run)
     return d_lhs, d_rhs, None
 
 

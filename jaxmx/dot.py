@@ -47,6 +47,7 @@ from jaxmx._operand import (
 from jaxmx.config import DotConfig, as_dot_config
 from jaxmx.formats import MXFormat
 from jaxmx.packing import unpack
+from jaxmx.platforms import per_platform
 from jaxmx.quantize import dequantize, quantize_spec
 from jaxmx.tensor import MXTensor
 
@@ -143,22 +144,27 @@ class _Side(NamedTuple):
 
 
 def _qmatmul(a: _Side, b: _Side, dims, static: _Static, key, out_dtype, out_sharding=None):
-    """``Q(a) . Q(b)`` with blocks along the last contracting axis of each side."""
+    """``Q(a) . Q(b)`` with blocks along the last contracting axis of each side,
+    as the platform the program is lowered for runs it."""
     cfg = static.config
     reason = _native_reason(a, b, cfg)
-    if native.use_native(cfg, reason):
-        ta, tb = (_mx_tensor(s, cfg, key) for s in (a, b))
-        return native.scaled_dot(ta, tb, dims, out_dtype)
-    cdt = dot_compute_dtype(cfg)
-    qa = fake_operand(a.x, a.fmt, _last(a.contracting), cfg, a.rounding, key, a.role, cdt)
-    qb = fake_operand(b.x, b.fmt, _last(b.contracting), cfg, b.rounding, key, b.role, cdt)
-    return _matmul(qa, qb, dims, static.precision, out_dtype, cdt, out_sharding)
+
+    def run(platform):
+        if native.use_native(cfg, reason, platform):
+            ta, tb = (_mx_tensor(s, cfg, key) for s in (a, b))
+            return native.scaled_dot(ta, tb, dims, out_dtype)
+        cdt = dot_compute_dtype(cfg, platform)
+        qa = fake_operand(a.x, a.fmt, _last(a.contracting), cfg, a.rounding, key, a.role, cdt)
+        qb = fake_operand(b.x, b.fmt, _last(b.contracting), cfg, b.rounding, key, b.role, cdt)
+        return _matmul(qa, qb, dims, static.precision, out_dtype, cdt, platform, out_sharding)
+
+    return per_platform(run)
 
 
-def _matmul(qa, qb, dims, precision, out_dtype, cdt, out_sharding=None):
+def _matmul(qa, qb, dims, precision, out_dtype, cdt, platform, out_sharding=None):
     """float32-accumulating dot_general of two dequantized operands, multiplied
     in ``cdt`` or wider."""
-    return product(qa, qb, dims, precision, cdt, out_sharding).astype(out_dtype)
+    return product(qa, qb, dims, platform, precision, cdt, out_sharding).astype(out_dtype)
 
 
 def _native_reason(a: _Side, b: _Side, cfg: DotConfig) -> str | None:
@@ -215,13 +221,18 @@ def _mx_dot_fwd(lhs, rhs, key, static: _Static):
     # The stash is the forward MX copy itself (same rounding, same random
     # bits), quantized once and used by the forward matmul too.
     ta, tb = _stash(a, cfg, key), _stash(b, cfg, key)
-    if native.use_native(cfg, _native_reason(a, b, cfg)):
-        out = native.scaled_dot(unpack(ta), unpack(tb), dims, static.out_dtype)
-    else:
-        cdt = dot_compute_dtype(cfg)
+    reason = _native_reason(a, b, cfg)
+
+    def run(platform):
+        if native.use_native(cfg, reason, platform):
+            return native.scaled_dot(unpack(ta), unpack(tb), dims, static.out_dtype)
+        cdt = dot_compute_dtype(cfg, platform)
         qa, qb = (dequantize(t, cdt) if isinstance(t, MXTensor) else t for t in (ta, tb))
-        out = _matmul(qa, qb, dims, static.precision, static.out_dtype, cdt, static.out_sharding)
-    return out, (ta, tb, key)
+        return _matmul(
+            qa, qb, dims, static.precision, static.out_dtype, cdt, platform, static.out_sharding
+        )
+
+    return per_platform(run), (ta, tb, key)
 
 
 def _stash(side: _Side, cfg: DotConfig, key):
@@ -231,8 +242,8 @@ def _stash(side: _Side, cfg: DotConfig, key):
         return (
             side.x
             if side.fmt is None
-            else fake_operand(side.x, side.fmt, None, cfg, side.rounding, key, side.role).astype(
-                side.x.dtype
+            else fake_operand(
+                side.x, side.fmt, None, cfg, side.rounding, key, side.role, side.x.dtype
             )
         )
     return _mx_tensor(side, cfg, key)

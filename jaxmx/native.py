@@ -28,26 +28,41 @@ from jax import lax
 from jaxmx.codes import storage_to_raw
 from jaxmx.config import DotConfig
 from jaxmx.formats import MXFormat, get_family
+from jaxmx.platforms import PLATFORMS, Platform
 
 __all__ = ["has_native_mx", "unsupported_reason"]
 
 
 @functools.cache
-def has_native_mx() -> bool:
-    """Whether the default backend multiplies MX blocks in hardware.
+def has_native_mx(platform: Platform | str = "cuda") -> bool:
+    """Whether ``platform`` multiplies MX blocks in hardware here.
+
+    A platform record that lists ``"scaled_dot"`` (cuda) has it where one of
+    this process's devices of that platform has compute capability 10 or
+    newer (Blackwell); without such a device (a CPU host exporting for
+    cuda), the emulated matmul is lowered.
 
     >>> import jaxmx
-    >>> jaxmx.native.has_native_mx()  # CPU: no
-    False
+    >>> jaxmx.native.has_native_mx("cpu"), jaxmx.native.has_native_mx("cuda")  # no GPU here
+    (False, False)
     """
-    if jax.default_backend() != "gpu":
-        return False
-    cc = getattr(jax.devices()[0], "compute_capability", None)
+    rec = platform if isinstance(platform, Platform) else PLATFORMS[platform]
+    return "scaled_dot" in rec.native and _newest_compute_capability(rec.name) >= 10
+
+
+@functools.cache
+def _newest_compute_capability(name: str) -> int:
     try:
-        major = int(str(cc).split(".")[0])
-    except ValueError:
-        return False
-    return major >= 10
+        devices = jax.devices(name)
+    except RuntimeError:  # no such backend in this process
+        return 0
+    majors = [0]
+    for d in devices:
+        try:
+            majors.append(int(str(getattr(d, "compute_capability", "0")).split(".")[0]))
+        except ValueError:
+            continue
+    return max(majors)
 
 
 def unsupported_reason(
@@ -75,8 +90,8 @@ def unsupported_reason(
     return None
 
 
-def use_native(config: DotConfig, reason: str | None) -> bool:
-    """Applies ``config.native`` to one matmul whose fit is ``reason``."""
+def use_native(config: DotConfig, reason: str | None, platform: Platform) -> bool:
+    """Applies ``config.native`` to one matmul whose fit is ``reason``, lowered for ``platform``."""
     if config.native == "never":
         return False
     if config.native == "always":
@@ -85,7 +100,7 @@ def use_native(config: DotConfig, reason: str | None) -> bool:
                 f"DotConfig(native='always') but this matmul cannot run natively: {reason}"
             )
         return True
-    return reason is None and has_native_mx()
+    return reason is None and has_native_mx(platform)
 
 
 def scaled_dot(a, b, dims, out_dtype) -> jax.Array:

@@ -34,6 +34,7 @@ LAYERS = {
         "jaxmx.codes",
         "jaxmx.formats",
         "jaxmx.numerics",
+        "jaxmx.platforms",
         "jaxmx.spec",
     ),
     "tensor": (

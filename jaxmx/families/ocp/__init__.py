@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from jaxmx import numerics
+from jaxmx import numerics, platforms
 from jaxmx.families._common import expand, to_grid
 from jaxmx.families.ocp import _kernels, _search
 from jaxmx.formats import (
@@ -71,7 +71,7 @@ class OCP(Family):
             )
 
     def quantize(self, x, rbits, tensor_amax, spec):
-        return _kernels.quantize(x, rbits, spec)
+        return _kernels.quantize(x, rbits, spec, platforms.forced())
 
     def fake_quantize(self, x, rbits, tensor_amax, spec):
         return _kernels.fake_quantize(x, rbits, spec)
@@ -80,11 +80,13 @@ class OCP(Family):
         return _kernels.dequantize(t, dtype)
 
     def onto(self, x, like, spec):
-        return _kernels.quantize_with_exponent(x, _kernels.exponents(like), spec)
+        return _kernels.quantize_with_exponent(
+            x, _kernels.exponents(like), spec, platforms.forced()
+        )
 
     def search(self, x, offsets, importance, spec):
         e = _search.search_exponents(x, spec, offsets, importance)
-        return _kernels.quantize_with_exponent(x, e, spec)
+        return _kernels.quantize_with_exponent(x, e, spec, platforms.forced())
 
     def fake_search(self, x, offsets, spec):
         return _search.fake_search(x, spec, offsets)

@@ -72,8 +72,13 @@ def blocks(x: jax.Array, spec: QuantSpec, rbits: jax.Array | None = None) -> Blo
     return Blocks(sign, mag, rbits, e, nonfinite)
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def quantize(x, rbits, spec: QuantSpec) -> MXTensor:
+# The kernels that write codes take the forced platform as a second static
+# argument: it decides the codes' storage dtype (jaxmx.codes.storage_dtype),
+# so it must be part of the jit cache key.
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def quantize(x, rbits, spec: QuantSpec, forced=None) -> MXTensor:
     return encode(blocks(x, spec, rbits), x, spec)
 
 
@@ -98,8 +103,8 @@ def encode(blk: Blocks, x, spec: QuantSpec) -> MXTensor:
     return make_tensor(spec, x, data, scale)
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def quantize_with_exponent(x, exponent, spec: QuantSpec) -> MXTensor:
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def quantize_with_exponent(x, exponent, spec: QuantSpec, forced=None) -> MXTensor:
     """Quantizes ``x`` with given shared exponents instead of ones from the block max.
 
     ``exponent``: int32 in the kept-dims blocked layout (``to_blocks`` of
