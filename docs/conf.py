@@ -56,20 +56,6 @@ html_title = f"jaxmx {release}"
 html_static_path: list[str] = []
 
 
-# Docstrings of modules that are being reorganized, read as they are and
-# mended here for rendering only (the source is unchanged):
-#   jaxmx/array_ops/_codewise.py, ldexp: "(|k| > 254 for E8M0)" reads as a
-#   reStructuredText substitution reference |k|.
-_DOCSTRING_MENDS = {
-    "jaxmx.ldexp": [("(|k| > 254 for E8M0)", "(``|k| > 254`` for E8M0)")],
-}
-
-
-def _mend_docstring(app, what, name, obj, options, lines):
-    for old, new in _DOCSTRING_MENDS.get(name, ()):
-        lines[:] = [line.replace(old, new) for line in lines]
-
-
 def _skip_top_level_names(app, what, name, obj, skip, options):
     """A submodule's page (jaxmx.formats, ...) leaves out what jaxmx itself exports.
 
@@ -82,5 +68,4 @@ def _skip_top_level_names(app, what, name, obj, skip, options):
 
 
 def setup(app):
-    app.connect("autodoc-process-docstring", _mend_docstring)
     app.connect("autodoc-skip-member", _skip_top_level_names)

@@ -147,7 +147,7 @@ def ldexp(t: MXTensor, k) -> MXTensor:
     can hold the result exactly, so:
 
     * a Python ``k`` so large that every nonzero block would leave the range
-      (|k| > 254 for E8M0) is refused with a ValueError;
+      (``|k| > 254`` for E8M0) is refused with a ValueError;
     * otherwise it depends on the data: a nonzero block whose exponent would
       leave the range gets the NaN scale (and zero codes), never a clamped,
       wrong value. Blocks whose codes are all zero keep their scale (zero
