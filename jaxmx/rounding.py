@@ -11,6 +11,7 @@ without a block scale.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -104,11 +105,21 @@ def round_to(
     subnormals = check_flag(subnormals, "subnormals")
     saturate = check_flag(saturate, "saturate")
     rbits = random_bits(key, x.shape) if numerics.rounding_mode(rounding).random_bits else None
-    return _round_to(x, rbits, elem, rounding, bool(subnormals), bool(saturate))
+    return _round_to(x, rbits, _RoundSpec(elem, rounding, bool(subnormals), bool(saturate)))
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
-def _round_to(x, rbits, elem: ElementFormat, rounding, subnormals, saturate):
+class _RoundSpec(NamedTuple):
+    """The static part of one round_to call (the jit's one static argument)."""
+
+    elem: ElementFormat
+    rounding: str
+    subnormals: bool
+    saturate: bool
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _round_to(x, rbits, spec: _RoundSpec):
+    elem, rounding, subnormals, saturate = spec
     bits = numerics.f32_to_bits(x)
     sign = bits & jnp.uint32(0x80000000)
     mag = bits & jnp.uint32(0x7FFFFFFF)
