@@ -27,6 +27,7 @@ import common
 
 from jaxmx.families.nvfp4._kernels import nvfp4_fake_quantize
 from jaxmx.families.tensor_fp8._kernels import tensor_fp8_fake_quantize
+from tests import _torchao_nvfp4 as torchao
 
 GOAL = 1.6
 
@@ -35,7 +36,7 @@ def cases():
     yield "nvfp4 1x16, axis -1", lambda v: nvfp4_fake_quantize(v)
     yield "nvfp4 1x16, axis 0", lambda v: nvfp4_fake_quantize(v, axis=0)
     yield "nvfp4 16x16 tiles", lambda v: nvfp4_fake_quantize(v, block_size=(16, 16))
-    yield "nvfp4 1x16, torchao", lambda v: nvfp4_fake_quantize(v, semantics="torchao")
+    yield "nvfp4 1x16, torchao", lambda v: torchao.fake_quantize(v)
     yield "tensor fp8 e4m3", lambda v: tensor_fp8_fake_quantize(v, "e4m3")
     yield "tensor fp8 e5m2", lambda v: tensor_fp8_fake_quantize(v, "e5m2")
 

@@ -1,8 +1,9 @@
-"""NVFP4 numerics (jaxmx.families.nvfp4._kernels) against the vectors and the NumPy reference.
+"""NVFP4 numerics (jaxmx.families.nvfp4) against the vectors and the NumPy reference.
 
 tests/data/vectors_turn2/nvfp4 holds what TransformerEngine's arithmetic and
 torchao's NVFP4Tensor computed on 16x128 inputs; every array must match bit
-for bit. tests/reference_blockformats.py models the same arithmetic
+for bit (torchao's scale rule, tests/_torchao_nvfp4.py, runs through jaxmx's
+kernels). tests/reference_blockformats.py models the same arithmetic
 independently in NumPy (no flushing of subnormals), so on random inputs,
 zeros, tiny and huge scales, NaN/Inf, other axes and 2-D tiles jaxmx must
 agree with it bit for bit as well, under jit and vmap. The exact integer
@@ -23,8 +24,9 @@ import pytest
 
 from jaxmx import numerics
 from jaxmx.families import _f32 as f32
-from jaxmx.families.nvfp4 import _kernels as nvfp4
+from jaxmx.families.nvfp4 import _layout, _scales
 from jaxmx.families.nvfp4._kernels import nvfp4_dequantize, nvfp4_fake_quantize, nvfp4_quantize
+from tests import _torchao_nvfp4 as torchao
 from tests import reference_blockformats as ref
 from tests._params import covering
 
@@ -96,14 +98,14 @@ def test_te_vectors(name):
     )
     bits_equal(nvfp4_fake_quantize(x, block_size=bs, decode="amax"), d["dequant"], "fake dequant")
     # The per-tensor and per-block chain, both forms (float and integer).
-    xb, _ = nvfp4._split(f32.bits(jnp.asarray(x)), *nvfp4._layout(x.shape, -1, bs))
+    xb, _ = _layout.split(f32.bits(jnp.asarray(x)), *_layout.layout(x.shape, -1, bs))
     within = (2,) if not tiles else (1, 3)
     block_amax = jnp.max(xb & jnp.uint32(0x7FFFFFFF), axis=within, keepdims=True)
-    t = nvfp4._tensor(block_amax, None, "te")
+    t = _scales.TE.tensor(block_amax, None)
     bits_equal(f32.from_bits(t.amax), d["global_amax"], "global amax")
     bits_equal(f32.from_bits(t.s_enc), d["s_enc"], "S_enc")
     for exact in (False, True):
-        b = nvfp4._blocks(block_amax, t, "te", exact)
+        b = _scales.TE.blocks(block_amax, t, exact)
         enc = np.asarray(f32.from_bits(b.enc)).squeeze(within)
         bits_equal(enc, d["encode_scale"], f"encode scale (exact={exact})")
     if meta["case"] != "zeros":
@@ -114,8 +116,8 @@ def test_te_vectors(name):
 def test_torchao_vectors(name):
     _, d = load(name)
     x = d["x"]
-    semantics = "torchao" if name.startswith("torchao_2level") else "torchao_1level"
-    codes, scales, ts = nvfp4_quantize(x, semantics=semantics)
+    two_level = name.startswith("torchao_2level")
+    codes, scales, ts = torchao.quantize(x, two_level=two_level)
     s8 = scale_bytes(scales)
     bits_equal(s8, d["scales_e4m3"], "scales")
     # Codes under a NaN scale come from NaN payload bits in torchao; jaxmx
@@ -124,7 +126,7 @@ def test_torchao_vectors(name):
     bits_equal(np.asarray(codes)[finite], d["codes"][finite], "codes")
     assert not (np.asarray(codes)[~finite] & 7).any()
     bits_equal(nvfp4_dequantize(codes, scales, ts), d["dequant"], "dequant")
-    bits_equal(nvfp4_fake_quantize(x, semantics=semantics), d["dequant"], "fake")
+    bits_equal(torchao.fake_quantize(x, two_level=two_level), d["dequant"], "fake")
     if "global_amax" in d:
         bits_equal(ts, d["per_tensor_scale"], "per-tensor scale")
 
@@ -161,15 +163,14 @@ def check_te(x, *, axis=-1, tile="1x16", tensor_amax=None):
 
 
 def check_torchao(x, two_level=True):
-    sem = "torchao" if two_level else "torchao_1level"
     r = ref.nvfp4_torchao(x, two_level=two_level)
-    codes, scales, ts = nvfp4_quantize(x, semantics=sem)
+    codes, scales, ts = torchao.quantize(x, two_level=two_level)
     s8 = scale_bytes(scales)
     bits_equal(s8, r.scales, "scales")
     nan = np.repeat((s8 & 0x7F) == 0x7F, 16, axis=-1)
     bits_equal(np.asarray(codes)[~nan], r.codes[~nan], "codes")
     bits_equal(nvfp4_dequantize(codes, scales, ts), r.dequant, "dequant")
-    bits_equal(nvfp4_fake_quantize(x, semantics=sem), r.dequant, "fake")
+    bits_equal(torchao.fake_quantize(x, two_level=two_level), r.dequant, "fake")
 
 
 def random_tensor(rng, shape, log2_scale):
@@ -234,11 +235,11 @@ def test_all_zero_tensor_and_signed_zeros():
     assert codes[3, 5] == 8 and not np.asarray(scales).view(np.uint8).any() and ts == 1
     assert np.signbit(np.asarray(nvfp4_fake_quantize(x))[3, 5])
     # torchao: zero blocks get 2^-6; an all-zero tensor NaN scales (byte 0xFF).
-    _, s, _ = nvfp4_quantize(x, semantics="torchao_1level")
+    _, s, _ = torchao.quantize(x, two_level=False)
     assert np.all(scale_bytes(s) == 0x08)
-    _, s, ts = nvfp4_quantize(x, semantics="torchao")
+    _, s, ts = torchao.quantize(x)
     assert np.all(scale_bytes(s) == 0xFF) and ts == 0
-    assert np.isnan(np.asarray(nvfp4_fake_quantize(x, semantics="torchao"))).all()
+    assert np.isnan(np.asarray(torchao.fake_quantize(x))).all()
 
 
 def test_nan_and_inf():
@@ -397,16 +398,10 @@ def test_errors():
         nvfp4_quantize(np.ones((8, 32), F32), block_size=(16, 16))
     with pytest.raises(ValueError, match="out of range"):
         nvfp4_quantize(x, axis=2)
-    with pytest.raises(ValueError, match="semantics"):
-        nvfp4_quantize(x, semantics="cutlass")
-    with pytest.raises(ValueError, match="tiles"):
-        nvfp4_quantize(np.ones((16, 32), F32), block_size=(16, 16), semantics="torchao")
     with pytest.raises(ValueError, match=">= 0"):
         nvfp4_quantize(x, tensor_amax=-1.0)
-    with pytest.raises(ValueError, match="no tensor scale"):
-        nvfp4_quantize(x, semantics="torchao_1level", tensor_amax=1.0)
     with pytest.raises(ValueError, match="decode"):
-        nvfp4_fake_quantize(x, decode="amax", semantics="torchao")
+        nvfp4_fake_quantize(x, decode="max")
     with pytest.raises(TypeError, match="dtype"):
         nvfp4_quantize(np.ones((2, 32), np.int32))
     with pytest.raises(TypeError, match="block_size"):
