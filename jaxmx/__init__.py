@@ -70,6 +70,7 @@ from jaxmx.conv import conv_general_dilated
 # Whole-program MX: every matmul a function runs, by rules.
 from jaxmx.intercept import Coverage
 from jaxmx.intercept import MatmulSite
+from jaxmx.intercept import VectorOps
 from jaxmx.intercept import intercept
 
 # Serving: matmul weights quantized once, run from MXTensors under intercept.
@@ -124,6 +125,7 @@ __all__ = [
     "round_to",
     "save",
     "unpack",
+    "VectorOps",
     # MXTensor as an array
     "concatenate",
     "ldexp",

@@ -54,10 +54,13 @@ from jax.extend import source_info_util as siu
 from jaxmx._intercept.coverage import Coverage, MatmulSite
 from jaxmx._intercept.plan import Planner
 from jaxmx._intercept.run import Plan, run_jaxpr
+from jaxmx._intercept.vector_coverage import VectorCoverage
+from jaxmx._intercept.vector_ops import VectorOps, as_vector_ops, plan_vector_ops
+from jaxmx._intercept.vector_run import keyed
 from jaxmx.rules import parse_rules
 from jaxmx.tensor import MXTensor
 
-__all__ = ["Coverage", "MatmulSite", "intercept"]
+__all__ = ["Coverage", "MatmulSite", "VectorCoverage", "VectorOps", "intercept"]
 
 
 def _is_array(x) -> bool:
@@ -122,8 +125,11 @@ class Intercepted:
     ((8, 64), (64, 16))
     """
 
-    def __init__(self, fn, rules, custom_derivatives, weights, path_root, warn, origin):
+    def __init__(
+        self, fn, rules, custom_derivatives, weights, path_root, warn, origin, vector_ops=None
+    ):
         self.fn = fn
+        self.vector_ops = vector_ops
         self.rules = rules
         self.custom_derivatives = custom_derivatives
         self.weights = weights
@@ -137,7 +143,8 @@ class Intercepted:
 
     def __repr__(self) -> str:
         patterns = [r.pattern for r in self.rules]
-        return f"intercept({getattr(self.fn, '__name__', self.fn)!r}, rules={patterns})"
+        vec = "" if self.vector_ops is None else f", vector_ops={self.vector_ops!r}"
+        return f"intercept({getattr(self.fn, '__name__', self.fn)!r}, rules={patterns}{vec})"
 
     @property
     def coverage(self) -> Coverage:
@@ -160,7 +167,8 @@ class Intercepted:
         leaves = jax.tree_util.tree_leaves(arrays)
         if any(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
             raise TypeError("jax.ShapeDtypeStruct arguments are for coverage_for, not for calls")
-        outs = run_jaxpr(traced.closed.jaxpr, traced.closed.consts, arrays, (), traced.plan)
+        with keyed(None if self.vector_ops is None else self.vector_ops.key):
+            outs = run_jaxpr(traced.closed.jaxpr, traced.closed.consts, arrays, (), traced.plan)
         it = iter(outs)
         leaves = [
             next(it) if m else s for m, s in zip(traced.out_mask, traced.out_static, strict=True)
@@ -215,12 +223,19 @@ class Intercepted:
             if isinstance(x, MXTensor)
         }
         planner.walk(closed.jaxpr, [""] * len(closed.consts) + srcs, siu.new_name_stack())
+        vector, vector_coverage, rebuild = None, None, frozenset(planner.rebuild)
+        if self.vector_ops is not None:
+            vector, vector_coverage, more = plan_vector_ops(
+                closed.jaxpr, self.vector_ops, planner, self.custom_derivatives
+            )
+            rebuild |= more
         coverage = Coverage(
             rules=tuple((r.pattern, r.config) for r in self.rules),
             sites=tuple(planner.sites),
             unmatched=tuple(r.pattern for i, r in enumerate(self.rules) if not planner.hits[i]),
+            vector_ops=vector_coverage,
         )
-        plan = Plan(dict(planner.decisions), frozenset(planner.rebuild))
+        plan = Plan(dict(planner.decisions), rebuild, vector)
         keepalive = [x for x, m in zip(leaves, mask, strict=True) if not m]
         return _Traced(closed, plan, coverage, out["tree"], out["mask"], out["static"], keepalive)
 
@@ -256,6 +271,7 @@ def intercept(
     weights: str | None = None,
     path_root: str | None = None,
     warn: bool = True,
+    vector_ops: str | VectorOps | None = None,
 ) -> Intercepted:
     """``fn`` with every ``dot_general`` / ``einsum`` / ``@`` / convolution it runs in MX.
 
@@ -304,6 +320,16 @@ def intercept(
         ``path_root="LM"`` makes op paths read as linen module paths
         (``module.path``), so rules written for those match the same way.
       warn: warn (pointing at this call) about rules that decide no matmul.
+      vector_ops: vector-op precision emulation. None (the default) leaves
+        every op but the matmuls as it is; a format name (``"bfloat16"``,
+        ``"float16"``, anything :func:`jaxmx.round_to` takes) or a
+        :class:`VectorOps` record rounds the floating outputs of every
+        elementwise op and reduction (``VectorOps.DEFAULT_OPS``, or its
+        ``ops``) to that format, inside loops, conds and custom-derivative
+        functions too, each exactly as ``round_to(op(inputs), format)``;
+        the matmuls follow ``rules``. Under ``jax.grad`` each rounding's
+        derivative is the identity (straight-through) and the backward ops
+        are not rounded. ``coverage.vector_ops`` reports what was rounded.
 
     Returns:
       A callable taking ``fn``'s arguments; its ``coverage`` attribute (a
@@ -347,4 +373,7 @@ def intercept(
     if path_root is not None:
         path_root = path_root.strip("/")
     rules = parse_rules(rules)
-    return Intercepted(fn, rules, custom_derivatives, weights, path_root, warn, _caller())
+    vector_ops = as_vector_ops(vector_ops)
+    return Intercepted(
+        fn, rules, custom_derivatives, weights, path_root, warn, _caller(), vector_ops
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxmx._intercept.vector_coverage import VectorCoverage
 from jaxmx.config import DotConfig
 
 __all__ = ["Coverage", "MatmulSite"]
@@ -68,6 +69,9 @@ class Coverage:
       sites: every matmul of the program, in program order.
       unmatched: patterns of the rules that decided no matmul (shadowed
         rules included).
+      vector_ops: with ``intercept(..., vector_ops=...)``, which vector ops
+        are rounded and which float outputs are left alone
+        (a ``VectorCoverage``); None without.
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxmx.intercept import intercept
@@ -89,6 +93,7 @@ class Coverage:
     rules: tuple[tuple[str, DotConfig | None], ...]
     sites: tuple[MatmulSite, ...]
     unmatched: tuple[str, ...]
+    vector_ops: VectorCoverage | None = None
 
     @property
     def in_mx(self) -> tuple[MatmulSite, ...]:
@@ -104,11 +109,14 @@ class Coverage:
         return f"{len(self.in_mx)} of {len(self.sites)} matmuls in MX"
 
     def summary(self) -> str:
-        """A table: one line per matmul site, then the rules that matched nothing."""
+        """A table: one line per matmul site, then the rules that matched nothing
+        (and, with ``vector_ops``, the rounded vector ops)."""
         lines = [self.counts]
         width = max((len(s.path) + len(s.operand_paths) + 4 for s in self.sites), default=0)
         lines += [f"  {s.describe(width)}" for s in self.sites]
         lines += [f"  rule {p!r} matched no matmul" for p in self.unmatched]
+        if self.vector_ops is not None:
+            lines.append(self.vector_ops.summary())
         return "\n".join(lines)
 
     def __str__(self) -> str:

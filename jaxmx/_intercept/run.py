@@ -4,13 +4,16 @@ Control flow that holds an MX matmul is rebuilt around interpreted bodies
 (``lax.scan``, ``lax.while_loop``, ``lax.switch``, ``jax.checkpoint``,
 ``jax.shard_map``); everything else is bound as it was traced. MXTensor
 arguments flow as they are into rebuilt control flow and into the matmuls
-that contract along their blocks, and are decoded for any other op.
+that contract along their blocks, and are decoded for any other op. With
+``vector_ops``, ``Plan.vector`` rounds the outputs of the equations it
+names after they run (see ``vector_ops.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -32,6 +35,7 @@ __all__ = ["Plan", "run_jaxpr"]
 class Plan:
     decisions: dict
     rebuild: frozenset
+    vector: Any = None  # vector_ops.VectorPlan: what vector_ops= rounds, or None
 
 
 def run_jaxpr(jaxpr, consts, args, addr: tuple, plan: Plan) -> list:
@@ -60,17 +64,19 @@ def run_jaxpr(jaxpr, consts, args, addr: tuple, plan: Plan) -> list:
             if a in plan.decisions:
                 outs = [_mx_op(eqn, invals, plan.decisions[a])]
             elif a in plan.rebuild and _kind(eqn) != "shard_map":
-                outs = _REBUILD[_kind(eqn)](eqn, invals, a, plan)  # MXTensors flow in as pytrees
+                outs = _rebuilder(eqn, plan)(eqn, invals, a, plan)  # MXTensors flow in as pytrees
             elif (cast := _mx_cast(eqn, invals)) is not None:
                 outs = [cast]
             else:
                 invals = [dense(x, v) for x, v in zip(invals, eqn.invars, strict=True)]
                 if a in plan.rebuild:
-                    outs = _REBUILD[_kind(eqn)](eqn, invals, a, plan)
+                    outs = _rebuilder(eqn, plan)(eqn, invals, a, plan)
                 else:
                     outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
                 if not eqn.primitive.multiple_results:
                     outs = [outs]
+            if plan.vector is not None and a in plan.vector.sites:
+                outs = plan.vector.round(a, outs)
         for v, x in zip(eqn.outvars, outs, strict=True):
             env[v] = x
     return [dense(read(v), v) for v in jaxpr.outvars]
@@ -139,6 +145,13 @@ def _mx_op(eqn, invals, config: DotConfig):
     return out if out.dtype == want else out.astype(want)
 
 
+def _rebuilder(eqn, plan) -> Callable:
+    kind = _kind(eqn)
+    if plan.vector is not None and kind in plan.vector.rebuilders:
+        return plan.vector.rebuilders[kind]
+    return _REBUILD[kind]
+
+
 def _kind(eqn) -> str:
     if eqn.primitive.name == "shard_map":
         return "shard_map"
@@ -192,15 +205,18 @@ def _rebuild_scan(eqn, invals, a, plan):
         outs = run_jaxpr(closed.jaxpr, closed.consts, [*consts, *carry, *x], a + ("jaxpr",), plan)
         return outs[:ncarry], outs[ncarry:]
 
+    init, unwrap = list(init), lambda carry: carry
+    if plan.vector is not None:  # stochastic rounding: an iteration counter for the keys
+        body, init, unwrap = plan.vector.count_scan(a, body, init)
     carry, ys = lax.scan(
         body,
-        list(init),
+        init,
         list(xs),
         length=p["length"],
         reverse=p["reverse"],
         unroll=p["unroll"],
     )
-    return [*carry, *ys]
+    return [*unwrap(carry), *ys]
 
 
 def _rebuild_while(eqn, invals, a, plan):
@@ -215,7 +231,10 @@ def _rebuild_while(eqn, invals, a, plan):
     def body_fun(carry):
         return run_jaxpr(bj.jaxpr, bj.consts, [*bconsts, *carry], a + ("body_jaxpr",), plan)
 
-    return list(lax.while_loop(cond_fun, body_fun, list(init)))
+    init, unwrap = list(init), lambda carry: carry
+    if plan.vector is not None:  # stochastic rounding: an iteration counter for the keys
+        cond_fun, body_fun, init, unwrap = plan.vector.count_while(a, cond_fun, body_fun, init)
+    return list(unwrap(lax.while_loop(cond_fun, body_fun, init)))
 
 
 def _rebuild_cond(eqn, invals, a, plan):

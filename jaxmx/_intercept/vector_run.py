@@ -1,0 +1,228 @@
+"""Running ``vector_ops=``: what the interpreter calls for the rounded equations.
+
+:class:`VectorPlan` rounds a site's outputs after its equation, carries an
+iteration counter through rebuilt ``scan`` / ``while_loop`` for stochastic
+rounding's keys, and rebuilds a user's ``custom_jvp`` / ``custom_vjp``
+function around its rounded primal, its own rule kept. The key scheme and
+the derivative rules are described in :mod:`jaxmx._intercept.vector_ops`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxmx._intercept.run import run_jaxpr
+from jaxmx.formats import ElementFormat
+from jaxmx.quantize import dequantize
+from jaxmx.rounding import round_to
+from jaxmx.tensor import MXTensor
+
+__all__ = ["VectorPlan", "keyed", "rebuilders"]
+
+
+# The key context of the equations being interpreted (stochastic rounding).
+_CONTEXT: contextvars.ContextVar = contextvars.ContextVar("jaxmx_vector_key", default=None)
+
+
+@contextlib.contextmanager
+def keyed(key):
+    """Interprets with ``key`` as the key context (see the module docstring)."""
+    token = _CONTEXT.set(key)
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+@dataclasses.dataclass(frozen=True)
+class VectorPlan:
+    """What the interpreter does for ``vector_ops`` (``Plan.vector``)."""
+
+    elem: ElementFormat
+    rounding: str
+    sites: dict  # eqn address -> (site number, indices of the outputs to round)
+    loops: dict  # scan / while address -> loop number (stochastic rounding only)
+    keyed: bool
+    rebuilders: dict  # primitive name -> rebuild function replacing run.py's
+
+    def round(self, a, outs) -> list:
+        """The outputs of the equation at ``a``, rounded where the plan says."""
+        n, todo = self.sites[a]
+        key = None
+        if self.keyed:
+            key = jax.random.fold_in(_context_key(), n)
+        outs = list(outs)
+        rounder = _rounder(self.elem, self.rounding)
+        for k in todo:
+            if isinstance(outs[k], MXTensor):  # an MXTensor argument cast: decoded later
+                continue
+            kk = key if key is None or len(todo) == 1 else jax.random.fold_in(key, k)
+            outs[k] = rounder(outs[k], kk)
+        return outs
+
+    def count_scan(self, a, body, init):
+        """``(body, init, unwrap)``: the scan body with an iteration counter
+        carried, under its iteration's key context."""
+        if a not in self.loops:
+            return body, init, lambda carry: carry
+
+        def counted(carry, x):
+            carry, i = carry
+            with keyed(self._iteration_key(a, i)):
+                new, y = body(carry, x)
+            return (new, i + 1), y
+
+        return counted, (init, jnp.int32(0)), lambda carry: carry[0]
+
+    def count_while(self, a, cond_fun, body_fun, init):
+        """``(cond_fun, body_fun, init, unwrap)`` for ``lax.while_loop``, likewise."""
+        if a not in self.loops:
+            return cond_fun, body_fun, init, lambda carry: carry
+
+        def cond(carry):
+            carry, i = carry
+            with keyed(self._iteration_key(a, i)):
+                return cond_fun(carry)
+
+        def body(carry):
+            carry, i = carry
+            with keyed(self._iteration_key(a, i)):
+                return body_fun(carry), i + 1
+
+        return cond, body, (init, jnp.int32(0)), lambda carry: carry[0]
+
+    def _iteration_key(self, a, i):
+        return jax.random.fold_in(jax.random.fold_in(_context_key(), self.loops[a]), i)
+
+
+def _context_key():
+    key = _CONTEXT.get()
+    if key is None:
+        raise RuntimeError("jaxmx.intercept: stochastic vector-op rounding ran without its key")
+    return key
+
+
+@functools.cache
+def _rounder(elem: ElementFormat, rounding: str):
+    """``round_to`` to ``elem`` with the identity as its derivative (straight-through)."""
+
+    fast = _FAST.get(elem.name) if rounding == "nearest_even" else None
+
+    @jax.custom_jvp
+    def rounded(x, key):
+        if fast is not None and x.dtype == jnp.float32:
+            return fast(x)
+        return round_to(x, elem, rounding=rounding, key=key)
+
+    @rounded.defjvp
+    def _(primals, tangents):
+        return rounded(*primals), tangents[0]
+
+    return rounded
+
+
+def _bf16_nearest_even(x):
+    """``round_to(x, "bfloat16")`` for float32 ``x``, bit for bit (checked on all
+    2**32 patterns), in a few integer ops: add half an ulp less one plus the
+    kept lowest bit (ties to even), clear the low 16 bits. Subnormals round
+    the same way, overflow carries into Inf, and NaN becomes the quiet NaN
+    0x7FC00000 as in ``round_to``."""
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
+    lsb = (bits >> 16) & jnp.uint32(1)
+    out = (bits + jnp.uint32(0x7FFF) + lsb) & jnp.uint32(0xFFFF0000)
+    nan = (bits & jnp.uint32(0x7FFFFFFF)) > jnp.uint32(0x7F800000)
+    out = jnp.where(nan, jnp.uint32(0x7FC00000), out)
+    return lax.bitcast_convert_type(out, jnp.float32)
+
+
+def _f16_nearest_even(x):
+    """``round_to(x, "float16")`` for float32 ``x``, bit for bit (checked on all
+    2**32 patterns). Normal results: as for bfloat16, 13 bits dropped, and
+    anything past 65504 is Inf. Below 2**-14 (float16's subnormals, a fixed
+    step of 2**-24): ``round(|x| * 2**24) * 2**-24``, each step exact."""
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
+    mag = bits & jnp.uint32(0x7FFFFFFF)
+    lsb = (mag >> 13) & jnp.uint32(1)
+    normal = (mag + jnp.uint32(0xFFF) + lsb) & jnp.uint32(0xFFFFE000)
+    normal = jnp.where(normal > jnp.uint32(0x477FE000), jnp.uint32(0x7F800000), normal)
+    tiny = lax.bitcast_convert_type(mag, jnp.float32) * jnp.float32(2.0**24)
+    tiny = lax.round(tiny, lax.RoundingMethod.TO_NEAREST_EVEN) * jnp.float32(2.0**-24)
+    tiny = lax.bitcast_convert_type(tiny, jnp.uint32)
+    out = jnp.where(mag < jnp.uint32(0x38800000), tiny, normal) | (bits & jnp.uint32(0x80000000))
+    out = jnp.where(mag > jnp.uint32(0x7F800000), jnp.uint32(0x7FC00000), out)
+    return lax.bitcast_convert_type(out, jnp.float32)
+
+
+# Nearest-even rounding of float32 to these formats without round_to's general path.
+_FAST = {"bfloat16": _bf16_nearest_even, "float16": _f16_nearest_even}
+
+
+def rebuilders(custom_derivatives: str) -> dict:
+    """Rebuilders replacing the interpreter's for ``custom_derivatives``: with
+    ``"keep"`` a custom-derivative function keeps its rule around a rounded
+    primal; with ``"inline"`` the interpreter's own inlining stands."""
+    if custom_derivatives != "keep":
+        return {}
+    return {"custom_jvp_call": _rebuild_custom_jvp, "custom_vjp_call": _rebuild_custom_vjp}
+
+
+def _bind(eqn):
+    params = eqn.primitive.get_bind_params(eqn.params)
+    return lambda *xs: eqn.primitive.bind(*xs, **params)
+
+
+def _dense(eqn, invals):
+    # MXTensor arguments go into a kept custom function decoded (its
+    # matmuls stay in high precision there anyway).
+    return [
+        dequantize(x, v.aval.dtype) if isinstance(x, MXTensor) else x
+        for x, v in zip(invals, eqn.invars, strict=True)
+    ]
+
+
+def _rebuild_custom_jvp(eqn, invals, a, plan):
+    """A user's ``custom_jvp`` function: its primal with rounded ops, its own
+    JVP rule for the tangents (at the rounded inputs)."""
+    closed, original = eqn.params["call_jaxpr"], _bind(eqn)
+
+    def primal(key, *xs):
+        with keyed(key):
+            return run_jaxpr(closed.jaxpr, closed.consts, xs, a + ("call_jaxpr",), plan)
+
+    fn = jax.custom_jvp(primal)
+
+    @fn.defjvp
+    def _(primals, tangents):
+        key, *xs = primals
+        _, *ts = tangents
+        return fn(key, *xs), jax.jvp(original, xs, ts)[1]
+
+    return list(fn(_CONTEXT.get(), *_dense(eqn, invals)))
+
+
+def _rebuild_custom_vjp(eqn, invals, a, plan):
+    """A user's ``custom_vjp`` function: its primal with rounded ops, its own
+    fwd / bwd rules for the cotangents (at the rounded inputs)."""
+    closed, original = eqn.params["call_jaxpr"], _bind(eqn)
+
+    def primal(key, *xs):
+        with keyed(key):
+            return run_jaxpr(closed.jaxpr, closed.consts, xs, a + ("call_jaxpr",), plan)
+
+    fn = jax.custom_vjp(primal)
+
+    def fwd(key, *xs):
+        return fn(key, *xs), jax.vjp(original, *xs)[1]
+
+    def bwd(pullback, cts):
+        return (None, *pullback(cts))
+
+    fn.defvjp(fwd, bwd)
+    return list(fn(_CONTEXT.get(), *_dense(eqn, invals)))
