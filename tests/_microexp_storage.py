@@ -16,7 +16,8 @@ import numpy as np
 
 from jaxmx.bitstream import pack_codes, unpack_codes
 from jaxmx.blocks import packed_length
-from jaxmx.families.microexp._kernels import MicroexpSpec, _check_axis, get_spec, quantize
+from jaxmx.families.microexp._kernels import MicroexpSpec, get_spec, quantize
+from jaxmx.families.microexp._spec import check_axis as _check_axis
 
 __all__ = ["nbytes", "pack", "quantize", "unpack"]
 
