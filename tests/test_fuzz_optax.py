@@ -77,7 +77,7 @@ def reference(x: np.ndarray, fmt: str) -> np.ndarray:
         return np.zeros(shape, np.float32)
     v = jnp.asarray(x).reshape(shape or (1,))
     n, f = v.shape[-1], jaxmx.get_format(fmt)
-    if f.codec == "nvfp4" and n % f.block_size:
+    if f.family == "nvfp4" and n % f.block_size:
         v = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, -n % f.block_size)])
     out = np.asarray(jaxmx.dequantize(jaxmx.quantize(v, fmt, axis=-1)))
     return out[..., :n].reshape(shape)
@@ -205,7 +205,7 @@ def test_every_format_resumes_bit_identically_from_orbax(tmp_path):
 def test_each_format_resumes_bit_identically_from_orbax(fmt, shape, seed, tmp_path_factory):
     # Stochastic rounding where the family defines it (OCP, NVFP4): the key
     # lives in the state and must resume too.
-    stochastic = jaxmx.get_format(fmt).codec in ("ocp", "nvfp4")
+    stochastic = jaxmx.get_format(fmt).family in ("ocp", "nvfp4")
     rounding = "stochastic" if stochastic else "nearest_even"
     codec = jo.mx(fmt, rounding=rounding)
     opt = jo.compress_state(

@@ -184,7 +184,7 @@ def _mx_reference(x, fmt, block_size=None):
     """dequantize(quantize(x)) along the last axis; a partial NVFP4 block zero-padded."""
     x = jnp.asarray(x).reshape(np.shape(x) or (1,))
     n = x.shape[-1]
-    if jaxmx.get_format(fmt).codec == "nvfp4" and n % 16:
+    if jaxmx.get_format(fmt).family == "nvfp4" and n % 16:
         x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, -n % 16)])
     out = jaxmx.dequantize(jaxmx.quantize(x, fmt, axis=-1, block_size=block_size))
     return np.asarray(out)[..., :n]

@@ -152,6 +152,14 @@ def register_family(family: Family) -> Family:
     Raises:
       TypeError: ``family`` is not a :class:`Family` instance.
       ValueError: the name is taken, or the record is incomplete.
+
+    >>> import jaxmx
+    >>> jaxmx.register_family(jaxmx.get_family("ocp"))
+    Traceback (most recent call last):
+    ...
+    ValueError: family 'ocp' is already registered (registered: ocp, nvfp4, microexp, tensor)
+
+    ``tests/test_family_from_outside.py`` registers a new family end to end.
     """
     if not isinstance(family, Family):
         raise TypeError(
@@ -174,7 +182,14 @@ def register_family(family: Family) -> Family:
 
 
 def get_family(name) -> Family:
-    """The family registered under ``name`` (a string, or a format: its family)."""
+    """The family registered under ``name`` (a string, or a format: its family).
+
+    >>> import jaxmx
+    >>> jaxmx.get_family(jaxmx.get_format("mx6"))
+    <jaxmx family 'microexp'>
+    >>> jaxmx.get_family("nvfp4").rules.block_sizes
+    'tiles'
+    """
     name = getattr(name, "family", name)
     try:
         return _FAMILIES[name]
@@ -188,7 +203,12 @@ def get_family(name) -> Family:
 
 
 def list_families() -> list[str]:
-    """Names of the registered families, in registration order."""
+    """Names of the registered families, in registration order.
+
+    >>> import jaxmx
+    >>> jaxmx.list_families()
+    ['ocp', 'nvfp4', 'microexp', 'tensor']
+    """
     return list(_FAMILIES)
 
 
