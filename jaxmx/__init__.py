@@ -56,6 +56,10 @@ from jaxmx.checkpoint import SaveInfo
 from jaxmx.checkpoint import save
 from jaxmx.checkpoint import load
 
+# Sharding MXTensors with every block whole on one device.
+from jaxmx.shards import check_blocks_whole
+from jaxmx.shards import mx_shardings
+
 # Ops: quantized matmuls for training and inference.
 from jaxmx import native
 from jaxmx.config import FORWARD
@@ -72,6 +76,11 @@ from jaxmx.intercept import Coverage
 from jaxmx.intercept import MatmulSite
 from jaxmx.intercept import VectorOps
 from jaxmx.intercept import intercept
+
+# Fully-sharded data parallelism: weights all-gathered as MX codes and scales.
+from jaxmx.fsdp import fsdp_axis
+from jaxmx.fsdp import fsdp_gather
+from jaxmx.fsdp import fsdp_shardings
 
 # Serving: matmul weights quantized once, run from MXTensors under intercept.
 from jaxmx.params import param_bytes
@@ -101,6 +110,9 @@ __all__ = [
     "dot_general",
     "einsum",
     "fake_quantize",
+    "fsdp_axis",
+    "fsdp_gather",
+    "fsdp_shardings",
     "intercept",
     "families",
     "formats",
@@ -126,6 +138,9 @@ __all__ = [
     "save",
     "unpack",
     "VectorOps",
+    # Sharding MXTensors
+    "check_blocks_whole",
+    "mx_shardings",
     # MXTensor as an array
     "concatenate",
     "ldexp",

@@ -102,6 +102,15 @@ class DotConfig:
     # "never" always emulates, "always" uses lax.scaled_dot wherever it runs
     # (on CPU it is a reference decomposition, useful as a cross-check).
     native: Literal["auto", "never", "always"] = "auto"
+    # Fully-sharded data parallelism: the mesh axis the weights (rhs) are
+    # sharded over. The forward and the input-gradient matmul then quantize
+    # each shard of the weight along their contraction and all-gather its MX
+    # codes and scales (jaxmx.fsdp), decoding after the gather; with
+    # residuals="quantized" the forward's gathered MX copy is kept for the
+    # backward pass instead (one gather per step). A weight in high precision
+    # (rhs None) is gathered in compute_dtype (or its own). The mesh is the
+    # one set with jax.set_mesh. None: the weight is used as it is.
+    fsdp: str | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen)
@@ -173,6 +182,8 @@ class DotConfig:
             )
         if not isinstance(self.native, str) or self.native not in ("auto", "never", "always"):
             raise ValueError(f"unknown native {self.native!r}; allowed: auto, never, always")
+        if self.fsdp is not None and (not isinstance(self.fsdp, str) or not self.fsdp):
+            raise ValueError(f"fsdp must be a mesh axis name or None, got {self.fsdp!r}")
 
     def role(self, name: str) -> MXFormat | None:
         """The resolved format of a role: lhs, rhs, grad, lhs_bwd or rhs_bwd."""
@@ -194,8 +205,9 @@ class DotConfig:
 
     @property
     def is_noop(self) -> bool:
-        """True when every role is high precision: dot_general is lax.dot_general."""
-        return all(self.role(r) is None for r in _ROLES)
+        """True when every role is high precision and no weight is gathered
+        (``fsdp``): dot_general is lax.dot_general."""
+        return all(self.role(r) is None for r in _ROLES) and self.fsdp is None
 
     def replace(self, **changes) -> DotConfig:
         """A copy with some fields changed (``dataclasses.replace``)."""
@@ -206,9 +218,9 @@ class DotConfig:
 
         Weight formats (``rhs``, ``rhs_bwd``) are replaced by the activation
         ones, so that e.g. an MXFP4-weight recipe keeps keys and values in the
-        activation format.
+        activation format; ``fsdp`` is dropped (there is no weight to gather).
         """
-        return self.replace(rhs=self.lhs, rhs_bwd=self.lhs_bwd)
+        return self.replace(rhs=self.lhs, rhs_bwd=self.lhs_bwd, fsdp=None)
 
     def describe(self) -> str:
         names = {r: (self.role(r).name if self.role(r) else "-") for r in _ROLES}

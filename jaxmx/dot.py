@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxmx import _hadamard, native
+from jaxmx import _hadamard, fsdp, native
 from jaxmx._operand import (
     check_key,
     check_operands,
@@ -147,6 +147,8 @@ def _qmatmul(a: _Side, b: _Side, dims, static: _Static, key, out_dtype, out_shar
     """``Q(a) . Q(b)`` with blocks along the last contracting axis of each side,
     as the platform the program is lowered for runs it."""
     cfg = static.config
+    # With config.fsdp the weight (b) arrives gathered as an MXTensor (jaxmx.fsdp).
+    b = b._replace(x=fsdp.operand(b.x, b.fmt, b.contracting, cfg, b.rounding, key, b.role))
     reason = _native_reason(a, b, cfg)
 
     def run(platform):
@@ -219,7 +221,9 @@ def _mx_dot_fwd(lhs, rhs, key, static: _Static):
         out = _qmatmul(a, b, dims, static, key, static.out_dtype, static.out_sharding)
         return out, (lhs, rhs, key)
     # The stash is the forward MX copy itself (same rounding, same random
-    # bits), quantized once and used by the forward matmul too.
+    # bits), quantized once and used by the forward matmul too. With
+    # config.fsdp it is the gathered copy, which the backward pass reuses.
+    b = b._replace(x=fsdp.operand(b.x, b.fmt, b.contracting, cfg, b.rounding, key, b.role))
     ta, tb = _stash(a, cfg, key), _stash(b, cfg, key)
     reason = _native_reason(a, b, cfg)
 
@@ -265,6 +269,9 @@ def _mx_dot_bwd(static: _Static, res, g):
     ``g`` uses ``config.grad`` with ``config.grad_rounding`` in both.
     """
     lhs, rhs, key = res
+    if static.config.residuals == "quantized" and static.config.fsdp is not None:
+        # The stashed weight was gathered whole in the forward pass.
+        static = static._replace(config=static.config.replace(fsdp=None))
     # An operand given as an MXTensor (not a quantized stash) is a constant:
     # its codes get no gradient, and its gradient matmul is skipped.
     lhs_const, rhs_const = static.prequantized

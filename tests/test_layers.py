@@ -41,6 +41,7 @@ LAYERS = {
         "jaxmx.array_ops",
         "jaxmx.checkpoint",
         "jaxmx.packing",
+        "jaxmx.shards",
         "jaxmx.tensor",
     ),
     "families": (
@@ -56,6 +57,7 @@ LAYERS = {
         "jaxmx.conv",
         "jaxmx.dot",
         "jaxmx.einsum",
+        "jaxmx.fsdp",
         "jaxmx.intercept",
         "jaxmx.native",
         "jaxmx.params",

@@ -12,6 +12,7 @@ import numpy as np
 from jaxmx import codes
 from jaxmx.checkpoint import _manifest as M
 from jaxmx.formats import MXFormat
+from jaxmx.shards import check_blocks_whole
 from jaxmx.tensor import MXTensor, check_leaves
 
 
@@ -264,6 +265,7 @@ def _match(node: dict, t, keys: tuple, specs: dict, fmts: dict) -> None:
                     )
                 continue
             _match_leaf(entry, leaf, (*keys, k), specs, mx=t)
+        check_blocks_whole(t, f"target {where(keys)}")  # no block cut in two by its sharding
         return
     if kind == "array":
         _match_leaf(node, t, keys, specs)
