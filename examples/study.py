@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 
 import jaxmx
 import jaxmx.flax
+from examples.parallel import Parallel, is_main_process
 from examples.training import (
     ApplyFn,
     BatchFn,
@@ -40,8 +41,13 @@ from examples.training import (
 # added here, in this one dict, and the CLIs pick them up via --recipes.
 
 
-def fp32(model: Any) -> ApplyFn:
-    """The reference recipe: the model exactly as written, in float32."""
+def fp32(model: Any, fsdp: str | None = None) -> ApplyFn:
+    """The reference recipe: the model exactly as written, in float32.
+
+    ``fsdp`` changes nothing here: sharded float32 weights are gathered by
+    XLA as they are.
+    """
+    del fsdp
     return apply_fn_for(model)
 
 
@@ -56,15 +62,18 @@ def mx_recipe(
       **overrides: DotConfig fields to change, e.g. ``scale_mode="rceil"``.
 
     Returns:
-      ``recipe(model) -> apply_fn``. nnx models are cloned first, so the
-      model handed in stays FP32 for the other recipes.
+      ``recipe(model, fsdp=None) -> apply_fn``. nnx models are cloned first,
+      so the model handed in stays FP32 for the other recipes. ``fsdp``: the
+      mesh axis the weights are sharded over, which makes every MX matmul
+      all-gather its weight as MX codes and scales (``DotConfig.fsdp``).
     """
     config = jaxmx.preset(preset, **overrides)
 
-    def recipe(model: Any) -> ApplyFn:
+    def recipe(model: Any, fsdp: str | None = None) -> ApplyFn:
         if isinstance(model, nnx.Module):
             model = nnx.clone(model)
-        rules = [*((k, None) for k in keep), (".*", config)]
+        cfg = config if fsdp is None else config.replace(fsdp=fsdp)
+        rules = [*((k, None) for k in keep), (".*", cfg)]
         return apply_fn_for(jaxmx.flax.quantize_model(model, rules))
 
     recipe.__name__ = preset
@@ -195,6 +204,7 @@ def run_recipes(
     *,
     run_info: Mapping[str, Any] | None = None,
     progress: bool = True,
+    parallel: Parallel | None = None,
 ) -> list[dict[str, Any]]:
     """Trains each recipe in turn from the same params on the same batches.
 
@@ -208,13 +218,15 @@ def run_recipes(
       out_root: each recipe writes to ``out_root/<recipe>/`` (and resumes from it).
       run_info: description of model and data, recorded with each run.
       progress: show progress bars.
+      parallel: the mesh to run on (data parallel, FSDP with ``parallel.fsdp``).
 
     Returns:
       The metrics dict of each recipe, in order.
     """
     results = []
+    fsdp = parallel.axis if parallel is not None and parallel.fsdp else None
     for name in recipes:
-        apply_fn = get_recipe(name)(model)
+        apply_fn = get_recipe(name)(model, fsdp=fsdp)
         result = train(
             apply_fn,
             params,
@@ -225,12 +237,19 @@ def run_recipes(
             name=name,
             run_info={**dict(run_info or {}), "recipe": name},
             progress=progress,
+            parallel=parallel,
         )
         results.append(result.metrics)
     return results
 
 
-def run_cli(args: argparse.Namespace, built: tuple, metric: str, title: str) -> list[dict]:
+def run_cli(
+    args: argparse.Namespace,
+    built: tuple,
+    metric: str,
+    title: str,
+    parallel: Parallel | None = None,
+) -> list[dict]:
     """The common tail of the example CLIs: train every recipe, print the table.
 
     Args:
@@ -239,6 +258,8 @@ def run_cli(args: argparse.Namespace, built: tuple, metric: str, title: str) -> 
       built: ``(model, params, train_batch, eval_batches, run_info)``.
       metric: ``"loss"`` or ``"accuracy"`` for the summary table.
       title: what is trained, for the first line printed.
+      parallel: the mesh to run on; None: one device. Only process 0 prints
+        and writes the table and plot.
 
     Returns:
       The metrics dict of each recipe.
@@ -246,7 +267,10 @@ def run_cli(args: argparse.Namespace, built: tuple, metric: str, title: str) -> 
     recipes = parse_recipes(args.recipes)
     model, params, train_batch, eval_batches, run_info = built
     n_params = sum(p.size for p in jax.tree.leaves(params))
-    print(f"{title} with {n_params:,} params; recipes: {recipes}")
+    main = is_main_process()
+    if main:
+        where = "" if parallel is None else f" on {parallel.describe()}"
+        print(f"{title} with {n_params:,} params; recipes: {recipes}{where}")
     results = run_recipes(
         recipes,
         model,
@@ -257,8 +281,10 @@ def run_cli(args: argparse.Namespace, built: tuple, metric: str, title: str) -> 
         args.out,
         run_info=run_info,
         progress=not args.no_progress,
+        parallel=parallel,
     )
-    print(report_study(results, args.out, metric))
+    if main:
+        print(report_study(results, args.out, metric))
     return results
 
 

@@ -13,6 +13,14 @@ Usage::
     python examples/train_lm.py                      # FP32, default configuration
     python examples/train_lm.py --quick              # smoke test, well under a minute
     python examples/train_lm.py --recipes fp32,...   # several recipes, same data
+
+Several processes (see docs/multihost.md; examples/launch.py starts them on
+one machine) train one data-parallel run over the devices of all of them;
+``--sharding fsdp`` also shards the parameters and, under an MX recipe,
+all-gathers each weight as MX codes and scales::
+
+    python examples/launch.py --processes 2 --devices 2 -- \
+        examples/train_lm.py --quick --width 128 --recipes mxfp8 --sharding fsdp
 """
 
 from __future__ import annotations
@@ -26,9 +34,10 @@ import sys
 if __package__ in (None, ""):  # run as a script: make `models`/`examples` importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+import jax
 from flax import nnx
 
-from examples import data, study, training
+from examples import data, parallel, study, training
 from models import GPT, GPTConfig, GPTnnx
 
 # Tuned on a 2-core CPU: one FP32 run takes about 3 minutes (~85 ms/step)
@@ -82,6 +91,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dropout", type=float, help="dropout rate")
     parser.add_argument("--eval-batches", type=int, help="validation batches per evaluation")
     parser.add_argument("--api", choices=("linen", "nnx"), default="linen", help="Flax API")
+    parser.add_argument(
+        "--sharding",
+        choices=("auto", "none", "data", "fsdp"),
+        default="auto",
+        help="none: one device; data: data parallel over every device of every process; "
+        "fsdp: data parallel with fully-sharded parameters (MX weights gathered as MX); "
+        "auto: data when there are several processes, else none",
+    )
     args = study.resolve_defaults(parser.parse_args(argv), DEFAULTS, QUICK)
     if args.out is None:
         args.out = f"runs/shakespeare{'_quick' if args.quick else ''}"
@@ -127,12 +144,41 @@ def build(args: argparse.Namespace, dataset: data.CharDataset):
     return model, params, train_batch, lambda: val, run_info
 
 
+def layout(args: argparse.Namespace) -> parallel.Parallel | None:
+    """The mesh ``--sharding`` asks for (None: one device, as before)."""
+    sharding = args.sharding
+    if sharding == "auto":
+        sharding = "data" if jax.process_count() > 1 else "none"
+    if sharding == "none":
+        if jax.process_count() > 1:
+            raise ValueError(
+                f"--sharding none runs on one device, but this run has {jax.process_count()} "
+                "processes; allowed here: data, fsdp (or auto)"
+            )
+        return None
+    return parallel.Parallel.over_devices(fsdp=sharding == "fsdp")
+
+
+def _load_corpus() -> data.CharDataset:
+    # Process 0 downloads and caches the corpus before the others read it.
+    if jax.process_count() == 1:
+        return data.load_shakespeare()
+    from jax.experimental import multihost_utils
+
+    if parallel.is_main_process():
+        data.load_shakespeare()
+    multihost_utils.sync_global_devices("shakespeare corpus cached")
+    return data.load_shakespeare()
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     """Runs the study and prints the summary table; returns each recipe's metrics."""
+    parallel.initialize_from_env()  # joins a run of several processes (examples/launch.py)
     args = parse_args(argv)
     study.parse_recipes(args.recipes)  # fail on a bad name before loading data
-    built = build(args, data.load_shakespeare())
-    return study.run_cli(args, built, "loss", f"GPT {built[4]['model']}")
+    built = build(args, _load_corpus())
+    mesh = layout(args)
+    return study.run_cli(args, built, "loss", f"GPT {built[4]['model']}", mesh)
 
 
 if __name__ == "__main__":

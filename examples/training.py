@@ -14,6 +14,14 @@ into each orbax checkpoint. A run interrupted after a checkpoint at step k
 and resumed therefore reproduces an uninterrupted run bit for bit. A
 checkpoint also records the configuration, including the MX recipe the
 model ran with (:func:`mx_recipe_of`); resuming under another one is refused.
+
+Sharded runs: with ``parallel=`` (:class:`examples.parallel.Parallel`) the
+same loop runs data parallel over a mesh of every device of every process,
+parameters and optimizer state replicated or fully sharded (FSDP). Every
+process runs this loop; process 0 alone prints and writes ``metrics.json``,
+and all of them write their shards of each orbax checkpoint. The mesh is
+not part of the recorded configuration: a checkpoint restores onto another
+mesh (other devices, other processes) with the shardings of that run.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from flax import linen as nn
 from flax import nnx
 
 import jaxmx.flax
+from examples.parallel import Parallel, is_main_process
 
 # apply_fn(params, x, *, train=False, rng=None) -> logits
 ApplyFn = Callable[..., jax.Array]
@@ -229,46 +238,81 @@ def _check_master_params(params: Any) -> None:
         raise TypeError(f"master params must all be float32; got other dtypes at {bad}")
 
 
-def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, seed: int):
-    """Returns a jitted ``step(params, opt_state, x, y, step) -> (params, opt_state, loss)``."""
+def _in_mesh(fn, parallel: Parallel | None):
+    """``fn`` (jitted) called inside ``jax.set_mesh`` of the run's mesh, which
+    the MX dot's FSDP gather reads when the step is traced."""
+    if parallel is None:
+        return fn
+
+    @functools.wraps(fn)
+    def run(*args):
+        with jax.set_mesh(parallel.mesh):
+            return fn(*args)
+
+    return run
+
+
+def make_train_step(
+    apply_fn: ApplyFn,
+    optimizer: optax.GradientTransformation,
+    seed: int,
+    parallel: Parallel | None = None,
+):
+    """Returns a jitted ``step(params, opt_state, x, y, step) -> (params, opt_state, loss)``.
+
+    With ``parallel``, the new params and optimizer state keep the layout
+    :meth:`Parallel.shardings` gives them, and the step runs in its mesh.
+    """
     base_key = jax.random.key(seed)
 
     def step_fn(params, opt_state, x, y, step):
         def loss_fn(p):
+            p = p if parallel is None else parallel.for_model(p)
             logits = apply_fn(p, x, train=True, rng=jax.random.fold_in(base_key, step))
             return cross_entropy(logits, y)
 
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        params = optax.apply_updates(params, updates)
+        if parallel is not None:
+            params, opt_state = parallel.constrain(params), parallel.constrain(opt_state)
+        return params, opt_state, loss
 
-    return jax.jit(step_fn)
+    return _in_mesh(jax.jit(step_fn), parallel)
 
 
-def make_eval_step(apply_fn: ApplyFn):
+def make_eval_step(apply_fn: ApplyFn, parallel: Parallel | None = None):
     """Returns a jitted ``eval(params, x, y) -> (loss_sum, correct, count)``."""
 
     def eval_fn(params, x, y):
+        params = params if parallel is None else parallel.for_model(params)
         logits = apply_fn(params, x, train=False).astype(jnp.float32)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return losses.sum(), (logits.argmax(-1) == y).sum(), y.size
 
-    return jax.jit(eval_fn)
+    return _in_mesh(jax.jit(eval_fn), parallel)
 
 
 @functools.lru_cache(maxsize=8)
-def _default_steps(apply_fn: ApplyFn, config: TrainConfig):
+def _default_steps(apply_fn: ApplyFn, config: TrainConfig, parallel: Parallel | None = None):
     # Cached so that retraining the same apply_fn with the same config in one
     # process (resuming, repeated studies, tests) reuses the compiled steps.
     optimizer = make_optimizer(config)
-    return optimizer, make_train_step(apply_fn, optimizer, config.seed), make_eval_step(apply_fn)
+    step = make_train_step(apply_fn, optimizer, config.seed, parallel)
+    return optimizer, step, make_eval_step(apply_fn, parallel)
 
 
-def evaluate(eval_step, params: Any, eval_batches: EvalBatchesFn) -> dict[str, float]:
-    """Mean loss and accuracy over every label of every evaluation batch."""
+def evaluate(
+    eval_step, params: Any, eval_batches: EvalBatchesFn, put: Callable[[Any], Any] = jnp.asarray
+) -> dict[str, float]:
+    """Mean loss and accuracy over every label of every evaluation batch.
+
+    ``put`` turns a host batch into the step's input (a global array cut
+    over the mesh for a sharded run).
+    """
     loss_sum, correct, count = 0.0, 0, 0
     for x, y in eval_batches():
-        s, c, n = eval_step(params, jnp.asarray(x), jnp.asarray(y))
+        s, c, n = eval_step(params, put(x), put(y))
         loss_sum, correct, count = loss_sum + float(s), correct + int(c), count + int(n)
     if count == 0:
         raise ValueError("eval_batches() yielded no batches")
@@ -422,6 +466,7 @@ def train(
     run_info: Mapping[str, Any] | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    parallel: Parallel | None = None,
 ) -> TrainResult:
     """Trains ``params`` with cross-entropy loss, resuming from ``out_dir`` if possible.
 
@@ -444,6 +489,10 @@ def train(
       progress: show a tqdm progress bar.
       on_step: called as ``on_step(step, loss)`` after each update (``step``
         counts completed updates), e.g. for custom logging or early exits.
+      parallel: run data parallel (and FSDP) over this mesh; every process
+        of a multi-process run calls ``train`` with the same arguments.
+        ``params`` are host values, the same in every process. None: the
+        default device, as before.
 
     Returns:
       A :class:`TrainResult`. ``metrics`` holds ``train`` (``step``, mean
@@ -468,15 +517,23 @@ def train(
     }
     json.dumps(full_config)  # fail now, not at the first checkpoint
     if optimizer is None:
-        optimizer, step_fn, eval_step = _default_steps(apply_fn, config)
+        optimizer, step_fn, eval_step = _default_steps(apply_fn, config, parallel)
     else:
-        step_fn = make_train_step(apply_fn, optimizer, config.seed)
-        eval_step = make_eval_step(apply_fn)
-    # Commit arrays to their devices up front: jit outputs and restored
-    # checkpoints are committed, and jit keys its cache on that, so without this
-    # the train step would compile twice (and again after a resume).
-    params = _commit(params)
-    opt_state = _commit(optimizer.init(params))
+        step_fn = make_train_step(apply_fn, optimizer, config.seed, parallel)
+        eval_step = make_eval_step(apply_fn, parallel)
+    if parallel is None:
+        # Commit arrays to their devices up front: jit outputs and restored
+        # checkpoints are committed, and jit keys its cache on that, so without
+        # this the train step would compile twice (and again after a resume).
+        params = _commit(params)
+        opt_state = _commit(optimizer.init(params))
+        put = jnp.asarray
+    else:
+        params = parallel.put(params)
+        opt_state = parallel.init_state(optimizer, params)
+        put = parallel.put_batch
+        progress = progress and is_main_process()
+    main = is_main_process()
     metrics: dict[str, Any] = {"name": name, "config": full_config, "train": [], "eval": []}
     pending, step_times, start, elapsed = [], [], 0, 0.0
     out = pathlib.Path(out_dir) if out_dir is not None else None
@@ -490,14 +547,14 @@ def train(
 
         bar = tqdm.tqdm(total=config.steps, initial=start, desc=name, disable=not progress)
         t_start = time.perf_counter() - elapsed
+        if parallel is not None:
+            metrics["parallel"] = parallel.describe()  # this invocation's layout
         if start == 0:
-            metrics["eval"].append({"step": 0, **evaluate(eval_step, params, eval_batches)})
+            metrics["eval"].append({"step": 0, **evaluate(eval_step, params, eval_batches, put)})
         for step in range(start, config.steps):
             x, y = train_batch(step)
             t0 = time.perf_counter()
-            params, opt_state, loss = step_fn(
-                params, opt_state, jnp.asarray(x), jnp.asarray(y), jnp.int32(step)
-            )
+            params, opt_state, loss = step_fn(params, opt_state, put(x), put(y), jnp.int32(step))
             loss = float(loss)  # blocks, so t0..now is the whole step
             if step > start:  # the first step of an invocation includes compilation
                 step_times.append((time.perf_counter() - t0) * 1e3)
@@ -508,7 +565,9 @@ def train(
                 metrics["train"].append({"step": done, "loss": mean, "lr": float(schedule(step))})
                 pending = []
             if done % config.eval_every == 0 or done == config.steps:
-                metrics["eval"].append({"step": done, **evaluate(eval_step, params, eval_batches)})
+                metrics["eval"].append(
+                    {"step": done, **evaluate(eval_step, params, eval_batches, put)}
+                )
             if done % config.log_every == 0 or done % config.eval_every == 0:
                 train_loss = metrics["train"][-1]["loss"] if metrics["train"] else loss
                 bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{metrics['eval'][-1]['loss']:.4f}")
@@ -522,7 +581,7 @@ def train(
                 snapshot = {"step": done, "elapsed": elapsed, "metrics": metrics}
                 snapshot.update(pending=pending, step_times=step_times)
                 _save(manager, done, params, opt_state, snapshot)
-            if out is not None and (done % config.eval_every == 0 or done == config.steps):
+            if main and out is not None and (done % config.eval_every == 0 or done == config.steps):
                 _write_json(out / "metrics.json", metrics)
             bar.update(1)
             if on_step is not None:
@@ -533,6 +592,6 @@ def train(
         if manager is not None:
             manager.close()  # waits for in-flight asynchronous saves
     _summarise(metrics, step_times)
-    if out is not None:
+    if main and out is not None:
         _write_json(out / "metrics.json", metrics)
     return TrainResult(params=params, opt_state=opt_state, metrics=metrics)
