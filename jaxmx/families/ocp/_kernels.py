@@ -124,8 +124,9 @@ def quantize_with_exponent(x, exponent, spec: QuantSpec, forced=None) -> MXTenso
 def dequantize(t: MXTensor, dtype) -> jax.Array:
     elem, fmt = t.format.element, t.format
     sign, mag, special = codes.split_codes(to_blocks(t.data, t.axis, t.block_size), elem)
-    e = exponents(t)
-    nan_block = e == fmt.scale.nan_code - fmt.scale.bias
+    biased = jnp.expand_dims(lax.bitcast_convert_type(t.scale, jnp.uint8), t.axis)
+    e = biased.astype(jnp.int32) - fmt.scale.bias
+    nan_block = biased == jnp.uint8(fmt.scale.nan_code)
     bits = numerics.decode_magnitude(mag, e, elem) | lax.shift_left(sign, jnp.uint32(31))
     if elem.has_nan:
         # Codes above the largest finite one are the element's own Inf/NaN.
