@@ -166,12 +166,21 @@ class Parallel:
         return jax.jit(optimizer.init, out_shardings=self.shardings(abstract))(params)
 
     def gather(self, tree: Any) -> Any:
-        """Every leaf as a host ``np.ndarray`` holding the whole array (all processes)."""
-        from jax.experimental import multihost_utils
+        """Every leaf as a host ``np.ndarray`` holding the whole array (see :func:`to_host`)."""
+        return to_host(tree)
 
-        def one(x):
-            if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
-                return np.asarray(x)
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
-        return jax.tree.map(one, tree)
+def to_host(tree: Any) -> Any:
+    """Every leaf as a host ``np.ndarray`` holding the whole array.
+
+    A collective when an array is spread over processes: every process must
+    call it, in the same order.
+    """
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+            return np.asarray(x)
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)

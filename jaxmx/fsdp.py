@@ -43,6 +43,7 @@ from jaxmx.config import DotConfig
 from jaxmx.formats import MXFormat
 from jaxmx.packing import pack, unpack
 from jaxmx.quantize import check_array, dequantize, quantize_spec
+from jaxmx.shards import mx_shardings
 from jaxmx.spec import QuantSpec
 from jaxmx.tensor import MXTensor
 
@@ -83,11 +84,13 @@ def fsdp_shardings(tree, mesh: jax.sharding.Mesh, mesh_axis: str = "data"):
     """A ``NamedSharding`` per array leaf of ``tree``: cut along :func:`fsdp_axis`.
 
     Leaves with no such axis (biases shorter than ``shards * 32``, scalars
-    such as an optimizer's step count) are replicated.
+    such as an optimizer's step count) are replicated. An MXTensor is cut
+    as a whole, along the :func:`fsdp_axis` of its shape, its codes and
+    scales alike (:func:`jaxmx.mx_shardings`, which keeps blocks whole).
 
     Args:
-      tree: a pytree of arrays or ``jax.ShapeDtypeStruct`` (parameters,
-        optimizer state).
+      tree: a pytree of arrays, ``jax.ShapeDtypeStruct`` or MXTensors
+        (parameters, quantized weights, optimizer state).
       mesh: the device mesh.
       mesh_axis: the mesh axis to shard over (FSDP shares it with data
         parallelism).
@@ -98,10 +101,13 @@ def fsdp_shardings(tree, mesh: jax.sharding.Mesh, mesh_axis: str = "data"):
     shards = _axis_size(mesh, mesh_axis)
 
     def one(leaf):
-        shape = tuple(jnp.shape(leaf))
-        return NamedSharding(mesh, _spec(len(shape), fsdp_axis(shape, shards), mesh_axis))
+        shape = tuple(leaf.shape) if isinstance(leaf, MXTensor) else tuple(jnp.shape(leaf))
+        spec = _spec(len(shape), fsdp_axis(shape, shards), mesh_axis)
+        if isinstance(leaf, MXTensor):
+            return mx_shardings(leaf, mesh, spec)
+        return NamedSharding(mesh, spec)
 
-    return jax.tree.map(one, tree)
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, MXTensor))
 
 
 def _axis_size(mesh, mesh_axis: str) -> int:

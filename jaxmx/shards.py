@@ -119,8 +119,9 @@ def _straddle_message(t: MXTensor, what, field, axis, device, cut) -> str:
             f"of that axis ({cut[1] - cut[0]} of {getattr(t, field).shape[axis]}), which is not "
             "a whole number of blocks: a block would straddle two shards. Allowed: cuts of the "
             f"block axis at multiples of {size} elements (an axis length that is a multiple of "
-            f"{size} x the number of shards), or no cut of that axis; the codes and the scales "
-            "of a block on the same device (jaxmx.mx_shardings)"
+            f"{size} x the number of shards) or no cut of that axis, with the codes and the "
+            "scales of each block on one device (jaxmx.mx_shardings gives both from one "
+            "PartitionSpec)"
         )
     return (
         f"{what}: its {field} and its scales are cut differently along axis {axis} (device "

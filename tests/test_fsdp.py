@@ -281,3 +281,27 @@ def test_mx_shardings_keep_blocks_whole():
     )
     with pytest.raises(ValueError, match=r"codes \d+:\d+ of that axis \(16 of 128\)"):
         jaxmx.check_blocks_whole(bad)
+
+
+def test_load_refuses_a_target_whose_sharding_splits_blocks(tmp_path):
+    """48 rows in blocks of 32 (the last one partial): two shards of 24 rows
+    would cut the first block, while each shard holds one scale."""
+    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    t = jaxmx.quantize(jax.random.normal(jax.random.key(0), (48, 16)), "mxfp8", axis=0)
+    path = tmp_path / "ckpt"
+    jaxmx.save(path, {"w": t})
+    cut = NamedSharding(mesh, P("data", None))
+    target = {"w": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=cut), t)}
+    with pytest.raises(
+        ValueError, match=r"target tree\['w'\]: .*codes 0:24 of that axis \(24 of 48\)"
+    ):
+        jaxmx.load(path, target=target)
+    # Cut along the other axis, every block is whole on each device.
+    other = NamedSharding(mesh, P(None, "data"))
+    target = {
+        "w": jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=other), t)
+    }
+    got = jaxmx.load(path, target=target)["w"]
+    np.testing.assert_array_equal(
+        np.asarray(jaxmx.dequantize(got)), np.asarray(jaxmx.dequantize(t))
+    )

@@ -30,8 +30,9 @@ ones). The tolerances follow from that, with n = 4 devices and u = 2^-24:
   gradients can exceed (|r| <= R by Cauchy-Schwarz); plus the float32
   rounding of the update in each run (a few ulps of each term).
 
-Measured on a loaded 2-core machine the test takes about two minutes (three
-processes each compile the MX training step), so it is marked slow.
+Measured on a loaded 2-core machine this test takes about two minutes (three
+processes each compile the MX training step of the GPT), so it is marked
+slow; the checkpoint test below takes about 40 seconds.
 
 The test fails if a process gets the wrong slice of a batch, a weight is
 gathered wrongly, or the gradients are not summed over every device: each
@@ -86,17 +87,23 @@ def _r_bound(g0, g1, d0, d1, b1, b2, eps):
     return np.where(small, first_order, 2 * R), r, R
 
 
+class _Sink:
+    """Collects the launcher's prefixed output lines."""
+
+    def __init__(self, log: list):
+        self.log = log
+
+    def write(self, text):
+        self.log.append(text)
+
+    def flush(self):
+        pass
+
+
 def _launch_workers(out: pathlib.Path, log: list, status: dict) -> None:
-    class Sink:
-        def write(self, text):
-            log.append(text)
-
-        def flush(self):
-            pass
-
     script = str(ROOT / "tests" / "_multiprocess_worker.py")
     status["code"] = launch.launch(
-        [script, str(out)], processes=2, devices=2, timeout=TIMEOUT_S, sink=Sink()
+        [script, str(out)], processes=2, devices=2, timeout=TIMEOUT_S, sink=_Sink(log)
     )
 
 
@@ -153,3 +160,48 @@ def test_two_processes_train_as_one(tmp_path):
         )
         moved += int((ref[key] != p).sum())
     assert moved > 0.5 * sum(p.size for p in p0.values())  # the second step did train
+
+
+def test_sharded_checkpoints_move_between_meshes(tmp_path):
+    """jaxmx.save from 1 x 4 devices restores on 2 x 2, and 2 x 2's on 1 x 4.
+
+    The state (tests/_checkpoint_worker.py) holds float32 parameters, MX
+    copies of them (MXFP4 packed, MXFP8) and AdamW moments compressed to
+    MXFP8 by jaxmx.optax.compress_state, every leaf cut over the 4 devices.
+    On each mesh a run trains 2 steps, saves, trains 2 more, and restores
+    its save and trains the same 2 steps again: the restored state must be
+    the saved one and the resumed run must end on the uninterrupted run's
+    bits. Across meshes a restore must give the saved bits: these are
+    copies, no arithmetic.
+    """
+    from tests import _checkpoint_worker as ck
+
+    one = tmp_path / "from_1x4"
+    run = ck.Run(ck.mesh_of(jax.devices()[:N]))
+    mine = ck.save_and_resume(run, one)
+    assert mine["restored_equal"] and mine["resumed_equal"] and mine["trained"]
+
+    log, status = [], {}
+    two, out = tmp_path / "from_2x2", tmp_path / "workers.npz"
+    script = str(ROOT / "tests" / "_checkpoint_worker.py")
+    status["code"] = launch.launch(
+        [script, str(one), str(two), str(out)],
+        processes=2,
+        devices=2,
+        timeout=TIMEOUT_S,
+        sink=_Sink(log),
+    )
+    output = "".join(log)
+    assert status["code"] == 0, f"the 2 processes failed:\n{output[-6000:]}"
+    theirs = dict(np.load(out))
+    assert theirs["restored_equal"] and theirs["resumed_equal"] and theirs["trained"]
+    # 1 x 4 -> 2 x 2: the workers restored exactly what this process saved.
+    for key, value in mine["after2"].items():
+        np.testing.assert_array_equal(theirs[f"restored{key}"], value, err_msg=key)
+    # 2 x 2 -> 1 x 4: this process restores exactly what the workers saved.
+    back = ck.bits(run.load(two))
+    assert back.keys() == mine["after2"].keys()
+    for key, value in back.items():
+        np.testing.assert_array_equal(value, theirs[f"after2{key}"], err_msg=key)
+    # Every kind of leaf was there: MX codes and scales, compressed moments.
+    assert any(k.endswith(".data") for k in back) and any(".codes" in k for k in back)
