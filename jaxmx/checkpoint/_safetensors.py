@@ -74,8 +74,9 @@ class Header:
         self.data_start = data_start
 
 
-def read(path: str) -> tuple[object, Header]:
-    """The manifest (as parsed, unchecked) and the checked header of ``path``."""
+def raw_header(path: str) -> tuple[dict, int]:
+    """(the parsed JSON header object, its size) of a safetensors file, or a
+    ValueError naming the file."""
     file_size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -90,11 +91,17 @@ def read(path: str) -> tuple[object, Header]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(
-            f"{path} is not a jaxmx checkpoint: not a safetensors file (its header is not "
-            f"JSON: {e})"
+            f"{path} is not a safetensors file (its header is not JSON: {e})"
         ) from None
     if not isinstance(header, dict):
-        raise ValueError(f"{path} is not a jaxmx checkpoint: its header is not a JSON object")
+        raise ValueError(f"{path} is not a safetensors file: its header is not a JSON object")
+    return header, size
+
+
+def read(path: str) -> tuple[object, Header]:
+    """The manifest (as parsed, unchecked) and the checked header of ``path``."""
+    file_size = os.path.getsize(path)
+    header, size = raw_header(path)
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or M.KEY not in meta:
         keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 
 import jax
 import numpy as np
@@ -45,23 +44,7 @@ WRITTEN = (WEIGHTS_FILE, CONFIG_FILE, MODELOPT_CONFIG_FILE)
 def header(path: str) -> tuple[dict, dict, int]:
     """(tensor entries, __metadata__, start of the data) of a checked safetensors file."""
     file_size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if not 0 < size <= file_size - 8:
-            raise ValueError(
-                f"{path} is truncated or not a safetensors file: its first 8 bytes give a "
-                f"header of {size} bytes, the file holds {file_size}"
-            )
-        raw = f.read(size)
-    try:
-        entries = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ValueError(
-            f"{path} is not a safetensors file (its header is not JSON: {e})"
-        ) from None
-    if not isinstance(entries, dict):
-        raise ValueError(f"{path} is not a safetensors file: its header is not a JSON object")
+    entries, size = _safetensors.raw_header(path)
     meta = entries.pop("__metadata__", None) or {}
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: its safetensors __metadata__ is not a JSON object")
