@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import functools
 import json
 import os
 import pathlib
@@ -49,7 +48,6 @@ from typing import Any, NamedTuple
 
 import jax
 import numpy as np
-from flax import linen as nn
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
@@ -138,15 +136,9 @@ class Quantized(NamedTuple):
     params: Any  # the variables to call it with (a PTQ method may change them)
 
 
-def _scope_dense(model, recipe: Recipe, *, prequantized: bool = False) -> Callable:
+def _scope_dense(model, recipe: Recipe) -> Callable:
     # Flax Dense layers only: nn.Embed.attend (the tied head) and jnp.einsum
     # have no injection point, so they stay FP32 whatever the rules say.
-    if prequantized:
-        # Flax's Dense takes float kernels, not the MXTensors a PTQ method
-        # stores; scope "all" (jaxmx.intercept) runs from them as they are.
-        raise NotImplementedError(
-            "PTQ methods that store MXTensor weights run in scope 'all' (--scope all)"
-        )
     rules = [*((k, None) for k in recipe.keep), (".*", recipe.weight_config())]
     return jaxmx.flax.quantize_model(model, rules, scope="modules").apply
 
@@ -161,191 +153,63 @@ def _intercept_fn() -> Callable | None:
     return fn if callable(fn) else getattr(fn, "intercept", None)
 
 
-def _scope_all(model, recipe: Recipe, *, prequantized: bool = False) -> Callable:
+def _all_rules(recipe: Recipe) -> list:
     # Every dot_general: matmuls with an operand read from the params get the
-    # weight config, the others (q.k, p.v) the activation config. MXTensor
-    # weights from a PTQ method are used as they are (never quantized twice).
-    del prequantized
+    # weight config, the others (q.k, p.v) the activation config.
+    return [
+        *((k, None) for k in recipe.keep),
+        ("params/", recipe.weight_config()),
+        (".*", recipe.activation_config()),
+    ]
+
+
+def _scope_all(model, recipe: Recipe) -> Callable:
     intercept = _intercept_fn()
     if intercept is None:
         raise NotImplementedError(
             "scope 'all' needs jaxmx's jaxpr-level interception (jaxmx.intercept), "
             "which this jaxmx does not have"
         )
-    rules = [
-        *((k, None) for k in recipe.keep),
-        ("params/", recipe.weight_config()),
-        (".*", recipe.activation_config()),
-    ]
-    return intercept(model.apply, rules, warn=False)
+    return intercept(model.apply, _all_rules(recipe), warn=False)
 
 
-# scope name -> (model, recipe, *, prequantized) -> apply_fn.
+# scope name -> (model, recipe) -> apply_fn: a direct cast at run time.
 SCOPES: dict[str, Callable[..., Callable]] = {
     "dense": _scope_dense,
     "all": _scope_all,
 }
 
 
-def _method_direct(model, params, recipe: Recipe, calibration) -> tuple[Any, Any]:
-    del recipe, calibration  # a direct cast changes neither the model nor its weights
-    return model, params
-
-
-# --- PTQ methods (jaxmx.ptq) ---------------------------------------------------------
+# --- PTQ methods (jaxmx.ptq.quantize_model) ------------------------------------------
 #
-# Weight methods (scale search, GPTQ) store the Dense kernels as MXTensors
-# (jaxmx.quantize_params(method=...)), which scope "all" (jaxmx.intercept)
-# feeds to their matmuls as they are. SmolLM2's output head is tied to the
-# token embedding; a method first unties it (_untied: lm_head = embedding^T,
-# the same products), so that the head gets the method and the lookup keeps
-# the FP32 table, as in the direct recipes of scope "all" (where the lookup is
-# no matmul and the head's matmul casts the table).
-#
-# Hadamard rotation changes the model: every Dense input is rotated at run
-# time by x -> x H (block-diagonal, H of order 32 = the MX block, along the
-# features), and every kernel by H^T W once, offline, so each product is
-# unchanged in exact arithmetic. The run-time side is a linen wrapper module
-# (_RotatedInputs) that runs the model under flax.linen.intercept_methods:
-# the interceptor rotates the first argument of each nn.Dense call, before
-# jaxmx.intercept quantizes it. The rotation is a fast Walsh-Hadamard
-# transform in FP32 (sums and differences, no matmul for intercept to see),
-# as hardware would apply it.
+# Every method but the direct cast is one call of jaxmx.ptq.quantize_model on
+# model.apply with scope "all"'s rules: it finds the weights of the MX matmuls
+# in the traced function, collects their Hessians X^T X over the calibration
+# windows (the model in FP32), rotates the weights and, inside jaxmx.intercept,
+# the activations of their matmuls (hadamard*: block-diagonal Hadamard of the
+# format's block size, at most 32), quantizes the weights into MXTensors, and
+# returns the function to serve. SmolLM2's output head is tied to the token
+# embedding: the table stays FP32 for the lookup and a quantized copy of it
+# feeds the head's matmul (jaxmx.ptq.TiedWeight), as the direct recipes of
+# scope "all" cast the table at the head's matmul only.
 
-HADAMARD_SIZE = 32  # the OCP MX block size: each block is rotated within itself
+CALIBRATION = {"windows": 4, "length": 512}  # SmolLM2 tokens: Hessians, and the trace
 
-
-def _hadamard_size(recipe: Recipe) -> int:
-    """The Hadamard order of a recipe: its format's block (16 for NVFP4 and BDR, 32 for OCP)."""
-    return min(HADAMARD_SIZE, jaxmx.get_format(recipe.fmt).block_size)
-
-
-CALIBRATION = {"windows": 4, "length": 512}  # SmolLM2 tokens for GPTQ's Hessians
-
-
-def _weight_rules(recipe: Recipe, fmt: str) -> list:
-    # Dense kernels only (the embedding table's lookup is not a matmul).
-    return [("embed_tokens", None), *((k, None) for k in recipe.keep), (".*", fmt)]
-
-
-class _RotatedInputs(nn.Module):
-    """Runs ``inner`` with each ``nn.Dense`` input rotated by the block Hadamard."""
-
-    inner: nn.Module
-    size: int = HADAMARD_SIZE
-
-    def __call__(self, *args, **kwargs):
-        size = self.size
-
-        def rotate_input(next_fun, f_args, f_kwargs, context):
-            if isinstance(context.module, nn.Dense) and context.method_name == "__call__":
-                f_args = (jaxmx.ptq.rotate(f_args[0], size=size), *f_args[1:])
-            return next_fun(*f_args, **f_kwargs)
-
-        with nn.intercept_methods(rotate_input):
-            return self.inner(*args, **kwargs)
-
-
-def _untied(model, params):
-    """A Llama with a tied head as one with ``lm_head = embedding^T``: same outputs."""
-    cfg = getattr(model, "config", None)
-    if not getattr(cfg, "tie_embeddings", False):
-        return model, params
-    p = params["params"]
-    head = {"kernel": jax.numpy.asarray(p["embed_tokens"]["embedding"]).T}
-    untied = type(model)(dataclasses.replace(cfg, tie_embeddings=False))
-    return untied, {**params, "params": {**p, "lm_head": head}}
-
-
-def _rotated(model, params, size: int = HADAMARD_SIZE):
-    """The model with rotated Dense inputs and its kernels rotated to match."""
-    rotated = jaxmx.ptq.rotate_weights(params["params"], size=size)
-    return _RotatedInputs(inner=model, size=size), {**params, "params": {"inner": rotated}}
-
-
-_HESSIANS: dict = {}  # (model, calibration bytes) -> Hessians: shared by every GPTQ recipe
-
-
-def _hessians(model, params, calibration, *, rotated: int = 0) -> dict:
-    """GPTQ Hessians of every Dense input; ``rotated``: the Hadamard order they are rotated by."""
-    if calibration is None:
-        raise NotImplementedError("GPTQ needs calibration data (LMEval.calibration)")
-    calibration = np.asarray(calibration)
-    key = (id(params), hash(calibration.tobytes()))
-    if key not in _HESSIANS:
-        batches = [calibration[i : i + 1] for i in range(len(calibration))]
-        _HESSIANS[key] = jaxmx.ptq.collect_hessians(model, params, batches)
-    hess = dict(_HESSIANS[key])
-    if "params/embed_tokens/embedding" in hess:  # the tied head, untied by _untied
-        hess["params/lm_head/kernel"] = hess.pop("params/embed_tokens/embedding")
-    if not rotated:
-        return hess
-
-    def rotate_both(h):  # (x H)^T (x H) = H^T (X^T X) H
-        r = jaxmx.ptq.rotate(jax.numpy.asarray(h, jax.numpy.float32), axis=1, size=rotated)
-        return np.asarray(jaxmx.ptq.rotate(r, axis=0, size=rotated), np.float64)
-
-    return {k.replace("params/", "params/inner/", 1): rotate_both(h) for k, h in hess.items()}
-
-
-def _quantized_weights(params, recipe: Recipe, method) -> Any:
-    return jaxmx.quantize_params(
-        params, _weight_rules(recipe, recipe.fmt), packed=False, warn=False, method=method
-    )
-
-
-def _method_search(model, params, recipe: Recipe, calibration) -> tuple[Any, Any]:
-    del calibration
-    model, params = _untied(model, params)
-    search = jaxmx.ptq.ScaleSearch(scale_mode=recipe.scale_mode)
-    return model, _quantized_weights(params, recipe, search)
-
-
-def _method_search_h(model, params, recipe: Recipe, calibration) -> tuple[Any, Any]:
-    hess = _hessians(model, params, calibration)
-    model, params = _untied(model, params)
-    search = jaxmx.ptq.ScaleSearch(scale_mode=recipe.scale_mode, hessians=hess)
-    return model, _quantized_weights(params, recipe, search)
-
-
-def _method_gptq(
-    model, params, recipe: Recipe, calibration, *, search=False, rotate=False, act_order=False
-):
-    size = _hadamard_size(recipe)
-    hess = _hessians(model, params, calibration, rotated=size if rotate else 0)
-    model, params = _untied(model, params)
-    if rotate:
-        model, params = _rotated(model, params, size)
-    gptq = jaxmx.ptq.GPTQ(
-        hessians=hess,
-        scale_mode=recipe.scale_mode,
-        search=jaxmx.ptq.ScaleSearch(scale_mode=recipe.scale_mode) if search else None,
-        act_order=act_order,
-    )
-    return model, _quantized_weights(params, recipe, gptq)
-
-
-def _method_hadamard(model, params, recipe: Recipe, calibration) -> tuple[Any, Any]:
-    del calibration  # the scope casts the rotated weights and inputs directly
-    return _rotated(*_untied(model, params), _hadamard_size(recipe))
-
-
-# method name -> (model, params, recipe, calibration) -> (model, params). A
-# method may rewrite the weights (to MXTensors: GPTQ, scale search) or the
-# model (Hadamard rotation); the scope then applies the rest of the cast.
-METHODS: dict[str, Callable[[Any, Any, Recipe, Any], tuple[Any, Any]]] = {
-    "direct": _method_direct,
-    "search": _method_search,
-    "search_h": _method_search_h,
-    "hadamard": _method_hadamard,
-    "gptq": _method_gptq,
-    "gptq_search": functools.partial(_method_gptq, search=True),
-    "hadamard_gptq": functools.partial(_method_gptq, rotate=True),
-    "hadamard_gptq_search": functools.partial(_method_gptq, rotate=True, search=True),
-    "gptq_act": functools.partial(_method_gptq, act_order=True),
-    "hadamard_gptq_act": functools.partial(_method_gptq, rotate=True, act_order=True),
+# method name -> keyword arguments of jaxmx.ptq.quantize_model; None: the direct
+# cast, which the scope applies at run time.
+METHODS: dict[str, dict | None] = {
+    "direct": None,
+    "search": {"method": "search"},
+    "search_h": {"method": "search", "weighted_search": True},
+    "hadamard": {"method": "hadamard"},
+    "gptq": {"method": "gptq"},
+    "gptq_search": {"method": "gptq", "scale_search": True},
+    "hadamard_gptq": {"method": "hadamard_gptq"},
+    "hadamard_gptq_search": {"method": "hadamard_gptq", "scale_search": True},
+    "gptq_act": {"method": "gptq", "act_order": True},
+    "hadamard_gptq_act": {"method": "hadamard_gptq", "act_order": True},
 }
-# Methods that need calibration data (apply_recipe's `calibration`).
+# Methods whose weights depend on the calibration data (recorded with their runs).
 CALIBRATED = frozenset(
     {
         "search_h",
@@ -360,15 +224,15 @@ CALIBRATED = frozenset(
 
 
 def apply_recipe(model, params, recipe: Recipe, *, calibration: Any = None) -> Quantized:
-    """Runs ``recipe``'s method, then its scope: the one way every recipe is applied.
+    """The direct cast of ``recipe``'s scope, or its PTQ method: how every recipe is applied.
 
     Args:
       model: a ``flax.linen`` module (FP32).
       params: its variables, ``{"params": ...}``.
       recipe: what to do.
-      calibration: data for methods that need activations (token windows for
-        SmolLM2, :data:`examples.pretrained.LM_TEXTS` ``["calibration"]``);
-        unused by the direct cast.
+      calibration: token windows ``(n, L)`` for the PTQ methods (each window
+        one batch; :data:`examples.pretrained.LM_TEXTS` ``["calibration"]``
+        for SmolLM2); unused by the direct cast.
 
     Returns:
       A :class:`Quantized` ``(apply_fn, params)``.
@@ -384,11 +248,27 @@ def apply_recipe(model, params, recipe: Recipe, *, calibration: Any = None) -> Q
     """
     if recipe.fmt is None:
         return Quantized(model.apply, params)
-    model, params = METHODS[recipe.method](model, params, recipe, calibration)
-    is_mx = lambda t: isinstance(t, jaxmx.MXTensor)  # noqa: E731
-    leaves = jax.tree_util.tree_leaves(params, is_leaf=is_mx)
-    prequantized = any(is_mx(t) for t in leaves)
-    return Quantized(SCOPES[recipe.scope](model, recipe, prequantized=prequantized), params)
+    options = METHODS[recipe.method]
+    if options is None:
+        return Quantized(SCOPES[recipe.scope](model, recipe), params)
+    if recipe.scope != "all":
+        # Flax's Dense takes float kernels, not the MXTensors a PTQ method
+        # stores; scope "all" (jaxmx.intercept) runs from them as they are.
+        raise NotImplementedError(
+            "PTQ methods that store MXTensor weights run in scope 'all' (--scope all)"
+        )
+    if calibration is None:
+        raise NotImplementedError(f"method {recipe.method!r} needs calibration token windows")
+    windows = np.asarray(calibration)
+    serve_fn, qparams = jaxmx.ptq.quantize_model(
+        model.apply,
+        params,
+        [windows[i : i + 1] for i in range(len(windows))],
+        _all_rules(recipe),
+        packed=False,
+        **options,
+    )
+    return Quantized(serve_fn, qparams)
 
 
 def available_formats(formats: Iterable[str]) -> tuple[list[str], list[str]]:
@@ -600,12 +480,13 @@ def run_study(
             start = time.perf_counter()
             load_before = os.getloadavg()[0]
             calibrated = recipe.method in CALIBRATED and hasattr(evaluation, "calibration")
+            traced = METHODS[recipe.method] is not None and hasattr(evaluation, "calibration")
             try:
                 q = apply_recipe(
                     evaluation.pre.model,
                     evaluation.pre.params,
                     recipe,
-                    calibration=evaluation.calibration() if calibrated else None,
+                    calibration=evaluation.calibration() if traced else None,
                 )
             except (NotImplementedError, ValueError) as err:
                 tqdm.write(f"  {recipe.key}: skipped ({err})")

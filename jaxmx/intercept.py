@@ -216,7 +216,7 @@ class Intercepted:
 
         closed = jax.make_jaxpr(flat_fn)(*map(_traceable, arrays))
         srcs = [_arg_path(path) for (path, _), m in zip(flat, mask, strict=True) if m]
-        planner = Planner(self.rules, self.custom_derivatives, self.weights, self.path_root)
+        planner = self._new_planner()
         planner.mx_args = {
             src: x.format.name
             for src, x in zip(srcs, arrays, strict=True)
@@ -238,6 +238,10 @@ class Intercepted:
         plan = Plan(dict(planner.decisions), rebuild, vector)
         keepalive = [x for x, m in zip(leaves, mask, strict=True) if not m]
         return _Traced(closed, plan, coverage, out["tree"], out["mask"], out["static"], keepalive)
+
+    def _new_planner(self) -> Planner:
+        """The planner of one trace (a subclass may return one that records more)."""
+        return Planner(self.rules, self.custom_derivatives, self.weights, self.path_root)
 
     def _warn_unmatched(self, coverage: Coverage) -> None:
         if not self.warn:

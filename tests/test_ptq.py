@@ -327,21 +327,23 @@ def test_collect_hessians_sees_the_tied_head(tiny_llama):
     assert len(h) == 7 * 2 + 1  # q, k, v, o, gate, up, down per layer; the head
 
 
-def test_study_untie_and_rotation_keep_the_fp32_model(tiny_llama):
+def test_study_methods_are_quantize_model_calls(tiny_llama):
+    # The study's PTQ methods are jaxmx.ptq.quantize_model on model.apply: the tied
+    # head gets a quantized copy, every weight and its activations the rotation
+    # (tests/test_quantize_model.py checks that the rotations cancel).
     from examples import ptq_study as S
 
     model, params, tokens = tiny_llama
-    ref = np.asarray(model.apply(params, tokens))
-    untied = S._untied(model, params)
-    np.testing.assert_array_equal(untied[0].apply(untied[1], tokens), ref)  # same products
-    rotated = S._rotated(*untied)
-    assert not np.array_equal(rotated[1]["params"]["inner"]["lm_head"]["kernel"],
-                              untied[1]["params"]["lm_head"]["kernel"])  # fmt: skip
-    got = np.asarray(rotated[0].apply(rotated[1], tokens))
-    # Each of the 15 matmuls gains a few float32 roundings per term from the
-    # two rotations (log2(32) + 1 each); 2^-16 of the logit scale bounds that
-    # with a wide margin over 2 layers.
-    np.testing.assert_allclose(got, ref, rtol=0, atol=2.0**-16 * np.abs(ref).max())
+    calibration = np.asarray(jax.random.randint(jax.random.key(10), (2, 32), 0, 64))
+    r = S.Recipe(fmt="mxfp4_e2m1", mode="w", scope="all", method="hadamard")
+    q = S.apply_recipe(model, params, r, calibration=calibration)
+    report = q.apply_fn.report
+    assert report["params/embed_tokens/embedding"].action == "tied"
+    assert len(report.quantized) == 7 * 2 + 1
+    assert all(report[p].hadamard == 32 for p in report.quantized)
+    assert q.apply_fn(q.params, tokens).shape == (2, 16, 64)
+    with pytest.raises(NotImplementedError, match="needs calibration"):
+        S.apply_recipe(model, params, r)
 
 
 def test_study_gptq_beats_direct_cast_on_held_out_tokens(tiny_llama):

@@ -36,6 +36,11 @@ class Plan:
     decisions: dict
     rebuild: frozenset
     vector: Any = None  # vector_ops.VectorPlan: what vector_ops= rounds, or None
+    # eqn address -> hook(eqn, invals) -> (eqn, invals), run before the
+    # equation (its operands transformed, e.g. an activation rotated, or the
+    # equation itself replaced); the addresses of the control flow around a
+    # hooked equation must be in ``rebuild``. Used by jaxmx.ptq.quantize_model.
+    hooks: dict = dataclasses.field(default_factory=dict)
 
 
 def run_jaxpr(jaxpr, consts, args, addr: tuple, plan: Plan) -> list:
@@ -61,6 +66,8 @@ def run_jaxpr(jaxpr, consts, args, addr: tuple, plan: Plan) -> list:
         invals = [read(v) for v in eqn.invars]
         name_stack = siu.current_name_stack() + eqn.source_info.name_stack
         with siu.user_context(eqn.source_info.traceback, name_stack=name_stack), eqn.ctx.manager:
+            if a in plan.hooks:
+                eqn, invals = plan.hooks[a](eqn, invals)
             if a in plan.decisions:
                 outs = [_mx_op(eqn, invals, plan.decisions[a])]
             elif a in plan.rebuild and _kind(eqn) != "shard_map":

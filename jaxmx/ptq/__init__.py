@@ -42,6 +42,10 @@ blocks and is refused.
 :func:`jaxmx.quantize_params` takes :class:`ScaleSearch` and :class:`GPTQ`
 as its ``method=``; :func:`collect_hessians` gathers the GPTQ Hessians of a
 Flax linen model's Dense layers from calibration batches.
+:func:`quantize_model` does it all for any JAX function ``fn(params, *inputs)``
+in one call: it finds the weights of the matmuls ``jaxmx.intercept`` puts in
+MX, collects their Hessians, rotates, quantizes, and returns the function to
+serve (rotating activations inside ``intercept``) with the quantized weights.
 
 >>> import jax, jax.numpy as jnp, jaxmx
 >>> w = jax.random.normal(jax.random.key(0), (64, 8))
@@ -57,17 +61,22 @@ from __future__ import annotations
 from jaxmx.ptq._gptq import GPTQ, quantize_gptq
 from jaxmx.ptq._hessians import collect_hessians
 from jaxmx.ptq._method import PTQMethod
+from jaxmx.ptq._model import PTQReport, TiedWeight, WeightResult, quantize_model
 from jaxmx.ptq._rotate import hadamard, rotate, rotate_weights
 from jaxmx.ptq._search import ScaleSearch, fake_quantize_search, quantize_search
 
 __all__ = [
     "GPTQ",
     "PTQMethod",
+    "PTQReport",
     "ScaleSearch",
+    "TiedWeight",
+    "WeightResult",
     "collect_hessians",
     "fake_quantize_search",
     "hadamard",
     "quantize_gptq",
+    "quantize_model",
     "quantize_search",
     "rotate",
     "rotate_weights",
