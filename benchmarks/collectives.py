@@ -210,8 +210,8 @@ def main() -> None:
             for o in gathers:
                 print(f"  all-gather {_fmt(o['operands'])} -> {_fmt(o['result'])}")
     print(
-        "\nMatmul weights alone (the u8/u16 gathers of the quantized dot): "
-        + ", ".join(f"{k}/bf16 {v / by_dot['bf16']:.3f}" for k, v in by_dot.items() if k != "bf16")
+        "\nMatmul weights alone (the quantized dot's u8/u16 gathers), against bf16: "
+        + ", ".join(f"{k} {v / by_dot['bf16']:.3f}" for k, v in by_dot.items() if k != "bf16")
     )
     print(
         f"\ncollectives: mxfp8/bf16 {totals['mxfp8'] / totals['bf16']:.3f}, "

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import NamedTuple
 
 import jax
@@ -398,13 +397,3 @@ def operand(x, fmt: MXFormat | None, contracting, config: DotConfig, rounding, k
     rbits = random_bits(x, spec, key, role)
     t = _gather(x, rbits, spec, shard_axis, config.fsdp, mesh, fmt.packable, who)
     return unpack(t)
-
-
-def gathered_bytes(shape, fmt: MXFormat | None, dtype=jnp.bfloat16, block_size=None) -> int:
-    """Bytes one all-gather of a weight of ``shape`` moves in total (codes and
-    scales of ``fmt``, packed; or ``dtype`` elements for ``fmt=None``)."""
-    n = math.prod(shape)
-    if fmt is None:
-        return n * jnp.dtype(dtype).itemsize
-    bs = block_size or fmt.block_size
-    return math.ceil(n * fmt.element.bits / 8) + math.ceil(n / bs) * (fmt.scale.bits // 8)
