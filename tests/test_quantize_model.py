@@ -165,6 +165,50 @@ def test_equinox_mlp_weights_on_the_left():
     assert errs["gptq"] < errs["direct"]
 
 
+def test_nnx_state_and_linen_conv():
+    from flax import linen, nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b = nnx.Linear(64, 128, rngs=rngs), nnx.Linear(128, 16, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(jax.nn.relu(self.a(x)))
+
+    graph, state = nnx.split(Net(nnx.Rngs(0)))
+
+    def fn(s, x):
+        return nnx.merge(graph, s)(x)
+
+    x = jax.random.normal(jax.random.key(1), (64, 64))
+    serve, q = jaxmx.ptq.quantize_model(fn, state, [x], W4, method="direct")
+    assert serve.report.quantized == ("a/kernel/value", "b/kernel/value")
+    deq = jax.tree_util.tree_map(
+        lambda t: jaxmx.dequantize(t) if isinstance(t, jaxmx.MXTensor) else t,
+        q,
+        is_leaf=lambda t: isinstance(t, jaxmx.MXTensor),
+    )
+    _close(jax.jit(serve)(q, x), fn(deq, x))
+
+    # A convolution's kernel has no input Hessian: GPTQ falls back to a direct cast, and says so.
+    class CNN(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            x = jax.nn.relu(linen.Conv(32, (3, 3))(x))
+            return linen.Dense(10)(x.reshape(x.shape[0], -1))
+
+    model, x = CNN(), jax.random.normal(jax.random.key(2), (4, 8, 8, 32))
+    variables = model.init(jax.random.key(3), x)
+    serve, q = jaxmx.ptq.quantize_model(model.apply, variables, [x], W4, method="gptq")
+    conv = serve.report["params/Conv_0/kernel"]
+    assert (conv.method, conv.axis) == ("direct", 2) and "no input Hessian" in conv.note
+    assert serve.report["params/Dense_0/kernel"].method == "gptq"
+    want = jaxmx.quantize(variables["params"]["Conv_0"]["kernel"], "mxfp4", axis=2, packed=True)
+    np.testing.assert_array_equal(
+        np.asarray(q["params"]["Conv_0"]["kernel"].data), np.asarray(want.data)
+    )
+
+
 # --- The reference Llama, tied head ---------------------------------------------------------
 
 TINY = LlamaConfig(vocab_size=64, width=64, depth=2, heads=4, kv_heads=2, mlp_width=96,

@@ -126,7 +126,8 @@ class PTQReport:
         n = len(self.quantized)
         head = (
             f"quantize_model(method={self.method!r}): {n} of {len(self.weights)} parameters "
-            f"quantized, {self.batches} calibration batches, {self.seconds:.1f} s"
+            f"quantized, {self.batches} calibration batch{'' if self.batches == 1 else 'es'}, "
+            f"{self.seconds:.1f} s"
         )
         width = max((len(w.path) for w in self.weights), default=0)
         rows = sorted(self.weights, key=lambda w: w.action == "float")
