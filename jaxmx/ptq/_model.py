@@ -500,7 +500,9 @@ def quantize_model(
        bodies), is a weight; its contraction axis comes from the matmul's
        dimension numbers, its format from the rule (the config's weight
        formats, ``rhs``, wherever the weight sits, as ``intercept``'s
-       ``weights=`` gives them; its ``scale_mode`` and block size too).
+       ``weights=`` gives them; its ``scale_mode`` and block size too). A
+       matmul of two activations (attention's q.k and p.v) gets the rule's
+       ``config.for_activations()``.
     2. For ``gptq`` (and ``weighted_search``), ``fn`` runs in float over every
        calibration batch and each weight's Hessian ``X^T X`` is summed over
        the activation rows ``X`` of all the matmuls that read it.
