@@ -96,6 +96,12 @@ def fsdp_shardings(tree, mesh: jax.sharding.Mesh, mesh_axis: str = "data"):
 
     Returns:
       A pytree of ``NamedSharding`` of the same structure.
+
+    >>> import jax, jax.numpy as jnp, jaxmx
+    >>> mesh = jax.make_mesh((1,), ("data",))
+    >>> s = jaxmx.fsdp_shardings({"kernel": jnp.zeros((64, 8)), "bias": jnp.zeros(8)}, mesh)
+    >>> s["kernel"].spec, s["bias"].spec
+    (P('data', None), P())
     """
     shards = _axis_size(mesh, mesh_axis)
 

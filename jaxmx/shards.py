@@ -70,6 +70,13 @@ def check_blocks_whole(t: MXTensor, what: str = "MXTensor") -> None:
       ValueError: a cut splits a block, or the codes and the scales of a
         block lie on different devices; the message names the axis, the
         shard length and the block size.
+
+    >>> import jax, jax.numpy as jnp, numpy as np, jaxmx
+    >>> from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    >>> mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    >>> t = jaxmx.quantize(jnp.ones((64, 8)), "mxfp8", axis=0)
+    >>> t = jax.device_put(t, jaxmx.mx_shardings(t, mesh, P("data", None)))
+    >>> jaxmx.check_blocks_whole(t)  # one device holds every block whole: no error
     """
     if not isinstance(t, MXTensor):
         raise TypeError(f"check_blocks_whole takes an MXTensor, got {type(t).__name__}")
