@@ -114,7 +114,10 @@ def compute_line(cfg: jaxmx.DotConfig) -> str:
     why = f"compute_dtype={cfg.compute_dtype!r}"
     if cfg.compute_dtype is None and jax.default_backend() == "cpu":
         why += f" on a CPU {'with' if cpu_has_bf16_dot() else 'without'} bf16 dot instructions"
-    return f"MX matmuls multiply dequantized operands in {dot_compute_dtype(cfg)} ({why}; exact)"
+    backend = jax.default_backend()
+    platform = jaxmx.platforms.PLATFORMS.get({"gpu": "cuda"}.get(backend, backend), "cpu")
+    cdt = dot_compute_dtype(cfg, platform)
+    return f"MX matmuls multiply dequantized operands in {cdt} ({why}; exact)"
 
 
 def mlp_case(key):

@@ -213,7 +213,8 @@ def test_default_compute_dtype_follows_the_cpu(monkeypatch, has_bf16):
     default runs every layout."""
     monkeypatch.setattr(_operand, "cpu_has_bf16_dot", lambda: has_bf16)
     cfg = jaxmx.preset("mxfp8")
-    assert _operand.dot_compute_dtype(cfg) == (jnp.bfloat16 if has_bf16 else jnp.float32)
+    cpu = jaxmx.platforms.PLATFORMS["cpu"]
+    assert _operand.dot_compute_dtype(cfg, cpu) == (jnp.bfloat16 if has_bf16 else jnp.float32)
     x, w1, w2 = _normal(12, (16, 64)), _normal(13, (64, 64)), _normal(14, (64, 32))
 
     def step(x, w1, w2, cfg=cfg):
