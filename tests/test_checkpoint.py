@@ -837,6 +837,20 @@ def test_changed_bytes_are_caught_by_the_checksums(tmp_path, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_format_cards_written_before_the_family_rename_still_load(tmp_path, backend):
+    path = tmp_path / _suffix(backend)
+    tree = {"w": _nvfp4(), "m": jaxmx.quantize(jnp.linspace(-2.0, 2.0, 64), "mx6")}
+    jaxmx.save(path, tree)
+
+    def to_codec(m):
+        for card in m["formats"].values():
+            card["fields"]["codec"] = card["fields"].pop("family")
+
+    _edit_manifest(path, backend, to_codec)
+    _assert_same_tree(tree, jaxmx.load(path))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_version_1_checkpoints_without_checksums_still_load(tmp_path, backend):
     path = tmp_path / _suffix(backend)
     tree = {"w": _nvfp4(), "b": jnp.arange(3.0)}

@@ -261,8 +261,17 @@ def _check_card(card, field: str, cls: str | None = None) -> None:
     if card["class"] not in CARD_CLASSES or (cls is not None and card["class"] != cls):
         allowed = cls or ", ".join(CARD_CLASSES)
         raise ManifestError(f"{field}.class", f"is {card['class']!r}; allowed: {allowed}")
+    fields = card["fields"]
+    if card["class"] == "MXFormat" and isinstance(fields, dict) and "codec" in fields:
+        # Written before MXFormat.codec was renamed family (after the checksum
+        # check, which covers the card as stored).
+        if "family" in fields:
+            raise ManifestError(
+                f"{field}.fields", "has both codec and family (codec is its old name)"
+            )
+        fields["family"] = fields.pop("codec")
     known = {f.name for f in dataclasses.fields(CARD_CLASSES[card["class"]])}
-    _fields(card["fields"], f"{field}.fields", set(), known)
+    _fields(fields, f"{field}.fields", set(), known)
     for k, v in card["fields"].items():
         at = f"{field}.fields.{k}"
         if isinstance(v, dict) and "class" in v:
@@ -425,8 +434,6 @@ def card(obj) -> dict:
 def _from_card(c: dict):
     fields = {}
     for k, v in c["fields"].items():
-        if k == "codec" and c["class"] == "MXFormat":
-            k = "family"  # the field's name in checkpoints written before the rename
         if isinstance(v, dict) and "class" in v:
             v = _from_card(v)
         elif isinstance(v, dict):
