@@ -187,7 +187,7 @@ def save(path: str, tree, layout: str, overwrite: bool) -> dict:
     if notes:
         warnings.warn(_inexact(path, "will hold", notes), UserWarning, stacklevel=3)
     if os.path.lexists(path):  # only now that the whole tree is known to fit the layout
-        _files.check_replaceable(path, overwrite, layout)
+        _files.check_replaceable(path, layout)
     _files.write(path, tensors, layout, hints, codec.config(stems, plain))
     return {
         "array_bytes": sum(a.nbytes for a in tensors.values()),

@@ -232,10 +232,9 @@ def write(path: str, tensors: dict, layout: str, mx_hints: dict, configs: dict) 
             f.write("\n")
 
 
-def check_replaceable(path: str, overwrite: bool, layout: str) -> None:
-    """Whether save may replace what is at ``path``: only a layout save wrote, when asked."""
-    if not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+def check_replaceable(path: str, layout: str) -> None:
+    """Whether save, asked to overwrite, may replace what is at ``path``: only what a layout
+    save wrote."""
     if os.path.isfile(path):
         ok = path.endswith(".safetensors") and _written_by_jaxmx(path)
     elif os.path.isdir(path):
