@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+
+def gram(x, axis: int = -1) -> jax.Array:
+    """``X^T X`` of the rows ``X`` of ``x`` along ``axis`` (float32 products at full precision)."""
+    rows = jnp.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]).astype(jnp.float32)
+    return jnp.matmul(rows.T, rows, precision=lax.Precision.HIGHEST)
 
 
 def _hessian_of(hessians, path, who):
@@ -60,9 +67,7 @@ def collect_hessians(model, variables, batches, *, method: str = "__call__") -> 
         if leaf is not None:
             x = args[0]
             if last[0] is not x:
-                rows = jnp.reshape(x, (-1, x.shape[-1])).astype(jnp.float32)
-                gram = jnp.matmul(rows.T, rows, precision=lax.Precision.HIGHEST)
-                last[:] = [x, np.asarray(gram, np.float64)]
+                last[:] = [x, np.asarray(gram(x), np.float64)]
             key = "/".join(("params", *module.path, leaf))
             sums[key] = sums.get(key, 0.0) + last[1]
         return next_fun(*args, **kwargs)

@@ -334,12 +334,7 @@ def _plan(leaves, uses, sites, decisions, rotate, size) -> tuple[dict, dict]:
 
 def _collect(fn, rules, params, batches, targets) -> dict:
     """``{path: X^T X}`` (float64) over the calibration batches, the function in float."""
-    collector = _PTQFunction(fn, rules, "collect", targets)
-    run = jax.jit(collector)
-    for batch in batches:
-        jax.block_until_ready(run(params, *batch))
-    jax.effects_barrier()
-    return dict(collector.sums)
+    return _PTQFunction(fn, rules, "collect", targets).hessians(params, batches)
 
 
 def _rotate_hessian(h: np.ndarray, size: int) -> np.ndarray:

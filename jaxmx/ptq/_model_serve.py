@@ -11,16 +11,17 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from jaxmx import _hadamard
 from jaxmx._intercept.coverage import Coverage
 from jaxmx._intercept.plan import Planner
+from jaxmx._intercept.prims import P
 from jaxmx._intercept.run import Plan
 from jaxmx._paths import path_string
 from jaxmx.config import DotConfig
 from jaxmx.formats import MXFormat, get_family
 from jaxmx.intercept import Intercepted
+from jaxmx.ptq._hessians import gram
 from jaxmx.ptq._model_report import PTQReport, TiedWeight
 from jaxmx.ptq._uses import MatmulUse, permutation, weight_uses
 from jaxmx.quantize import dequantize
@@ -62,6 +63,10 @@ class _SitePlanner(Planner):
 
 # The quantized weights of the call being traced: {leaf path: MXTensor}.
 _LIVE: contextvars.ContextVar = contextvars.ContextVar("jaxmx_ptq_live", default=None)
+# The Gram matrices the collecting call being traced returns: {(weights, address): X^T X}.
+_GRAMS: contextvars.ContextVar = contextvars.ContextVar("jaxmx_ptq_grams", default=None)
+# Control flow whose bodies the interpreter runs in the caller's trace (inlined).
+_INLINED = (P.jit_p, P.closed_call_p, P.call_p)
 
 
 def _is_node(x) -> bool:
@@ -115,7 +120,7 @@ class _PTQFunction(Intercepted):
     ``mode``: "plan" (trace only), "collect" (the float function, recording
     each weight's Hessian ``X^T X`` of its matmuls' activations), or "serve"
     (the rules' MX matmuls, quantized weights handed to their matmuls, the
-    activations of rotated weights rotated).
+    activations of rotated weights rotated). ``hessians`` runs "collect".
     """
 
     def __init__(self, fn, rules, mode: str, weights: dict | None = None):
@@ -161,33 +166,67 @@ class _PTQFunction(Intercepted):
         sites = {a: s for a, s in zip(planner.addrs, planner.sites, strict=True) if a is not None}
         traced.ptq = (uses, sites)
         if self.mode == "collect":
-            traced.plan = self._collect_plan(uses)
+            traced.plan = self._collect_plan(uses, traced.closed.jaxpr)
         elif self.mode == "serve":
             traced.plan, traced.coverage = self._serve_plan(uses, planner, traced)
         return traced
 
     # --- collection ---------------------------------------------------------
 
-    def _add(self, leaf, gram):
-        with self._lock:
-            self.sums[leaf] = self.sums.get(leaf, 0.0) + np.asarray(gram, np.float64)
+    def hessians(self, params, batches) -> dict:
+        """``{path: X^T X}`` (float64) over ``batches``, ``fn`` in float (mode "collect")."""
 
-    def _collect_plan(self, uses) -> Plan:
-        hooks = {}
+        @jax.jit
+        def grams(params, *batch):
+            out: dict = {}
+            token = _GRAMS.set(out)
+            try:
+                self(params, *batch)  # its hooks put the Grams in out
+            finally:
+                _GRAMS.reset(token)
+            return out
+
+        for batch in batches:
+            for (leaves, _), g in jax.device_get(grams(params, *batch)).items():
+                self._add(leaves, g)
+        jax.effects_barrier()  # the Grams sent by callbacks
+        return dict(self.sums)
+
+    def _add(self, leaves, g):
+        g = np.asarray(g, np.float64)
+        with self._lock:
+            for leaf in leaves:
+                self.sums[leaf] = self.sums.get(leaf, 0.0) + g
+
+    def _collect_plan(self, uses, jaxpr) -> Plan:
+        # One Gram per activation (a variable of one body, contracted along one axis),
+        # credited to every weight whose matmul reads it (q, k and v share one); computed
+        # before the first of those matmuls.
+        readers: dict = {}
         for leaf, us in uses.matmuls.items():
             if leaf not in self.plan_weights:
                 continue
             for u in us:
                 act = _activation(u)
                 if act is not None:
-                    hooks[u.addr] = functools.partial(self._record, leaf, *act)
+                    index, axis = act
+                    key = (u.addr[:-1], u.eqn.invars[index], axis)
+                    readers.setdefault(key, []).append((u.addr[-1], index, leaf))
+        hooks = {}
+        for (body, _, axis), rs in readers.items():
+            i, index, _ = min(rs)
+            addr = (*body, i)
+            where = None if _apart(jaxpr, addr) else "/".join(map(str, addr))
+            leaves = tuple(leaf for _, _, leaf in rs)
+            hooks[addr] = functools.partial(self._record, leaves, index, axis, where)
         return Plan({}, _ancestors(hooks), None, hooks)
 
-    def _record(self, leaf, index, axis, eqn, invals):
-        x = invals[index]
-        rows = jnp.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]).astype(jnp.float32)
-        gram = jnp.matmul(rows.T, rows, precision=lax.Precision.HIGHEST)
-        jax.debug.callback(functools.partial(self._add, leaf), gram)
+    def _record(self, leaves, index, axis, where, eqn, invals):
+        g = gram(invals[index], axis)
+        if where is None:  # in a body traced apart (a loop, a branch): sent each time it runs
+            jax.debug.callback(functools.partial(self._add, leaves), g)
+        else:  # run once a call: an output of the collecting call
+            _GRAMS.get()[leaves, where] = g
         return eqn, invals
 
     # --- serving ------------------------------------------------------------
@@ -260,6 +299,19 @@ class _PTQFunction(Intercepted):
                     site = dataclasses.replace(site, reason=site.reason + note)
             sites.append(site)
         return plan, dataclasses.replace(traced.coverage, sites=tuple(sites))
+
+
+def _apart(jaxpr, addr) -> bool:
+    """Whether the equation at ``addr`` is in a body the interpreter traces apart
+    (a scan's, a while's, a cond's, a checkpoint's, a shard_map's): it may run
+    any number of times a call. jit and call bodies run inlined."""
+    for i, key in zip(addr[0::2], addr[1::2], strict=False):
+        eqn = jaxpr.eqns[i]
+        if eqn.primitive not in _INLINED:
+            return True
+        sub = eqn.params[key]
+        jaxpr = sub.jaxpr if hasattr(sub, "consts") else sub
+    return False
 
 
 def _ancestors(hooks) -> frozenset:
