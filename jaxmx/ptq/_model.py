@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Callable, Iterable
 
@@ -17,6 +16,7 @@ from jaxmx.formats import get_family
 from jaxmx.ptq._gptq import GPTQ
 from jaxmx.ptq._model_report import PTQReport, TiedWeight, WeightResult
 from jaxmx.ptq._model_serve import _activation, _is_node, _operand_axis, _PTQFunction, _Weight
+from jaxmx.ptq._rotate import _rotate
 from jaxmx.ptq._search import ScaleSearch
 from jaxmx.ptq._uses import leaf_axis
 from jaxmx.quantize import quantize
@@ -361,7 +361,7 @@ def _quantize_weight(
     """``(MXTensor, method used, note)`` for one weight."""
     xf = jnp.asarray(x, jnp.float32)
     if w.rotate:
-        xf = _hadamard_rotate(xf, w.axis, w.rotate)
+        xf = _rotate(xf, w.axis, w.rotate)
     used, note = base, ""
     searchable = get_family(w.fmt).searchable
     if base != "direct" and not searchable:
@@ -400,8 +400,3 @@ def _quantize_weight(
     if t.dtype != x.dtype:
         t = dataclasses.replace(t, dtype=np.dtype(x.dtype))
     return t, used, note
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _hadamard_rotate(x, axis, size):
-    return _hadamard.rotate(x, axis, size)
