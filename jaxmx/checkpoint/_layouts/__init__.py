@@ -37,11 +37,8 @@ from jaxmx.tensor import MXTensor
 JAXMX = "jaxmx"
 CODECS = {c.NAME: c for c in (GptOss, CompressedTensors, ModelOpt)}
 LAYOUTS = (JAXMX, *CODECS)
-_MARKERS = {
-    GptOss.NAME: "*_blocks / *_scales",
-    CompressedTensors.NAME: "*_packed / *_scale / *_global_scale",
-    ModelOpt.NAME: "* / *_scale / *_scale_2",
-}
+# The tensor names that mark each layout, for the error naming none of them.
+_MARKERS = {c.NAME: " / ".join("*" + s for s in c.SUFFIXES) for c in CODECS.values()}
 
 
 def check(layout, *, for_load: bool) -> None:
@@ -88,9 +85,9 @@ def _detect_dir(path: str) -> str:
     if isinstance(qc, dict) and "quant_method" in qc:
         raise ValueError(
             f"{path}: its config.json has quantization_config.quant_method "
-            f"{qc['quant_method']!r}, not a layout jaxmx reads (gpt-oss: 'mxfp4', "
-            "compressed-tensors: 'compressed-tensors', modelopt: 'modelopt'); pass layout= "
-            "to read its tensors anyway"
+            f"{qc['quant_method']!r}, not a layout jaxmx reads ("
+            + ", ".join(f"{c.NAME}: {c.QUANT_METHOD!r}" for c in CODECS.values())
+            + "); pass layout= to read its tensors anyway"
         )
     found = _by_hint_or_names(path, _files.Tensors(path))
     if found is None:

@@ -151,6 +151,23 @@ def _float_dtype(name) -> bool:
         return False
 
 
+class Codec:
+    """What the layouts' codecs share: the ``quant_method`` that claims a model directory.
+
+    A directory is the codec's when the ``quantization_config`` of its
+    ``config.json`` names the codec's ``QUANT_METHOD``; a codec with more
+    ways to be claimed (ModelOpt) overrides :meth:`claims`.
+    """
+
+    NAME: str
+    QUANT_METHOD: str
+
+    @classmethod
+    def claims(cls, config: dict | None, quant: dict | None) -> bool:
+        qc = (config or {}).get("quantization_config")
+        return isinstance(qc, dict) and qc.get("quant_method") == cls.QUANT_METHOD
+
+
 # --------------------------------------------------------------------------
 # Trees <-> dotted names.
 # --------------------------------------------------------------------------

@@ -31,23 +31,20 @@ NAME = "gpt-oss"
 FORMAT = "mxfp4"
 BLOCK = 32
 BYTES = 16  # bytes per block
-SUFFIXES = (("_blocks", "_scales"), (".blocks", ".scales"))
+SUFFIXES = (("_blocks", "_scales"), (".blocks", ".scales"))  # Hugging Face's, OpenAI's
 NAN_SCALE = 255
 _E8M0 = np.dtype(ml_dtypes.float8_e8m0fnu)
 
 
-class GptOss:
+class GptOss(_files.Codec):
     NAME = NAME
+    QUANT_METHOD = "mxfp4"
+    SUFFIXES = SUFFIXES[0]  # the names a save writes
 
     @staticmethod
     def config(mx_stems: list[str], plain_names: list[str]) -> dict:
         """The JSON files written next to the weights of a directory."""
-        return {_files.CONFIG_FILE: {"quantization_config": {"quant_method": "mxfp4"}}}
-
-    @staticmethod
-    def claims(config: dict | None, quant: dict | None) -> bool:
-        qc = (config or {}).get("quantization_config")
-        return isinstance(qc, dict) and qc.get("quant_method") == "mxfp4"
+        return {_files.CONFIG_FILE: {"quantization_config": {"quant_method": GptOss.QUANT_METHOD}}}
 
     @staticmethod
     def stems(ts: _files.Tensors) -> dict[str, tuple[str, str]]:

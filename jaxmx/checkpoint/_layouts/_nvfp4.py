@@ -101,19 +101,37 @@ def _division_differs(scale: np.ndarray, g: np.float32, ts: np.float32) -> int:
     return int(np.isin(scale.view(np.uint8), bad).sum())
 
 
+def _stems(ts: _files.Tensors, key: str, suffixes: tuple, who: str, *optional: str) -> dict:
+    """{stem: its tensor names} of every weight with a tensor named ``stem + key``.
+
+    The names are ``stem + s`` for each of ``suffixes``, all of which must be
+    there, then ``stem + s`` for each of ``optional`` that is there.
+    """
+    out = {}
+    for name in ts.entries:
+        if not name.endswith(key):
+            continue
+        stem = name[: -len(key)]
+        names = tuple(stem + s for s in suffixes)
+        missing = [n for n in names if n not in ts.entries]
+        if missing:
+            raise ValueError(
+                f"{ts.where(name)} lacks {missing} beside it; {who} stores an NVFP4 weight as "
+                f"{list(names)}"
+            )
+        out[stem] = names + tuple(stem + s for s in optional if stem + s in ts.entries)
+    return out
+
+
 # --------------------------------------------------------------------------
 # compressed-tensors.
 # --------------------------------------------------------------------------
 
 
-class CompressedTensors:
+class CompressedTensors(_files.Codec):
     NAME = "compressed-tensors"
+    QUANT_METHOD = "compressed-tensors"
     SUFFIXES = ("_packed", "_scale", "_global_scale")
-
-    @staticmethod
-    def claims(config: dict | None, quant: dict | None) -> bool:
-        qc = (config or {}).get("quantization_config")
-        return isinstance(qc, dict) and qc.get("quant_method") == "compressed-tensors"
 
     @staticmethod
     def looks_like(ts: _files.Tensors) -> bool:
@@ -121,21 +139,7 @@ class CompressedTensors:
 
     @classmethod
     def stems(cls, ts: _files.Tensors) -> dict[str, tuple[str, ...]]:
-        out = {}
-        for name in ts.entries:
-            if not name.endswith("_packed"):
-                continue
-            stem = name[: -len("_packed")]
-            names = tuple(stem + s for s in cls.SUFFIXES)
-            missing = [n for n in names if n not in ts.entries]
-            if missing:
-                raise ValueError(
-                    f"{ts.where(name)} lacks {missing} beside it; compressed-tensors stores an "
-                    f"NVFP4 weight as {list(names)}"
-                )
-            zero = stem + "_zero_point"
-            out[stem] = names + ((zero,) if zero in ts.entries else ())
-        return out
+        return _stems(ts, "_packed", cls.SUFFIXES, "compressed-tensors", "_zero_point")
 
     @classmethod
     def decode(cls, ts, stem, names, hint, notes: list) -> MXTensor:
@@ -184,7 +188,7 @@ class CompressedTensors:
             "format": "nvfp4-pack-quantized",
         }
         qc = {
-            "quant_method": "compressed-tensors",
+            "quant_method": CompressedTensors.QUANT_METHOD,
             "format": "nvfp4-pack-quantized",
             "quantization_status": "compressed",
             "config_groups": {"group_0": group},
@@ -225,14 +229,19 @@ def _global_scale(ts: np.float32, scale: np.ndarray, stem: str, where: str, note
 # --------------------------------------------------------------------------
 
 
-class ModelOpt:
+class ModelOpt(_files.Codec):
     NAME = "modelopt"
+    QUANT_METHOD = "modelopt"
     SUFFIXES = ("", "_scale", "_scale_2")
 
-    @staticmethod
-    def claims(config: dict | None, quant: dict | None) -> bool:
+    @classmethod
+    def claims(cls, config: dict | None, quant: dict | None) -> bool:
+        """Its quant_method (or quant_library), or an hf_quant_config.json with a quantization."""
         qc = (config or {}).get("quantization_config")
-        if isinstance(qc, dict) and "modelopt" in (qc.get("quant_method"), qc.get("quant_library")):
+        if isinstance(qc, dict) and cls.QUANT_METHOD in (
+            qc.get("quant_method"),
+            qc.get("quant_library"),
+        ):
             return True
         return isinstance(quant, dict) and isinstance(quant.get("quantization"), dict)
 
@@ -242,20 +251,7 @@ class ModelOpt:
 
     @classmethod
     def stems(cls, ts: _files.Tensors) -> dict[str, tuple[str, ...]]:
-        out = {}
-        for name in ts.entries:
-            if not name.endswith("_scale_2"):
-                continue
-            stem = name[: -len("_scale_2")]
-            names = tuple(stem + s for s in cls.SUFFIXES)
-            missing = [n for n in names if n not in ts.entries]
-            if missing:
-                raise ValueError(
-                    f"{ts.where(name)} lacks {missing} beside it; ModelOpt stores an NVFP4 "
-                    f"weight as {list(names)}"
-                )
-            out[stem] = names
-        return out
+        return _stems(ts, "_scale_2", cls.SUFFIXES, "ModelOpt")
 
     @classmethod
     def decode(cls, ts, stem, names, hint, notes: list) -> MXTensor:
@@ -284,7 +280,7 @@ class ModelOpt:
             },
         }
         qc = {
-            "quant_method": "modelopt",
+            "quant_method": ModelOpt.QUANT_METHOD,
             "quant_algo": "NVFP4",
             "group_size": BLOCK,
             "ignore": exclude,
