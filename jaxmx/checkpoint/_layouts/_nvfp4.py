@@ -92,13 +92,20 @@ def _bits(a) -> np.ndarray:
     return np.where(np.isnan(a), np.uint32(0x7FC00000), a.view(np.uint32))
 
 
-def _division_differs(scale: np.ndarray, g: np.float32, ts: np.float32) -> int:
-    """Blocks whose scale product differs: f32(s8 / g) against f32(s8 * ts)."""
-    used = np.unique(scale.view(np.uint8))
-    s8 = used.view(_E4M3).astype(np.float32)
+def _used_scales(scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(each block scale a tensor uses, once, in float32; how many blocks use it)."""
+    used, counts = np.unique(scale.view(np.uint8), return_counts=True)
+    return used.view(_E4M3).astype(np.float32), counts
+
+
+def _division_differs(used: tuple, g: np.float32, ts: np.float32) -> int:
+    """Blocks whose scale product differs: f32(s8 / g) against f32(s8 * ts).
+
+    ``used``: the tensor's :func:`_used_scales`.
+    """
+    s8, counts = used
     with np.errstate(all="ignore"):
-        bad = used[_bits(s8 / g) != _bits(s8 * ts)]
-    return int(np.isin(scale.view(np.uint8), bad).sum())
+        return int(counts[_bits(s8 / g) != _bits(s8 * ts)].sum())
 
 
 def _stems(ts: _files.Tensors, key: str, suffixes: tuple, who: str, *optional: str) -> dict:
@@ -155,7 +162,7 @@ class CompressedTensors(_files.Codec):
                 )
         with np.errstate(all="ignore"):
             tensor_scale = np.float32(1) / g
-        differ = _division_differs(scale, g, tensor_scale)
+        differ = _division_differs(_used_scales(scale), g, tensor_scale)
         if differ:
             notes.append(f"{stem} ({differ} of {scale.size} blocks)")
         return _mx.build(raw, scale, FORMAT, BLOCK, hint, tensor_scale)
@@ -217,7 +224,8 @@ def _global_scale(ts: np.float32, scale: np.ndarray, stem: str, where: str, note
             "save it with layout='modelopt' (which stores the tensor scale itself) or "
             "layout='jaxmx'"
         )
-    counts = [_division_differs(scale, c, ts) for c in valid]
+    used = _used_scales(scale)
+    counts = [_division_differs(used, c, ts) for c in valid]
     best = int(np.argmin(counts))
     if counts[best]:
         notes.append(f"{stem} ({counts[best]} of {scale.size} blocks)")
