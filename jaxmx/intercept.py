@@ -106,6 +106,7 @@ class _Traced:
     out_mask: list
     out_static: list
     keepalive: Any  # static leaves keyed by id(), kept so the ids stay unique
+    planner: Planner  # the planner of this trace (its sites' addresses, for jaxmx.ptq)
 
 
 class Intercepted:
@@ -216,7 +217,7 @@ class Intercepted:
 
         closed = jax.make_jaxpr(flat_fn)(*map(_traceable, arrays))
         srcs = [_arg_path(path) for (path, _), m in zip(flat, mask, strict=True) if m]
-        planner = self._new_planner()
+        planner = Planner(self.rules, self.custom_derivatives, self.weights, self.path_root)
         planner.mx_args = {
             src: x.format.name
             for src, x in zip(srcs, arrays, strict=True)
@@ -237,11 +238,9 @@ class Intercepted:
         )
         plan = Plan(dict(planner.decisions), rebuild, vector)
         keepalive = [x for x, m in zip(leaves, mask, strict=True) if not m]
-        return _Traced(closed, plan, coverage, out["tree"], out["mask"], out["static"], keepalive)
-
-    def _new_planner(self) -> Planner:
-        """The planner of one trace (a subclass may return one that records more)."""
-        return Planner(self.rules, self.custom_derivatives, self.weights, self.path_root)
+        return _Traced(
+            closed, plan, coverage, out["tree"], out["mask"], out["static"], keepalive, planner
+        )
 
     def _warn_unmatched(self, coverage: Coverage) -> None:
         if not self.warn:

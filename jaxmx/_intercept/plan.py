@@ -64,6 +64,7 @@ class Planner:
         self.weights = weights  # compiled regex or None
         self.path_root = path_root  # name-stack prefix to drop, or None
         self.sites: list[MatmulSite] = []
+        self.addrs: list[tuple | None] = []  # per site: its eqn address (None: a jaxmx op)
         self.decisions: dict[tuple, DotConfig] = {}  # eqn address -> config
         self.rebuild: set[tuple] = set()  # addresses of eqns with MX inside
         self.hits: collections.Counter = collections.Counter()
@@ -109,6 +110,7 @@ class Planner:
         return cfg, ""
 
     def _site(self, eqn, path, op, operands, within, blocked, addr):
+        self.addrs.append(addr)
         avals = [v.aval for v in eqn.invars[:2]]
         shapes = tuple(tuple(a.shape) for a in avals)
         dtypes = tuple(str(a.dtype) for a in avals)
@@ -187,6 +189,7 @@ class Planner:
                 env.update(zip(eqn.outvars, ins, strict=False))
 
     def _jaxmx_site(self, eqn, ns, op, ins, within):
+        self.addrs.append(None)
         closed = eqn.params["call_jaxpr"]
         n = eqn.params.get("num_consts", 0)
         avals = [v.aval for v in closed.jaxpr.invars[n : n + 2]]

@@ -14,7 +14,6 @@ import numpy as np
 
 from jaxmx import _hadamard
 from jaxmx._intercept.coverage import Coverage
-from jaxmx._intercept.plan import Planner
 from jaxmx._intercept.prims import P
 from jaxmx._intercept.run import Plan
 from jaxmx._paths import path_string
@@ -43,22 +42,6 @@ class _Weight:
     scale_mode: str
     tied: bool  # also read by something other than a matmul
     rotate: int | None  # Hadamard order, or None
-
-
-class _SitePlanner(Planner):
-    """intercept's planner, recording the address of each site it lists."""
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.addrs: list = []
-
-    def _site(self, eqn, path, op, operands, within, blocked, addr):
-        self.addrs.append(addr)
-        return super()._site(eqn, path, op, operands, within, blocked, addr)
-
-    def _jaxmx_site(self, eqn, ns, op, ins, within):
-        self.addrs.append(None)
-        return super()._jaxmx_site(eqn, ns, op, ins, within)
 
 
 # The quantized weights of the call being traced: {leaf path: MXTensor}.
@@ -130,7 +113,6 @@ class _PTQFunction(Intercepted):
         self.report: PTQReport | None = None
         self.sums: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
-        self._planner: _SitePlanner | None = None
 
     def __repr__(self) -> str:
         name = getattr(self.fn, "__name__", type(self.fn).__name__)
@@ -138,12 +120,6 @@ class _PTQFunction(Intercepted):
         return (
             f"quantize_model({name!r}: {n} weights in MX, rules={[r.pattern for r in self.rules]})"
         )
-
-    def _new_planner(self) -> Planner:
-        self._planner = _SitePlanner(
-            self.rules, self.custom_derivatives, self.weights, self.path_root
-        )
-        return self._planner
 
     def __call__(self, *args, **kwargs):
         live = _live(args[0]) if args and self.mode == "serve" else None
@@ -160,7 +136,7 @@ class _PTQFunction(Intercepted):
 
     def _trace(self, flat, treedef, mask, arrays):
         traced = super()._trace(flat, treedef, mask, arrays)
-        planner = self._planner
+        planner = traced.planner
         srcs = [_param_path(path) for (path, _), m in zip(flat, mask, strict=True) if m]
         uses = weight_uses(traced.closed, srcs, planner)
         sites = {a: s for a, s in zip(planner.addrs, planner.sites, strict=True) if a is not None}
