@@ -209,17 +209,13 @@ METHODS: dict[str, dict | None] = {
     "gptq_act": {"method": "gptq", "act_order": True},
     "hadamard_gptq_act": {"method": "hadamard_gptq", "act_order": True},
 }
-# Methods whose weights depend on the calibration data (recorded with their runs).
+# Methods whose weights depend on the calibration data (recorded with their runs):
+# GPTQ's (on its Hessians) and the Hessian-weighted search's.
 CALIBRATED = frozenset(
-    {
-        "search_h",
-        "gptq",
-        "gptq_act",
-        "hadamard_gptq_act",
-        "gptq_search",
-        "hadamard_gptq",
-        "hadamard_gptq_search",
-    }
+    name
+    for name, options in METHODS.items()
+    if options is not None
+    and (options["method"].endswith("gptq") or options.get("weighted_search", False))
 )
 
 

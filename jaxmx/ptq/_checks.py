@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from jaxmx import numerics
-from jaxmx.formats import DEFAULT_OFFSETS, MXFormat, get_family, get_format
+from jaxmx.formats import MXFormat, get_family, get_format
 from jaxmx.spec import QuantSpec
 
 _SCALE_MODES = numerics.SCALE_MODES
@@ -14,9 +14,6 @@ _SCALE_MODES = numerics.SCALE_MODES
 # --------------------------------------------------------------------------
 # Checks shared by the methods.
 # --------------------------------------------------------------------------
-
-
-_DEFAULT_OFFSETS = DEFAULT_OFFSETS
 
 
 def _check_format(format) -> MXFormat:

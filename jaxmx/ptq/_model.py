@@ -147,11 +147,11 @@ def quantize_model(
     uses, sites = traced.ptq
     weights, notes = _plan(leaves, uses, sites, traced.plan.decisions, rotate, hadamard_size)
 
+    # The weights whose matmuls all have an activation: those a Hessian is collected for.
+    targets = {p: w for p, w in weights.items() if all(_activation(u) for u in uses.matmuls[p])}
     hessians, ran = {}, 0
-    if base == "gptq" or weighted_search:
-        targets = {p: w for p, w in weights.items() if all(_activation(u) for u in uses.matmuls[p])}
-        if targets:
-            hessians, ran = _collect(fn, rules, params, batches, targets), len(batches)
+    if (base == "gptq" or weighted_search) and targets:
+        hessians, ran = _collect(fn, rules, params, batches, targets), len(batches)
 
     quantized, results = {}, {}
     for path, w in weights.items():
@@ -161,6 +161,7 @@ def quantize_model(
             base,
             hessians.get(path),
             uses.matmuls[path],
+            collectable=path in targets,
             packed=packed,
             damp=damp,
             act_order=act_order,
@@ -352,13 +353,15 @@ def _quantize_weight(
     hessian,
     uses,
     *,
+    collectable,
     packed,
     damp,
     act_order,
     scale_search,
     weighted_search,
 ) -> tuple[MXTensor, str, str]:
-    """``(MXTensor, method used, note)`` for one weight."""
+    """``(MXTensor, method used, note)`` for one weight; ``collectable``: its matmuls all
+    have an activation to collect a Hessian from."""
     xf = jnp.asarray(x, jnp.float32)
     if w.rotate:
         xf = _rotate(xf, w.axis, w.rotate)
@@ -368,10 +371,9 @@ def _quantize_weight(
         used, note = "direct", f"{w.fmt.name} has no scale search: direct cast"
     elif base == "gptq" and hessian is None:
         used = "search" if scale_search else "direct"
-        reached = all(_activation(u) for u in uses)
         note = (
             f"no calibration batch reached its matmuls: {used}"
-            if reached
+            if collectable
             else f"a {uses[0].op} reading it has no input Hessian: {used}"
         )
     elif weighted_search and hessian is None:

@@ -9,9 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmx.formats import MXFormat, get_family
+from jaxmx.formats import DEFAULT_OFFSETS, MXFormat, get_family
 from jaxmx.ptq._checks import (
-    _DEFAULT_OFFSETS,
     _check_format,
     _check_offsets,
     _check_scale_mode,
@@ -30,7 +29,7 @@ def quantize_search(
     axis: int = -1,
     block_size: int | None = None,
     scale_mode: str = "floor",
-    offsets: Iterable[int] = _DEFAULT_OFFSETS,
+    offsets: Iterable[int] = DEFAULT_OFFSETS,
     importance=None,
     packed: bool = False,
 ) -> MXTensor:
@@ -128,7 +127,7 @@ def fake_quantize_search(
     axis: int = -1,
     block_size: int | None = None,
     scale_mode: str = "floor",
-    offsets: Iterable[int] = _DEFAULT_OFFSETS,
+    offsets: Iterable[int] = DEFAULT_OFFSETS,
 ) -> jax.Array:
     """``dequantize(quantize_search(x, ...))`` in one pass, in float32.
 
@@ -167,7 +166,7 @@ class ScaleSearch:
     """
 
     # Exponent offsets tried around the scale rule's exponent (0 must be one).
-    offsets: tuple[int, ...] = _DEFAULT_OFFSETS
+    offsets: tuple[int, ...] = DEFAULT_OFFSETS
     # Rule for the starting exponent: "floor" (OCP), "rceil", "ceil", "even".
     scale_mode: str = "floor"
     # Optional {path: X^T X}: block errors weighted by the Hessian diagonal
