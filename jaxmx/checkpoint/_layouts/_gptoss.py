@@ -84,14 +84,13 @@ class GptOss(_files.Codec):
             )
         blocks, scales = ts.read(blocks_name), ts.read(scales_name)
         _check_nan_blocks(blocks, scales, ts.where(scales_name))
-        raw = _mx.unpack_nibbles(blocks).reshape(bshape[:-2] + (bshape[-2] * BLOCK,))
-        return _mx.build(raw, scales.view(_E8M0), FORMAT, BLOCK, hint)
+        packed = blocks.reshape(bshape[:-2] + (bshape[-2] * BYTES,))
+        return _mx.build(packed, scales.view(_E8M0), FORMAT, BLOCK, hint)
 
     @staticmethod
     def encode(stem: str, t: MXTensor, where: str, notes: list) -> dict[str, np.ndarray]:
         _mx.check(t, where, NAME, FORMAT, BLOCK, rank2=False)
-        raw = _mx.raw_codes(t)
-        packed = _mx.pack_nibbles(raw)
+        packed = _mx.packed_codes(t)
         blocks = packed.reshape(packed.shape[:-1] + (packed.shape[-1] // BYTES, BYTES))
         scales = _files.host(t.scale).view(np.uint8)
         _check_nan_blocks(blocks, scales, where)

@@ -1,38 +1,24 @@
-"""FP4 MXTensors <-> the bytes the layouts store: checks, nibbles, and building the tensor.
+"""FP4 MXTensors <-> the bytes the layouts store: checks, and building the tensor.
 
 Every layout here stores two E2M1 codes per byte along the last (input)
 axis, element ``2i`` in the low nibble and ``2i + 1`` in the high one, each
 code a sign bit (bit 3) over a 3-bit magnitude (0, 0.5, 1, 1.5, 2, 3, 4, 6).
-That is written out here, in NumPy, rather than taken from jaxmx's own
-packing, so the files keep the layout's order whatever order jaxmx packs in:
-a load unpacks the file's bytes to codes and packs them with
-:func:`jaxmx.bitstream.pack_codes`; a save does the reverse.
+That is jaxmx's own 4-bit packing (:mod:`jaxmx.bitstream`), so the file's
+bytes are a packed MXTensor's ``data`` as they are: a load takes them as
+that (and unpacks them only for a tensor saved unpacked), a save writes
+the data of :func:`jaxmx.pack` of the tensor. tests/test_layouts.py checks
+the bytes against a NumPy packer of the layouts' order, written out there.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmx import bitstream, codes
 from jaxmx.checkpoint._layouts import _files
 from jaxmx.formats import get_format
+from jaxmx.packing import pack, unpack
 from jaxmx.tensor import MXTensor, check_leaves
-
-
-def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
-    """uint8 (..., n) -> uint8 E2M1 codes (..., 2n), low nibble first."""
-    out = np.empty(packed.shape[:-1] + (2 * packed.shape[-1],), np.uint8)
-    out[..., 0::2] = packed & 0x0F
-    out[..., 1::2] = packed >> 4
-    return out
-
-
-def pack_nibbles(raw: np.ndarray) -> np.ndarray:
-    """uint8 E2M1 codes (..., 2n) -> uint8 (..., n), even element in the low nibble."""
-    return (raw[..., 0::2] | (raw[..., 1::2] << 4)).astype(np.uint8)
 
 
 def check(t: MXTensor, where: str, layout: str, fmt: str, block: int, rank2: bool) -> None:
@@ -70,45 +56,38 @@ def check(t: MXTensor, where: str, layout: str, fmt: str, block: int, rank2: boo
         )
 
 
-def raw_codes(t: MXTensor) -> np.ndarray:
-    """The E2M1 codes of a checked MXTensor, one per uint8, blocks along the last axis."""
-    elem = t.format.element
-    if t.packed:
-        raw = bitstream.unpack_codes(t.data, elem.bits, -1, t.length)
-    else:
-        raw = codes.storage_to_raw(t.data, elem)
-    return _files.host(raw).astype(np.uint8)
+def packed_codes(t: MXTensor) -> np.ndarray:
+    """The packed E2M1 codes of a checked MXTensor: uint8 (..., n / 2), the file's bytes."""
+    return _files.host(pack(t).data)
 
 
 def build(
-    raw: np.ndarray,
+    packed: np.ndarray,
     scale: np.ndarray,
     fmt: str,
     block: int,
     hint: dict | None,
     tensor_scale: np.ndarray | None = None,
 ) -> MXTensor:
-    """The MXTensor of codes (uint8, one per element) and scales, as the file's hint says.
+    """The MXTensor of packed codes (uint8 (..., n / 2)) and scales, as the file's hint says.
 
     Without a hint it stands for float32 (every value of these formats is a
     float32 number, so its float32 decode is exact) and its codes are packed.
     """
-    f = get_format(fmt)
-    raw_j = jnp.asarray(raw)
     t = MXTensor(
-        data=bitstream.pack_codes(raw_j, f.element.bits, -1),
+        data=jnp.asarray(packed),
         scale=jnp.asarray(scale),
-        format=f,
+        format=get_format(fmt),
         axis=-1,
         block_size=block,
-        length=raw.shape[-1],
+        length=2 * packed.shape[-1],  # two codes a byte
         dtype=np.dtype((hint or {}).get("dtype", "float32")),
         packed=True,
-        made_ndim=raw.ndim,
+        made_ndim=packed.ndim,
         tensor_scale=None if tensor_scale is None else jnp.asarray(tensor_scale),
     )
     if hint is not None and not hint["packed"]:
-        t = dataclasses.replace(t, data=codes.raw_to_storage(raw_j, f.element), packed=False)
+        t = unpack(t)
     check_leaves(t)
     return t
 

@@ -76,13 +76,12 @@ def _codes_and_scales(ts: _files.Tensors, codes: str, scales: str, layout: str):
             f"codes of shape {list(cshape)} ({2 * cshape[1]} inputs) are F8_E4M3 of shape "
             f"{list(want)}, one per {BLOCK} inputs"
         )
-    raw = _mx.unpack_nibbles(ts.read(codes))
-    return raw, ts.read(scales).view(_E4M3)
+    return ts.read(codes), ts.read(scales).view(_E4M3)
 
 
 def _encode_common(t: MXTensor, where: str, layout: str):
     _mx.check(t, where, layout, FORMAT, BLOCK, rank2=True)
-    packed = _mx.pack_nibbles(_mx.raw_codes(t))
+    packed = _mx.packed_codes(t)
     scale = _files.host(t.scale)
     return packed, scale, np.float32(_files.host(t.tensor_scale))
 
@@ -151,7 +150,7 @@ class CompressedTensors(_files.Codec):
     @classmethod
     def decode(cls, ts, stem, names, hint, notes: list) -> MXTensor:
         codes, scales, glob = names[:3]
-        raw, scale = _codes_and_scales(ts, codes, scales, cls.NAME)
+        packed, scale = _codes_and_scales(ts, codes, scales, cls.NAME)
         g = _scalar(ts, glob, "the weight's global scale")
         if len(names) == 4:
             zero = ts.read(names[3])
@@ -165,7 +164,7 @@ class CompressedTensors(_files.Codec):
         differ = _division_differs(_used_scales(scale), g, tensor_scale)
         if differ:
             notes.append(f"{stem} ({differ} of {scale.size} blocks)")
-        return _mx.build(raw, scale, FORMAT, BLOCK, hint, tensor_scale)
+        return _mx.build(packed, scale, FORMAT, BLOCK, hint, tensor_scale)
 
     @classmethod
     def encode(cls, stem: str, t: MXTensor, where: str, notes: list) -> dict:
@@ -263,9 +262,9 @@ class ModelOpt(_files.Codec):
 
     @classmethod
     def decode(cls, ts, stem, names, hint, notes: list) -> MXTensor:
-        raw, scale = _codes_and_scales(ts, names[0], names[1], cls.NAME)
+        packed, scale = _codes_and_scales(ts, names[0], names[1], cls.NAME)
         tensor_scale = _scalar(ts, names[2], "the weight's second-level scale (weight_scale_2)")
-        return _mx.build(raw, scale, FORMAT, BLOCK, hint, tensor_scale)
+        return _mx.build(packed, scale, FORMAT, BLOCK, hint, tensor_scale)
 
     @classmethod
     def encode(cls, stem: str, t: MXTensor, where: str, notes: list) -> dict:
