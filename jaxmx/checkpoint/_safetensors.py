@@ -24,22 +24,33 @@ from jaxmx.checkpoint import _tree
 _ENTRY = {"dtype", "shape", "data_offsets"}
 
 
-def save(path: str, manifest: dict, leaves: dict) -> None:
+def writer(who: str):
+    """safetensors' ``save_file``; an ImportError saying that ``who`` need(s) it, without it."""
     try:
         from safetensors.numpy import save_file
     except ImportError as e:
         raise ImportError(
-            "jaxmx checkpoints with backend='safetensors' need safetensors: "
-            "pip install safetensors (or pip install 'jaxmx[serve]')"
+            f"{who} safetensors: pip install safetensors (or pip install 'jaxmx[serve]')"
         ) from e
+    return save_file
+
+
+def host(a, sharded: str) -> np.ndarray:
+    """``a`` as a C-ordered NumPy array to write; the ValueError ``sharded`` for an array
+    spread over several processes."""
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+        raise ValueError(sharded)
+    return np.asarray(a, order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
+
+
+def save(path: str, manifest: dict, leaves: dict) -> None:
+    save_file = writer("jaxmx checkpoints with backend='safetensors' need")
     tensors = {}
     for name, entry in M.arrays_of(manifest["tree"]):
-        a = leaves[name]
-        if isinstance(a, jax.Array) and not a.is_fully_addressable:
-            raise ValueError(
-                f"{name!r} is sharded over several processes; write it with backend='orbax'"
-            )
-        a = np.asarray(a, order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
+        a = host(
+            leaves[name],
+            f"{name!r} is sharded over several processes; write it with backend='orbax'",
+        )
         if a.dtype.name not in M.SAFETENSORS_CODES:
             bits = np.dtype(f"uint{8 * a.dtype.itemsize}")
             a = a.view(bits)
@@ -98,11 +109,28 @@ def raw_header(path: str) -> tuple[dict, int]:
     return header, size
 
 
+def header(path: str, raw: tuple[dict, int] | None = None) -> tuple[dict, dict, int]:
+    """(tensor entries, __metadata__, start of the data) of a safetensors file, checked:
+    ``__metadata__`` a JSON object (``{}`` where there is none), every entry well formed,
+    the entries' bytes tiling the data exactly.
+
+    ``raw``: the file's :func:`raw_header`, where the caller has read it (it is changed).
+    """
+    entries, size = raw if raw is not None else raw_header(path)
+    meta = entries.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: its safetensors __metadata__ is not a JSON object")
+    data_start = 8 + size
+    return _layout(path, entries, os.path.getsize(path) - data_start), meta, data_start
+
+
 def read(path: str) -> tuple[object, Header]:
-    """The manifest (as parsed, unchecked) and the checked header of ``path``."""
-    file_size = os.path.getsize(path)
-    header, size = raw_header(path)
-    meta = header.pop("__metadata__", None) or {}
+    """The manifest (as parsed, unchecked) and the checked header of ``path``.
+
+    The manifest is found, and parsed, before the tensor entries are checked.
+    """
+    raw = raw_header(path)
+    meta = raw[0].get("__metadata__", None) or {}
     if not isinstance(meta, dict) or M.KEY not in meta:
         keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
         raise ValueError(
@@ -115,8 +143,8 @@ def read(path: str) -> tuple[object, Header]:
         manifest = json.loads(meta[M.KEY])
     except (json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"{path}: its jaxmx manifest is not valid JSON ({e})") from None
-    data_start = 8 + size
-    return manifest, Header(_layout(path, header, file_size - data_start), data_start)
+    tensors, _, data_start = header(path, raw)
+    return manifest, Header(tensors, data_start)
 
 
 def _layout(path: str, header: dict, data_bytes: int) -> dict:
@@ -175,6 +203,17 @@ def _layout(path: str, header: dict, data_bytes: int) -> dict:
     return header
 
 
+def tensor_bytes(f, path: str, name: str, info: dict, data_start: int) -> bytes:
+    """The bytes of the tensor ``name``, of checked header entry ``info``, in the open file
+    ``f`` (``path``) whose data starts at ``data_start``."""
+    start, end = info["data_offsets"]
+    f.seek(data_start + start)
+    buf = f.read(end - start)
+    if len(buf) != end - start:
+        raise ValueError(f"{path} is truncated: tensor {name!r} is cut short")
+    return buf
+
+
 def restore(path: str, header: Header, tree: dict, specs: dict) -> dict:
     listed = dict(M.arrays_of(tree))
     extra = sorted(set(header.tensors) - set(listed))
@@ -197,11 +236,7 @@ def restore(path: str, header: Header, tree: dict, specs: dict) -> dict:
                     f"{path}: tensor {name!r} is {got} in the safetensors header but "
                     f"{entry['dtype']}{entry['shape']} (stored as {want}) in the jaxmx manifest"
                 )
-            start, end = info["data_offsets"]
-            f.seek(header.data_start + start)
-            buf = f.read(end - start)
-            if len(buf) != end - start:
-                raise ValueError(f"{path} is truncated: tensor {name!r} is cut short")
+            buf = tensor_bytes(f, path, name, info, header.data_start)
             crc = entry.get("crc32")
             if crc is not None and M.crc32(buf) != crc:
                 raise ValueError(

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from jaxmx.checkpoint import _manifest as M
-from jaxmx.checkpoint import _tree
+from jaxmx.checkpoint import _safetensors, _tree
 from jaxmx.checkpoint._layouts import _files, _mx
 from jaxmx.checkpoint._layouts._gptoss import GptOss
 from jaxmx.checkpoint._layouts._nvfp4 import CompressedTensors, ModelOpt
@@ -60,7 +60,7 @@ def detect(path: str) -> str:
     if os.path.isdir(path):
         return _detect_dir(path)
     try:
-        _, meta, _ = _files.header(path)
+        _, meta, _ = _safetensors.header(path)
     except (OSError, ValueError):
         return JAXMX  # the jaxmx reader reports what is wrong with it
     if M.KEY in meta:

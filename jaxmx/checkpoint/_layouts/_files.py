@@ -41,16 +41,6 @@ WRITTEN = (WEIGHTS_FILE, CONFIG_FILE, MODELOPT_CONFIG_FILE)
 # --------------------------------------------------------------------------
 
 
-def header(path: str) -> tuple[dict, dict, int]:
-    """(tensor entries, __metadata__, start of the data) of a checked safetensors file."""
-    file_size = os.path.getsize(path)
-    entries, size = _safetensors.raw_header(path)
-    meta = entries.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: its safetensors __metadata__ is not a JSON object")
-    return _safetensors._layout(path, entries, file_size - 8 - size), meta, 8 + size
-
-
 def weight_files(path: str) -> list[str]:
     """The safetensors files of a file or model directory."""
     if os.path.isfile(path):
@@ -87,7 +77,7 @@ class Tensors:
         self.hints: dict[str, dict] = {}
         self.layouts: set[str] = set()
         for file in weight_files(path):
-            entries, meta, start = header(file)
+            entries, meta, start = _safetensors.header(file)
             for name, info in entries.items():
                 if name in self.entries:
                     raise ValueError(
@@ -111,12 +101,8 @@ class Tensors:
 
     def read(self, name: str) -> np.ndarray:
         file, info, start = self.entries[name]
-        begin, end = info["data_offsets"]
         with open(file, "rb") as f:
-            f.seek(start + begin)
-            buf = f.read(end - begin)
-        if len(buf) != end - begin:
-            raise ValueError(f"{file} is truncated: tensor {name!r} is cut short")
+            buf = _safetensors.tensor_bytes(f, file, name, info, start)
         dtype = M.dtype(M.SAFETENSORS_DTYPES[info["dtype"]])
         return np.frombuffer(buf, dtype=dtype).reshape(info["shape"])
 
@@ -223,20 +209,14 @@ def nest(flat: dict, path: str) -> dict:
 
 
 def host(a) -> np.ndarray:
-    if isinstance(a, jax.Array) and not a.is_fully_addressable:
-        raise ValueError("an array sharded over several processes cannot be written to one file")
-    return np.asarray(a, order="C")
+    return _safetensors.host(
+        a, "an array sharded over several processes cannot be written to one file"
+    )
 
 
 def write(path: str, tensors: dict, layout: str, mx_hints: dict, configs: dict) -> None:
     """Writes the tensors (one safetensors file) and, for a directory, its JSON configs."""
-    try:
-        from safetensors.numpy import save_file
-    except ImportError as e:
-        raise ImportError(
-            "saving a layout needs safetensors: pip install safetensors "
-            "(or pip install 'jaxmx[serve]')"
-        ) from e
+    save_file = _safetensors.writer("saving a layout needs")
     meta = {"format": "pt", HINT_KEY: json.dumps({"layout": layout, "mx": mx_hints})}
     if path.endswith(".safetensors"):
         save_file(tensors, path, metadata=meta)
@@ -276,6 +256,6 @@ def check_replaceable(path: str, layout: str) -> None:
 
 def _written_by_jaxmx(file: str) -> bool:
     try:
-        return HINT_KEY in header(file)[1]
+        return HINT_KEY in _safetensors.header(file)[1]
     except (OSError, ValueError):
         return False
