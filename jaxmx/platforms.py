@@ -36,6 +36,7 @@ import dataclasses
 import functools
 from collections.abc import Callable, Iterator
 
+import jax
 from jax import lax
 
 __all__ = ["Platform", "PLATFORMS", "force", "forced", "per_platform"]
@@ -122,12 +123,34 @@ def forced() -> Platform | None:
 def per_platform(fn: Callable, *args, platform: Platform | str | None = None):
     """``fn(record, *args)`` for the platform the program is lowered for.
 
-    ``fn`` is traced once per platform record (the results must have the same
-    types) and :func:`jax.lax.platform_dependent` picks one when lowering.
-    ``platform`` (or a :func:`force`) traces that record's branch only.
+    ``fn`` is traced once per distinct set of choices (platforms whose records
+    differ only in name share one branch; so do native matmuls of a platform
+    with no device in this process, which cannot be taken), the results must
+    have the same types, and :func:`jax.lax.platform_dependent` picks one
+    when lowering. ``platform`` (or a :func:`force`) traces that record's
+    branch only.
     """
     chosen = _record(platform) if platform is not None else forced()
     if chosen is not None:
         return fn(chosen, *args)
-    branches = {name: functools.partial(fn, rec) for name, rec in PLATFORMS.items()}
+    shared: dict[Platform, Callable] = {}
+    branches = {}
+    for name, rec in PLATFORMS.items():
+        # platform_dependent traces one branch per distinct callable.
+        branches[name] = shared.setdefault(_choices(rec), functools.partial(fn, rec))
     return lax.platform_dependent(*args, **branches, default=branches["cpu"])
+
+
+def _choices(rec: Platform) -> Platform:
+    """What a branch for ``rec`` can depend on: its record without the name."""
+    native = rec.native if _has_devices(rec.name) else ()
+    return dataclasses.replace(rec, name="", native=native)
+
+
+@functools.cache
+def _has_devices(name: str) -> bool:
+    """Whether this process has devices of platform ``name``."""
+    try:
+        return bool(jax.devices(name))
+    except RuntimeError:  # no such backend here
+        return False
