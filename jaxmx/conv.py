@@ -86,15 +86,24 @@ def _mx_conv_fwd(lhs, rhs, key, s: _ConvStatic):
     """
     cfg, dn = s.config, s.dimension_numbers
     groups = s.feature_group_count
+    # Quantized once, in float32 (exact); each platform's branch casts to its
+    # compute dtype (operands left unquantized keep theirs) and convolves.
+    f32 = jnp.float32
+    x = _grouped(lhs, cfg.lhs, dn.lhs_spec[1], groups, cfg, cfg.rounding, key, "lhs", f32)
+    w = fake_operand(rhs, cfg.rhs, dn.rhs_spec[1], cfg, cfg.rounding, key, "rhs", f32)
 
     def run(platform):
         cdt = compute_dtype(cfg, platform)
-        x = _grouped(lhs, cfg.lhs, dn.lhs_spec[1], groups, cfg, cfg.rounding, key, "lhs", cdt)
-        w = fake_operand(rhs, cfg.rhs, dn.rhs_spec[1], cfg, cfg.rounding, key, "rhs", cdt)
-        common = jnp.promote_types(x.dtype, w.dtype)
-        return _conv(x.astype(common), w.astype(common), s).astype(s.out_dtype)
+        xc, wc = _cast(x, lhs, cfg.lhs, cdt), _cast(w, rhs, cfg.rhs, cdt)
+        common = jnp.promote_types(xc.dtype, wc.dtype)
+        return _conv(xc.astype(common), wc.astype(common), s).astype(s.out_dtype)
 
     return per_platform(run), (lhs, rhs, key)
+
+
+def _cast(q, x, fmt, dtype):
+    """A quantized operand (decoded in float32) in ``dtype``; an unquantized one as given."""
+    return q.astype(dtype) if fmt is not None or isinstance(x, MXTensor) else q
 
 
 def _mx_conv_bwd(s: _ConvStatic, res, g):
@@ -107,29 +116,30 @@ def _mx_conv_bwd(s: _ConvStatic, res, g):
     g_round = cfg.effective_grad_rounding
     groups = s.feature_group_count
 
+    f32 = jnp.float32
+    g_fmt, w_fmt, x_fmt = cfg.grad, cfg.role("rhs_bwd"), cfg.role("lhs_bwd")
+    g1 = _grouped(g, g_fmt, dn.out_spec[1], groups, cfg, g_round, key, "grad_dgrad", f32)
+    w1 = _grouped(rhs, w_fmt, dn.rhs_spec[0], groups, cfg, cfg.rounding, key, "rhs_bwd", f32)
+    if not rhs_const:
+        x2 = fake_operand(lhs, x_fmt, dn.lhs_spec[0], cfg, cfg.rounding, key, "lhs_bwd", f32)
+        g2 = fake_operand(g, g_fmt, dn.out_spec[0], cfg, g_round, key, "grad_wgrad", f32)
+
     def run(platform):
         cdt = jnp.promote_types(
             compute_dtype(cfg, platform), jnp.promote_types(lhs.dtype, rhs.dtype)
         )
-        g1 = _grouped(g, cfg.grad, dn.out_spec[1], groups, cfg, g_round, key, "grad_dgrad", cdt)
-        w1 = _grouped(
-            rhs, cfg.role("rhs_bwd"), dn.rhs_spec[0], groups, cfg, cfg.rounding, key,
-            "rhs_bwd", cdt,
-        )  # fmt: skip
         # The convolution is linear in each operand: its VJP in lhs, taken at
         # the quantized kernel, is the dgrad convolution of Q(dY) and Q(W).
         d_lhs = d_rhs = None
         if not lhs_const:
-            _, vjp_lhs = jax.vjp(lambda x: _conv(x, w1.astype(cdt), s), lhs.astype(cdt))
-            (d_lhs,) = vjp_lhs(g1.astype(jnp.float32))
+            w1c, g1c = _cast(w1, rhs, w_fmt, cdt), _cast(g1, g, g_fmt, cdt)
+            _, vjp_lhs = jax.vjp(lambda x: _conv(x, w1c.astype(cdt), s), lhs.astype(cdt))
+            (d_lhs,) = vjp_lhs(g1c.astype(jnp.float32))
             d_lhs = d_lhs.astype(lhs.dtype)
         if not rhs_const:
-            x2 = fake_operand(
-                lhs, cfg.role("lhs_bwd"), dn.lhs_spec[0], cfg, cfg.rounding, key, "lhs_bwd", cdt
-            )
-            g2 = fake_operand(g, cfg.grad, dn.out_spec[0], cfg, g_round, key, "grad_wgrad", cdt)
-            _, vjp_rhs = jax.vjp(lambda w: _conv(x2.astype(cdt), w, s), rhs.astype(cdt))
-            (d_rhs,) = vjp_rhs(g2.astype(jnp.float32))
+            x2c, g2c = _cast(x2, lhs, x_fmt, cdt), _cast(g2, g, g_fmt, cdt)
+            _, vjp_rhs = jax.vjp(lambda w: _conv(x2c.astype(cdt), w, s), rhs.astype(cdt))
+            (d_rhs,) = vjp_rhs(g2c.astype(jnp.float32))
             d_rhs = d_rhs.astype(rhs.dtype)
         return d_lhs, d_rhs
 

@@ -47,7 +47,7 @@ from jaxmx._operand import (
 from jaxmx.config import DotConfig, as_dot_config
 from jaxmx.formats import MXFormat
 from jaxmx.packing import unpack
-from jaxmx.platforms import per_platform
+from jaxmx.platforms import PLATFORMS, forced, per_platform
 from jaxmx.quantize import dequantize, quantize_spec
 from jaxmx.tensor import MXTensor
 
@@ -150,6 +150,22 @@ def _qmatmul(a: _Side, b: _Side, dims, static: _Static, key, out_dtype, out_shar
     # With config.fsdp the weight (b) arrives gathered as an MXTensor (jaxmx.fsdp).
     b = b._replace(x=fsdp.operand(b.x, b.fmt, b.contracting, cfg, b.rounding, key, b.role))
     reason = _native_reason(a, b, cfg)
+    records = [forced()] if forced() is not None else PLATFORMS.values()
+    natives = {native.use_native(cfg, reason, p) for p in records}
+    if natives == {True}:  # native everywhere: nothing depends on the platform
+        ta, tb = (_mx_tensor(s, cfg, key) for s in (a, b))
+        return native.scaled_dot(ta, tb, dims, out_dtype)
+    if natives == {False}:
+        # Quantized once, in float32 (exact); each platform's branch only casts
+        # to its compute dtype and multiplies.
+        qa, qb = (_fake(s, cfg, key) for s in (a, b))
+
+        def emulated(platform):
+            cdt = dot_compute_dtype(cfg, platform)
+            ca, cb = (q.astype(cdt) if _quantized(s) else q for q, s in ((qa, a), (qb, b)))
+            return _matmul(ca, cb, dims, static.precision, out_dtype, cdt, platform, out_sharding)
+
+        return per_platform(emulated)
 
     def run(platform):
         if native.use_native(cfg, reason, platform):
@@ -161,6 +177,15 @@ def _qmatmul(a: _Side, b: _Side, dims, static: _Static, key, out_dtype, out_shar
         return _matmul(qa, qb, dims, static.precision, out_dtype, cdt, platform, out_sharding)
 
     return per_platform(run)
+
+
+def _quantized(s: _Side) -> bool:
+    """Whether fake_operand decodes this side into the compute dtype (else: as given)."""
+    return isinstance(s.x, MXTensor) or s.fmt is not None
+
+
+def _fake(s: _Side, cfg: DotConfig, key):
+    return fake_operand(s.x, s.fmt, _last(s.contracting), cfg, s.rounding, key, s.role, jnp.float32)
 
 
 def _matmul(qa, qb, dims, precision, out_dtype, cdt, platform, out_sharding=None):
