@@ -341,6 +341,14 @@ def test_study_methods_are_quantize_model_calls(tiny_llama):
     assert report["params/embed_tokens/embedding"].action == "tied"
     assert len(report.quantized) == 7 * 2 + 1
     assert all(report[p].hadamard == 32 for p in report.quantized)
+    # The weights were quantized, not only rotated: an MXTensor whose values differ from
+    # the rotated float kernel's.
+    down = "params/layers_0/mlp/down_proj/kernel"
+    t = q.params["params"]["layers_0"]["mlp"]["down_proj"]["kernel"]
+    assert isinstance(t, jaxmx.MXTensor) and t.format.name == "mxfp4_e2m1"
+    w = params["params"]["layers_0"]["mlp"]["down_proj"]["kernel"]
+    w = ptq.rotate(w, axis=report[down].axis, size=report[down].hadamard)
+    assert not np.array_equal(np.asarray(jaxmx.dequantize(t)), np.asarray(w))
     assert q.apply_fn(q.params, tokens).shape == (2, 16, 64)
     with pytest.raises(NotImplementedError, match="needs calibration"):
         S.apply_recipe(model, params, r)
