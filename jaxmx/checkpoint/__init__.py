@@ -256,13 +256,14 @@ def load(
     if not os.path.lexists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     _layouts.check(layout, for_load=True)
+    tensors = raw = None  # what detecting the layout read, not to be read twice
     if layout is None and backend is None and target is None:
-        layout = _layouts.detect(path)
+        layout, tensors, raw = _layouts.detect(path)
     if layout not in (None, _layouts.JAXMX):
         _no_backend(backend, layout)
         if target is not None:
             raise ValueError(f"target= is for layout='jaxmx'; layout {layout!r} takes none")
-        return _layouts.load(path, layout)
+        return _layouts.load(path, layout, tensors)
     if backend is None:
         backend = "orbax" if os.path.isdir(path) else "safetensors"
     elif backend not in _BACKENDS:
@@ -274,7 +275,7 @@ def load(
     else:
         if not os.path.isfile(path):
             raise ValueError(f"{path} is not a file, so not a safetensors checkpoint")
-        manifest, header = _safetensors.read(path)
+        manifest, header = _safetensors.read(path, raw)
     try:
         _manifest.check(manifest, backend)
         fmts = {n: _manifest.rebuild_format(n, c) for n, c in manifest["formats"].items()}

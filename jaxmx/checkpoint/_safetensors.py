@@ -63,17 +63,15 @@ def save(path: str, manifest: dict, leaves: dict) -> None:
 def is_checkpoint(path: str) -> bool:
     """Whether ``path`` is a file whose header carries a jaxmx manifest (for overwrite)."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                return False
-            size = struct.unpack("<Q", head)[0]
-            if not 0 < size <= os.path.getsize(path) - 8:
-                return False
-            header = json.loads(f.read(size))
-    except (OSError, ValueError, RecursionError):
+        raw, _ = raw_header(path)
+    except (OSError, ValueError):
         return False
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return has_manifest(raw)
+
+
+def has_manifest(raw: dict) -> bool:
+    """Whether a file's parsed :func:`raw_header` carries a jaxmx manifest."""
+    meta = raw.get("__metadata__")
     return isinstance(meta, dict) and M.KEY in meta
 
 
@@ -114,22 +112,24 @@ def header(path: str, raw: tuple[dict, int] | None = None) -> tuple[dict, dict, 
     ``__metadata__`` a JSON object (``{}`` where there is none), every entry well formed,
     the entries' bytes tiling the data exactly.
 
-    ``raw``: the file's :func:`raw_header`, where the caller has read it (it is changed).
+    ``raw``: the file's :func:`raw_header`, where the caller has read it (left as it is).
     """
-    entries, size = raw if raw is not None else raw_header(path)
-    meta = entries.pop("__metadata__", None) or {}
+    raw_entries, size = raw if raw is not None else raw_header(path)
+    meta = raw_entries.get("__metadata__", None) or {}
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: its safetensors __metadata__ is not a JSON object")
+    entries = {k: v for k, v in raw_entries.items() if k != "__metadata__"}
     data_start = 8 + size
     return _layout(path, entries, os.path.getsize(path) - data_start), meta, data_start
 
 
-def read(path: str) -> tuple[object, Header]:
+def read(path: str, raw: tuple[dict, int] | None = None) -> tuple[object, Header]:
     """The manifest (as parsed, unchecked) and the checked header of ``path``.
 
     The manifest is found, and parsed, before the tensor entries are checked.
+    ``raw``: the file's :func:`raw_header`, where the caller has read it.
     """
-    raw = raw_header(path)
+    raw = raw if raw is not None else raw_header(path)
     meta = raw[0].get("__metadata__", None) or {}
     if not isinstance(meta, dict) or M.KEY not in meta:
         keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__

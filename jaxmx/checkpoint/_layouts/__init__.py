@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import NamedTuple
 
 import jax
 import numpy as np
 
 from jaxmx.checkpoint import _manifest as M
-from jaxmx.checkpoint import _safetensors, _tree
+from jaxmx.checkpoint import _orbax, _safetensors, _tree
 from jaxmx.checkpoint._layouts import _files, _mx
 from jaxmx.checkpoint._layouts._gptoss import GptOss
 from jaxmx.checkpoint._layouts._nvfp4 import CompressedTensors, ModelOpt
@@ -55,32 +56,44 @@ def check(layout, *, for_load: bool) -> None:
 # --------------------------------------------------------------------------
 
 
-def detect(path: str) -> str:
+class Detected(NamedTuple):
+    """The layout of a checkpoint, and what was read to tell it, for the load not to read
+    it again."""
+
+    layout: str
+    tensors: _files.Tensors | None = None  # a layout checkpoint's, for load()
+    header: tuple[dict, int] | None = None  # a safetensors file's raw_header, for its reader
+
+
+def detect(path: str) -> Detected:
     """The layout of the checkpoint at ``path``; ``"jaxmx"`` where nothing says otherwise."""
     if os.path.isdir(path):
         return _detect_dir(path)
     try:
-        _, meta, _ = _safetensors.header(path)
+        raw = _safetensors.raw_header(path)
     except (OSError, ValueError):
-        return JAXMX  # the jaxmx reader reports what is wrong with it
-    if M.KEY in meta:
-        return JAXMX
-    ts = _files.Tensors(path)
-    return _by_hint_or_names(path, ts) or JAXMX
+        return Detected(JAXMX)  # the jaxmx reader reports what is wrong with it
+    if _safetensors.has_manifest(raw[0]):
+        return Detected(JAXMX, header=raw)
+    try:
+        checked = _safetensors.header(path, raw)
+    except (OSError, ValueError):
+        return Detected(JAXMX, header=raw)
+    ts = _files.Tensors(path, {path: checked})
+    found = _by_hint_or_names(path, ts)
+    return Detected(found, tensors=ts) if found else Detected(JAXMX, header=raw)
 
 
-def _detect_dir(path: str) -> str:
-    if os.path.isdir(os.path.join(path, M.KEY)) or not any(
-        n.endswith(".safetensors") for n in os.listdir(path)
-    ):
-        return JAXMX  # an orbax checkpoint, or nothing a layout reads
+def _detect_dir(path: str) -> Detected:
+    if _orbax.is_checkpoint(path) or not any(n.endswith(".safetensors") for n in os.listdir(path)):
+        return Detected(JAXMX)  # an orbax checkpoint, or nothing a layout reads
     config = _files.read_json(os.path.join(path, _files.CONFIG_FILE))
     quant = _files.read_json(os.path.join(path, _files.MODELOPT_CONFIG_FILE))
     claimed = [name for name, c in CODECS.items() if c.claims(config, quant)]
     if len(claimed) > 1:
         raise ValueError(f"{path}: its config files fit several layouts ({claimed}); pass layout=")
     if claimed:
-        return claimed[0]
+        return Detected(claimed[0])
     qc = (config or {}).get("quantization_config")
     if isinstance(qc, dict) and "quant_method" in qc:
         raise ValueError(
@@ -89,7 +102,8 @@ def _detect_dir(path: str) -> str:
             + ", ".join(f"{c.NAME}: {c.QUANT_METHOD!r}" for c in CODECS.values())
             + "); pass layout= to read its tensors anyway"
         )
-    found = _by_hint_or_names(path, _files.Tensors(path))
+    ts = _files.Tensors(path)
+    found = _by_hint_or_names(path, ts)
     if found is None:
         raise ValueError(
             f"{path} is neither a jaxmx checkpoint (it has no 'jaxmx' item) nor a model "
@@ -98,7 +112,7 @@ def _detect_dir(path: str) -> str:
             f"({'; '.join(f'{k}: {v}' for k, v in _MARKERS.items())}); pass layout= to read "
             "its tensors as plain arrays"
         )
-    return found
+    return Detected(found, tensors=ts)
 
 
 def _by_hint_or_names(path: str, ts: _files.Tensors) -> str | None:
@@ -118,10 +132,13 @@ def _by_hint_or_names(path: str, ts: _files.Tensors) -> str | None:
 # --------------------------------------------------------------------------
 
 
-def load(path: str, layout: str):
-    """The tree of the layout checkpoint at ``path``: MXTensors and plain jax Arrays."""
+def load(path: str, layout: str, ts: _files.Tensors | None = None):
+    """The tree of the layout checkpoint at ``path``: MXTensors and plain jax Arrays.
+
+    ``ts``: its tensors, where :func:`detect` has read them.
+    """
     codec = CODECS[layout]
-    ts = _files.Tensors(path)
+    ts = ts if ts is not None else _files.Tensors(path)
     flat: dict = {}
     used: set = set()
     notes: list[str] = []

@@ -72,12 +72,16 @@ def read_json(path: str) -> dict | None:
 class Tensors:
     """The tensors of one or several safetensors files, read on demand, by name."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, headers: dict | None = None):
+        """``headers``: {file: its :func:`_safetensors.header`} of files already read."""
         self.entries: dict[str, tuple[str, dict, int]] = {}
         self.hints: dict[str, dict] = {}
         self.layouts: set[str] = set()
         for file in weight_files(path):
-            entries, meta, start = _safetensors.header(file)
+            if headers and file in headers:
+                entries, meta, start = headers[file]
+            else:
+                entries, meta, start = _safetensors.header(file)
             for name, info in entries.items():
                 if name in self.entries:
                     raise ValueError(
