@@ -114,3 +114,31 @@ def test_format_arguments():
         jaxmx.round_to(x, "fp5")
     with pytest.raises(ValueError, match="float_format needs"):
         formats.float_format(1, 3)
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "float16"])
+def test_fast_paths_equal_round_to(fmt):
+    # round_to's float32 nearest-even integer-op paths for these two formats
+    # (what vector-op emulation runs) are its general path bit for bit: ties
+    # both ways and the carries at every dropped-bit boundary, subnormals,
+    # overflow to Inf, Inf, NaN of either sign, and random patterns.
+    from jaxmx.rounding import _FAST, _fast_path, _round_general, _RoundSpec
+
+    spec = _RoundSpec(
+        formats.BF16 if fmt == "bfloat16" else formats.FP16, "nearest_even", True, False
+    )
+    assert _fast_path(spec, jnp.float32) is _FAST[spec.elem]
+    hi = np.arange(0, 1 << 19, 5, dtype=np.uint32) << 13
+    low = np.array([0, 1, 0xFFF, 0x1000, 0x1001, 0x1FFF, 0x7FFF, 0x8000, 0x8001, 0xFFFF], np.uint32)
+    edges = (hi[:, None] | low[None, :]).ravel()
+    special = np.array(
+        [0x7F7FFFFF, 0x7F800000, 0x7FC00001, 0x7FFFFFFF, 1, 0x477FEFFF, 0x477FF000, 0x387FFFFF],
+        np.uint32,
+    )
+    rand = np.random.default_rng(0).integers(0, 1 << 32, 1 << 16, dtype=np.uint32)
+    bits = np.concatenate([edges, special, special | 0x80000000, rand])
+    x = jnp.asarray(bits.view(np.float32))
+    general = jax.jit(_round_general, static_argnums=2)
+    want = np.asarray(general(x, None, spec)).view(np.uint32)
+    np.testing.assert_array_equal(np.asarray(jax.jit(_FAST[spec.elem])(x)).view(np.uint32), want)
+    np.testing.assert_array_equal(np.asarray(jaxmx.round_to(x, fmt)).view(np.uint32), want)

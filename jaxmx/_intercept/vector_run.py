@@ -16,7 +16,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from jaxmx._intercept.run import run_jaxpr
 from jaxmx.formats import ElementFormat
@@ -113,12 +112,8 @@ def _context_key():
 def _rounder(elem: ElementFormat, rounding: str):
     """``round_to`` to ``elem`` with the identity as its derivative (straight-through)."""
 
-    fast = _FAST.get(elem.name) if rounding == "nearest_even" else None
-
     @jax.custom_jvp
     def rounded(x, key):
-        if fast is not None and x.dtype == jnp.float32:
-            return fast(x)
         return round_to(x, elem, rounding=rounding, key=key)
 
     @rounded.defjvp
@@ -126,42 +121,6 @@ def _rounder(elem: ElementFormat, rounding: str):
         return rounded(*primals), tangents[0]
 
     return rounded
-
-
-def _bf16_nearest_even(x):
-    """``round_to(x, "bfloat16")`` for float32 ``x``, bit for bit (checked on all
-    2**32 patterns), in a few integer ops: add half an ulp less one plus the
-    kept lowest bit (ties to even), clear the low 16 bits. Subnormals round
-    the same way, overflow carries into Inf, and NaN becomes the quiet NaN
-    0x7FC00000 as in ``round_to``."""
-    bits = lax.bitcast_convert_type(x, jnp.uint32)
-    lsb = (bits >> 16) & jnp.uint32(1)
-    out = (bits + jnp.uint32(0x7FFF) + lsb) & jnp.uint32(0xFFFF0000)
-    nan = (bits & jnp.uint32(0x7FFFFFFF)) > jnp.uint32(0x7F800000)
-    out = jnp.where(nan, jnp.uint32(0x7FC00000), out)
-    return lax.bitcast_convert_type(out, jnp.float32)
-
-
-def _f16_nearest_even(x):
-    """``round_to(x, "float16")`` for float32 ``x``, bit for bit (checked on all
-    2**32 patterns). Normal results: as for bfloat16, 13 bits dropped, and
-    anything past 65504 is Inf. Below 2**-14 (float16's subnormals, a fixed
-    step of 2**-24): ``round(|x| * 2**24) * 2**-24``, each step exact."""
-    bits = lax.bitcast_convert_type(x, jnp.uint32)
-    mag = bits & jnp.uint32(0x7FFFFFFF)
-    lsb = (mag >> 13) & jnp.uint32(1)
-    normal = (mag + jnp.uint32(0xFFF) + lsb) & jnp.uint32(0xFFFFE000)
-    normal = jnp.where(normal > jnp.uint32(0x477FE000), jnp.uint32(0x7F800000), normal)
-    tiny = lax.bitcast_convert_type(mag, jnp.float32) * jnp.float32(2.0**24)
-    tiny = lax.round(tiny, lax.RoundingMethod.TO_NEAREST_EVEN) * jnp.float32(2.0**-24)
-    tiny = lax.bitcast_convert_type(tiny, jnp.uint32)
-    out = jnp.where(mag < jnp.uint32(0x38800000), tiny, normal) | (bits & jnp.uint32(0x80000000))
-    out = jnp.where(mag > jnp.uint32(0x7F800000), jnp.uint32(0x7FC00000), out)
-    return lax.bitcast_convert_type(out, jnp.float32)
-
-
-# Nearest-even rounding of float32 to these formats without round_to's general path.
-_FAST = {"bfloat16": _bf16_nearest_even, "float16": _f16_nearest_even}
 
 
 def rebuilders(custom_derivatives: str) -> dict:
