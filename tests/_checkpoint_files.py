@@ -34,6 +34,7 @@ ST_DTYPES = {
     "I16": np.int16,
     "U32": np.uint32,
     "I32": np.int32,
+    "I64": np.int64,
     "F16": np.float16,
     "BF16": ml_dtypes.bfloat16,
     "F32": np.float32,
@@ -52,22 +53,32 @@ def seal(manifest: dict) -> dict:
     return manifest
 
 
-def st_read(path):
-    """(manifest, {name: array as stored}, header) of a safetensors file."""
+def st_parts(path):
+    """({name: array as stored}, __metadata__ or {}, header without it) of a safetensors file."""
     raw = pathlib.Path(path).read_bytes()
     n = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8 : 8 + n])
-    manifest = json.loads(header.pop("__metadata__")["jaxmx"])
+    meta = header.pop("__metadata__", {})
     tensors = {}
     for name, info in header.items():
         start, end = info["data_offsets"]
         a = np.frombuffer(raw[8 + n + start : 8 + n + end], ST_DTYPES[info["dtype"]])
         tensors[name] = a.reshape(info["shape"])
-    return manifest, tensors, header
+    return tensors, meta, header
 
 
-def st_write(path, manifest, tensors, edit_header=None):
-    """Writes a safetensors file by hand; ``edit_header`` may then change the header."""
+def st_read(path):
+    """(manifest, {name: array as stored}, header) of a jaxmx safetensors file."""
+    tensors, meta, header = st_parts(path)
+    return json.loads(meta["jaxmx"]), tensors, header
+
+
+def st_write(path, manifest, tensors, edit_header=None, metadata=None):
+    """Writes a safetensors file by hand; ``edit_header`` may then change the header.
+
+    ``manifest`` (a dict, or its text) goes in ``__metadata__["jaxmx"]``, after
+    what ``metadata`` holds; with neither, the file has no ``__metadata__``.
+    """
     header, data, at = {}, b"", 0
     for name, a in tensors.items():
         b = np.ascontiguousarray(a).tobytes()
@@ -79,8 +90,11 @@ def st_write(path, manifest, tensors, edit_header=None):
         data, at = data + b, at + len(b)
     if edit_header is not None:
         edit_header(header)
-    text = manifest if isinstance(manifest, str) else json.dumps(manifest)
-    header["__metadata__"] = {"jaxmx": text}
+    if manifest is not None or metadata is not None:
+        header["__metadata__"] = dict(metadata or {})
+    if manifest is not None:
+        text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+        header["__metadata__"]["jaxmx"] = text
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
     pathlib.Path(path).write_bytes(struct.pack("<Q", len(text)) + text + data)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
-import struct
 import warnings
 
 import jax
@@ -24,53 +22,16 @@ import numpy as np
 import pytest
 
 import jaxmx
+from tests._checkpoint_files import st_parts, st_write
 
 E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
 E4M3 = np.dtype(ml_dtypes.float8_e4m3fn)
 E8M0 = np.dtype(ml_dtypes.float8_e8m0fnu)
-ST = {
-    "U8": np.uint8,
-    "I64": np.int64,
-    "F32": np.float32,
-    "BF16": ml_dtypes.bfloat16,
-    "F8_E4M3": E4M3,
-}
-ST_CODE = {np.dtype(v).name: k for k, v in ST.items()}
 
 
 # --------------------------------------------------------------------------
-# safetensors by hand, and NumPy encoders/decoders of the layouts.
+# NumPy encoders/decoders of the layouts (safetensors by hand: tests/_checkpoint_files.py).
 # --------------------------------------------------------------------------
-
-
-def st_write(path, tensors: dict, metadata: dict | None = None) -> None:
-    header, data = {}, b""
-    for name, a in tensors.items():
-        b = np.ascontiguousarray(a).tobytes()
-        header[name] = {
-            "dtype": ST_CODE[a.dtype.name],
-            "shape": list(a.shape),
-            "data_offsets": [len(data), len(data) + len(b)],
-        }
-        data += b
-    if metadata is not None:
-        header["__metadata__"] = metadata
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    pathlib.Path(path).write_bytes(struct.pack("<Q", len(text)) + text + data)
-
-
-def st_read(path) -> tuple[dict, dict]:
-    raw = pathlib.Path(path).read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8 : 8 + n])
-    meta = header.pop("__metadata__", {})
-    out = {}
-    for name, info in header.items():
-        start, end = info["data_offsets"]
-        a = np.frombuffer(raw[8 + n + start : 8 + n + end], ST[info["dtype"]])
-        out[name] = a.reshape(info["shape"])
-    return out, meta
 
 
 def e2m1_encode(v) -> np.ndarray:
@@ -209,6 +170,7 @@ def test_gpt_oss_file_loads_bit_exactly(tmp_path):
     bias = rng.standard_normal((2, 3)).astype(ml_dtypes.bfloat16)
     st_write(
         tmp_path / "experts.safetensors",
+        None,
         {
             "model.layers.0.mlp.experts.gate_up_proj_blocks": blocks,
             "model.layers.0.mlp.experts.gate_up_proj_scales": scales,
@@ -236,7 +198,7 @@ def test_gpt_oss_encoder_matches_jaxmx_quantize(tmp_path):
     # The same OCP rule on both sides: the files jaxmx writes hold the NumPy encoder's bytes.
     x = weights((4, 64), seed=3)
     jaxmx.save(tmp_path / "g", {"w": jaxmx.quantize(x, "mxfp4")}, layout="gpt-oss")
-    tensors, meta = st_read(tmp_path / "g" / "model.safetensors")
+    tensors, meta, _ = st_parts(tmp_path / "g" / "model.safetensors")
     blocks, scales = gptoss_encode(x)
     assert np.array_equal(tensors["w_blocks"], blocks) and np.array_equal(
         tensors["w_scales"], scales
@@ -250,12 +212,12 @@ def test_gpt_oss_nan_scale(tmp_path):
     blocks = np.zeros((2, 1, 16), np.uint8)
     blocks[1, 0, 3] = 0x80  # codes 0 and 8: +0 and -0
     scales = np.array([[255], [255]], np.uint8)
-    st_write(tmp_path / "ok.safetensors", {"w_blocks": blocks, "w_scales": scales})
+    st_write(tmp_path / "ok.safetensors", None, {"w_blocks": blocks, "w_scales": scales})
     t = jaxmx.load(tmp_path / "ok.safetensors", layout="gpt-oss")["w"]
     assert np.isnan(np.asarray(t.dequantize())).all()
     assert np.isnan(gptoss_decode(blocks, scales)).all()  # 0 * 2^128 = 0 * inf
     blocks[1, 0, 5] = 0x02  # a 1.0 under 2^128: +inf for gpt-oss, NaN for OCP MX
-    st_write(tmp_path / "bad.safetensors", {"w_blocks": blocks, "w_scales": scales})
+    st_write(tmp_path / "bad.safetensors", None, {"w_blocks": blocks, "w_scales": scales})
     with pytest.raises(ValueError, match=r"block at \(1, 0\) has the scale byte 255 and nonzero"):
         jaxmx.load(tmp_path / "bad.safetensors", layout="gpt-oss")
     # The same block is refused on save.
@@ -281,7 +243,7 @@ def test_gpt_oss_nan_scale(tmp_path):
     ],
 )
 def test_gpt_oss_load_errors(tmp_path, tensors, match):
-    st_write(tmp_path / "w.safetensors", tensors)
+    st_write(tmp_path / "w.safetensors", None, tensors)
     with pytest.raises(ValueError, match=match):
         jaxmx.load(tmp_path / "w.safetensors", layout="gpt-oss")
 
@@ -300,7 +262,7 @@ def ct_file(path, x, global_scale, extra=None):
         "model.q_proj.input_global_scale": np.array([3.5], np.float32),
         **(extra or {}),
     }
-    st_write(path, tensors, metadata={"format": "pt"})
+    st_write(path, None, tensors, metadata={"format": "pt"})
     return packed, s8
 
 
@@ -345,6 +307,7 @@ def test_compressed_tensors_inexact_reciprocal_but_exact_blocks_loads_silently(t
     s8 = good[:16].reshape(4, 4).view(E4M3)
     st_write(
         tmp_path / "ct.safetensors",
+        None,
         {"l.weight_packed": packed, "l.weight_scale": s8, "l.weight_global_scale": gs.reshape(1)},
     )
     t = jaxmx.load(tmp_path / "ct.safetensors")["l"]["weight"]  # no warning (warnings are errors)
@@ -381,7 +344,7 @@ def test_compressed_tensors_load_errors(tmp_path, edit, match):
         "l.weight_global_scale": np.ones(1, np.float32),
     }
     edit(d)
-    st_write(tmp_path / "ct.safetensors", d)
+    st_write(tmp_path / "ct.safetensors", None, d)
     with pytest.raises(ValueError, match=match):
         jaxmx.load(tmp_path / "ct.safetensors", layout="compressed-tensors")
 
@@ -413,6 +376,7 @@ def test_modelopt_file_loads_bit_exactly(tmp_path, shape):
     packed, s8 = nvfp4_encode(x, scale_2)
     st_write(
         tmp_path / "mo.safetensors",
+        None,
         {
             "model.o_proj.weight": packed,
             "model.o_proj.weight_scale": s8,
@@ -434,11 +398,14 @@ def test_modelopt_load_errors(tmp_path):
     packed, s8 = nvfp4_encode(weights((4, 64), seed=10), np.float32(0.01))
     st_write(
         tmp_path / "mo.safetensors",
+        None,
         {"w": packed, "w_scale": s8, "w_scale_2": np.ones(2, np.float32)},
     )
     with pytest.raises(ValueError, match=r"'w_scale_2' is F32\[2\]; the weight's second-level"):
         jaxmx.load(tmp_path / "mo.safetensors")
-    st_write(tmp_path / "mo2.safetensors", {"w_scale": s8, "w_scale_2": np.ones(1, np.float32)})
+    st_write(
+        tmp_path / "mo2.safetensors", None, {"w_scale": s8, "w_scale_2": np.ones(1, np.float32)}
+    )
     with pytest.raises(ValueError, match=r"lacks \['w'\] beside it; ModelOpt stores an NVFP4"):
         jaxmx.load(tmp_path / "mo2.safetensors", layout="modelopt")
 
@@ -490,7 +457,7 @@ def test_saved_files_follow_the_layouts(tmp_path):
     t = _nvfp4((4, 64), seed=12)
     packed = pack_low_first(codes_of(t))
     jaxmx.save(tmp_path / "ct", {"l": {"weight": t}}, layout="compressed-tensors")
-    got, _ = st_read(tmp_path / "ct" / "model.safetensors")
+    got, _, _ = st_parts(tmp_path / "ct" / "model.safetensors")
     assert np.array_equal(got["l.weight_packed"], packed)
     assert got["l.weight_scale"].tobytes() == np.asarray(t.scale).tobytes()
     assert got["l.weight_global_scale"].tolist() == [256.0]
@@ -500,7 +467,7 @@ def test_saved_files_follow_the_layouts(tmp_path):
     assert qc["config_groups"]["group_0"]["weights"]["group_size"] == 16
     mo = {"l": {"weight": t}, "lm_head": {"weight": jnp.ones((2, 2))}}
     jaxmx.save(tmp_path / "mo", mo, layout="modelopt")
-    got, _ = st_read(tmp_path / "mo" / "model.safetensors")
+    got, _, _ = st_parts(tmp_path / "mo" / "model.safetensors")
     assert np.array_equal(got["l.weight"], packed) and got["l.weight_scale_2"].shape == ()
     assert got["l.weight_scale_2"].tobytes() == np.asarray(t.tensor_scale).tobytes()
     hf = json.loads((tmp_path / "mo" / "hf_quant_config.json").read_text())["quantization"]
@@ -516,7 +483,7 @@ def test_compressed_tensors_round_trip_with_a_generic_tensor_scale(tmp_path):
         warnings.simplefilter("always")
         jaxmx.save(tmp_path / "ct.safetensors", {"w": t}, layout="compressed-tensors")
         back = jaxmx.load(tmp_path / "ct.safetensors")["w"]
-    got, _ = st_read(tmp_path / "ct.safetensors")
+    got, _, _ = st_parts(tmp_path / "ct.safetensors")
     g = got["w_global_scale"][0]
     assert (np.float32(1) / g).tobytes() == ts.tobytes()  # loads back to the same tensor scale
     assert_same_tree({"w": t}, {"w": back})
@@ -637,7 +604,7 @@ def test_overwrite(tmp_path):
     (tmp_path / "g" / "tokenizer.json").write_text("{}")
     with pytest.raises(FileExistsError, match="is not a layout checkpoint jaxmx.save wrote"):
         jaxmx.save(tmp_path / "g", tree, layout="gpt-oss", overwrite=True)
-    st_write(tmp_path / "theirs.safetensors", {"w_blocks": np.zeros((1, 16), np.uint8)})
+    st_write(tmp_path / "theirs.safetensors", None, {"w_blocks": np.zeros((1, 16), np.uint8)})
     with pytest.raises(FileExistsError, match="is not a layout checkpoint jaxmx.save wrote"):
         jaxmx.save(tmp_path / "theirs.safetensors", tree, layout="gpt-oss", overwrite=True)
 
@@ -656,9 +623,10 @@ def test_directories_are_detected_by_their_config(tmp_path):
         "l.weight_scale_2": np.ones((), np.float32),
     }
     (tmp_path / "mo").mkdir()
-    st_write(tmp_path / "mo" / "model-00001-of-00002.safetensors", {"l.weight": packed})
+    st_write(tmp_path / "mo" / "model-00001-of-00002.safetensors", None, {"l.weight": packed})
     st_write(
         tmp_path / "mo" / "model-00002-of-00002.safetensors",
+        None,
         {k: v for k, v in tensors.items() if k != "l.weight"},
     )
     (tmp_path / "mo" / "hf_quant_config.json").write_text(
@@ -666,7 +634,7 @@ def test_directories_are_detected_by_their_config(tmp_path):
     )
     assert isinstance(jaxmx.load(tmp_path / "mo")["l"]["weight"], jaxmx.MXTensor)
     (tmp_path / "odd").mkdir()
-    st_write(tmp_path / "odd" / "model.safetensors", {"x": np.ones(2, np.float32)})
+    st_write(tmp_path / "odd" / "model.safetensors", None, {"x": np.ones(2, np.float32)})
     (tmp_path / "odd" / "config.json").write_text(
         json.dumps({"quantization_config": {"quant_method": "gptq"}})
     )
@@ -684,7 +652,12 @@ def test_jaxmx_checkpoints_are_still_jaxmx(tmp_path):
     jaxmx.save(tmp_path / "j.safetensors", tree)
     assert_same_tree(tree, jaxmx.load(tmp_path / "j.safetensors"))
     assert_same_tree(tree, jaxmx.load(tmp_path / "j.safetensors", layout="jaxmx"))
-    st_write(tmp_path / "plain.safetensors", {"x": np.ones(2, np.float32)}, {"format": "pt"})
+    st_write(
+        tmp_path / "plain.safetensors",
+        None,
+        {"x": np.ones(2, np.float32)},
+        metadata={"format": "pt"},
+    )
     with pytest.raises(ValueError, match=r"no __metadata__\['jaxmx'\]"):
         jaxmx.load(tmp_path / "plain.safetensors")
 
@@ -693,6 +666,7 @@ def test_load_errors(tmp_path):
     z = np.zeros((1, 16), np.uint8)
     st_write(
         tmp_path / "both.safetensors",
+        None,
         {"a_blocks": z, "a_scales": z[:, 0], "b_scale_2": np.ones(1, np.float32)},
     )
     with pytest.raises(
@@ -700,7 +674,9 @@ def test_load_errors(tmp_path):
     ):
         jaxmx.load(tmp_path / "both.safetensors")
     st_write(
-        tmp_path / "nest.safetensors", {"a": np.ones(1, np.float32), "a.b": np.ones(1, np.float32)}
+        tmp_path / "nest.safetensors",
+        None,
+        {"a": np.ones(1, np.float32), "a.b": np.ones(1, np.float32)},
     )
     with pytest.raises(
         ValueError, match=r"the tensor 'a' is also a prefix of 'a.b'; the names cannot"
@@ -712,11 +688,16 @@ def test_load_errors(tmp_path):
         jaxmx.load(tmp_path / "nest.safetensors", layout="mxfp4")
     with pytest.raises(ValueError, match=r"target= is for layout='jaxmx'"):
         jaxmx.load(tmp_path / "nest.safetensors", layout="gpt-oss", target={})
-    st_write(tmp_path / "hint.safetensors", {"a": np.ones(1, np.float32)}, {"jaxmx.layout": "{}"})
+    st_write(
+        tmp_path / "hint.safetensors",
+        None,
+        {"a": np.ones(1, np.float32)},
+        metadata={"jaxmx.layout": "{}"},
+    )
     with pytest.raises(ValueError, match=r"__metadata__\['jaxmx.layout'\] is wrong"):
         jaxmx.load(tmp_path / "hint.safetensors", layout="modelopt")
     (tmp_path / "shards").mkdir()
     for i in range(2):
-        st_write(tmp_path / "shards" / f"m{i}.safetensors", {"a": np.ones(1, np.float32)})
+        st_write(tmp_path / "shards" / f"m{i}.safetensors", None, {"a": np.ones(1, np.float32)})
     with pytest.raises(ValueError, match=r"the tensor 'a' is in both .*m0.safetensors and .*m1"):
         jaxmx.load(tmp_path / "shards", layout="gpt-oss")
