@@ -173,10 +173,11 @@ def _round_general(x, rbits, spec: _RoundSpec):
 
 def _bf16_nearest_even(x):
     """:func:`_round_general` to bfloat16, nearest-even, for float32 ``x``,
-    bit for bit (checked on all 2**32 patterns), in a few integer ops: add
-    half an ulp less one plus the kept lowest bit (ties to even), clear the
-    low 16 bits. Subnormals round the same way, overflow carries into Inf,
-    and NaN becomes the quiet NaN 0x7FC00000 as in the general path."""
+    bit for bit (on all 2**32 patterns: tests/test_rounding.py, marked
+    slow), in a few integer ops: add half an ulp less one plus the kept
+    lowest bit (ties to even), clear the low 16 bits. Subnormals round the
+    same way, overflow carries into Inf, and NaN becomes the quiet NaN
+    0x7FC00000 as in the general path."""
     bits = lax.bitcast_convert_type(x, jnp.uint32)
     lsb = (bits >> 16) & jnp.uint32(1)
     out = (bits + jnp.uint32(0x7FFF) + lsb) & jnp.uint32(0xFFFF0000)
@@ -187,10 +188,10 @@ def _bf16_nearest_even(x):
 
 def _f16_nearest_even(x):
     """:func:`_round_general` to float16, nearest-even, for float32 ``x``,
-    bit for bit (checked on all 2**32 patterns). Normal results: as for
-    bfloat16, 13 bits dropped, and anything past 65504 is Inf. Below 2**-14
-    (float16's subnormals, a fixed step of 2**-24):
-    ``round(|x| * 2**24) * 2**-24``, each step exact."""
+    bit for bit (on all 2**32 patterns: tests/test_rounding.py, marked
+    slow). Normal results: as for bfloat16, 13 bits dropped, and anything
+    past 65504 is Inf. Below 2**-14 (float16's subnormals, a fixed step of
+    2**-24): ``round(|x| * 2**24) * 2**-24``, each step exact."""
     bits = lax.bitcast_convert_type(x, jnp.uint32)
     mag = bits & jnp.uint32(0x7FFFFFFF)
     lsb = (mag >> 13) & jnp.uint32(1)
