@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxmx._bitmove import move
 from jaxmx._operand import operand_spec, random_bits
 from jaxmx.config import DotConfig
 from jaxmx.formats import MXFormat
@@ -165,27 +166,9 @@ def _check_cut(shape, spec: QuantSpec, shard_axis: int, shards: int, mesh_axis: 
 
 
 def _all_gather(a, mesh_axis: str, axis: int):
-    """``lax.all_gather`` of ``a``'s bits: 8- and 16-bit floats (FP8 codes,
-    E8M0 scales, bfloat16) travel as unsigned integers of their width, which
-    every backend gathers as they are (XLA:CPU widens the float8 and bfloat16
-    operands of a collective to 16 or 32 bits)."""
-    dtype = jnp.dtype(a.dtype)
-    carrier = _CARRIERS.get(dtype.itemsize)
-    cast = (
-        carrier is not None
-        and jnp.issubdtype(dtype, jnp.floating)
-        and dtype.name not in _SUB_BYTE
-        and dtype.itemsize < 4
-    )
-    if cast:
-        a = lax.bitcast_convert_type(a, carrier)
-    out = lax.all_gather(a, mesh_axis, axis=axis, tiled=True)
-    return lax.bitcast_convert_type(out, dtype) if cast else out
-
-
-_CARRIERS = {1: jnp.uint8, 2: jnp.uint16}
-# dtypes narrower than their one-byte itemsize, which cannot be bitcast to uint8.
-_SUB_BYTE = ("float4_e2m1fn",)
+    """``lax.all_gather`` of ``a``'s bits: floats (FP8 codes, E8M0 scales,
+    bfloat16) travel as unsigned integers of their width (:mod:`jaxmx._bitmove`)."""
+    return move(a, lambda b: lax.all_gather(b, mesh_axis, axis=axis, tiled=True))
 
 
 def _gather(x, rbits, spec: QuantSpec, shard_axis: int, mesh_axis: str, mesh, packed: bool, who):

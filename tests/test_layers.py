@@ -38,6 +38,7 @@ LAYERS = {
         "jaxmx.spec",
     ),
     "tensor": (
+        "jaxmx._bitmove",
         "jaxmx.array_ops",
         "jaxmx.checkpoint",
         "jaxmx.packing",

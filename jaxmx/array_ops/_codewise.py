@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxmx._bitmove import move as _move
 from jaxmx.array_ops._layout import (
     _OUT_DTYPES,
     _block_aligned,
-    _move,
     _replace,
     _scale_bytes,
     _scale_from_bytes,

@@ -7,14 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxmx._bitmove import bits as _bits
+from jaxmx._bitmove import move as _move
 from jaxmx.array_ops._layout import (
     _axis,
-    _bits,
     _block_aligned,
     _bytes_at,
     _check_layout,
     _group,
-    _move,
     _on_group,
     _replace,
     _scale_bytes,

@@ -111,25 +111,6 @@ def _scale_from_bytes(b: jax.Array, t: MXTensor) -> jax.Array:
     return lax.bitcast_convert_type(b.astype(jnp.uint8), t.format.scale.storage_dtype)
 
 
-def _bits(a: jax.Array) -> jax.Array:
-    """The same bytes as unsigned integers.
-
-    Codes are moved as integers: XLA may canonicalize the NaN payloads of a
-    float8 array it gathers or selects (an E5M2 -NaN code 0xFE came back as
-    0x7F), and codes must come out as they went in.
-    """
-    dt = np.dtype(a.dtype)
-    if jnp.issubdtype(dt, jnp.floating) and jnp.finfo(dt).bits == 8 * dt.itemsize:
-        return lax.bitcast_convert_type(a, np.dtype(f"uint{8 * dt.itemsize}"))
-    return a
-
-
-def _move(a: jax.Array, fn) -> jax.Array:
-    """``fn`` applied to the bytes of ``a`` (see :func:`_bits`), back in ``a``'s dtype."""
-    out = fn(_bits(a))
-    return out if out.dtype == a.dtype else lax.bitcast_convert_type(out, a.dtype)
-
-
 def _static_int(v, what: str) -> int:
     if isinstance(v, jax.core.Tracer):
         raise TypeError(

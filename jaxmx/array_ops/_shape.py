@@ -8,10 +8,10 @@ import operator
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmx._bitmove import move as _move
 from jaxmx.array_ops._layout import (
     _axis,
     _group,
-    _move,
     _replace,
     _stored,
     _tensor,
