@@ -15,7 +15,6 @@ shows what the memory traffic alone costs.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -75,7 +74,7 @@ def main() -> None:
                 ]
             )
     print(common.machine())
-    print(f"load average: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(common.load())
     print(f"{args.size}x{args.size} float32, median of {args.repeats} interleaved runs\n")
     print(common.table(["operation", "axis", "ms", "copy ms", "ratio", f"<= {GOAL}x"], rows))
 

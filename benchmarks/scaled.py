@@ -14,7 +14,6 @@ then the elementwise pass), so about 1.5x is the floor on a CPU.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -57,7 +56,7 @@ def main() -> None:
         t, base = common.compare(jax.jit(fn), copy, (x,), repeats=args.repeats)
         rows.append([label, f"{t * 1e3:.1f}", f"{base * 1e3:.1f}", f"{t / base:.2f}x"])
     print(common.machine())
-    print(f"load average: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    print(common.load())
     print(f"{args.size}x{args.size} float32, goal <= {GOAL}x the copy\n")
     print(common.table(["fake_quantize", "ms", "copy ms", "ratio"], rows))
 

@@ -21,7 +21,6 @@ biased, since both sides run alternately).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -30,17 +29,12 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _gpt
 import common
+from common import load
 
 import jaxmx
 from examples import training
-from examples.train_lm import DEFAULTS
-from models import GPT, GPTConfig
-
-
-def load() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load {one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min) on {os.cpu_count()} CPUs"
 
 
 def main() -> None:
@@ -49,18 +43,9 @@ def main() -> None:
     p.add_argument("--rounding", default="nearest_even", help="nearest_even or stochastic")
     p.add_argument("--matmuls", default="fp32,mxfp8", help="comma-separated: fp32, mxfp8, ...")
     p.add_argument("--repeats", type=int, default=20)
-    for k in ("batch_size", "context", "depth", "width", "heads"):
-        p.add_argument(f"--{k.replace('_', '-')}", type=int, default=DEFAULTS[k])
+    _gpt.add_size_args(p)
     args = p.parse_args()
-    cfg = GPTConfig(
-        vocab_size=65, context=args.context, depth=args.depth, width=args.width, heads=args.heads
-    )
-    model = GPT(cfg)
-    x = jax.random.randint(jax.random.key(0), (args.batch_size, args.context), 0, 65)
-    y = jnp.roll(x, -1, axis=1)
-    params = training.init_linen_params(model, x, 0)
-    optimizer = training.make_optimizer(training.TrainConfig(steps=1600))
-    opt_state = optimizer.init(params)
+    model, x, y, params, optimizer, opt_state = _gpt.setup(args)
     apply_fn = training.linen_apply_fn(model)
     key = jax.random.key(1) if args.rounding == "stochastic" else None
     vector_ops = jaxmx.VectorOps(args.format, args.rounding, key=key)
@@ -80,11 +65,9 @@ def main() -> None:
         rows.append([matmuls, f"{t0 * 1e3:.1f}", f"{t * 1e3:.1f}", f"{t / t0:.2f}x", load()])
         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
         reports.append(f"{matmuls}: {fn.coverage.vector_ops.summary()}")
-    n = sum(v.size for v in jax.tree.leaves(params))
     print(
-        f"\nGPT {args.depth}x{args.width}, context {args.context}, batch {args.batch_size} "
-        f"({n:,} params); train step (fwd+bwd+AdamW), median of {args.repeats}; vector ops "
-        f"{args.format} {args.rounding}; {common.machine()}\n"
+        f"\n{_gpt.describe(args, params)}; vector ops {args.format} {args.rounding}; "
+        f"{common.machine()}\n"
     )
     print(common.table(["matmuls", "without ms", "with vector ops ms", "ratio", "after row"], rows))
     print("\nWhat the emulated steps round (forward pass; equations, a loop body once):")

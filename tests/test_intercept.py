@@ -22,6 +22,7 @@ from jax import lax
 
 import jaxmx
 from jaxmx.intercept import Coverage, MatmulSite, intercept
+from tests._arrays import assert_differs, assert_same, normal
 
 CFG = jaxmx.preset("mxfp8")
 CFG4 = jaxmx.preset("mxfp4")
@@ -30,22 +31,6 @@ NN = (((1,), (1,)), ((), ()))  # q @ k.T
 CONV_DN = ("NHWC", "HWIO", "NHWC")
 
 W, H, D, V, T, B = 64, 2, 32, 16, 32, 2  # width, heads, head dim, vocab, tokens, batch
-
-
-def normal(i, shape, scale=1.0):
-    return scale * jax.random.normal(jax.random.key(i), shape, jnp.float32)
-
-
-def assert_same(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def assert_differs(a, b):
-    assert any(
-        not np.array_equal(np.asarray(x), np.asarray(y))
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    )
 
 
 # --------------------------------------------------------------------------

@@ -19,27 +19,12 @@ from jax import lax
 
 import jaxmx
 from jaxmx import VectorOps, intercept, round_to
+from tests._arrays import assert_differs, assert_same, normal
 
 CFG = jaxmx.preset("mxfp8")
 OPS = VectorOps.DEFAULT_OPS
 ROUNDABLE = (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16))
 REMAT = jax.extend.core.primitives.remat_p.name  # jax.checkpoint
-
-
-def normal(i, shape, scale=1.0):
-    return scale * jax.random.normal(jax.random.key(i), shape, jnp.float32)
-
-
-def assert_same(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def assert_differs(a, b):
-    assert any(
-        not np.array_equal(np.asarray(x), np.asarray(y))
-        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    )
 
 
 def assert_on_grid(tree, fmt):
