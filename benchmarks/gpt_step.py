@@ -21,6 +21,11 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from examples.requires import TRAINING, require
+
+if __name__ == "__main__":  # every missing package named at once, before any import
+    require(*TRAINING)
+
 import _gpt
 import common
 from train_step import compute_line, dot_layouts

@@ -32,11 +32,16 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from examples.requires import require
+
+if __name__ == "__main__":  # every missing package named at once, before any import
+    require("optax")
+
 import common
+import optax
 
 import jaxmx.optax as jo
 
