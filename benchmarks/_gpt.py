@@ -17,13 +17,24 @@ from examples import training
 from examples.train_lm import DEFAULTS
 from models import GPT, GPTConfig
 
-_SIZES = ("batch_size", "context", "depth", "width", "heads")
+_SIZES = {
+    "batch_size": "sequences per batch",
+    "context": "tokens per sequence",
+    "depth": "transformer blocks",
+    "width": "embedding width",
+    "heads": "attention heads",
+}
 
 
 def add_size_args(p: argparse.ArgumentParser) -> None:
     """``--batch-size``, ``--context``, ``--depth``, ``--width``, ``--heads``."""
-    for k in _SIZES:
-        p.add_argument(f"--{k.replace('_', '-')}", type=int, default=DEFAULTS[k])
+    for k, what in _SIZES.items():
+        p.add_argument(
+            f"--{k.replace('_', '-')}",
+            type=int,
+            default=DEFAULTS[k],
+            help=f"{what} (default {DEFAULTS[k]}, as examples/train_lm.py)",
+        )
 
 
 class Setup(NamedTuple):

@@ -122,11 +122,11 @@ def _fmt(arrays) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--depth", type=int, default=4, help="transformer blocks")
     p.add_argument("--width", type=int, default=256, help="a multiple of 8 devices x 32")
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--context", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--heads", type=int, default=2, help="attention heads")
+    p.add_argument("--context", type=int, default=64, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per batch")
     p.add_argument("--show-ops", action="store_true", help="list every all-gather")
     args = p.parse_args()
     if jax.device_count() != 8:

@@ -36,8 +36,10 @@ from examples import study, training
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--recipes", default="mxfp8")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument(
+        "--recipes", default="mxfp8", help="comma-separated recipes of examples/study.py"
+    )
+    p.add_argument("--repeats", type=int, default=20, help="timed steps of each")
     _gpt.add_size_args(p)
     args = p.parse_args()
     model, x, y, params, optimizer, opt_state = _gpt.setup(args)

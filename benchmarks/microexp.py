@@ -32,10 +32,10 @@ GOAL = 1.6
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--size", type=int, default=4096)
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--formats", default="mx6,mx9")
-    p.add_argument("--axes", default="-1,0")
+    p.add_argument("--size", type=int, default=4096, help="the array is size x size float32")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls of each")
+    p.add_argument("--formats", default="mx6,mx9", help="comma-separated: mx4, mx6, mx9")
+    p.add_argument("--axes", default="-1,0", help="comma-separated block axes")
     args = p.parse_args()
 
     x = jax.random.normal(jax.random.key(0), (args.size, args.size), jnp.float32)

@@ -131,7 +131,7 @@ def compare(loop: Loop, base: Loop, repeats: int, warmup: int = 3) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=20, help="timed steps of each variant")
     p.add_argument("--only", help="comma-separated substrings of variant names to run")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args()

@@ -56,9 +56,13 @@ def reference_passes(x, copy, repeats: int) -> list[list[str]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--size", type=int, default=4096)
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--formats", default=",".join(jaxmx.list_formats()))
+    p.add_argument("--size", type=int, default=4096, help="the array is size x size float32")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls of each")
+    p.add_argument(
+        "--formats",
+        default=",".join(jaxmx.list_formats()),
+        help="comma-separated jaxmx format names (default: every registered format)",
+    )
     args = p.parse_args()
 
     x = jax.random.normal(jax.random.key(0), (args.size, args.size), jnp.float32)

@@ -50,7 +50,7 @@ def cases(spec, x, y):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size", type=int, default=1 << 22, help="float32 elements")
-    p.add_argument("--repeats", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=50, help="timed calls of each")
     args = p.parse_args()
     kx, ky = jax.random.split(jax.random.key(0))
     # Values across float32's range, subnormals and both formats' overflow included.

@@ -42,8 +42,8 @@ def cases():
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--size", type=int, default=4096)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--size", type=int, default=4096, help="the array is size x size float32")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls of each")
     p.add_argument("--only", default="", help="substring of the case names to run")
     args = p.parse_args()
 

@@ -175,7 +175,7 @@ def block_case(key, batch=8, seq=128, width=512, heads=8):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=20, help="timed steps of each")
     p.add_argument("--recipe", default="mxfp8", help="a jaxmx preset name")
     args = p.parse_args()
     cfg = jaxmx.preset(args.recipe)

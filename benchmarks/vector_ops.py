@@ -44,10 +44,10 @@ from examples import training
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--format", default="bfloat16")
+    p.add_argument("--format", default="bfloat16", help="element format of the emulated vector ops")
     p.add_argument("--rounding", default="nearest_even", help="nearest_even or stochastic")
     p.add_argument("--matmuls", default="fp32,mxfp8", help="comma-separated: fp32, mxfp8, ...")
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=20, help="timed steps of each")
     _gpt.add_size_args(p)
     args = p.parse_args()
     model, x, y, params, optimizer, opt_state = _gpt.setup(args)

@@ -54,10 +54,14 @@ VARIANTS = {
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--width", type=int)
-    p.add_argument("--heads", type=int)
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated, from: {', '.join(VARIANTS)}",
+    )
+    p.add_argument("--steps", type=int, default=600, help="optimizer updates of each variant")
+    p.add_argument("--width", type=int, help="embedding width (default: train_lm.py's)")
+    p.add_argument("--heads", type=int, help="attention heads (default: train_lm.py's)")
     args, rest = p.parse_known_args(argv)
     names = [n for n in args.variants.split(",") if n]
     unknown = [n for n in names if n not in VARIANTS]

@@ -71,6 +71,15 @@ DEFAULTS = {
     "checkpoint_every": 6000,
     "min_lr_ratio": 1.0,  # 1: constant learning rate; below 1: cosine decay to that fraction
 }
+_FLAGS = {  # what each of DEFAULTS means, for --help
+    "steps": "optimizer updates",
+    "batch_size": "images per batch",
+    "lr": "learning rate",
+    "eval_every": "evaluation interval (steps)",
+    "log_every": "train-loss logging interval",
+    "checkpoint_every": "checkpoint interval",
+    "min_lr_ratio": "final fraction of the learning rate; 1 keeps it constant",
+}
 QUICK = {"steps": 60, "batch_size": 32, "eval_every": 30, "log_every": 10, "checkpoint_every": 30}
 EVAL_BATCH = 1000
 
@@ -81,8 +90,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], epilog=f"defaults: {DEFAULTS}"
     )
     p.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"from: {', '.join(VARIANTS)}")
-    for name in DEFAULTS:
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(DEFAULTS[name]))
+    for name, what in _FLAGS.items():
+        p.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=type(DEFAULTS[name]),
+            help=f"{what} ({DEFAULTS[name]})",
+        )
     p.add_argument("--seed", type=int, default=0, help="init, data and threshold seed")
     p.add_argument("--out", help="output folder (default runs/dropback_fashion_mnist)")
     p.add_argument("--results", help="also write the JSON results here (e.g. docs/results/...)")

@@ -55,7 +55,9 @@ def stats(x: jax.Array, fmt: str, block_size: int | None) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--size", type=int, default=1024)
+    p.add_argument(
+        "--size", type=int, default=1024, help="each of the two tensors is size x size float32"
+    )
     args = p.parse_args()
     print(
         f"jaxmx {jaxmx.__version__}: {args.size}x{args.size} float32 tensors "
