@@ -334,7 +334,7 @@ def plot_gaps(rows: list[dict], path) -> pathlib.Path:
     ax.set_ylabel("test accuracy gap to FP32 (points)")
     ax.set_title("DropBack on Fashion-MNIST, LeNet-300-100: one dot per seed")
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="best")
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

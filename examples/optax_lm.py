@@ -240,9 +240,11 @@ def plot(metrics: list[dict], recipes: list[str], path) -> pathlib.Path:
                 linestyle="-" if i < len(colors) else "--",
             )
         ax.set_title(f"validation loss, {recipe} matmuls")
-        ax.set_xlabel("step")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("validation loss (nats per character)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        # Up to 13 variants: the legend goes beside the panel, not over the curves.
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

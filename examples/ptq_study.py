@@ -694,7 +694,9 @@ def _plot_methods(ax, groups: dict) -> None:
     names = ["direct", *sorted({m for g in groups.values() for m in g} - {"direct"})]
     width = 0.8 / len(names)
     cmap = {"direct": "#888888"}
-    palette = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d"]
+    # Dark2 and two more, so that up to nine methods get distinct colours.
+    palette = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d",
+               "#1f78b4", "#b15928"]  # fmt: skip
     for i, name in enumerate(names):
         color = cmap.get(name, palette[(i - 1) % len(palette)])
         xs = [x + (i - (len(names) - 1) / 2) * width for x, g in enumerate(groups.values())
@@ -705,9 +707,9 @@ def _plot_methods(ax, groups: dict) -> None:
         f"{sc}: {f.split('_')[0]} {_SHORT[m]} {s}" + (" (some FP32)" if keep else "")
         for sc, f, m, s, keep in groups
     ]
-    ax.set_xticks(range(len(groups)), labels, fontsize=8)
+    ax.set_xticks(range(len(groups)), labels, fontsize=8, rotation=15, ha="right")
     ax.set_yscale("symlog", linthresh=1.0)
-    ax.set_ylabel("% change")
+    ax.set_ylabel("perplexity change (%)")
     ax.set_title("SmolLM2-135M: PTQ methods vs direct cast (perplexity vs FP32*)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
@@ -734,15 +736,15 @@ def plot(results: dict, path: pathlib.Path) -> None:
     if "fp32" in models.get("smollm2", {}).get("runs", {}):
         base = models["smollm2"]["runs"]["fp32"]["ppl"]
         panels.append(
-            ("smollm2", "SmolLM2-135M: perplexity vs FP32*", "% change", "symlog",
+            ("smollm2", "SmolLM2-135M: perplexity vs FP32*", "perplexity change (%)", "symlog",
              lambda r: 100 * (r["ppl"] / base - 1), None)
         )  # fmt: skip
     if "fp32" in models.get("minilm", {}).get("runs", {}):
         recall = lambda r: 50 * (r["recall1_kjv_to_web"] + r["recall1_web_to_kjv"])  # noqa: E731
         panels += [
-            ("minilm", "MiniLM-L6: 1 - cosine(quantized, FP32)", "", "log",
+            ("minilm", "MiniLM-L6: 1 - cosine(quantized, FP32)", "1 - cosine similarity", "log",
              lambda r: 1 - r["cos_mean"], None),
-            ("minilm", "MiniLM-L6: KJV<->WEB recall@1 (line: FP32)", "%", "linear",
+            ("minilm", "MiniLM-L6: KJV<->WEB recall@1 (line: FP32)", "recall@1 (%)", "linear",
              recall, recall(models["minilm"]["runs"]["fp32"])),
         ]  # fmt: skip
     scopes = _scopes({k: r for m in {p[0] for p in panels} for k, r in models[m]["runs"].items()})
@@ -758,6 +760,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
               ("wa", "floor"): "#fdae6b", ("wa", "rceil"): "#e6550d"}  # fmt: skip
     width = 0.8 / len(_COLUMNS)
     top: dict[int, Any] = {}
+    handles: tuple[list, list] = ([], [])
     for row, scope in enumerate(scopes):
         for col, (model, title, unit, yscale, value, baseline) in enumerate(panels):
             # Rows share each column's y axis, so scopes compare at a glance.
@@ -783,8 +786,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
                 ax.axhline(baseline, color="k", lw=1)
             ax.set_xticks(range(len(fmts)), [f.replace("_", "\n", 1) for f in fmts], fontsize=8)
             ax.set_title(f"{title}\nscope {scope}", fontsize=9)
-            if unit:
-                ax.set_ylabel(unit)
+            ax.set_ylabel(unit)
             if yscale == "symlog":
                 ax.set_yscale("symlog", linthresh=1.0)  # linear within +-1%, log beyond
             elif yscale == "log":
@@ -793,14 +795,16 @@ def plot(results: dict, path: pathlib.Path) -> None:
                 ax.set_ylim(max(0.0, min(shown) - 2.0), min(100.0, max(shown) + 0.5))
             ax.grid(axis="y", alpha=0.3)
             if row == 0 and col == 0:
-                ax.legend(fontsize=8, loc="upper left")
+                handles = ax.get_legend_handles_labels()
+    # One legend above the panels, and the footnote below them: both take part
+    # in the constrained layout, so neither covers bars or tick labels.
+    fig.legend(*handles, loc="outside upper center", ncol=len(_COLUMNS), fontsize=8)
     if methods:
         _plot_methods(fig.add_subplot(grid[rows - 1, :]), methods)
-    fig.text(
-        0.01, 0.0,
+    fig.supxlabel(
         "*FP32 = dequantized 4-bit GGUF weights. dense: Flax Dense layers (attention einsums "
         "and tied head FP32); all: every matmul.",
-        fontsize=7,
+        fontsize=7, x=0.01, ha="left",
     )  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig).print_png(str(path))

@@ -165,6 +165,7 @@ def plot_runs(
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
     titles = ("train loss", "eval loss", "eval accuracy")
+    ylabels = ("cross-entropy (nats)", "cross-entropy (nats)", "accuracy (fraction correct)")
     runs = [load_metrics(r) for r in runs]
     for run in runs:
         curves = (run["train"], run["eval"], run["eval"])
@@ -182,11 +183,13 @@ def plot_runs(
         if tails:
             low, high = min(tails), max(tails)
             ax.set_ylim(low - 0.05 * (high - low) - 1e-3, high + 0.05 * (high - low) + 1e-3)
-    for ax, title in zip(axes, titles, strict=True):
+    for ax, title, ylabel in zip(axes, titles, ylabels, strict=True):
         ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend()
+    # One legend for the three panels, beside them rather than over the curves.
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=9)
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
