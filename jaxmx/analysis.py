@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -104,7 +105,7 @@ def snr_db(x, approx) -> float:
     return 10.0 * (signal - _log10_energy(y64 - x64))
 
 
-def qsnr(x, format: str | MXFormat, **options) -> float:
+def qsnr(x: jax.typing.ArrayLike, format: str | MXFormat, **options: Any) -> float:
     """Quantization signal-to-noise ratio of ``x`` in ``format``, in dB.
 
     ``-10 log10(||Q(x) - x||^2 / ||x||^2)`` with ``Q = jaxmx.fake_quantize``

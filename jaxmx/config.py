@@ -209,7 +209,7 @@ class DotConfig:
         (``fsdp``): dot_general is lax.dot_general."""
         return all(self.role(r) is None for r in _ROLES) and self.fsdp is None
 
-    def replace(self, **changes) -> DotConfig:
+    def replace(self, **changes: object) -> DotConfig:
         """A copy with some fields changed (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)
 
@@ -302,7 +302,7 @@ def list_presets() -> dict[str, str]:
     return {name: doc for name, (doc, _) in _PRESETS.items()}
 
 
-def preset(name: str, **overrides) -> DotConfig:
+def preset(name: str, **overrides: object) -> DotConfig:
     """A named training recipe as a :class:`DotConfig`, optionally modified.
 
     Args:
@@ -322,7 +322,7 @@ def preset(name: str, **overrides) -> DotConfig:
     return cfg.replace(**overrides) if overrides else cfg
 
 
-def as_dot_config(config) -> DotConfig:
+def as_dot_config(config: DotConfig | MXFormat | str) -> DotConfig:
     """Resolves what a ``config=`` argument may be to a :class:`DotConfig`.
 
     Args:

@@ -220,21 +220,21 @@ def _check_window_args(n: int, window_strides, padding, lhs_dilation, rhs_dilati
 
 
 def conv_general_dilated(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation=None,
-    rhs_dilation=None,
-    dimension_numbers=None,
+    lhs: jax.typing.ArrayLike | MXTensor,
+    rhs: jax.typing.ArrayLike | MXTensor,
+    window_strides: tuple[int, ...] | list[int],
+    padding: str | tuple[tuple[int, int], ...] | list[tuple[int, int]],
+    lhs_dilation: tuple[int, ...] | list[int] | None = None,
+    rhs_dilation: tuple[int, ...] | list[int] | None = None,
+    dimension_numbers: lax.ConvGeneralDilatedDimensionNumbers = None,
     feature_group_count: int = 1,
     batch_group_count: int = 1,
-    precision=None,
-    preferred_element_type=None,
+    precision: lax.PrecisionLike = None,
+    preferred_element_type: jax.typing.DTypeLike | None = None,
     *,
     config: DotConfig | str,
     key: jax.Array | None = None,
-    out_sharding=None,
+    out_sharding: jax.sharding.NamedSharding | jax.sharding.PartitionSpec | None = None,
 ) -> jax.Array:
     """``lax.conv_general_dilated`` with MX-quantized operands, forward and backward.
 

@@ -378,15 +378,15 @@ _mx_dot.defvjp(_mx_dot_fwd, _mx_dot_bwd)
 
 
 def dot_general(
-    lhs,
-    rhs,
+    lhs: jax.typing.ArrayLike | MXTensor,
+    rhs: jax.typing.ArrayLike | MXTensor,
     dimension_numbers: DimensionNumbers,
-    precision=None,
-    preferred_element_type=None,
+    precision: lax.PrecisionLike = None,
+    preferred_element_type: jax.typing.DTypeLike | None = None,
     *,
     config: DotConfig,
     key: jax.Array | None = None,
-    out_sharding=None,
+    out_sharding: jax.sharding.NamedSharding | jax.sharding.PartitionSpec | None = None,
 ) -> jax.Array:
     """``jax.lax.dot_general`` with MX-quantized operands, forward and backward.
 

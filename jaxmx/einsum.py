@@ -82,13 +82,13 @@ def _split(subscripts: str, a_ndim: int, b_ndim: int) -> tuple[str, str, str]:
 
 def einsum(
     subscripts: str,
-    a,
-    b,
+    a: jax.typing.ArrayLike | MXTensor,
+    b: jax.typing.ArrayLike | MXTensor,
     *,
     config: DotConfig,
-    precision=None,
-    preferred_element_type=None,
-    out_sharding=None,
+    precision: jax.lax.PrecisionLike = None,
+    preferred_element_type: jax.typing.DTypeLike | None = None,
+    out_sharding: jax.sharding.NamedSharding | jax.sharding.PartitionSpec | None = None,
     key: jax.Array | None = None,
 ) -> jax.Array:
     """``jnp.einsum`` of two operands with MX-quantized matmuls.

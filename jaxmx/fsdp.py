@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,7 +56,7 @@ MX block size of the OCP formats), so that blocks of 32 (or of any divisor
 of 32) along it stay whole."""
 
 
-def fsdp_axis(shape, shards: int, granule: int = FSDP_GRANULE) -> int | None:
+def fsdp_axis(shape: Sequence[int], shards: int, granule: int = FSDP_GRANULE) -> int | None:
     """The axis FSDP cuts an array of ``shape`` along, over ``shards`` devices.
 
     The longest axis whose length is a multiple of ``shards * granule`` (the
@@ -80,7 +81,7 @@ def _spec(ndim: int, axis: int | None, mesh_axis: str) -> PartitionSpec:
     return PartitionSpec(*(mesh_axis if i == axis else None for i in range(ndim)))
 
 
-def fsdp_shardings(tree, mesh: jax.sharding.Mesh, mesh_axis: str = "data"):
+def fsdp_shardings(tree: Any, mesh: jax.sharding.Mesh, mesh_axis: str = "data") -> Any:
     """A ``NamedSharding`` per array leaf of ``tree``: cut along :func:`fsdp_axis`.
 
     Leaves with no such axis (biases shorter than ``shards * 32``, scalars
@@ -219,7 +220,7 @@ def _gather_plain(x, shard_axis: int, mesh_axis: str, mesh):
 
 
 def fsdp_gather(
-    w,
+    w: jax.typing.ArrayLike,
     format: str | MXFormat | None,
     *,
     axis: int | None = None,
@@ -231,9 +232,9 @@ def fsdp_gather(
     rounding: str = "nearest_even",
     key: jax.Array | None = None,
     packed: bool = True,
-    dtype=None,
+    dtype: jax.typing.DTypeLike | None = None,
     decode: bool = True,
-):
+) -> jax.Array | MXTensor:
     """All-gathers a sharded weight as MX codes and scales; decodes after the gather.
 
     Each device quantizes its own shard of ``w`` along ``axis`` (blocks

@@ -57,7 +57,7 @@ from jaxmx._intercept.run import Plan, run_jaxpr
 from jaxmx._intercept.vector_coverage import VectorCoverage
 from jaxmx._intercept.vector_ops import VectorOps, as_vector_ops, plan_vector_ops
 from jaxmx._intercept.vector_run import keyed
-from jaxmx.rules import parse_rules
+from jaxmx.rules import RulesLike, parse_rules
 from jaxmx.tensor import MXTensor
 
 __all__ = ["Coverage", "MatmulSite", "VectorCoverage", "VectorOps", "intercept"]
@@ -268,7 +268,7 @@ def _caller() -> tuple[str, int, str]:
 
 def intercept(
     fn: Callable,
-    rules,
+    rules: RulesLike,
     *,
     custom_derivatives: Literal["keep", "inline"] = "keep",
     weights: str | None = None,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -29,22 +30,22 @@ from jaxmx._paths import axis_function, contraction_axis, path_string
 from jaxmx.formats import MXFormat
 from jaxmx.ptq import PTQMethod, ScaleSearch
 from jaxmx.quantize import quantize
-from jaxmx.rules import parse_rules
+from jaxmx.rules import RulesLike, parse_rules
 from jaxmx.tensor import MXTensor
 
 __all__ = ["contraction_axis", "param_bytes", "quantize_params"]
 
 
 def quantize_params(
-    params,
-    rules="mxfp4",
+    params: Any,
+    rules: RulesLike = "mxfp4",
     *,
     packed: bool = True,
     axes: Mapping[str, int] | Callable[[str, jax.Array], int | None] | None = None,
     block_size: int | None = None,
     warn: bool = True,
-    method=None,
-):
+    method: PTQMethod | None = None,
+) -> Any:
     """Quantizes the matmul weights of a parameter tree to MXTensors.
 
     Args:
@@ -132,7 +133,7 @@ def quantize_params(
     return out
 
 
-def param_bytes(tree) -> int:
+def param_bytes(tree: Any) -> int:
     """Bytes held by a tree's arrays; an MXTensor counts its codes and scales.
 
     >>> import jax.numpy as jnp, jaxmx

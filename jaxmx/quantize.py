@@ -92,7 +92,7 @@ def random_bits(key, shape) -> jax.Array:
 
 
 def quantize(
-    x,
+    x: jax.typing.ArrayLike,
     format: str | MXFormat,
     *,
     axis: int = -1,
@@ -102,7 +102,7 @@ def quantize(
     flush_subnormals: bool = False,
     key: jax.Array | None = None,
     packed: bool = False,
-    tensor_amax=None,
+    tensor_amax: jax.typing.ArrayLike | None = None,
 ) -> MXTensor:
     """Quantizes ``x`` to an MX format along one axis.
 
@@ -207,7 +207,7 @@ def _quantize_jvp(spec, primals, tangents):
     )
 
 
-def dequantize(t: MXTensor, dtype=jnp.float32) -> jax.Array:
+def dequantize(t: MXTensor, dtype: jax.typing.DTypeLike = jnp.float32) -> jax.Array:
     """Decodes an :class:`~jaxmx.MXTensor` to a float array, exactly.
 
     Every MX value (element times scale) is a float32 number, subnormals
@@ -238,7 +238,7 @@ def _decode(t: MXTensor, dtype) -> jax.Array:
 
 
 def fake_quantize(
-    x,
+    x: jax.typing.ArrayLike,
     format: str | MXFormat,
     *,
     axis: int = -1,
@@ -247,7 +247,7 @@ def fake_quantize(
     rounding: str = "nearest_even",
     flush_subnormals: bool = False,
     key: jax.Array | None = None,
-    tensor_amax=None,
+    tensor_amax: jax.typing.ArrayLike | None = None,
 ) -> jax.Array:
     """``dequantize(quantize(x, ...))`` in one fused pass, in ``x``'s dtype.
 

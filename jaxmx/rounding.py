@@ -61,8 +61,8 @@ def _element_format(fmt) -> ElementFormat:
 
 
 def round_to(
-    x,
-    fmt,
+    x: jax.typing.ArrayLike,
+    fmt: str | ElementFormat,
     *,
     rounding: str = "nearest_even",
     key: jax.Array | None = None,

@@ -21,6 +21,12 @@ from collections.abc import Iterable, Mapping
 from jaxmx.config import DotConfig, as_dot_config
 from jaxmx.formats import MXFormat
 
+# One config for every matmul (a DotConfig, a preset or format name, an
+# MXFormat; None keeps them in high precision), or ``(pattern, config)`` pairs
+# and Rule objects in a list, or a dict of them, tried in order.
+Config = DotConfig | MXFormat | str | None
+RulesLike = Config | Mapping[str, Config] | Iterable["Rule | tuple[str, Config]"]
+
 __all__ = ["Rule", "parse_rules", "resolve_config"]
 
 
@@ -104,7 +110,7 @@ class Rule:
         return re.search(self.pattern, path) is not None
 
 
-def parse_rules(rules) -> tuple[Rule, ...]:
+def parse_rules(rules: RulesLike) -> tuple[Rule, ...]:
     """Normalises what rules may be given as.
 
     A list of ``(pattern, config)`` pairs or :class:`Rule` objects, a dict

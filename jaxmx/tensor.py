@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
@@ -225,7 +225,7 @@ class MXTensor:
         """The tensor with its axes reversed; the block axis moves with them."""
         return _op("transpose")(self)
 
-    def transpose(self, *axes) -> MXTensor:
+    def transpose(self, *axes: int | Sequence[int] | None) -> MXTensor:
         """Permutes axes: ``t.transpose(1, 0)`` or ``t.transpose((1, 0))``."""
         return _op("transpose")(self, _varargs(axes))
 
@@ -233,11 +233,13 @@ class MXTensor:
         """Swaps two axes (see :func:`jaxmx.swapaxes`)."""
         return _op("swapaxes")(self, axis1, axis2)
 
-    def reshape(self, *shape) -> MXTensor:
+    def reshape(self, *shape: int | Sequence[int]) -> MXTensor:
         """Reshapes keeping blocks whole: ``t.reshape(2, -1)`` (see :func:`jaxmx.reshape`)."""
         return _op("reshape")(self, _varargs(shape))
 
-    def take(self, indices, axis: int | None = None, *, mode: str | None = None) -> MXTensor:
+    def take(
+        self, indices: jax.typing.ArrayLike, axis: int | None = None, *, mode: str | None = None
+    ) -> MXTensor:
         """Gathers along an axis, e.g. rows of an MX embedding table (see :func:`jaxmx.take`)."""
         return _op("take")(self, indices, axis, mode=mode)
 
@@ -277,15 +279,15 @@ class MXTensor:
     def __truediv__(self, other) -> MXTensor:
         return _op("multiply")(self, _reciprocal_pow2(other))
 
-    def ldexp(self, k) -> MXTensor:
+    def ldexp(self, k: jax.typing.ArrayLike) -> MXTensor:
         """``self * 2**k`` exactly, by moving the scales (see :func:`jaxmx.ldexp`)."""
         return _op("ldexp")(self, k)
 
-    def astype(self, dtype) -> MXTensor:
+    def astype(self, dtype: jax.typing.DTypeLike) -> MXTensor:
         """The same codes and scales, standing for ``dtype`` (float32/bfloat16/float16)."""
         return _op("astype")(self, dtype)
 
-    def dequantize(self, dtype=None):
+    def dequantize(self, dtype: jax.typing.DTypeLike | None = None) -> jax.Array:
         """Decodes to ``dtype``, by default ``self.dtype`` (see :func:`jaxmx.dequantize`)."""
         return _op("dequantize")(self, self.dtype if dtype is None else dtype)
 

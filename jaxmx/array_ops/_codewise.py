@@ -133,7 +133,7 @@ def absolute(t: MXTensor) -> MXTensor:
     return _sign_op(_tensor(t, "absolute"), "abs")
 
 
-def ldexp(t: MXTensor, k) -> MXTensor:
+def ldexp(t: MXTensor, k: jax.typing.ArrayLike) -> MXTensor:
     """``t * 2**k`` exactly: every block's scale exponent moves by ``k``, codes do not.
 
     Args:

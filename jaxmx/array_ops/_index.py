@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,7 +175,9 @@ def getitem(t: MXTensor, idx) -> MXTensor:
 _TAKE_MODES = (None, "fill", "clip", "wrap", "promise_in_bounds")
 
 
-def take(t: MXTensor, indices, axis: int | None = None, *, mode: str | None = None) -> MXTensor:
+def take(
+    t: MXTensor, indices: jax.typing.ArrayLike, axis: int | None = None, *, mode: str | None = None
+) -> MXTensor:
     """Gathers slices of an MXTensor by index, as :func:`jax.numpy.take`.
 
     Along any axis but the block axis, ``indices`` may be any integer array,
@@ -278,7 +282,7 @@ def _take_blocks(t: MXTensor, indices, ax: int) -> MXTensor:
     return gather(t) if _block_aligned(t) else _via_unpacked(t, gather)
 
 
-def concatenate(tensors, axis: int = 0) -> MXTensor:
+def concatenate(tensors: Sequence[MXTensor], axis: int = 0) -> MXTensor:
     """Joins MXTensors along an axis, as :func:`jax.numpy.concatenate`.
 
     All tensors must share format, block size, packing and block axis. Along
@@ -372,7 +376,7 @@ def _expand_dims(t: MXTensor, axis: int) -> MXTensor:
     )
 
 
-def stack(tensors, axis: int = 0) -> MXTensor:
+def stack(tensors: Sequence[MXTensor], axis: int = 0) -> MXTensor:
     """Stacks MXTensors along a new axis, as :func:`jax.numpy.stack`.
 
     The tensors must share shape, format, block size, packing and block axis.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +26,7 @@ from jaxmx.tensor import MXTensor
 # --------------------------------------------------------------------------
 
 
-def transpose(t: MXTensor, axes=None) -> MXTensor:
+def transpose(t: MXTensor, axes: Sequence[int] | None = None) -> MXTensor:
     """Permutes the axes of an MXTensor, as :func:`jax.numpy.transpose`.
 
     Codes and scales are permuted alike; the block axis moves with them and
@@ -78,7 +79,9 @@ def swapaxes(t: MXTensor, axis1: int, axis2: int) -> MXTensor:
     return transpose(t, perm)
 
 
-def moveaxis(t: MXTensor, source, destination) -> MXTensor:
+def moveaxis(
+    t: MXTensor, source: int | Sequence[int], destination: int | Sequence[int]
+) -> MXTensor:
     """Moves axes of an MXTensor to new positions, as :func:`jax.numpy.moveaxis`.
 
     >>> import jax.numpy as jnp, jaxmx
@@ -132,7 +135,7 @@ def _new_shape(shape, size: int, t: MXTensor) -> tuple[int, ...]:
     return shape
 
 
-def reshape(t: MXTensor, shape) -> MXTensor:
+def reshape(t: MXTensor, shape: int | Sequence[int]) -> MXTensor:
     """Reshapes an MXTensor without touching a value, as :func:`jax.numpy.reshape`.
 
     Axes before and after the block axis may be merged and split freely, as

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import threading
 import types
+from typing import Any
 
 import jax
 from flax import linen as nn
@@ -196,15 +197,15 @@ class MXLinen(nn.Module):
     # substituted: intercept the outer apply for the rest.
 
     @nn.nowrap
-    def init(self, *args, method=None, **kwargs):
+    def init(self, *args: Any, method: Any = None, **kwargs: Any) -> Any:
         return self._whole("init")(*args, method=self._method(method), **kwargs)
 
     @nn.nowrap
-    def init_with_output(self, *args, method=None, **kwargs):
+    def init_with_output(self, *args: Any, method: Any = None, **kwargs: Any) -> Any:
         return self._whole("init_with_output")(*args, method=self._method(method), **kwargs)
 
     @nn.nowrap
-    def apply(self, *args, method=None, **kwargs):
+    def apply(self, *args: Any, method: Any = None, **kwargs: Any) -> Any:
         return self._whole("apply")(*args, method=self._method(method), **kwargs)
 
     @property

@@ -11,6 +11,7 @@ a user wrote (``mx=``, a rule's config) into a DotConfig.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,7 @@ class MXDotGeneral:
 
     config: DotConfig
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
         return dot_general(*args, config=self.config, **kwargs)
 
 
@@ -48,7 +49,7 @@ class MXEinsumOp:
 
     config: DotConfig
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
         return einsum(*args, config=self.config, **kwargs)
 
 
@@ -58,7 +59,7 @@ class MXConv:
 
     config: DotConfig
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> jax.Array:
         return conv_general_dilated(*args, config=self.config, **kwargs)
 
 
@@ -80,20 +81,20 @@ class MXAttention:
 
     def __call__(
         self,
-        query,
-        key,
-        value,
-        bias=None,
-        mask=None,
-        broadcast_dropout=True,
-        dropout_rng=None,
-        dropout_rate=0.0,
-        deterministic=False,
-        dtype=None,
-        precision=None,
-        module=None,
-        is_causal=False,
-    ):
+        query: jax.Array,
+        key: jax.Array,
+        value: jax.Array,
+        bias: jax.Array | None = None,
+        mask: jax.Array | None = None,
+        broadcast_dropout: bool = True,
+        dropout_rng: jax.Array | None = None,
+        dropout_rate: float = 0.0,
+        deterministic: bool = False,
+        dtype: jax.typing.DTypeLike | None = None,
+        precision: jax.lax.PrecisionLike = None,
+        module: Any = None,
+        is_causal: bool = False,
+    ) -> jax.Array:
         dtype = dtype or jnp.result_type(query, key, value)
         query, key, value = (x.astype(dtype) for x in (query, key, value))
         if key.shape[-2] != query.shape[-2]:  # grouped-query attention

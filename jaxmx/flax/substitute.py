@@ -29,6 +29,7 @@ from flax import nnx
 from jaxmx.flax import nnx as mxnnx
 from jaxmx.flax._linen_substitute import MXLinen, _Held
 from jaxmx.flax._record import Rule, Substitution, kept_reason, parse_rules
+from jaxmx.rules import RulesLike
 
 __all__ = ["Rule", "Substitution", "MXLinen", "quantize_model", "substitution_of"]
 
@@ -66,7 +67,9 @@ def _substitute_nnx(model: nnx.Module, sub: Substitution) -> None:
                 break
 
 
-def quantize_model(model, rules, *, warn: bool = True, scope: str = "all"):
+def quantize_model(
+    model: nn.Module | nnx.Module, rules: RulesLike, *, warn: bool = True, scope: str = "all"
+) -> nn.Module | nnx.Module:
     """Swaps the matmuls of a Flax model (linen or nnx) for MX ones, by rules.
 
     Args:
@@ -150,7 +153,7 @@ def quantize_model(model, rules, *, warn: bool = True, scope: str = "all"):
 _SUBSTITUTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def substitution_of(model) -> Substitution:
+def substitution_of(model: nn.Module | nnx.Module) -> Substitution:
     """The :class:`Substitution` record of a model made by :func:`quantize_model`.
 
     linen records modules as they run, so the record fills in at the first

@@ -20,7 +20,14 @@ from __future__ import annotations
 import abc
 import difflib
 from collections.abc import Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:  # annotations only: these modules import this one
+    import jax
+
+    from jaxmx.formats._records import MXFormat
+    from jaxmx.spec import QuantSpec
+    from jaxmx.tensor import MXTensor
 
 __all__ = [
     "Family",
@@ -80,53 +87,63 @@ class Family(abc.ABC):
     rules: FamilyRules
 
     @abc.abstractmethod
-    def check_format(self, fmt) -> None:
+    def check_format(self, fmt: MXFormat) -> None:
         """Raises ValueError if the record ``fmt`` has fields this arithmetic
         cannot honour (called when the record is made)."""
 
     @abc.abstractmethod
-    def quantize(self, x, rbits, tensor_amax, spec) -> Any:
+    def quantize(
+        self, x: jax.Array, rbits: jax.Array | None, tensor_amax: jax.Array | None, spec: QuantSpec
+    ) -> Any:
         """``x`` as an :class:`~jaxmx.MXTensor` of ``spec``: codes (packed if
         ``spec.packed``), scales and any tensor scale or microexponents."""
 
     @abc.abstractmethod
-    def fake_quantize(self, x, rbits, tensor_amax, spec) -> Any:
+    def fake_quantize(
+        self, x: jax.Array, rbits: jax.Array | None, tensor_amax: jax.Array | None, spec: QuantSpec
+    ) -> Any:
         """The values of ``quantize`` then ``dequantize``, in ``x``'s dtype."""
 
     @abc.abstractmethod
-    def dequantize(self, t, dtype) -> Any:
+    def dequantize(self, t: MXTensor, dtype: jax.typing.DTypeLike) -> Any:
         """The values of ``t`` (unpacked, block axis counted from the end, one
         tensor scale) in ``dtype`` (float32, bfloat16 or float16)."""
 
-    def onto(self, x, like, spec) -> Any:
+    def onto(self, x: jax.Array, like: MXTensor, spec: QuantSpec) -> Any:
         """``x`` rounded to nearest onto the scales of ``like`` (an unpacked
         tensor of this family blocked as ``spec``), for GPTQ's last step.
         Values already on that grid must keep their value exactly."""
         raise NotImplementedError(f"the {self.name} family has no fixed-scale encoder")
 
-    def search(self, x, offsets, importance, spec) -> Any:
+    def search(
+        self,
+        x: jax.Array,
+        offsets: tuple[int, ...],
+        importance: jax.Array | None,
+        spec: QuantSpec,
+    ) -> Any:
         """``x`` quantized with each block's scale chosen by (weighted)
         squared error (``importance``: shaped like ``x``, or None); no
         block's error may exceed the direct cast's."""
         raise NotImplementedError(f"the {self.name} family has no scale search")
 
-    def fake_search(self, x, offsets, spec) -> Any:
+    def fake_search(self, x: jax.Array, offsets: tuple[int, ...], spec: QuantSpec) -> Any:
         """The values of :meth:`search` (no importance) in one pass, or None
         to let the caller decode the searched tensor."""
         return None
 
-    def grid(self, like) -> Any:
+    def grid(self, like: MXTensor) -> Any:
         """The per-entry parameter of the fixed grid of ``like`` (an unpacked
         tensor of this family), shaped like ``like``: what
         :meth:`round_to_grid` takes for each entry."""
         raise NotImplementedError(f"the {self.name} family has no fixed grid for GPTQ")
 
-    def round_to_grid(self, w, param, fmt) -> Any:
+    def round_to_grid(self, w: jax.Array, param: jax.Array, fmt: MXFormat) -> Any:
         """float32 ``w`` rounded to nearest (ties to even) onto the grid each
         entry's ``param`` (from :meth:`grid`) describes, saturating."""
         raise NotImplementedError(f"the {self.name} family has no fixed grid for GPTQ")
 
-    def native_matmuls(self, fmt) -> tuple[str, ...]:
+    def native_matmuls(self, fmt: MXFormat) -> tuple[str, ...]:
         """Names of the native block-scaled matmuls that take ``fmt``'s
         codes and scales as they are stored (``"scaled_dot"``:
         ``jax.lax.scaled_dot``)."""
@@ -181,7 +198,7 @@ def register_family(family: Family) -> Family:
     return family
 
 
-def get_family(name) -> Family:
+def get_family(name: str | Family) -> Family:
     """The family registered under ``name`` (a string, or a format: its family).
 
     >>> import jaxmx

@@ -87,7 +87,7 @@ class StateCodec:
         """Whether encoding needs a PRNG key."""
         return self.rounding == "stochastic"
 
-    def encode(self, x, key: jax.Array | None = None) -> Compressed:
+    def encode(self, x: jax.Array, key: jax.Array | None = None) -> Compressed:
         """Compresses a float tensor.
 
         Args:

@@ -268,7 +268,7 @@ def rank1(bits: int = 4, *, block_size: int = 128, rounding: str = "nearest") ->
     return Rank1(bits=bits, block_size=block_size, rounding=rounding)
 
 
-def cast(dtype="bfloat16", *, rounding: str = "nearest") -> Cast:
+def cast(dtype: jax.typing.DTypeLike = "bfloat16", *, rounding: str = "nearest") -> Cast:
     """A narrower float per element (bfloat16 or float16).
 
     >>> import jax.numpy as jnp

@@ -64,7 +64,9 @@ class DropBackState(NamedTuple):
     tracked: jax.Array  # int32 weights tracked by the last update, over the whole tree
 
 
-def default_init(key: jax.Array, path: tuple, shape: tuple, dtype) -> jax.Array:
+def default_init(
+    key: jax.Array, path: tuple, shape: tuple, dtype: jax.typing.DTypeLike
+) -> jax.Array:
     """LeCun-normal kernels (>= 2 dims) and zero biases: Flax's ``Dense`` defaults.
 
     >>> import jax

@@ -93,7 +93,7 @@ def _check_container(fmt, witnesses: np.ndarray, path: str, dtype, who: str) -> 
         )
 
 
-def round_params(params: Any, fmt="bfloat16") -> Any:
+def round_params(params: Any, fmt: str | jaxmx.ElementFormat = "bfloat16") -> Any:
     """Rounds every float leaf to ``fmt`` (nearest even), keeping each leaf's dtype.
 
     Use it once on the initial params before training with
@@ -121,10 +121,10 @@ def round_params(params: Any, fmt="bfloat16") -> Any:
 
 def low_precision_params(
     inner: optax.GradientTransformation,
-    fmt="bfloat16",
+    fmt: str | jaxmx.ElementFormat = "bfloat16",
     *,
     rounding: str = "nearest_even",
-    compensation=None,
+    compensation: str | None = None,
     key: jax.Array | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Keeps params on a low-precision grid: update in float32, round back.

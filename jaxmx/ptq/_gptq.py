@@ -81,9 +81,9 @@ def _inverse_hessian_factor(hessian: np.ndarray, damp: float):
 
 
 def quantize_gptq(
-    w,
+    w: jax.typing.ArrayLike,
     format: str | MXFormat,
-    hessian,
+    hessian: jax.typing.ArrayLike,
     *,
     axis: int = 0,
     block_size: int | None = None,
@@ -229,7 +229,9 @@ class GPTQ:
             )
         _check_scale_mode(self.scale_mode)
 
-    def quantize_weight(self, path, x, fmt, *, axis, block_size, packed) -> MXTensor:
+    def quantize_weight(
+        self, path: str, x: jax.Array, fmt: MXFormat, *, axis: int, block_size: int, packed: bool
+    ) -> MXTensor:
         """Quantizes the weight at ``path`` with its Hessian."""
         return quantize_gptq(
             x,

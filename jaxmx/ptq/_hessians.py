@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +27,9 @@ def _hessian_of(hessians, path, who):
     return hessians[path]
 
 
-def collect_hessians(model, variables, batches, *, method: str = "__call__") -> dict:
+def collect_hessians(
+    model: Any, variables: Any, batches: Iterable[Any], *, method: str = "__call__"
+) -> dict:
     """``X^T X`` of the inputs of every ``nn.Dense`` (and ``nn.Embed.attend``) of a linen model.
 
     Runs ``model.apply(variables, *batch)`` for each batch (unjitted) under

@@ -24,7 +24,7 @@ class PTQMethod(Protocol):
     """
 
     def quantize_weight(
-        self, path: str, x: jax.Array, fmt: MXFormat, *, axis: int, block_size, packed: bool
+        self, path: str, x: jax.Array, fmt: MXFormat, *, axis: int, block_size: int, packed: bool
     ) -> MXTensor:
         """Quantizes the weight ``x`` found at ``path``.
 

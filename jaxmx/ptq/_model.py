@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from jaxmx.ptq._rotate import _rotate
 from jaxmx.ptq._search import ScaleSearch
 from jaxmx.ptq._uses import leaf_axis
 from jaxmx.quantize import quantize
-from jaxmx.rules import parse_rules
+from jaxmx.rules import RulesLike, parse_rules
 from jaxmx.tensor import MXTensor
 
 __all__ = ["PTQReport", "TiedWeight", "WeightResult", "quantize_model"]
@@ -35,9 +36,9 @@ METHODS = ("direct", "search", "gptq", "hadamard", "hadamard_search", "hadamard_
 
 def quantize_model(
     fn: Callable,
-    params,
+    params: Any,
     calibration: Iterable,
-    rules="mxfp4",
+    rules: RulesLike = "mxfp4",
     *,
     method: str = "gptq",
     packed: bool = True,

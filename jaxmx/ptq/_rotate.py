@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +36,7 @@ def hadamard(n: int) -> np.ndarray:
     return _hadamard.hadamard(n)
 
 
-def rotate(x, *, axis: int = -1, size: int = 32) -> jax.Array:
+def rotate(x: jax.typing.ArrayLike, *, axis: int = -1, size: int = 32) -> jax.Array:
     """Multiplies ``x`` along ``axis`` by the block-diagonal Hadamard ``diag(H, ..., H)``.
 
     Each run of ``size`` consecutive entries along ``axis`` (an MX block when
@@ -79,7 +81,13 @@ def _rotate(x, axis, size):
     return _hadamard.rotate(x, axis, size)
 
 
-def rotate_weights(params, *, size: int = 32, include: str = r"kernel$", axes=None):
+def rotate_weights(
+    params: Any,
+    *,
+    size: int = 32,
+    include: str = r"kernel$",
+    axes: Mapping[str, int] | Callable[[str, jax.Array], int | None] | None = None,
+) -> Any:
     """Rotates every matmul weight of ``params`` along its contraction axis.
 
     Pair it with a model that rotates each of those matmuls' activations by

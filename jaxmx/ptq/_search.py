@@ -23,14 +23,14 @@ from jaxmx.tensor import MXTensor
 
 
 def quantize_search(
-    x,
+    x: jax.typing.ArrayLike,
     format: str | MXFormat,
     *,
     axis: int = -1,
     block_size: int | None = None,
     scale_mode: str = "floor",
     offsets: Iterable[int] = DEFAULT_OFFSETS,
-    importance=None,
+    importance: jax.typing.ArrayLike | None = None,
     packed: bool = False,
 ) -> MXTensor:
     """Quantizes ``x`` choosing each block's scale by its squared error.
@@ -121,7 +121,7 @@ def _check_importance(importance, shape, axis):
 
 
 def fake_quantize_search(
-    x,
+    x: jax.typing.ArrayLike,
     format: str | MXFormat,
     *,
     axis: int = -1,
@@ -177,7 +177,9 @@ class ScaleSearch:
         object.__setattr__(self, "offsets", _check_offsets(self.offsets))
         _check_scale_mode(self.scale_mode)
 
-    def quantize_weight(self, path, x, fmt, *, axis, block_size, packed) -> MXTensor:
+    def quantize_weight(
+        self, path: str, x: jax.Array, fmt: MXFormat, *, axis: int, block_size: int, packed: bool
+    ) -> MXTensor:
         """Quantizes one weight (weighted by its Hessian diagonal if ``hessians``)."""
         importance = None
         if self.hessians is not None:
