@@ -91,7 +91,7 @@ class Rule:
     # ("block_0/attn/query"); a Flax model itself has the empty path "".
     pattern: str
     # DotConfig, preset or format name, or None (keep high precision).
-    config: DotConfig | str | None
+    config: DotConfig | MXFormat | str | None
 
     def __post_init__(self):
         if not isinstance(self.pattern, str):

@@ -198,7 +198,7 @@ def register_family(family: Family) -> Family:
     return family
 
 
-def get_family(name: str | Family) -> Family:
+def get_family(name: str | MXFormat) -> Family:
     """The family registered under ``name`` (a string, or a format: its family).
 
     >>> import jaxmx
