@@ -20,6 +20,8 @@ which no backend widens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,7 +39,7 @@ def bits(a: jax.Array) -> jax.Array:
     return a
 
 
-def move(a: jax.Array, fn) -> jax.Array:
+def move(a: jax.Array, fn: Callable[[jax.Array], jax.Array]) -> jax.Array:
     """``fn`` applied to the bytes of ``a`` (see :func:`bits`), back in ``a``'s dtype."""
     out = fn(bits(a))
     return out if out.dtype == a.dtype else lax.bitcast_convert_type(out, a.dtype)

@@ -47,7 +47,7 @@ def _leaf_rules(fmt: MXFormat) -> tuple:
         return rules
     elem = fmt.element
     held = np.dtype(elem.storage_dtype)
-    codes = (held,)
+    codes: tuple[np.dtype, ...] = (held,)
     if elem.kind == "float" and held.itemsize * 8 != elem.bits:
         # Sub-byte floats held in a byte on CPU (jaxmx.codes.storage_dtype).
         codes = (held, np.dtype(np.uint16 if elem.bits > 8 else np.uint8))

@@ -10,7 +10,7 @@ from the framework's naming (Flax ``kernel``, PyTorch-style ``weight``,
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import jax
 import numpy as np
@@ -18,7 +18,7 @@ import numpy as np
 __all__ = ["axis_function", "contraction_axis", "path_string"]
 
 
-def contraction_axis(path: str, x) -> int | None:
+def contraction_axis(path: str, x: jax.Array | np.ndarray) -> int | None:
     """The axis a weight at ``path`` is contracted over, by framework convention.
 
     >>> import jax.numpy as jnp
@@ -54,7 +54,7 @@ def contraction_axis(path: str, x) -> int | None:
     return None
 
 
-def path_string(path) -> str:
+def path_string(path: Iterable[object]) -> str:
     """The ``/``-joined key string of a pytree key path (``params/Dense_0/kernel``)."""
     return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 

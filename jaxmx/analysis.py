@@ -40,7 +40,7 @@ _OPTIONS = tuple(
 )
 
 
-def _host_array(a, what: str) -> np.ndarray:
+def _host_array(a: jax.typing.ArrayLike, what: str) -> np.ndarray:
     if isinstance(a, jax.core.Tracer):
         raise TypeError(
             f"{what} is a traced value: QSNR is a host-side measurement that returns a "
@@ -64,7 +64,7 @@ def _log10_energy(a: np.ndarray) -> float:
     return 2.0 * math.log10(top) + math.log10(float(np.sum(np.square(a / top))))
 
 
-def snr_db(x, approx) -> float:
+def snr_db(x: jax.typing.ArrayLike, approx: jax.typing.ArrayLike) -> float:
     """Signal-to-noise ratio of ``approx`` as an approximation of ``x``, in dB.
 
     ``-10 log10(||approx - x||^2 / ||x||^2)``, computed in float64 after

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 
-def raw_dtype(bits: int):
+def raw_dtype(bits: int) -> type[np.unsignedinteger]:
     """Unsigned dtype holding one ``bits``-wide wire code."""
     return jnp.uint8 if bits <= 8 else jnp.uint16
 

@@ -322,8 +322,8 @@ class _GatherStatic(NamedTuple):
     mesh_axis: str
     mesh: object
     packed: bool
-    dtype: object  # of the result
-    w_dtype: object  # of the weight (and its gradient)
+    dtype: jax.typing.DTypeLike  # of the result
+    w_dtype: jax.typing.DTypeLike  # of the weight (and its gradient)
     who: str
 
 

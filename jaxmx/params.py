@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from jaxmx._paths import axis_function, contraction_axis, path_string
+from jaxmx.config import DotConfig
 from jaxmx.formats import MXFormat
 from jaxmx.ptq import PTQMethod, ScaleSearch
 from jaxmx.quantize import quantize
@@ -166,9 +167,9 @@ def _method(method):
     return method
 
 
-def _weight_format(config) -> MXFormat | None:
+def _weight_format(config: DotConfig | None) -> MXFormat | None:
     return None if config is None else config.role("rhs")
 
 
-def _is_float_array(x) -> bool:
+def _is_float_array(x: object) -> bool:
     return hasattr(x, "dtype") and jax.numpy.issubdtype(x.dtype, jax.numpy.floating)

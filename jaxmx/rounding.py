@@ -62,7 +62,7 @@ def _element_format(fmt) -> ElementFormat:
 
 def round_to(
     x: jax.typing.ArrayLike,
-    fmt: str | ElementFormat,
+    fmt: ElementFormat | jax.typing.DTypeLike,
     *,
     rounding: str = "nearest_even",
     key: jax.Array | None = None,

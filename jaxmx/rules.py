@@ -30,7 +30,7 @@ RulesLike = Config | Mapping[str, Config] | Iterable["Rule | tuple[str, Config]"
 __all__ = ["Rule", "parse_rules", "resolve_config"]
 
 
-def resolve_config(mx, *, what: str = "mx") -> DotConfig | None:
+def resolve_config(mx: Config, *, what: str = "mx") -> DotConfig | None:
     """Resolves an MX setting: a DotConfig, a preset or format name, or None.
 
     Only ``None`` means high precision (as does a config whose every role is

@@ -117,7 +117,7 @@ _REGISTERED = frozenset(__all__[__all__.index("MXFP8_E4M3") :])
 CODECS = DESCRIPTIONS
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> MXFormat:
     if name in _REGISTERED:
         return get_format(name.lower())
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -193,7 +193,7 @@ def _rank1_scale(maxima) -> jax.Array:
 class Cast(StateCodec):
     """A narrower float, elementwise (see :func:`cast`)."""
 
-    dtype: str = "bfloat16"  # "bfloat16" or "float16"
+    dtype: jax.typing.DTypeLike = "bfloat16"  # "bfloat16" or "float16", kept as the name
     rounding: str = "nearest_even"  # "nearest_even" (alias "nearest") or "stochastic"
 
     def __post_init__(self):

@@ -93,7 +93,7 @@ def _check_container(fmt, witnesses: np.ndarray, path: str, dtype, who: str) -> 
         )
 
 
-def round_params(params: Any, fmt: str | jaxmx.ElementFormat = "bfloat16") -> Any:
+def round_params(params: Any, fmt: jaxmx.ElementFormat | jax.typing.DTypeLike = "bfloat16") -> Any:
     """Rounds every float leaf to ``fmt`` (nearest even), keeping each leaf's dtype.
 
     Use it once on the initial params before training with
@@ -121,7 +121,7 @@ def round_params(params: Any, fmt: str | jaxmx.ElementFormat = "bfloat16") -> An
 
 def low_precision_params(
     inner: optax.GradientTransformation,
-    fmt: str | jaxmx.ElementFormat = "bfloat16",
+    fmt: jaxmx.ElementFormat | jax.typing.DTypeLike = "bfloat16",
     *,
     rounding: str = "nearest_even",
     compensation: str | None = None,

@@ -63,7 +63,7 @@ def _gptq_rows(w, u, e, fmt, chunk):
     return q
 
 
-def _inverse_hessian_factor(hessian: np.ndarray, damp: float):
+def _inverse_hessian_factor(hessian: np.ndarray, damp: float) -> tuple[np.ndarray, np.ndarray]:
     """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1`` and the dead inputs."""
     h = np.array(hessian, dtype=np.float64)
     dead = np.diag(h) == 0  # inputs never seen in calibration: weight is irrelevant
@@ -230,7 +230,14 @@ class GPTQ:
         _check_scale_mode(self.scale_mode)
 
     def quantize_weight(
-        self, path: str, x: jax.Array, fmt: MXFormat, *, axis: int, block_size: int, packed: bool
+        self,
+        path: str,
+        x: jax.Array,
+        fmt: MXFormat,
+        *,
+        axis: int,
+        block_size: int | None,
+        packed: bool,
     ) -> MXTensor:
         """Quantizes the weight at ``path`` with its Hessian."""
         return quantize_gptq(

@@ -11,7 +11,7 @@ import numpy as np
 from jax import lax
 
 
-def gram(x, axis: int = -1) -> jax.Array:
+def gram(x: jax.Array, axis: int = -1) -> jax.Array:
     """``X^T X`` of the rows ``X`` of ``x`` along ``axis`` (float32 products at full precision)."""
     rows = jnp.moveaxis(x, axis, -1).reshape(-1, x.shape[axis]).astype(jnp.float32)
     return jnp.matmul(rows.T, rows, precision=lax.Precision.HIGHEST)

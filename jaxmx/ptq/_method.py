@@ -24,7 +24,14 @@ class PTQMethod(Protocol):
     """
 
     def quantize_weight(
-        self, path: str, x: jax.Array, fmt: MXFormat, *, axis: int, block_size: int, packed: bool
+        self,
+        path: str,
+        x: jax.Array,
+        fmt: MXFormat,
+        *,
+        axis: int,
+        block_size: int | None,
+        packed: bool,
     ) -> MXTensor:
         """Quantizes the weight ``x`` found at ``path``.
 

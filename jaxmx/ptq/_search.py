@@ -97,7 +97,9 @@ def quantize_search(
     return _search_tensor(x, spec, offsets, importance)
 
 
-def _search_tensor(x, spec: QuantSpec, offsets, importance) -> MXTensor:
+def _search_tensor(
+    x: jax.Array, spec: QuantSpec, offsets: tuple[int, ...], importance: jax.typing.ArrayLike | None
+) -> MXTensor:
     """The family's search, on validated arguments (importance: broadcastable or None)."""
     full = None if importance is None else jnp.broadcast_to(importance, x.shape)
     return get_family(spec.format).search(x, offsets, full, spec)
@@ -178,7 +180,14 @@ class ScaleSearch:
         _check_scale_mode(self.scale_mode)
 
     def quantize_weight(
-        self, path: str, x: jax.Array, fmt: MXFormat, *, axis: int, block_size: int, packed: bool
+        self,
+        path: str,
+        x: jax.Array,
+        fmt: MXFormat,
+        *,
+        axis: int,
+        block_size: int | None,
+        packed: bool,
     ) -> MXTensor:
         """Quantizes one weight (weighted by its Hessian diagonal if ``hessians``)."""
         importance = None

@@ -69,7 +69,9 @@ class GptOss(_files.Codec):
         return any(n.endswith(("_blocks", ".blocks")) and ts.dtype(n) == "U8" for n in ts.entries)
 
     @staticmethod
-    def decode(ts: _files.Tensors, stem: str, names: tuple, hint, notes: list) -> MXTensor:
+    def decode(
+        ts: _files.Tensors, stem: str, names: tuple, hint: dict | None, notes: list
+    ) -> MXTensor:
         blocks_name, scales_name = names
         bshape, sshape = ts.shape(blocks_name), ts.shape(scales_name)
         if ts.dtype(blocks_name) != "U8" or len(bshape) < 2 or bshape[-1] != BYTES:
