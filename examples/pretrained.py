@@ -50,17 +50,18 @@ if __package__ in (None, ""):  # run as a script: make the repo importable
 
 from examples.requires import PRETRAINED, require
 
-if __name__ == "__main__":  # every missing package named at once, before any import
-    require("flax", later=[*PRETRAINED["smollm2"], *PRETRAINED["minilm"]])
+# Whatever script imports this module (benchmarks/serve.py too) cannot run
+# without Flax: name everything missing at once, before any import fails.
+require("flax", later=PRETRAINED["smollm2"])
 
-from examples.data import (
+from examples.data import (  # noqa: E402
     _download_shakespeare,
     announce_download,
     cache_dir,
     read_shakespeare_text,
 )
-from models.llama import Llama, LlamaConfig, generate
-from models.minilm import MiniLM, MiniLMConfig
+from models.llama import Llama, LlamaConfig, generate  # noqa: E402
+from models.minilm import MiniLM, MiniLMConfig  # noqa: E402
 
 # --- Where things come from -------------------------------------------------
 
