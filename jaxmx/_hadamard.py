@@ -8,6 +8,7 @@ weight-gradient matmul (the NVFP4 recipe, arXiv 2509.25149).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +16,7 @@ import numpy as np
 __all__ = ["check_size", "hadamard", "random_signs", "rotate"]
 
 
-def check_size(n) -> int:
+def check_size(n: Any) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 or n & (n - 1):
         raise ValueError(f"Hadamard order must be a power of two (1, 2, 4, ..., 32), got {n!r}")
     return int(n)
@@ -36,7 +37,7 @@ def random_signs(size: int, seed: int) -> np.ndarray:
     return np.where(np.random.default_rng(seed).random(size) < 0.5, -1.0, 1.0).astype(np.float32)
 
 
-def rotate(x, axis: int, size: int, signs: np.ndarray | None = None):
+def rotate(x: Any, axis: int, size: int, signs: np.ndarray | None = None) -> Any:
     """``x`` along ``axis`` times ``diag(H diag(s), ..., H diag(s))`` (blocks of ``size``).
 
     A fast Walsh-Hadamard transform: ``log2(size)`` butterfly stages of sums

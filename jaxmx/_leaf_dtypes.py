@@ -8,6 +8,8 @@ MXTensor's fields, so it sits below the tensor module.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import numpy as np
 
@@ -20,7 +22,7 @@ _FLOAT32 = np.dtype(np.float32)
 _LEAF_TYPES = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
 
 
-def is_leaf_array(x) -> bool:
+def is_leaf_array(x: Any) -> bool:
     """Whether ``x`` is an array leaf (not a JAX placeholder, not a float0 cotangent)."""
     tp = type(x)
     if tp not in _ARRAY_TYPES:
@@ -64,7 +66,7 @@ def _leaf_rules(fmt: MXFormat) -> tuple:
     return rules
 
 
-def check_leaf_dtypes(t) -> None:
+def check_leaf_dtypes(t: Any) -> None:
     """dtypes of the leaves that are arrays, and which optional leaves exist."""
     fmt = t.format
     _, codes, scale, tensor_scale, micro = _leaf_rules(fmt)
@@ -85,7 +87,7 @@ def check_leaf_dtypes(t) -> None:
         _check_optional(t, "micro", micro, "microexponent bits", real)
 
 
-def _check_optional(t, name: str, dtype, what: str, real: bool) -> None:
+def _check_optional(t: Any, name: str, dtype: Any, what: str, real: bool) -> None:
     leaf = getattr(t, name)
     fmt = t.format
     if leaf is None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +30,9 @@ from jaxmx.codes import storage_to_raw
 from jaxmx.config import DotConfig
 from jaxmx.formats import MXFormat, get_family
 from jaxmx.platforms import PLATFORMS, Platform
+
+if TYPE_CHECKING:  # annotations only: jaxmx.tensor's import chain reaches this module
+    from jaxmx.tensor import MXTensor
 
 __all__ = ["has_native_mx", "unsupported_reason"]
 
@@ -66,7 +70,11 @@ def _newest_compute_capability(name: str) -> int:
 
 
 def unsupported_reason(
-    a_fmt: MXFormat | None, b_fmt: MXFormat | None, a_contract, a_shape, config: DotConfig
+    a_fmt: MXFormat | None,
+    b_fmt: MXFormat | None,
+    a_contract: tuple[int, ...],
+    a_shape: tuple[int, ...],
+    config: DotConfig,
 ) -> str | None:
     """Why a matmul cannot run as ``lax.scaled_dot``; ``None`` when it can.
 
@@ -103,7 +111,7 @@ def use_native(config: DotConfig, reason: str | None, platform: Platform) -> boo
     return reason is None and has_native_mx(platform)
 
 
-def scaled_dot(a, b, dims, out_dtype) -> jax.Array:
+def scaled_dot(a: MXTensor, b: MXTensor, dims: Any, out_dtype: Any) -> jax.Array:
     """``lax.scaled_dot`` of two MXTensors blocked along their contracting axes.
 
     ``lax.scaled_dot`` takes operands of equal rank, so both are brought to
@@ -124,7 +132,7 @@ def scaled_dot(a, b, dims, out_dtype) -> jax.Array:
     return out.reshape(batch + a_free + b_free).astype(out_dtype)
 
 
-def _canonical(t, contract: tuple[int, ...], batch: tuple[int, ...]):
+def _canonical(t: MXTensor, contract: tuple[int, ...], batch: tuple[int, ...]) -> Any:
     """Transposes/reshapes an MXTensor to (prod(batch), prod(free), prod(contract)).
 
     Several contracting axes merge into one; blocks run along the last of

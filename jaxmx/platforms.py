@@ -35,6 +35,7 @@ import contextvars
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 from jax import lax
@@ -90,7 +91,7 @@ _FORCED: contextvars.ContextVar[Platform | None] = contextvars.ContextVar(
 )
 
 
-def _record(name) -> Platform:
+def _record(name: Platform | str) -> Platform:
     if isinstance(name, Platform):
         return name
     try:
@@ -120,7 +121,7 @@ def forced() -> Platform | None:
     return _FORCED.get()
 
 
-def per_platform(fn: Callable, *args, platform: Platform | str | None = None):
+def per_platform(fn: Callable, *args: Any, platform: Platform | str | None = None) -> Any:
     """``fn(record, *args)`` for the platform the program is lowered for.
 
     ``fn`` is traced once per distinct set of choices (platforms whose records

@@ -13,6 +13,8 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +53,7 @@ class VectorPlan:
     keyed: bool
     rebuilders: dict  # primitive name -> rebuild function replacing run.py's
 
-    def round(self, a, outs) -> list:
+    def round(self, a: Any, outs: Any) -> list:
         """The outputs of the equation at ``a``, rounded where the plan says."""
         n, todo = self.sites[a]
         key = None
@@ -109,7 +111,7 @@ def _context_key():
 
 
 @functools.cache
-def _rounder(elem: ElementFormat, rounding: str):
+def _rounder(elem: ElementFormat, rounding: str) -> Callable[..., Any]:
     """``round_to`` to ``elem`` with the identity as its derivative (straight-through)."""
 
     @jax.custom_jvp

@@ -11,6 +11,7 @@ restored array's bytes, where the array is held by this process.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -49,7 +50,7 @@ def _nest(flat: dict) -> dict:
     return out
 
 
-def _flatten(nested, prefix: str = "") -> dict:
+def _flatten(nested: Any, prefix: str = "") -> dict:
     if not isinstance(nested, dict):
         return {prefix: nested}
     out = {}
@@ -81,7 +82,7 @@ def save(path: str, manifest: dict, leaves: dict, overwrite: bool) -> None:
         )
 
 
-def read_manifest(path: str):
+def read_manifest(path: str) -> Any:
     """The manifest as stored (unchecked)."""
     if not is_checkpoint(path):
         raise ValueError(
@@ -131,7 +132,7 @@ def restore(path: str, tree: dict, specs: dict) -> dict:
     return arrays
 
 
-def _check_stored(path: str, listed: dict, ocp) -> None:
+def _check_stored(path: str, listed: dict, ocp: Any) -> None:
     """orbax's record of each array against the manifest, before restoring."""
     try:
         with ocp.Checkpointer(_handler(ocp)) as ckpt:

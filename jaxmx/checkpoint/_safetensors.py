@@ -14,6 +14,8 @@ import json
 import math
 import os
 import struct
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -24,7 +26,7 @@ from jaxmx.checkpoint import _tree
 _ENTRY = {"dtype", "shape", "data_offsets"}
 
 
-def writer(who: str):
+def writer(who: str) -> Callable[..., Any]:
     """safetensors' ``save_file``; an ImportError saying that ``who`` need(s) it, without it."""
     try:
         from safetensors.numpy import save_file
@@ -35,7 +37,7 @@ def writer(who: str):
     return save_file
 
 
-def host(a, sharded: str) -> np.ndarray:
+def host(a: Any, sharded: str) -> np.ndarray:
     """``a`` as a C-ordered NumPy array to write; the ValueError ``sharded`` for an array
     spread over several processes."""
     if isinstance(a, jax.Array) and not a.is_fully_addressable:
@@ -203,7 +205,7 @@ def _layout(path: str, header: dict, data_bytes: int) -> dict:
     return header
 
 
-def tensor_bytes(f, path: str, name: str, info: dict, data_start: int) -> bytes:
+def tensor_bytes(f: Any, path: str, name: str, info: dict, data_start: int) -> bytes:
     """The bytes of the tensor ``name``, of checked header entry ``info``, in the open file
     ``f`` (``path``) whose data starts at ``data_start``."""
     start, end = info["data_offsets"]

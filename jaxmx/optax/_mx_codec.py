@@ -109,7 +109,7 @@ def _full_blocks(codec: MX) -> bool:
     return False
 
 
-def _mx_shape(codec: MX, shape) -> tuple[int, ...]:
+def _mx_shape(codec: MX, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape handed to jaxmx.quantize: scalars as one element; for formats
     without partial blocks, the last axis zero-padded to whole blocks."""
     shape = tuple(shape) or (1,)
@@ -127,7 +127,7 @@ def _mx_input(codec: MX, x: jax.Array) -> jax.Array:
 
 
 @functools.cache
-def _mx_like(codec: MX, shape) -> jaxmx.MXTensor:
+def _mx_like(codec: MX, shape: tuple[int, ...]) -> jaxmx.MXTensor:
     # The static metadata (and leaf dtypes) of the MXTensor this codec writes.
     return jax.eval_shape(lambda: codec._quantize(jnp.zeros(shape, jnp.float32), None))
 

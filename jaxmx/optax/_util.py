@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ ROUNDINGS = ("nearest_even", "stochastic")
 ROUNDING_ALIASES = {"nearest": "nearest_even"}
 
 
-def rounding(name, what: str = "rounding") -> str:
+def rounding(name: Any, what: str = "rounding") -> str:
     """The canonical rounding name: ``"nearest_even"`` (alias ``"nearest"``) or ``"stochastic"``."""
     canonical = ROUNDING_ALIASES.get(name, name) if isinstance(name, str) else name
     if canonical not in ROUNDINGS:
@@ -24,7 +25,7 @@ def rounding(name, what: str = "rounding") -> str:
     return canonical
 
 
-def key_data(key, what: str = "key") -> jax.Array:
+def key_data(key: Any, what: str = "key") -> jax.Array:
     """uint32[2] data of a PRNG key (typed ``jax.random.key`` or raw ``PRNGKey``).
 
     States hold the raw words rather than a typed key: every checkpoint
@@ -56,7 +57,7 @@ def next_key(raw: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jax.random.key_data(keep), use
 
 
-def tree_nbytes(tree) -> int:
+def tree_nbytes(tree: Any) -> int:
     """Bytes held by every array leaf of a pytree (works on abstract trees too)."""
     total = 0
     for leaf in jax.tree.leaves(tree):
@@ -65,6 +66,6 @@ def tree_nbytes(tree) -> int:
     return total
 
 
-def tree_size(tree) -> int:
+def tree_size(tree: Any) -> int:
     """Number of elements over every array leaf of a pytree."""
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree) if hasattr(leaf, "shape"))

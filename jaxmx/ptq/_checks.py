@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from jaxmx import numerics
@@ -16,7 +18,7 @@ _SCALE_MODES = numerics.SCALE_MODES
 # --------------------------------------------------------------------------
 
 
-def _check_format(format) -> MXFormat:
+def _check_format(format: Any) -> MXFormat:
     """A format whose family implements the methods (a scale search and a fixed grid)."""
     fmt = get_format(format)
     if not get_family(fmt).searchable:
@@ -33,7 +35,9 @@ def _check_format(format) -> MXFormat:
     return fmt
 
 
-def _spec(fmt: MXFormat, ndim: int, axis, block_size, scale_mode, packed=False) -> QuantSpec:
+def _spec(
+    fmt: MXFormat, ndim: int, axis: Any, block_size: Any, scale_mode: Any, packed: bool = False
+) -> QuantSpec:
     """The blocking of a method's result; 2-D tiles cover the last two axes whatever ``axis``."""
     tiles = isinstance(block_size, tuple)
     return QuantSpec.make(
@@ -46,13 +50,13 @@ def _spec(fmt: MXFormat, ndim: int, axis, block_size, scale_mode, packed=False) 
     )
 
 
-def _check_scale_mode(scale_mode) -> str:
+def _check_scale_mode(scale_mode: Any) -> str:
     if not isinstance(scale_mode, str) or scale_mode not in _SCALE_MODES:
         raise ValueError(f"unknown scale_mode {scale_mode!r}; allowed: {', '.join(_SCALE_MODES)}")
     return scale_mode
 
 
-def _check_offsets(offsets) -> tuple[int, ...]:
+def _check_offsets(offsets: Any) -> tuple[int, ...]:
     try:
         got = tuple(offsets)
     except TypeError:

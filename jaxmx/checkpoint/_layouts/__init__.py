@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -42,7 +42,7 @@ LAYOUTS = (JAXMX, *CODECS)
 _MARKERS = {c.NAME: " / ".join("*" + s for s in c.SUFFIXES) for c in CODECS.values()}
 
 
-def check(layout, *, for_load: bool) -> None:
+def check(layout: Any, *, for_load: bool) -> None:
     if layout is None and for_load:
         return
     if not isinstance(layout, str) or layout not in LAYOUTS:
@@ -132,7 +132,7 @@ def _by_hint_or_names(path: str, ts: _files.Tensors) -> str | None:
 # --------------------------------------------------------------------------
 
 
-def load(path: str, layout: str, ts: _files.Tensors | None = None):
+def load(path: str, layout: str, ts: _files.Tensors | None = None) -> Any:
     """The tree of the layout checkpoint at ``path``: MXTensors and plain jax Arrays.
 
     ``ts``: its tensors, where :func:`detect` has read them.
@@ -162,7 +162,7 @@ def load(path: str, layout: str, ts: _files.Tensors | None = None):
     return _files.nest(flat, path)
 
 
-def save(path: str, tree, layout: str, overwrite: bool) -> dict:
+def save(path: str, tree: Any, layout: str, overwrite: bool) -> dict:
     """Writes ``tree`` in ``layout``; returns the counts SaveInfo reports."""
     if os.path.lexists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
