@@ -55,7 +55,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from examples.requires import PRETRAINED, require
+from examples.requires import PRETRAINED, missing, require
 
 if __name__ == "__main__":  # every missing package named at once, before any import
     require("flax", later=[*PRETRAINED["smollm2"], *PRETRAINED["minilm"], "tqdm", "matplotlib"])
@@ -875,7 +875,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     needs = ["matplotlib"]
     if not args.report_only:
         needs += ["tqdm", *(n for m in split(args.models) for n in PRETRAINED[m])]
-    require(*needs)
+    # Only MiniLM's weights missing: SmolLM2 alone can still run.
+    minilm_only = set(missing(needs)) <= set(PRETRAINED["minilm"]) - set(PRETRAINED["smollm2"])
+    require(*needs, alternative="--models smollm2" if minilm_only else None)
     if args.quick:
         args.windows, args.length, args.pairs = 2, 128, 64
         args.formats = args.formats or "mxfp8_e4m3,mxfp4_e2m1"
