@@ -804,7 +804,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
     fig.supxlabel(
         "*FP32 = dequantized 4-bit GGUF weights. dense: Flax Dense layers (attention einsums "
         "and tied head FP32); all: every matmul.",
-        fontsize=7, x=0.01, ha="left",
+        fontsize=7, x=0.01, ha="left", wrap=True,
     )  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig).print_png(str(path))
