@@ -81,6 +81,50 @@ def mx_recipe(
     return recipe
 
 
+def vector_ops_recipe(
+    matmuls: str | None, fmt: str = "bfloat16", rounding: str = "nearest_even", **overrides: Any
+) -> Callable[[Any], ApplyFn]:
+    """A recipe that emulates low-precision vector units around the matmuls.
+
+    Every elementwise op and reduction of the model's forward pass (norms,
+    softmax, activations, residual adds) has its float outputs rounded to
+    ``fmt`` with ``rounding`` (``jaxmx.intercept(..., vector_ops=...)``);
+    the matmuls run in FP32 (``matmuls=None``) or in ``jaxmx.preset(matmuls)``
+    through the same ``intercept``, as the MX paper's emulator sets it up.
+
+    Stochastic rounding draws from the training step's key (a new key every
+    step); evaluation rounds with one fixed key, so it is reproducible.
+    """
+    rules = None if matmuls is None else [(".*", jaxmx.preset(matmuls, **overrides))]
+
+    def recipe(model: Any, fsdp: str | None = None) -> ApplyFn:
+        if fsdp is not None:
+            raise ValueError("vector-op recipes do not take fsdp=; run them data parallel")
+        base = apply_fn_for(model)
+
+        def apply_fn(params, x, *, train: bool = False, rng=None):
+            key = None
+            if rounding == "stochastic":
+                key = jax.random.fold_in(jax.random.key(0) if rng is None else rng, 0x7EC)
+            ops = jaxmx.VectorOps(fmt, rounding, key=key)
+            run = jaxmx.intercept(
+                lambda p, x: base(p, x, train=train, rng=rng), rules, vector_ops=ops, warn=False
+            )
+            return run(params, x)
+
+        apply_fn.mx_recipe = {
+            "matmuls": matmuls,
+            "vector_ops": {"format": fmt, "rounding": rounding},
+            **({"overrides": overrides} if overrides else {}),
+        }
+        return apply_fn
+
+    name = f"{matmuls or 'fp32'}_{fmt}_ops" + ("_sr" if rounding == "stochastic" else "")
+    recipe.__name__ = name
+    recipe.__doc__ = f"{matmuls or 'FP32'} matmuls, vector ops in {fmt} ({rounding})"
+    return recipe
+
+
 # fp32 and the training recipes of the MX paper and its successors; every
 # matmul in the chosen formats (attention's q.k and p.v and the output head
 # included; the embedding is a lookup, not a matmul).
@@ -94,6 +138,17 @@ RECIPES: dict[str, Callable[[Any], ApplyFn]] = {
     **{
         f"{name}_rceil": mx_recipe(name, scale_mode="rceil")
         for name in ("mxfp6", "mxfp4_weights", "mxfp4")
+    },
+    # Whole-model emulation: every vector op in bfloat16 (nearest-even or
+    # stochastic), with FP32 or MX matmuls.
+    **{
+        r.__name__: r
+        for r in (
+            vector_ops_recipe(None),
+            vector_ops_recipe(None, rounding="stochastic"),
+            vector_ops_recipe("mxfp8"),
+            vector_ops_recipe("mxfp6"),
+        )
     },
 }
 
