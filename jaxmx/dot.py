@@ -37,6 +37,7 @@ from jaxmx import _hadamard, fsdp, native
 from jaxmx._operand import (
     check_key,
     check_operands,
+    check_sparsity,
     dot_compute_dtype,
     fake_operand,
     lax_dot,
@@ -49,6 +50,7 @@ from jaxmx.formats import MXFormat
 from jaxmx.packing import unpack
 from jaxmx.platforms import PLATFORMS, forced, per_platform
 from jaxmx.quantize import dequantize, quantize_spec
+from jaxmx.sparsity import apply_mask, score_mask
 from jaxmx.tensor import MXTensor
 
 __all__ = ["dot_general"]
@@ -239,12 +241,13 @@ def _mx_dot_fwd(lhs, rhs, key, static: _Static):
     operands as :class:`~jaxmx.MXTensor` (8 or fewer bits per element).
     """
     d, cfg = static.dims, static.config
+    lhs, rhs, masks = _sparsify(lhs, rhs, static)
     a = _Side(lhs, cfg.lhs, d.lc, cfg.rounding, "lhs")
     b = _Side(rhs, cfg.rhs, d.rc, cfg.rounding, "rhs")
     dims = ((d.lc, d.rc), (d.lb, d.rb))
     if cfg.residuals != "quantized":
         out = _qmatmul(a, b, dims, static, key, static.out_dtype, static.out_sharding)
-        return out, (lhs, rhs, key)
+        return out, (lhs, rhs, key, masks)
     # The stash is the forward MX copy itself (same rounding, same random
     # bits), quantized once and used by the forward matmul too. With
     # config.fsdp it is the gathered copy, which the backward pass reuses.
@@ -261,7 +264,40 @@ def _mx_dot_fwd(lhs, rhs, key, static: _Static):
             qa, qb, dims, static.precision, static.out_dtype, cdt, platform, static.out_sharding
         )
 
-    return per_platform(run), (ta, tb, key)
+    return per_platform(run), (ta, tb, key, masks)
+
+
+def _sparsify(lhs, rhs, static: _Static):
+    """Both operands with their N:M sparsity applied (``config.lhs_sparsity``,
+    ``rhs_sparsity``), and the masks the backward pass applies to their
+    gradients (None where an operand is dense or its gradient is not masked).
+
+    Each mask is chosen from the operands as given (a score that reads the
+    other operand reads it dense, before its own sparsity).
+    """
+    d, cfg = static.dims, static.config
+    if cfg.lhs_sparsity is None and cfg.rhs_sparsity is None:
+        return lhs, rhs, (None, None)
+
+    def dense(x):
+        return dequantize(x, jnp.float32) if isinstance(x, MXTensor) else x
+
+    out, masks = [lhs, rhs], [None, None]
+    # Groups run along the last contracting axis; a score's factor is per
+    # index of the axes the operands share (contracting and batch).
+    sides = (
+        (cfg.lhs_sparsity, lhs, rhs, d.lc, d.lc + d.lb, d.rc + d.rb),
+        (cfg.rhs_sparsity, rhs, lhs, d.rc, d.rc + d.rb, d.lc + d.lb),
+    )
+    for i, (sp, x, other, contracting, own, others) in enumerate(sides):
+        if sp is None:
+            continue
+        other = dense(other) if sp.needs_other else None
+        pairs = tuple(zip(own, others, strict=True))
+        mask = score_mask(x, sp, contracting[-1], other, pairs)
+        out[i] = apply_mask(x, mask)
+        masks[i] = mask if sp.backward == "masked" else None
+    return out[0], out[1], tuple(masks)
 
 
 def _stash(side: _Side, cfg: DotConfig, key):
@@ -293,7 +329,7 @@ def _mx_dot_bwd(static: _Static, res, g):
 
     ``g`` uses ``config.grad`` with ``config.grad_rounding`` in both.
     """
-    lhs, rhs, key = res
+    lhs, rhs, key, (lhs_mask, rhs_mask) = res
     if static.config.residuals == "quantized" and static.config.fsdp is not None:
         # The stashed weight was gathered whole in the forward pass.
         static = static._replace(config=static.config.replace(fsdp=None))
@@ -303,6 +339,11 @@ def _mx_dot_bwd(static: _Static, res, g):
     lhs, rhs = _unstash(lhs), _unstash(rhs)
     d_lhs = None if lhs_const else _dgrad(static, key, g, rhs, lhs.dtype)
     d_rhs = None if rhs_const else _wgrad(static, key, g, lhs, rhs.dtype)
+    # Masked N:M sparsity: d(mask * x)/dx = mask, the mask fixed for the step.
+    if lhs_mask is not None and d_lhs is not None:
+        d_lhs = apply_mask(d_lhs, lhs_mask)
+    if rhs_mask is not None and d_rhs is not None:
+        d_rhs = apply_mask(d_rhs, rhs_mask)
     return d_lhs, d_rhs, None
 
 
@@ -438,6 +479,7 @@ def dot_general(
     )
     dims = _dims(dimension_numbers, lhs.ndim, rhs.ndim)
     config = _take_prequantized(config, lhs, rhs, dims, "dot_general")
+    check_sparsity(config, lhs, rhs, dims.lc, dims.rc, "dot_general")
     if config.is_noop:
         return lax_dot(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding)
     out_dtype = jnp.dtype(preferred_element_type or jnp.promote_types(lhs.dtype, rhs.dtype))
