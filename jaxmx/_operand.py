@@ -27,7 +27,6 @@ from jaxmx.tensor import MXTensor
 __all__ = [
     "check_key",
     "check_operands",
-    "check_sparsity",
     "compute_dtype",
     "dot_compute_dtype",
     "fake_operand",
@@ -417,50 +416,3 @@ def check_key(key, config: DotConfig) -> None:
             f"(rounding={config.rounding!r}, grad_rounding={config.grad_rounding!r}); "
             "drop the key or set rounding/grad_rounding='stochastic'"
         )
-
-
-def check_sparsity(config: DotConfig, lhs, rhs, lc, rc, op: str) -> None:
-    """Checks ``config.lhs_sparsity`` / ``rhs_sparsity`` against the operands.
-
-    N:M groups run along the last contracting axis, whose length ``m`` must
-    divide, and each group must lie inside one block of the operand's
-    format: the block along that axis (OCP MX 32, NVFP4 16, MX9/6/4 16, a
-    2-D tile's extent) must be a multiple of ``m``; per-tensor formats and
-    high precision have no blocks to cross. An operand given as an
-    :class:`~jaxmx.MXTensor` is already quantized and cannot be sparsified.
-    """
-    for side, x, contracting in (("lhs", lhs, lc), ("rhs", rhs, rc)):
-        sp = getattr(config, f"{side}_sparsity")
-        if sp is None:
-            continue
-        what = f"jaxmx.{op}: {side}_sparsity={sp.n}:{sp.m}"
-        if isinstance(x, MXTensor):
-            raise ValueError(
-                f"{what}, but {side} is an MXTensor (already quantized); sparsify the "
-                "array before quantizing it (jaxmx.sparsify), or set "
-                f"{side}_sparsity=None"
-            )
-        if not contracting:
-            raise ValueError(
-                f"{what}, but this matmul contracts no axis of {side} (an outer product): "
-                f"there are no groups to sparsify; set {side}_sparsity=None"
-            )
-        axis = contracting[-1]
-        length = x.shape[axis]
-        if length % sp.m:
-            raise ValueError(
-                f"{what} groups {sp.m} elements along {side}'s contraction axis {axis}, whose "
-                f"length {length} is not a multiple of {sp.m}; use an m that divides {length}"
-            )
-        fmt = config.role(side)
-        if fmt is None:
-            continue
-        block = operand_spec(x.ndim, fmt, axis, config, config.rounding, role=side).block_size
-        if isinstance(block, tuple):  # 2-D tiles over the last two axes
-            block = block[0] if axis == x.ndim - 2 else block[1]
-        if block is not None and block % sp.m:
-            raise ValueError(
-                f"{what}: {fmt.name} blocks {side} by {block} along the contraction axis, not a "
-                f"multiple of m={sp.m}, so a group would straddle two blocks; use an m that "
-                f"divides {block} (e.g. 2:4, 4:8, 8:16) or a format whose blocks it divides"
-            )

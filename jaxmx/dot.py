@@ -37,7 +37,6 @@ from jaxmx import _hadamard, fsdp, native
 from jaxmx._operand import (
     check_key,
     check_operands,
-    check_sparsity,
     dot_compute_dtype,
     fake_operand,
     lax_dot,
@@ -45,12 +44,13 @@ from jaxmx._operand import (
     product,
     random_bits,
 )
+from jaxmx._sparse_operand import check_sparsity, sparsify_operands
 from jaxmx.config import DotConfig, as_dot_config
 from jaxmx.formats import MXFormat
 from jaxmx.packing import unpack
 from jaxmx.platforms import PLATFORMS, forced, per_platform
 from jaxmx.quantize import dequantize, quantize_spec
-from jaxmx.sparsity import apply_mask, score_mask
+from jaxmx.sparsity import apply_mask
 from jaxmx.tensor import MXTensor
 
 __all__ = ["dot_general"]
@@ -241,7 +241,7 @@ def _mx_dot_fwd(lhs, rhs, key, static: _Static):
     operands as :class:`~jaxmx.MXTensor` (8 or fewer bits per element).
     """
     d, cfg = static.dims, static.config
-    lhs, rhs, masks = _sparsify(lhs, rhs, static)
+    lhs, rhs, masks = sparsify_operands(lhs, rhs, static.config, static.dims)
     a = _Side(lhs, cfg.lhs, d.lc, cfg.rounding, "lhs")
     b = _Side(rhs, cfg.rhs, d.rc, cfg.rounding, "rhs")
     dims = ((d.lc, d.rc), (d.lb, d.rb))
@@ -265,39 +265,6 @@ def _mx_dot_fwd(lhs, rhs, key, static: _Static):
         )
 
     return per_platform(run), (ta, tb, key, masks)
-
-
-def _sparsify(lhs, rhs, static: _Static):
-    """Both operands with their N:M sparsity applied (``config.lhs_sparsity``,
-    ``rhs_sparsity``), and the masks the backward pass applies to their
-    gradients (None where an operand is dense or its gradient is not masked).
-
-    Each mask is chosen from the operands as given (a score that reads the
-    other operand reads it dense, before its own sparsity).
-    """
-    d, cfg = static.dims, static.config
-    if cfg.lhs_sparsity is None and cfg.rhs_sparsity is None:
-        return lhs, rhs, (None, None)
-
-    def dense(x):
-        return dequantize(x, jnp.float32) if isinstance(x, MXTensor) else x
-
-    out, masks = [lhs, rhs], [None, None]
-    # Groups run along the last contracting axis; a score's factor is per
-    # index of the axes the operands share (contracting and batch).
-    sides = (
-        (cfg.lhs_sparsity, lhs, rhs, d.lc, d.lc + d.lb, d.rc + d.rb),
-        (cfg.rhs_sparsity, rhs, lhs, d.rc, d.rc + d.rb, d.lc + d.lb),
-    )
-    for i, (sp, x, other, contracting, own, others) in enumerate(sides):
-        if sp is None:
-            continue
-        other = dense(other) if sp.needs_other else None
-        pairs = tuple(zip(own, others, strict=True))
-        mask = score_mask(x, sp, contracting[-1], other, pairs)
-        out[i] = apply_mask(x, mask)
-        masks[i] = mask if sp.backward == "masked" else None
-    return out[0], out[1], tuple(masks)
 
 
 def _stash(side: _Side, cfg: DotConfig, key):
