@@ -85,15 +85,15 @@ def sparsify_operands(lhs, rhs, config: DotConfig, d):
     # Groups run along the last contracting axis; a score's factor is per
     # index of the axes the operands share (contracting and batch).
     sides = (
-        (cfg.lhs_sparsity, lhs, rhs, d.lc, d.lc + d.lb, d.rc + d.rb),
-        (cfg.rhs_sparsity, rhs, lhs, d.rc, d.rc + d.rb, d.lc + d.lb),
+        (cfg.lhs_sparsity, lhs, rhs, d.lc, d.lc + d.lb, d.rc + d.rb, d.rb),
+        (cfg.rhs_sparsity, rhs, lhs, d.rc, d.rc + d.rb, d.lc + d.lb, d.lb),
     )
-    for i, (sp, x, other, contracting, own, others) in enumerate(sides):
+    for i, (sp, x, other, contracting, own, others, batch) in enumerate(sides):
         if sp is None:
             continue
         other = dense(other) if sp.needs_other else None
         pairs = tuple(zip(own, others, strict=True))
-        mask = score_mask(x, sp, contracting[-1], other, pairs)
+        mask = score_mask(x, sp, contracting[-1], other, pairs, batch)
         out[i] = apply_mask(x, mask)
         masks[i] = mask if sp.backward == "masked" else None
     return out[0], out[1], tuple(masks)

@@ -35,6 +35,7 @@ first ``n`` are kept). Scores are computed in float32.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
@@ -150,8 +151,15 @@ def wanda_factor(other, keep: Sequence[int]) -> jax.Array:
     return jnp.sqrt(jnp.sum(o * o, axis=_reduce_axes(o.ndim, keep)))
 
 
-def amber_factor(other, keep: Sequence[int], trim: float = 0.005) -> jax.Array:
+def amber_factor(
+    other, keep: Sequence[int], trim: float = 0.005, batch: Sequence[int] = ()
+) -> jax.Array:
     """Amber Pruner's robust-norm factor ``f(W_hat_j)`` for each feature ``j``.
+
+    ``keep``: the axes of ``other`` the factor is indexed by (contracting
+    and batch); ``batch``: those of them that are batch axes of the matmul.
+    Each batch element is a matmul of its own, so steps 1 to 3 run once per
+    batch index (as under ``jax.vmap``).
 
     1. Outliers: the values of the whole weight outside its ``trim`` and
        ``1 - trim`` quantiles (linear interpolation) are left out of the
@@ -170,15 +178,25 @@ def amber_factor(other, keep: Sequence[int], trim: float = 0.005) -> jax.Array:
     reimplementation accompanying arXiv:2509.22166 does.
     """
     w = jnp.asarray(other, jnp.float32)
-    lo, hi = jnp.quantile(w.ravel(), jnp.array([trim, 1.0 - trim], jnp.float32))
-    inside = (w >= lo) & (w <= hi)
-    inside = jnp.where(jnp.any(inside), inside, True)
-    count = jnp.sum(inside).astype(jnp.float32)
-    mean = jnp.sum(jnp.where(inside, w, 0.0)) / count
-    var = jnp.sum(jnp.where(inside, (w - mean) ** 2, 0.0)) / count
+    batch = tuple(batch)
+    perm = (*batch, *_reduce_axes(w.ndim, batch))
+    wt = jnp.transpose(w, perm)
+    wb = wt.reshape(math.prod(w.shape[d] for d in batch), -1)  # (batch, rest)
+    q = jnp.array([trim, 1.0 - trim], jnp.float32)
+    lo, hi = jnp.quantile(wb, q, axis=1, keepdims=True)
+    inside = (wb >= lo) & (wb <= hi)
+    inside = jnp.where(jnp.any(inside, axis=1, keepdims=True), inside, True)
+    count = jnp.sum(inside, axis=1, keepdims=True).astype(jnp.float32)
+    mean = jnp.sum(jnp.where(inside, wb, 0.0), axis=1, keepdims=True) / count
+    var = jnp.sum(jnp.where(inside, (wb - mean) ** 2, 0.0), axis=1, keepdims=True) / count
     std = jnp.maximum(jnp.sqrt(var), 1e-8)
-    norms = wanda_factor((w - mean) / std, keep)
-    return norms / jnp.maximum(jnp.min(norms), 1e-8)
+    standardized = jnp.transpose(((wb - mean) / std).reshape(wt.shape), np.argsort(perm))
+    norms = wanda_factor(standardized, keep)
+    # norms' axes are keep's in ascending order; the minimum is per batch index.
+    ranked = sorted(keep)
+    per_batch = tuple(i for i, d in enumerate(ranked) if d not in batch)
+    low = jnp.min(norms, axis=per_batch, keepdims=True)
+    return norms / jnp.maximum(low, 1e-8)
 
 
 # --------------------------------------------------------------------------
@@ -217,20 +235,21 @@ def score_mask(
     axis: int,
     other=None,
     pairs: Sequence[tuple[int, int]] = (),
+    batch: Sequence[int] = (),
 ) -> jax.Array:
     """The N:M mask of ``x`` along ``axis`` (checked, non-negative).
 
     ``other`` is the matmul's other operand and ``pairs`` the ``(x axis,
     other axis)`` pairs the two share (contracting and batch axes): the
     amber and wanda factors are per shared index, broadcast over ``x``'s
-    other axes.
+    other axes. ``batch``: the batch axes of ``other`` among them.
     """
     x32 = jnp.asarray(x, jnp.float32)
     score = jnp.abs(x32)
     if sparsity.needs_other:
         keep = tuple(p[1] for p in pairs)
         if sparsity.score == "amber":
-            factor = amber_factor(other, keep, sparsity.amber_trim)
+            factor = amber_factor(other, keep, sparsity.amber_trim, batch)
         else:
             factor = wanda_factor(other, keep)
         # factor's axes follow other's axes ascending; place them on x's axes.
