@@ -35,6 +35,7 @@ first ``n`` are kept). Scores are computed in float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -323,6 +324,11 @@ def sparsify(x, sparsity: NMSparsity, axis: int = -1, *, other=None, other_axis=
                 f"{axis} has length {x.shape[axis]}; they must be the contracted pair"
             )
         pairs = ((axis, other_axis),)
+    return _sparsify(x, other, sparsity, axis, pairs)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _sparsify(x, other, sparsity: NMSparsity, axis: int, pairs):
     return apply_mask(x, score_mask(x, sparsity, axis, other, pairs))
 
 

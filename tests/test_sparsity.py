@@ -108,8 +108,7 @@ VALUES = st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 0.5, 3.0, np.inf, -np
 @given(nm=NM, data=st.data())
 def test_exactly_n_kept_per_group_as_the_numpy_model(nm, data):
     n, m = nm
-    groups = data.draw(st.integers(1, 6))
-    rows = data.draw(st.integers(1, 3))
+    rows, groups = 3, 96 // m  # one shape for every pattern: one compile each
     x = data.draw(hnp.arrays(np.float32, (rows, groups * m), elements=VALUES))
     out = np.asarray(jaxmx.sparsify(jnp.asarray(x), jaxmx.NMSparsity(n, m), axis=1))
     keep = np_mask(np.abs(x), n, m, axis=1)
@@ -369,14 +368,14 @@ def test_quantized_backward_uses_the_sparsified_operands():
     assert not np.allclose(jnp.where(xs != 0, pull_dense(ct)[0], 0), dx, atol=1e-3)
 
 
-@pytest.mark.parametrize("residuals", ["high_precision", "quantized"])
-def test_jit_vmap_and_residuals(residuals):
+def test_jit_vmap_with_quantized_residuals():
+    # (The other tests run with high-precision residuals.)
     x, w = normal(11, (3, 8, 32)), normal(12, (32, 16))
     cfg = jaxmx.DotConfig(
         lhs="mxfp8_e4m3",
         rhs="mxfp4_e2m1",
         grad="mxfp8_e5m2",
-        residuals=residuals,
+        residuals="quantized",
         lhs_sparsity=jaxmx.NMSparsity(2, 4, score="amber"),
         rhs_sparsity=jaxmx.NMSparsity(4, 8, score="wanda"),
     )
@@ -384,10 +383,10 @@ def test_jit_vmap_and_residuals(residuals):
     def f(x, w):
         return jaxmx.dot_general(x, w, NN, config=cfg)
 
-    eager = jnp.stack([f(xi, w) for xi in x])
+    eager = jnp.stack([jax.jit(f)(xi, w) for xi in x])
     np.testing.assert_array_equal(jax.jit(jax.vmap(f, in_axes=(0, None)))(x, w), eager)
     loss = lambda x, w: jnp.sum(f(x, w) ** 2)  # noqa: E731
-    g_eager = [jax.grad(loss, argnums=(0, 1))(xi, w) for xi in x]
+    g_eager = [jax.jit(jax.grad(loss, argnums=(0, 1)))(xi, w) for xi in x]
     gx, gw = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1)), in_axes=(0, None)))(x, w)
     np.testing.assert_allclose(gx, jnp.stack([g[0] for g in g_eager]), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(gw, jnp.stack([g[1] for g in g_eager]), rtol=1e-6, atol=1e-6)
