@@ -210,24 +210,30 @@ def nm_mask(scores, n: int, m: int, axis: int) -> jax.Array:
     elements along ``axis``; ties keep the lower index, NaN ranks highest.
 
     An element's rank is the number of elements of its group that beat it:
-    a larger score, or the same score (NaN counting as equal to NaN) at a
+    a larger score, or the same score (all NaNs counting as equal) at a
     lower index. Ranks are then a permutation of ``0..m-1``, so exactly
-    ``n`` are below ``n``.
+    ``n`` are below ``n``. Scores must be non-negative or NaN.
     """
-    s = jnp.moveaxis(jnp.asarray(scores), axis, -1)
+    s = jnp.moveaxis(jnp.asarray(scores, jnp.float32), axis, -1)
     k = s.shape[-1]
     if k % m:
         raise ValueError(f"N:M sparsity with m={m} needs a length that m divides, got {k}")
-    g = s.reshape(*s.shape[:-1], k // m, m)
-    nan = jnp.isnan(g)
-    si, sj = g[..., :, None], g[..., None, :]
-    ni, nj = nan[..., :, None], nan[..., None, :]
-    lower = np.arange(m)[None, :] < np.arange(m)[:, None]  # [i, j]: j < i
-    equal = (si == sj) | (ni & nj)
-    beats = (nj & ~ni) | (sj > si) | (equal & lower)
-    rank = jnp.sum(beats, axis=-1, dtype=jnp.int32)
-    keep = (rank < n).reshape(s.shape)
-    return jnp.moveaxis(keep, -1, axis)
+    # Non-negative floats order as their bit patterns do; every NaN becomes
+    # one pattern above +inf (0x7f800000), so NaNs tie with each other only.
+    bits = jax.lax.bitcast_convert_type(s, jnp.int32) & 0x7FFFFFFF
+    key = jnp.where(jnp.isnan(s), jnp.int32(0x7FC00000), bits)
+    g = key.reshape(*s.shape[:-1], k // m, m)
+    cols = [g[..., i] for i in range(m)]
+    # m - 1 comparisons per element, unrolled (elementwise, so XLA fuses them
+    # into one pass): j beats i with a larger key, or an equal one before i.
+    keep = []
+    for i in range(m):
+        beaten = [
+            (cols[j] >= cols[i]) if j < i else (cols[j] > cols[i]) for j in range(m) if j != i
+        ]
+        rank = functools.reduce(jnp.add, [b.astype(jnp.int32) for b in beaten])
+        keep.append(rank < n)
+    return jnp.moveaxis(jnp.stack(keep, axis=-1).reshape(s.shape), -1, axis)
 
 
 def score_mask(
