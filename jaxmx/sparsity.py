@@ -284,7 +284,8 @@ def sparsify(x, sparsity: NMSparsity, axis: int = -1, *, other=None, other_axis=
       sparsity: an :class:`NMSparsity`.
       axis: the axis the groups run along (a matmul's contraction axis).
       other: the other operand of the matmul, needed by the ``"amber"`` and
-        ``"wanda"`` scores (a ``ValueError`` says so if it is missing): the
+        ``"wanda"`` scores (a ``ValueError`` says so if it is missing;
+        ``"magnitude"`` does not read it): the
         factor of feature ``j`` is a norm of ``other``'s slice at index ``j``
         of ``other_axis``, over all its other axes.
       other_axis: the axis of ``other`` contracted with ``x``'s ``axis``

@@ -431,3 +431,19 @@ def test_intercept_rule_makes_some_layers_sparse():
     g = jaxmx.intercept(lambda p, x: p["w"] @ x, sparse, weights="w")
     site = g.coverage_for({"w": normal(18, (16, 32))}, normal(19, (32, 4))).sites[0]
     assert site.config.rhs_sparsity == sparse.lhs_sparsity and site.config.lhs_sparsity is None
+
+
+def test_activation_sparsity_with_a_prequantized_weight():
+    # Serving: the weight is an MXTensor (its codes used as they are); the
+    # amber score reads its decoded values.
+    x, w = normal(20, (8, 64)), normal(21, (64, 16)) * jnp.linspace(0.2, 4.0, 64)[:, None]
+    t = jaxmx.quantize(w, "mxfp4", axis=0)
+    sp = jaxmx.NMSparsity(2, 4, score="amber")
+    cfg = jaxmx.DotConfig(lhs="mxfp8_e4m3", lhs_sparsity=sp)
+    y = np.asarray(jaxmx.dot_general(x, t, NN, config=cfg), np.float64)
+    wq = jaxmx.dequantize(t, jnp.float32)
+    xs = jaxmx.sparsify(x, sp, axis=1, other=wq, other_axis=0)
+    q = jaxmx.fake_quantize(xs, "mxfp8_e4m3", axis=1)
+    ref = np.asarray(q, np.float64) @ np.asarray(wq, np.float64)
+    assert (np.abs(y - ref) <= _f32_dot_tol(q, wq)).all()
+    assert_differs(xs, jaxmx.sparsify(x, jaxmx.NMSparsity(2, 4), axis=1))
