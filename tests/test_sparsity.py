@@ -447,3 +447,39 @@ def test_activation_sparsity_with_a_prequantized_weight():
     ref = np.asarray(q, np.float64) @ np.asarray(wq, np.float64)
     assert (np.abs(y - ref) <= _f32_dot_tol(q, wq)).all()
     assert_differs(xs, jaxmx.sparsify(x, jaxmx.NMSparsity(2, 4), axis=1))
+
+
+@pytest.mark.parametrize("residuals", ["high_precision", "quantized"])
+def test_fsdp_sharded_weight_gets_the_same_masks(residuals):
+    # The weight sharded over 8 devices (gathered as MX codes): the masks,
+    # chosen from the global arrays, and so the step, are the unsharded ones.
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    x, w, g = normal(22, (16, 512)), normal(23, (512, 256)), normal(24, (16, 256))
+    cfg = jaxmx.preset("mxfp8", residuals=residuals).replace(
+        lhs_sparsity=jaxmx.NMSparsity(2, 4, score="amber"),
+        rhs_sparsity=jaxmx.NMSparsity(8, 16, score="wanda"),
+    )
+
+    def step(cfg):
+        def f(x, w, g):
+            y, pull = jax.vjp(lambda a, b: jaxmx.dot_general(a, b, NN, config=cfg), x, w)
+            return (y, *pull(g))
+
+        return jax.jit(f)
+
+    want = step(cfg)(x, w, g)
+    args = [
+        jax.device_put(x, NamedSharding(mesh, P("data"))),
+        jax.device_put(w, jaxmx.fsdp_shardings(w, mesh)),
+        jax.device_put(g, NamedSharding(mesh, P("data"))),
+    ]
+    with jax.set_mesh(mesh):
+        got = step(cfg.replace(fsdp="data"))(*args)
+    # Same masks and quantizations; sums may run in other orders across
+    # shards: two float32 accumulations, each within the gamma_K bound.
+    for a, b, (u, v) in zip(got, want, [(x, w), (g, w.T), (x.T, g)], strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2 * _f32_dot_tol(u, v).max())
+        np.testing.assert_array_equal(np.asarray(a) == 0, np.asarray(b) == 0)
