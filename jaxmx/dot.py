@@ -12,6 +12,10 @@ arXiv:2310.10537; OCP MX v1.0 section 6.4):
   numbers than one quantized along N);
 * wgrad ``dB = Q(A) . Q(dY)``, blocks along A's free (batch/token) axes.
 
+With N:M sparsity (``DotConfig.lhs_sparsity`` / ``rhs_sparsity``, see
+:mod:`jaxmx.sparsity`) ``A`` and ``B`` are sparsified before they are
+quantized, and the three matmuls use the sparsified operands.
+
 With several axes to contract, blocks run along the last of them and the
 others are iterated over. An operand with no axis to contract (an outer
 product) is quantized with one element per block, as if its contraction
@@ -234,11 +238,15 @@ def _mx_dot(lhs, rhs, key, static: _Static):
 
 
 def _mx_dot_fwd(lhs, rhs, key, static: _Static):
-    """Forward matmul ``Q(lhs) . Q(rhs)``, blocks along the last contracting axes.
+    """Forward matmul ``Q(S(lhs)) . Q(S(rhs))``, blocks along the last contracting
+    axes; ``S`` is the operand's N:M sparsity (``config.lhs_sparsity``,
+    ``rhs_sparsity``; the identity where None), applied before quantizing.
 
-    Residuals: ``(lhs, rhs, key)`` in high precision, or, with
-    ``config.residuals == "quantized"``, the forward MX copies of the
-    operands as :class:`~jaxmx.MXTensor` (8 or fewer bits per element).
+    Residuals: ``(S(lhs), S(rhs), key, masks)`` with the operands in high
+    precision, or, with ``config.residuals == "quantized"``, their forward
+    MX copies as :class:`~jaxmx.MXTensor` (8 or fewer bits per element);
+    ``masks``: each sparse operand's boolean N:M mask where its gradient is
+    masked, else None.
     """
     d, cfg = static.dims, static.config
     lhs, rhs, masks = sparsify_operands(lhs, rhs, static.config, static.dims)
@@ -294,7 +302,9 @@ def _mx_dot_bwd(static: _Static, res, g):
     * wgrad ``d_rhs = Q(lhs) . Q(g)`` contracts lhs's free axes: ``lhs`` and
       ``g`` are blocked along the last of them (``config.lhs_bwd``).
 
-    ``g`` uses ``config.grad`` with ``config.grad_rounding`` in both.
+    ``g`` uses ``config.grad`` with ``config.grad_rounding`` in both. Both
+    matmuls use the sparsified operands the forward one did; a masked N:M
+    operand's gradient is then multiplied by its mask.
     """
     lhs, rhs, key, (lhs_mask, rhs_mask) = res
     if static.config.residuals == "quantized" and static.config.fsdp is not None:
