@@ -71,6 +71,10 @@ from jaxmx.dot import dot_general
 from jaxmx.einsum import einsum
 from jaxmx.conv import conv_general_dilated
 
+# N:M sparsity along a matmul's contraction axis (DotConfig.lhs_sparsity/rhs_sparsity).
+from jaxmx.sparsity import NMSparsity
+from jaxmx.sparsity import sparsify
+
 # Whole-program MX: every matmul a function runs, by rules.
 from jaxmx.intercept import Coverage
 from jaxmx.intercept import MatmulSite
@@ -100,6 +104,7 @@ __all__ = [
     "MXFormat",
     "MXTensor",
     "MatmulSite",
+    "NMSparsity",
     "analysis",
     "as_dot_config",
     "SaveInfo",
@@ -136,6 +141,7 @@ __all__ = [
     "register_format",
     "round_to",
     "save",
+    "sparsify",
     "unpack",
     "VectorOps",
     # Sharding MXTensors

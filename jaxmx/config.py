@@ -24,6 +24,7 @@ import numpy as np
 
 from jaxmx.formats import MXFormat, get_format
 from jaxmx.numerics import ROUNDINGS, SCALE_MODES
+from jaxmx.sparsity import NMSparsity
 from jaxmx.spec import is_positive_int
 
 __all__ = ["DotConfig", "FORWARD", "as_dot_config", "preset", "list_presets"]
@@ -111,6 +112,13 @@ class DotConfig:
     # (rhs None) is gathered in compute_dtype (or its own). The mesh is the
     # one set with jax.set_mesh. None: the weight is used as it is.
     fsdp: str | None = None
+    # N:M sparsity (jaxmx.NMSparsity) of the left / right operand along its
+    # contraction axis (the last one if several): sparsified first, then
+    # quantized, in the forward matmul; the backward matmuls use the same
+    # sparsified values, and NMSparsity.backward says whether the operand's
+    # own gradient is masked. None: dense.
+    lhs_sparsity: NMSparsity | None = None
+    rhs_sparsity: NMSparsity | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen)
@@ -184,6 +192,13 @@ class DotConfig:
             raise ValueError(f"unknown native {self.native!r}; allowed: auto, never, always")
         if self.fsdp is not None and (not isinstance(self.fsdp, str) or not self.fsdp):
             raise ValueError(f"fsdp must be a mesh axis name or None, got {self.fsdp!r}")
+        for name in ("lhs_sparsity", "rhs_sparsity"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, NMSparsity):
+                raise TypeError(
+                    f"{name} must be a jaxmx.NMSparsity or None, got {value!r} "
+                    f"({type(value).__name__}); e.g. jaxmx.NMSparsity(2, 4)"
+                )
 
     def role(self, name: str) -> MXFormat | None:
         """The resolved format of a role: lhs, rhs, grad, lhs_bwd or rhs_bwd."""
@@ -205,9 +220,14 @@ class DotConfig:
 
     @property
     def is_noop(self) -> bool:
-        """True when every role is high precision and no weight is gathered
-        (``fsdp``): dot_general is lax.dot_general."""
-        return all(self.role(r) is None for r in _ROLES) and self.fsdp is None
+        """True when every role is high precision, no weight is gathered
+        (``fsdp``) and nothing is sparse: dot_general is lax.dot_general."""
+        return (
+            all(self.role(r) is None for r in _ROLES)
+            and self.fsdp is None
+            and self.lhs_sparsity is None
+            and self.rhs_sparsity is None
+        )
 
     def replace(self, **changes: object) -> DotConfig:
         """A copy with some fields changed (``dataclasses.replace``)."""
@@ -218,16 +238,36 @@ class DotConfig:
 
         Weight formats (``rhs``, ``rhs_bwd``) are replaced by the activation
         ones, so that e.g. an MXFP4-weight recipe keeps keys and values in the
-        activation format; ``fsdp`` is dropped (there is no weight to gather).
+        activation format, and ``rhs_sparsity`` by ``lhs_sparsity``; ``fsdp``
+        is dropped (there is no weight to gather).
         """
-        return self.replace(rhs=self.lhs, rhs_bwd=self.lhs_bwd, fsdp=None)
+        return self.replace(
+            rhs=self.lhs, rhs_bwd=self.lhs_bwd, fsdp=None, rhs_sparsity=self.lhs_sparsity
+        )
+
+    def swapped(self) -> DotConfig:
+        """The config with the operands' roles exchanged (the weight on the left):
+        lhs and rhs formats, their backward formats and their sparsity."""
+        return self.replace(
+            lhs=self.role("rhs"),
+            rhs=self.role("lhs"),
+            lhs_bwd=self.role("rhs_bwd"),
+            rhs_bwd=self.role("lhs_bwd"),
+            lhs_sparsity=self.rhs_sparsity,
+            rhs_sparsity=self.lhs_sparsity,
+        )
 
     def describe(self) -> str:
         names = {r: (self.role(r).name if self.role(r) else "-") for r in _ROLES}
-        return (
+        text = (
             f"fwd {names['lhs']} x {names['rhs']}; dgrad {names['grad']} x {names['rhs_bwd']}; "
             f"wgrad {names['lhs_bwd']} x {names['grad']}"
         )
+        for side in ("lhs", "rhs"):
+            sp = getattr(self, f"{side}_sparsity")
+            if sp is not None:
+                text += f"; {side} {sp.describe()}"
+        return text
 
 
 def _resolve(role: str, value: FormatLike) -> MXFormat | None:

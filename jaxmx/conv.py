@@ -256,6 +256,12 @@ def conv_general_dilated(
             "einsum, not for convolutions; use config.replace(wgrad_hadamard=None) for conv "
             "layers (a rule per module)"
         )
+    if config.lhs_sparsity is not None or config.rhs_sparsity is not None:
+        raise ValueError(
+            "N:M sparsity (lhs_sparsity/rhs_sparsity) is implemented for dot_general and "
+            "einsum, not for convolutions; use config.replace(lhs_sparsity=None, "
+            "rhs_sparsity=None) for conv layers (a rule per module)"
+        )
     lhs, rhs = check_operands(lhs, rhs, "conv_general_dilated")
     check_key(key, config)
     _check_window_args(lhs.ndim - 2, window_strides, padding, lhs_dilation, rhs_dilation)

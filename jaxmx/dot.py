@@ -12,6 +12,10 @@ arXiv:2310.10537; OCP MX v1.0 section 6.4):
   numbers than one quantized along N);
 * wgrad ``dB = Q(A) . Q(dY)``, blocks along A's free (batch/token) axes.
 
+With N:M sparsity (``DotConfig.lhs_sparsity`` / ``rhs_sparsity``, see
+:mod:`jaxmx.sparsity`) ``A`` and ``B`` are sparsified before they are
+quantized, and the three matmuls use the sparsified operands.
+
 With several axes to contract, blocks run along the last of them and the
 others are iterated over. An operand with no axis to contract (an outer
 product) is quantized with one element per block, as if its contraction
@@ -44,11 +48,13 @@ from jaxmx._operand import (
     product,
     random_bits,
 )
+from jaxmx._sparse_operand import check_sparsity, sparsify_operands
 from jaxmx.config import DotConfig, as_dot_config
 from jaxmx.formats import MXFormat
 from jaxmx.packing import unpack
 from jaxmx.platforms import PLATFORMS, forced, per_platform
 from jaxmx.quantize import dequantize, quantize_spec
+from jaxmx.sparsity import apply_mask
 from jaxmx.tensor import MXTensor
 
 __all__ = ["dot_general"]
@@ -232,19 +238,24 @@ def _mx_dot(lhs, rhs, key, static: _Static):
 
 
 def _mx_dot_fwd(lhs, rhs, key, static: _Static):
-    """Forward matmul ``Q(lhs) . Q(rhs)``, blocks along the last contracting axes.
+    """Forward matmul ``Q(S(lhs)) . Q(S(rhs))``, blocks along the last contracting
+    axes; ``S`` is the operand's N:M sparsity (``config.lhs_sparsity``,
+    ``rhs_sparsity``; the identity where None), applied before quantizing.
 
-    Residuals: ``(lhs, rhs, key)`` in high precision, or, with
-    ``config.residuals == "quantized"``, the forward MX copies of the
-    operands as :class:`~jaxmx.MXTensor` (8 or fewer bits per element).
+    Residuals: ``(S(lhs), S(rhs), key, masks)`` with the operands in high
+    precision, or, with ``config.residuals == "quantized"``, their forward
+    MX copies as :class:`~jaxmx.MXTensor` (8 or fewer bits per element);
+    ``masks``: each sparse operand's boolean N:M mask where its gradient is
+    masked, else None.
     """
     d, cfg = static.dims, static.config
+    lhs, rhs, masks = sparsify_operands(lhs, rhs, static.config, static.dims)
     a = _Side(lhs, cfg.lhs, d.lc, cfg.rounding, "lhs")
     b = _Side(rhs, cfg.rhs, d.rc, cfg.rounding, "rhs")
     dims = ((d.lc, d.rc), (d.lb, d.rb))
     if cfg.residuals != "quantized":
         out = _qmatmul(a, b, dims, static, key, static.out_dtype, static.out_sharding)
-        return out, (lhs, rhs, key)
+        return out, (lhs, rhs, key, masks)
     # The stash is the forward MX copy itself (same rounding, same random
     # bits), quantized once and used by the forward matmul too. With
     # config.fsdp it is the gathered copy, which the backward pass reuses.
@@ -261,7 +272,7 @@ def _mx_dot_fwd(lhs, rhs, key, static: _Static):
             qa, qb, dims, static.precision, static.out_dtype, cdt, platform, static.out_sharding
         )
 
-    return per_platform(run), (ta, tb, key)
+    return per_platform(run), (ta, tb, key, masks)
 
 
 def _stash(side: _Side, cfg: DotConfig, key):
@@ -291,9 +302,11 @@ def _mx_dot_bwd(static: _Static, res, g):
     * wgrad ``d_rhs = Q(lhs) . Q(g)`` contracts lhs's free axes: ``lhs`` and
       ``g`` are blocked along the last of them (``config.lhs_bwd``).
 
-    ``g`` uses ``config.grad`` with ``config.grad_rounding`` in both.
+    ``g`` uses ``config.grad`` with ``config.grad_rounding`` in both. Both
+    matmuls use the sparsified operands the forward one did; a masked N:M
+    operand's gradient is then multiplied by its mask.
     """
-    lhs, rhs, key = res
+    lhs, rhs, key, (lhs_mask, rhs_mask) = res
     if static.config.residuals == "quantized" and static.config.fsdp is not None:
         # The stashed weight was gathered whole in the forward pass.
         static = static._replace(config=static.config.replace(fsdp=None))
@@ -303,6 +316,11 @@ def _mx_dot_bwd(static: _Static, res, g):
     lhs, rhs = _unstash(lhs), _unstash(rhs)
     d_lhs = None if lhs_const else _dgrad(static, key, g, rhs, lhs.dtype)
     d_rhs = None if rhs_const else _wgrad(static, key, g, lhs, rhs.dtype)
+    # Masked N:M sparsity: d(mask * x)/dx = mask, the mask fixed for the step.
+    if lhs_mask is not None and d_lhs is not None:
+        d_lhs = apply_mask(d_lhs, lhs_mask)
+    if rhs_mask is not None and d_rhs is not None:
+        d_rhs = apply_mask(d_rhs, rhs_mask)
     return d_lhs, d_rhs, None
 
 
@@ -438,6 +456,7 @@ def dot_general(
     )
     dims = _dims(dimension_numbers, lhs.ndim, rhs.ndim)
     config = _take_prequantized(config, lhs, rhs, dims, "dot_general")
+    check_sparsity(config, lhs, rhs, dims.lc, dims.rc, "dot_general")
     if config.is_noop:
         return lax_dot(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding)
     out_dtype = jnp.dtype(preferred_element_type or jnp.promote_types(lhs.dtype, rhs.dtype))

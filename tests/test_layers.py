@@ -35,6 +35,7 @@ LAYERS = {
         "jaxmx.formats",
         "jaxmx.numerics",
         "jaxmx.platforms",
+        "jaxmx.sparsity",
         "jaxmx.spec",
     ),
     "tensor": (
@@ -54,6 +55,7 @@ LAYERS = {
     "ops": (
         "jaxmx._intercept",
         "jaxmx._operand",
+        "jaxmx._sparse_operand",
         "jaxmx.config",
         "jaxmx.conv",
         "jaxmx.dot",

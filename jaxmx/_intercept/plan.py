@@ -100,13 +100,7 @@ class Planner:
         if not lw and not rw:
             return cfg.for_activations(), " (no weight operand: for_activations)"
         if lw and not rw:
-            swapped = cfg.replace(
-                lhs=cfg.role("rhs"),
-                rhs=cfg.role("lhs"),
-                lhs_bwd=cfg.role("rhs_bwd"),
-                rhs_bwd=cfg.role("lhs_bwd"),
-            )
-            return swapped, " (weight on the left: roles swapped)"
+            return cfg.swapped(), " (weight on the left: roles swapped)"
         return cfg, ""
 
     def _site(self, eqn, path, op, operands, within, blocked, addr):
