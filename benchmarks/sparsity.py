@@ -31,10 +31,10 @@ GOAL = 0.3  # masking adds at most 0.3 of a copy
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--size", type=int, default=4096)
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--formats", default="mxfp8,mxfp4,nvfp4")
-    p.add_argument("--patterns", default="2:4,4:8,8:16")
+    p.add_argument("--size", type=int, default=4096, help="rows and columns of the float32 array")
+    p.add_argument("--repeats", type=int, default=20, help="timed runs per case (median)")
+    p.add_argument("--formats", default="mxfp8,mxfp4,nvfp4", help="comma-separated format names")
+    p.add_argument("--patterns", default="2:4,4:8,8:16", help="comma-separated N:M patterns")
     args = p.parse_args()
 
     n = args.size

@@ -7,6 +7,9 @@ Private to jaxmx's ops; the arithmetic (scores, masks) is :mod:`jaxmx.sparsity`.
 
 from __future__ import annotations
 
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 
 from jaxmx._operand import operand_spec
@@ -18,7 +21,14 @@ from jaxmx.tensor import MXTensor
 __all__ = ["check_sparsity", "sparsify_operands"]
 
 
-def check_sparsity(config: DotConfig, lhs, rhs, lc, rc, op: str) -> None:
+def check_sparsity(
+    config: DotConfig,
+    lhs: Any,
+    rhs: Any,
+    lc: tuple[int, ...],
+    rc: tuple[int, ...],
+    op: str,
+) -> None:
     """Checks ``config.lhs_sparsity`` / ``rhs_sparsity`` against the operands.
 
     N:M groups run along the last contracting axis, whose length ``m`` must
@@ -65,7 +75,9 @@ def check_sparsity(config: DotConfig, lhs, rhs, lc, rc, op: str) -> None:
             )
 
 
-def sparsify_operands(lhs, rhs, config: DotConfig, d):
+def sparsify_operands(
+    lhs: Any, rhs: Any, config: DotConfig, d: Any
+) -> tuple[Any, Any, tuple[jax.Array | None, jax.Array | None]]:
     """Both operands with their N:M sparsity applied (``config.lhs_sparsity``,
     ``rhs_sparsity``), and the masks the backward pass applies to their
     gradients (None where an operand is dense or its gradient is not masked).
@@ -81,7 +93,8 @@ def sparsify_operands(lhs, rhs, config: DotConfig, d):
     def dense(x):
         return dequantize(x, jnp.float32) if isinstance(x, MXTensor) else x
 
-    out, masks = [lhs, rhs], [None, None]
+    out: list[Any] = [lhs, rhs]
+    masks: list[jax.Array | None] = [None, None]
     # Groups run along the last contracting axis; a score's factor is per
     # index of the axes the operands share (contracting and batch).
     sides = (
@@ -96,4 +109,4 @@ def sparsify_operands(lhs, rhs, config: DotConfig, d):
         mask = score_mask(x, sp, contracting[-1], other, pairs, batch)
         out[i] = apply_mask(x, mask)
         masks[i] = mask if sp.backward == "masked" else None
-    return out[0], out[1], tuple(masks)
+    return out[0], out[1], (masks[0], masks[1])

@@ -38,10 +38,12 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from jaxmx.spec import is_positive_int
 
@@ -144,7 +146,7 @@ def _reduce_axes(ndim: int, keep: Sequence[int]) -> tuple[int, ...]:
     return tuple(d for d in range(ndim) if d not in keep)
 
 
-def wanda_factor(other, keep: Sequence[int]) -> jax.Array:
+def wanda_factor(other: ArrayLike, keep: Sequence[int]) -> jax.Array:
     """``||other_j||_2`` for each feature ``j``: the L2 norm over every axis of
     ``other`` not in ``keep`` (its contracting and batch axes), in float32.
     The result keeps ``keep``'s axes in ascending order."""
@@ -153,7 +155,7 @@ def wanda_factor(other, keep: Sequence[int]) -> jax.Array:
 
 
 def amber_factor(
-    other, keep: Sequence[int], trim: float = 0.005, batch: Sequence[int] = ()
+    other: ArrayLike, keep: Sequence[int], trim: float = 0.005, batch: Sequence[int] = ()
 ) -> jax.Array:
     """Amber Pruner's robust-norm factor ``f(W_hat_j)`` for each feature ``j``.
 
@@ -191,7 +193,9 @@ def amber_factor(
     mean = jnp.sum(jnp.where(inside, wb, 0.0), axis=1, keepdims=True) / count
     var = jnp.sum(jnp.where(inside, (wb - mean) ** 2, 0.0), axis=1, keepdims=True) / count
     std = jnp.maximum(jnp.sqrt(var), 1e-8)
-    standardized = jnp.transpose(((wb - mean) / std).reshape(wt.shape), np.argsort(perm))
+    standardized = jnp.transpose(
+        ((wb - mean) / std).reshape(wt.shape), tuple(np.argsort(perm).tolist())
+    )
     norms = wanda_factor(standardized, keep)
     # norms' axes are keep's in ascending order; the minimum is per batch index.
     ranked = sorted(keep)
@@ -205,7 +209,7 @@ def amber_factor(
 # --------------------------------------------------------------------------
 
 
-def nm_mask(scores, n: int, m: int, axis: int) -> jax.Array:
+def nm_mask(scores: jax.Array, n: int, m: int, axis: int) -> jax.Array:
     """Boolean mask keeping the ``n`` largest scores of every ``m`` consecutive
     elements along ``axis``; ties keep the lower index, NaN ranks highest.
 
@@ -237,10 +241,10 @@ def nm_mask(scores, n: int, m: int, axis: int) -> jax.Array:
 
 
 def score_mask(
-    x,
+    x: ArrayLike,
     sparsity: NMSparsity,
     axis: int,
-    other=None,
+    other: ArrayLike | None = None,
     pairs: Sequence[tuple[int, int]] = (),
     batch: Sequence[int] = (),
 ) -> jax.Array:
@@ -254,6 +258,8 @@ def score_mask(
     x32 = jnp.asarray(x, jnp.float32)
     score = jnp.abs(x32)
     if sparsity.needs_other:
+        if other is None:
+            raise ValueError(f"the {sparsity.score!r} score needs the matmul's other operand")
         keep = tuple(p[1] for p in pairs)
         if sparsity.score == "amber":
             factor = amber_factor(other, keep, sparsity.amber_trim, batch)
@@ -262,7 +268,7 @@ def score_mask(
         # factor's axes follow other's axes ascending; place them on x's axes.
         order = sorted(pairs, key=lambda p: p[1])
         x_axes = [p[0] for p in order]
-        factor = jnp.transpose(factor, np.argsort(x_axes))
+        factor = jnp.transpose(factor, tuple(np.argsort(x_axes).tolist()))
         shape = [1] * x32.ndim
         for d in x_axes:
             shape[d] = x32.shape[d]
@@ -270,12 +276,19 @@ def score_mask(
     return nm_mask(score, sparsity.n, sparsity.m, axis)
 
 
-def apply_mask(x, mask) -> jax.Array:
+def apply_mask(x: jax.Array, mask: jax.Array) -> jax.Array:
     """``x`` where ``mask``, zero elsewhere (a zeroed inf is 0, not NaN)."""
     return jnp.where(mask, x, jnp.zeros((), x.dtype))
 
 
-def sparsify(x, sparsity: NMSparsity, axis: int = -1, *, other=None, other_axis=None):
+def sparsify(
+    x: ArrayLike,
+    sparsity: NMSparsity,
+    axis: int = -1,
+    *,
+    other: ArrayLike | None = None,
+    other_axis: int | None = None,
+) -> jax.Array:
     """``x`` with N:M sparsity along ``axis``: all but the ``n`` best-scored of
     every ``m`` consecutive elements set to zero.
 
@@ -315,7 +328,7 @@ def sparsify(x, sparsity: NMSparsity, axis: int = -1, *, other=None, other_axis=
             f"{sparsity.describe()} sparsity groups {sparsity.m} elements along axis {axis}, "
             f"whose length {x.shape[axis]} is not a multiple of {sparsity.m}"
         )
-    pairs = ()
+    pairs: tuple[tuple[int, int], ...] = ()
     if sparsity.needs_other:
         if other is None or other_axis is None:
             raise ValueError(
@@ -335,11 +348,17 @@ def sparsify(x, sparsity: NMSparsity, axis: int = -1, *, other=None, other_axis=
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _sparsify(x, other, sparsity: NMSparsity, axis: int, pairs):
+def _sparsify(
+    x: jax.Array,
+    other: jax.Array | None,
+    sparsity: NMSparsity,
+    axis: int,
+    pairs: tuple[tuple[int, int], ...],
+) -> jax.Array:
     return apply_mask(x, score_mask(x, sparsity, axis, other, pairs))
 
 
-def _axis(axis, ndim: int, name: str) -> int:
+def _axis(axis: Any, ndim: int, name: str) -> int:
     if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {axis!r}")
     if not -ndim <= axis < ndim:

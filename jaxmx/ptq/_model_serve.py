@@ -17,7 +17,6 @@ from jaxmx._intercept.coverage import Coverage
 from jaxmx._intercept.prims import P
 from jaxmx._intercept.run import Plan
 from jaxmx._paths import path_string
-from jaxmx.config import DotConfig
 from jaxmx.formats import MXFormat, get_family
 from jaxmx.intercept import Intercepted
 from jaxmx.ptq._hessians import gram
@@ -61,16 +60,6 @@ def _param_path(path) -> str | None:
     if len(path) >= 2 and getattr(path[0], "idx", None) == 1 and getattr(path[1], "idx", -1) == 0:
         return path_string(path[2:])
     return None
-
-
-def _swapped(cfg: DotConfig) -> DotConfig:
-    """The config with the weight formats on the left operand (a weight on the left)."""
-    return cfg.replace(
-        lhs=cfg.role("rhs"),
-        rhs=cfg.role("lhs"),
-        lhs_bwd=cfg.role("rhs_bwd"),
-        rhs_bwd=cfg.role("lhs_bwd"),
-    )
 
 
 def _activation(u: MatmulUse) -> tuple[int, int] | None:
@@ -227,7 +216,7 @@ class _PTQFunction(Intercepted):
                     decisions[addr] = acts
                 notes[addr] = ["no weight operand: for_activations"]
             elif all(u.index == 0 for u in here):
-                decisions[addr] = _swapped(cfg)
+                decisions[addr] = cfg.swapped()
                 notes[addr] = ["weight on the left: roles swapped"]
         hooks = {}
         for leaf, us in uses.matmuls.items():
