@@ -230,3 +230,26 @@ def test_fashion_mnist_idx_parser(tmp_path):
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
         data.load_fashion_mnist(tmp_path)
+
+
+def test_vector_op_recipes_round_the_models_vector_ops():
+    model = GPT(tiny_gpt_config())
+    x, _ = counting_batch(0)
+    params = training.init_linen_params(model, x, 0)
+    fp32 = study.get_recipe("fp32")(model)(params, x)
+    near_fn = study.get_recipe("fp32_bfloat16_ops")(model)
+    near = jax.jit(near_fn)
+    # Every vector op's output is rounded, the output head's included: the
+    # logits lie on the bfloat16 grid, which FP32's do not (a recipe that did
+    # nothing would give FP32's logits).
+    logits = np.asarray(near(params, x), np.float32)
+    np.testing.assert_array_equal(logits, logits.astype(jnp.bfloat16).astype(np.float32))
+    assert not np.array_equal(logits, np.asarray(fp32))
+    # Stochastic rounding draws from the step's key: the same key, the same
+    # logits; another key, others.
+    sr_fn = study.get_recipe("fp32_bfloat16_ops_sr")(model)
+    sr = jax.jit(lambda p, x, rng: sr_fn(p, x, train=True, rng=rng))
+    a, again, b = (np.asarray(sr(params, x, jax.random.key(k))) for k in (1, 1, 2))
+    np.testing.assert_array_equal(a, again)
+    assert not np.array_equal(a, b)
+    assert near_fn.mx_recipe["vector_ops"] == {"format": "bfloat16", "rounding": "nearest_even"}
