@@ -312,6 +312,31 @@ def test_lowers_for_a_cuda_gpu_as_a_triton_kernel():
     assert "tpu_custom_call" not in text
 
 
+def _lowered(f, platform, *args) -> str:
+    if platform == "tpu":
+        return jax.export.export(jax.jit(f), platforms=["tpu"])(*args).mlir_module()
+    # jax.export refuses Triton calls (no compatibility guarantee): lower instead.
+    return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+MARKERS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("fmt", OCP)
+def test_every_format_dtype_and_option_lowers(fmt, platform):
+    # Lowering runs each backend's rules over the whole kernel body: an
+    # operation the backend lacks fails here.
+    key = jax.random.key(0)
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        x = X.astype(dtype)
+        for kw in ({}, dict(rounding="stochastic", key=key), dict(flush_subnormals=True)):
+            q = lambda x, kw=kw: jaxmx.quantize(x, fmt, implementation="pallas", **kw).data  # noqa: E731
+            f = lambda x, kw=kw: jaxmx.fake_quantize(x, fmt, implementation="pallas", **kw)  # noqa: E731
+            assert MARKERS[platform] in _lowered(q, platform, x)
+            assert MARKERS[platform] in _lowered(f, platform, x)
+
+
 def test_the_xla_path_exports_no_kernel():
     f = lambda x: jaxmx.quantize(x, "mxfp4").data  # noqa: E731
     text = jax.export.export(jax.jit(f), platforms=["tpu"])(X).mlir_module()

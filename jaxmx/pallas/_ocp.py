@@ -65,7 +65,11 @@ def fake_quantize_body(spec: QuantSpec, dtype, x_ref, *refs) -> None:
     r_ref, o_ref = refs if len(refs) == 2 else (None, *refs)
     elem = spec.format.element
     sign, mag, rbits, e, nonfinite = _blocks(spec, dtype, x_ref, r_ref)
-    bits = numerics.round_magnitude(mag, e, elem, spec.rounding, rbits)
+    # decode(encode(.)) has round_magnitude's bits; round_magnitude's own
+    # saturation bound is a float bitcast of a constant, which Pallas's
+    # Triton lowering does not take.
+    code = numerics.encode_magnitude(mag, e, elem, spec.rounding, rbits)
+    bits = numerics.decode_magnitude(code, e, elem)
     if elem.kind == "int":  # two's complement has no -0
         sign = jnp.where(bits == 0, u32(0), sign)
     bits = bits | lax.shift_left(sign, u32(31))
