@@ -328,13 +328,17 @@ def test_every_format_dtype_and_option_lowers(fmt, platform):
     # Lowering runs each backend's rules over the whole kernel body: an
     # operation the backend lacks fails here.
     key = jax.random.key(0)
-    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+    cases = [
+        (jnp.float32, {}),
+        (jnp.bfloat16, dict(rounding="stochastic", key=key)),
+        (jnp.float16, dict(flush_subnormals=True, scale_mode="rceil")),
+    ]
+    for dtype, kw in cases:
         x = X.astype(dtype)
-        for kw in ({}, dict(rounding="stochastic", key=key), dict(flush_subnormals=True)):
-            q = lambda x, kw=kw: jaxmx.quantize(x, fmt, implementation="pallas", **kw).data  # noqa: E731
-            f = lambda x, kw=kw: jaxmx.fake_quantize(x, fmt, implementation="pallas", **kw)  # noqa: E731
-            assert MARKERS[platform] in _lowered(q, platform, x)
-            assert MARKERS[platform] in _lowered(f, platform, x)
+        q = lambda x, kw=kw: jaxmx.quantize(x, fmt, implementation="pallas", **kw).data  # noqa: E731
+        f = lambda x, kw=kw: jaxmx.fake_quantize(x, fmt, implementation="pallas", **kw)  # noqa: E731
+        assert MARKERS[platform] in _lowered(q, platform, x)
+        assert MARKERS[platform] in _lowered(f, platform, x)
 
 
 def test_the_xla_path_exports_no_kernel():
