@@ -224,6 +224,66 @@ def test_gradient_and_vmap():
 
 
 # --------------------------------------------------------------------------
+# NVFP4: TransformerEngine's chain, a tensor scale computed before the kernel.
+# --------------------------------------------------------------------------
+
+X16 = jnp.asarray(_special_rows((7, 80)))  # holds a NaN: every scale is NaN
+X16_FINITE = jnp.where(jnp.isnan(X16), 1.0, X16)
+NVFP4_CASES = {
+    "nan-tensor": (X16, {}),
+    "nan-block": (X16, dict(tensor_amax=100.0)),
+    "inf": (X16_FINITE, {}),
+    # amax about 2^-108: the family's exact integer form, with float32 subnormals.
+    "tiny-tensor": (
+        (jax.random.normal(jax.random.key(6), (4, 64)) * 2.0**-110).at[1, :5].set(1e-40),
+        {},
+    ),
+    "ordinary": (jax.random.normal(jax.random.key(5), (4, 64)), {}),
+    "stochastic": (X16_FINITE, dict(rounding="stochastic", key=jax.random.key(2))),
+    "bfloat16": (X16_FINITE.astype(jnp.bfloat16), {}),
+    "axis0": (X16_FINITE[:, :64].T, dict(axis=0)),
+}
+
+
+def _assert_same_nans(out, ref):
+    """Bit-identical, except that NaNs need only be NaN in the same places."""
+    a, b = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+    keep = ~np.isnan(b)
+    np.testing.assert_array_equal(_raw(np.asarray(out))[keep], _raw(np.asarray(ref))[keep])
+
+
+@pytest.mark.parametrize("case", sorted(NVFP4_CASES))
+def test_nvfp4_matches_the_xla_path(case):
+    x, kw = NVFP4_CASES[case]
+    backend = BACKENDS[len(case) % 2]  # both backends, over the cases
+    ref = jaxmx.quantize(x, "nvfp4", **kw)
+    t = _pallas(jaxmx.quantize, backend, x, "nvfp4", **kw)
+    _assert_same_tensor(t, ref)
+    np.testing.assert_array_equal(_raw(t.tensor_scale), _raw(ref.tensor_scale))
+    out = _pallas(jaxmx.fake_quantize, backend, x, "nvfp4", **kw)
+    _assert_same_nans(out, jaxmx.fake_quantize(x, "nvfp4", **kw))
+
+
+def test_nvfp4_cases_reach_what_they_name():
+    scales = {c: _raw(jaxmx.quantize(x, "nvfp4", **kw).scale) for c, (x, kw) in NVFP4_CASES.items()}
+    assert ((scales["nan-tensor"] & 0x7F) == 0x7F).all()
+    nan_blocks = (scales["nan-block"] & 0x7F) == 0x7F
+    assert nan_blocks.any() and not nan_blocks.all()
+    assert (scales["inf"] == 0x7E).any()  # the Inf's block: scale 448
+    t = jaxmx.quantize(NVFP4_CASES["tiny-tensor"][0], "nvfp4")
+    assert float(t.tensor_scale) < 2.0**-115  # below the family's float form's bound
+
+
+def test_nvfp4_refusals_name_what_is_allowed():
+    with pytest.raises(ValueError, match=r"not 2-D tiles; got block_size=\(16, 16\)"):
+        jaxmx.quantize(X16[:, :64], "nvfp4", block_size=(16, 16), implementation="pallas")
+    with pytest.raises(ValueError, match="NVFP4 has no partial blocks"):
+        with jaxmx.pallas.interpret("triton"):
+            jaxmx.quantize(X16[:, :70], "nvfp4", implementation="pallas")
+
+
+# --------------------------------------------------------------------------
 # The choice of implementation.
 # --------------------------------------------------------------------------
 
@@ -267,8 +327,8 @@ def test_the_cpu_refuses_the_kernels_and_says_what_to_do():
     "kwargs, message",
     [
         (
-            dict(format="nvfp4"),
-            r"cover the families ocp; nvfp4 is of family 'nvfp4'.*'xla' takes it",
+            dict(format="mx6"),
+            r"cover the families nvfp4, ocp; mx6 is of family 'microexp'.*'xla' takes it",
         ),
         (dict(format="mxfp8", block_size=24), r"powers of two from 2 to 1024.*block_size=24"),
         (
@@ -323,7 +383,7 @@ MARKERS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
-@pytest.mark.parametrize("fmt", OCP)
+@pytest.mark.parametrize("fmt", [*OCP, "nvfp4"])
 def test_every_format_dtype_and_option_lowers(fmt, platform):
     # Lowering runs each backend's rules over the whole kernel body: an
     # operation the backend lacks fails here.
@@ -333,8 +393,10 @@ def test_every_format_dtype_and_option_lowers(fmt, platform):
         (jnp.bfloat16, dict(rounding="stochastic", key=key)),
         (jnp.float16, dict(flush_subnormals=True, scale_mode="rceil")),
     ]
+    if fmt == "nvfp4":  # it has its own scale rule and no flushing
+        cases[2] = (jnp.float16, dict(tensor_amax=3.0))
     for dtype, kw in cases:
-        x = X.astype(dtype)
+        x = X[:, :64].astype(dtype)
         q = lambda x, kw=kw: jaxmx.quantize(x, fmt, implementation="pallas", **kw).data  # noqa: E731
         f = lambda x, kw=kw: jaxmx.fake_quantize(x, fmt, implementation="pallas", **kw)  # noqa: E731
         assert MARKERS[platform] in _lowered(q, platform, x)

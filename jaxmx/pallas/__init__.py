@@ -55,7 +55,7 @@ from jaxmx import codes, platforms
 from jaxmx.bitstream import pack_codes
 from jaxmx.families._common import make_tensor
 from jaxmx.formats import get_family
-from jaxmx.pallas import _bits, _call, _layout, _ocp
+from jaxmx.pallas import _bits, _call, _layout, _nvfp4, _ocp
 from jaxmx.pallas._refuse import unavailable
 from jaxmx.spec import QuantSpec
 from jaxmx.tensor import MXTensor
@@ -66,7 +66,7 @@ __all__ = ["IMPLEMENTATIONS", "fake_quantize", "interpret", "quantize", "unsuppo
 IMPLEMENTATIONS = ("xla", "pallas")
 
 # The kernel bodies of each family that has them.
-_KERNELS = {"ocp": _ocp}
+_KERNELS = {"ocp": _ocp, "nvfp4": _nvfp4}
 
 _INTERPRET: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "jaxmx_pallas_interpret", default=None
@@ -118,6 +118,9 @@ def unsupported_reason(spec: QuantSpec, dtype=jnp.float32) -> str | None:
             f"jaxmx's Pallas kernels cover the families {', '.join(sorted(_KERNELS))}; "
             f"{spec.format.name} is of family {family!r}"
         )
+    reason = _KERNELS[family].supported(spec)
+    if reason is not None:
+        return reason
     bs = spec.block_size
     if not isinstance(bs, int) or bs < 2 or bs > 1024 or bs & (bs - 1):
         return (
@@ -126,7 +129,7 @@ def unsupported_reason(spec: QuantSpec, dtype=jnp.float32) -> str | None:
         )
     if np.dtype(dtype) not in _bits.CARRIER:
         return f"the Pallas kernels take float32, bfloat16 or float16 input, got {dtype}"
-    return _KERNELS[family].supported(spec)
+    return None
 
 
 def _check(spec: QuantSpec, x) -> None:
@@ -138,17 +141,24 @@ def _check(spec: QuantSpec, x) -> None:
 def quantize(x, rbits, tensor_amax, spec: QuantSpec) -> MXTensor:
     """:func:`jaxmx.quantize` with validated arguments, by the Pallas kernel."""
     _check(spec, x)
-    if x.size == 0:  # no block to quantize: nothing for a kernel to do
+    if x.size == 0 or not _whole_blocks(spec, x):
+        # No block to quantize, or partial blocks that the family refuses
+        # (NVFP4): the family says so.
         return get_family(spec.format).quantize(x, rbits, tensor_amax, spec)
-    return _quantize(x, rbits, spec, _INTERPRET.get(), platforms.forced())
+    return _quantize(x, rbits, tensor_amax, spec, _INTERPRET.get(), platforms.forced())
 
 
 def fake_quantize(x, rbits, tensor_amax, spec: QuantSpec) -> jax.Array:
     """:func:`jaxmx.fake_quantize` with validated arguments, by the Pallas kernel."""
     _check(spec, x)
-    if x.size == 0:
+    if x.size == 0 or not _whole_blocks(spec, x):
         return get_family(spec.format).fake_quantize(x, rbits, tensor_amax, spec)
-    return _fake_quantize(x, rbits, spec, _INTERPRET.get(), platforms.forced())
+    return _fake_quantize(x, rbits, tensor_amax, spec, _INTERPRET.get(), platforms.forced())
+
+
+def _whole_blocks(spec: QuantSpec, x) -> bool:
+    """False where the family refuses a partial block (its references have none)."""
+    return spec.rules.block_sizes != "tiles" or x.shape[spec.axis] % spec.block_size == 0
 
 
 def _kernel(body, inputs, outputs, interpret_as: str | None, name: str):
@@ -174,8 +184,11 @@ def _kernel(body, inputs, outputs, interpret_as: str | None, name: str):
     return platforms.per_platform(branch, *inputs, reads=("pallas",))
 
 
-def _inputs(x, rbits, spec: QuantSpec) -> list[jax.Array]:
+def _inputs(x, rbits, tensor_amax, spec: QuantSpec) -> list[jax.Array]:
+    """The kernel's operands: x's rows, the family's per-tensor ones, the random bits' rows."""
     ins = [_layout.to_rows(_bits.to_carrier(x), spec.axis, spec.block_size)]
+    if spec.format.tensor_scale:
+        ins.extend(_nvfp4.tensor_scales(x, tensor_amax))
     if rbits is not None:
         ins.append(_layout.to_rows(rbits, spec.axis, spec.block_size))
     return ins
@@ -185,13 +198,14 @@ def _inputs(x, rbits, spec: QuantSpec) -> list[jax.Array]:
 # dtype (jaxmx.codes.storage_dtype), so it must be part of the jit cache key.
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _quantize(x, rbits, spec: QuantSpec, interpret_as, forced) -> MXTensor:
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _quantize(x, rbits, tensor_amax, spec: QuantSpec, interpret_as, forced) -> MXTensor:
     fmt, axis = spec.format, spec.axis
     elem = fmt.element
     body = functools.partial(_KERNELS[fmt.family].quantize_body, spec, x.dtype)
     outputs = [(spec.block_size, codes.raw_dtype(elem.bits)), (1, jnp.uint8)]
-    raw, biased = _kernel(body, _inputs(x, rbits, spec), outputs, interpret_as, "mx_quantize")
+    ins = _inputs(x, rbits, tensor_amax, spec)
+    raw, biased = _kernel(body, ins, outputs, interpret_as, "mx_quantize")
     raw = _layout.from_rows(raw, x.shape, axis)
     if spec.packed:
         data = pack_codes(raw, elem.bits, axis)
@@ -199,12 +213,16 @@ def _quantize(x, rbits, spec: QuantSpec, interpret_as, forced) -> MXTensor:
         data = codes.raw_to_storage(raw, elem)
     biased = _layout.scales_from_rows(biased[:, 0], x.shape, axis)
     scale = lax.bitcast_convert_type(biased, fmt.scale.storage_dtype)
-    return make_tensor(spec, x, data, scale)
+    if not fmt.tensor_scale:
+        return make_tensor(spec, x, data, scale)
+    tensor_scale = _bits.from_carrier(ins[2][0, 0], jnp.float32)
+    return make_tensor(spec, x, data, scale, tensor_scale=tensor_scale)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3, 4))
-def _fake_quantize(x, rbits, spec: QuantSpec, interpret_as, forced) -> jax.Array:
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _fake_quantize(x, rbits, tensor_amax, spec: QuantSpec, interpret_as, forced) -> jax.Array:
     body = functools.partial(_KERNELS[spec.format.family].fake_quantize_body, spec, x.dtype)
     outputs = [(spec.block_size, _bits.CARRIER[np.dtype(x.dtype)])]
-    (out,) = _kernel(body, _inputs(x, rbits, spec), outputs, interpret_as, "mx_fake_quantize")
+    ins = _inputs(x, rbits, tensor_amax, spec)
+    (out,) = _kernel(body, ins, outputs, interpret_as, "mx_fake_quantize")
     return _bits.from_carrier(_layout.from_rows(out, x.shape, spec.axis), x.dtype)

@@ -59,17 +59,26 @@ def run(
     interpret: bool,
     name: str,
 ) -> list[jax.Array]:
-    """``body`` over the row tiles of ``inputs`` (each ``(rows, block_size)``).
+    """``body`` over the row tiles of ``inputs``.
 
+    ``inputs``: ``(rows, block_size)`` arrays, tiled by rows, or small 2-D
+    arrays with one row (per-tensor values), which every step reads whole.
     ``outputs``: ``(columns, dtype)`` per output, each ``(rows, columns)``.
     """
     rows = inputs[0].shape[0]
     tb = tile_rows(backend, rows)
     index = lambda i: (i, 0)  # noqa: E731
+    whole = lambda i: (0, 0)  # noqa: E731
+
+    def spec(a):
+        if a.shape[0] == rows:
+            return pl.BlockSpec((tb, a.shape[1]), index)
+        return pl.BlockSpec(a.shape, whole)
+
     call = pl.pallas_call(
         body,
         grid=(pl.cdiv(rows, tb),),
-        in_specs=[pl.BlockSpec((tb, a.shape[1]), index) for a in inputs],
+        in_specs=[spec(a) for a in inputs],
         out_specs=[pl.BlockSpec((tb, cols), index) for cols, _ in outputs],
         out_shape=[jax.ShapeDtypeStruct((rows, cols), dtype) for cols, dtype in outputs],
         interpret=_interpreter(backend) if interpret else False,
