@@ -139,8 +139,8 @@ def quantize(
         (calibrated, or the same for every shard); default ``max |x|``.
       implementation: ``"xla"``: the exact emulation in XLA ops, every
         format and option, every platform. ``"pallas"``: one fused Pallas
-        kernel, the same bits, for the OCP formats (see :mod:`jaxmx.pallas`
-        for what it covers); compiled for TPUs (Mosaic) and NVIDIA GPUs
+        kernel, the same bits, for the OCP formats and NVFP4 (see
+        :mod:`jaxmx.pallas` for what it covers); compiled for TPUs (Mosaic) and NVIDIA GPUs
         (Triton), refused when compiled for a platform with no kernel (the
         CPU; :func:`jaxmx.pallas.interpret` runs it interpreted there).
         ``None`` (default): the best implementation verified on the

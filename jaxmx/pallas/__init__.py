@@ -8,14 +8,24 @@ instead of the XLA emulation. Their results are the XLA path's, bit for bit
 * formats of the OCP MX family (MXFP8 E4M3/E5M2, MXFP6 E3M2/E2M3, MXFP4,
   MXINT8/4/2), every scale rule, rounding (stochastic included: the random
   bits are drawn as the XLA path draws them) and ``flush_subnormals``;
+* NVFP4 (blocks of 16 along one axis, not 2-D tiles; nearest-even or
+  stochastic rounding; ``tensor_amax``). Its tensor scale needs the whole
+  tensor's amax, which XLA reduces before the kernel unless ``tensor_amax``
+  is given. Its fake-quantized NaNs are all the quiet NaN ``0x7FC00000``
+  (the XLA path's NaN signs depend on which of its two forms ran);
 * blocks along any axis (moved last outside the kernel), block sizes that
   are powers of two from 2 to 1024, any length (a partial last block is
-  padded with zeros, as everywhere in jaxmx);
+  padded with zeros, as everywhere in jaxmx; NVFP4 refuses partial blocks,
+  as its family does);
 * float32, bfloat16 and float16 input. ``packed=True`` packs the kernel's
   codes in an XLA pass after it.
 
-Other families and options are refused with an error naming what is
-allowed; ``implementation="xla"`` takes everything.
+Other families (MX9/MX6/MX4, per-tensor FP8) and options are refused with
+an error naming what is allowed; ``implementation="xla"`` takes everything.
+
+A program that uses the kernels is lowered for one platform at a time:
+exported for several (``platforms=["tpu", "cuda"]``), each kernel would be
+lowered for every one of them, which Pallas refuses.
 
 The platform a program is compiled for chooses the kernel (its
 :class:`jaxmx.platforms.Platform` record's ``pallas`` field, read when
