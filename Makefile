@@ -115,6 +115,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/optimizer.py
 	$(PY) benchmarks/serve.py
 
+# One unattended pass on an accelerator (under 8 minutes): the Pallas kernels
+# against the XLA path and the stored vectors, their speed, decode tokens/s;
+# writes runs/device/<platform>.json. On a CPU it is a dry run.
+bench-device: $(STAMP)
+	$(PY) benchmarks/device.py --out runs/device
+
 # The documentation site: the MyST guides of docs/ and an API reference generated
 # from the docstrings (docs/api/_generated). Nothing is executed here: the pages'
 # code blocks run in make test (tests/test_docs.py).
