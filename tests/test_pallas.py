@@ -23,6 +23,8 @@ from jaxmx import platforms
 from jaxmx.pallas import _bits, _call
 
 BACKENDS = platforms.PALLAS_BACKENDS
+# What a kernel lowers to: Mosaic's custom call on a TPU, Triton's on CUDA.
+MARKERS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 OCP = [
     "mxfp8_e4m3",
     "mxfp8_e5m2",
@@ -247,10 +249,8 @@ NVFP4_CASES = {
         (jax.random.normal(jax.random.key(6), (4, 64)) * 2.0**-110).at[1, :5].set(1e-40),
         {},
     ),
-    "ordinary": (jax.random.normal(jax.random.key(5), (4, 64)), {}),
     "stochastic": (X16_FINITE, dict(rounding="stochastic", key=jax.random.key(2))),
-    "bfloat16": (X16_FINITE.astype(jnp.bfloat16), {}),
-    "axis0": (X16_FINITE[:, :64].T, dict(axis=0)),
+    "bfloat16-axis0": (X16_FINITE[:, :64].T.astype(jnp.bfloat16), dict(axis=0)),
 }
 
 
@@ -298,29 +298,16 @@ def test_nvfp4_refusals_name_what_is_allowed():
 # --------------------------------------------------------------------------
 
 
-def _primitives(f, *args) -> set[str]:
-    jaxpr = jax.make_jaxpr(f)(*args)
-    names = set()
-
-    def walk(j):
-        for eqn in j.eqns:
-            names.add(eqn.primitive.name)
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                walk(sub)
-
-    walk(jaxpr.jaxpr)
-    return names
-
-
-def test_the_default_is_the_xla_path_everywhere():
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_the_default_is_the_xla_path_everywhere(platform):
     # No kernel has run on hardware yet, so None must not choose one anywhere.
+    def lowered(impl):
+        f = lambda x: jaxmx.quantize(x, "mxfp8", implementation=impl).data  # noqa: E731
+        return jax.jit(f).trace(X).lower(lowering_platforms=(platform,)).as_text()
+
     for impl in (None, "xla"):
-        assert "pallas_call" not in _primitives(
-            lambda x, impl=impl: jaxmx.quantize(x, "mxfp8", implementation=impl), X
-        )
-    assert "pallas_call" in _primitives(
-        lambda x: jaxmx.quantize(x, "mxfp8", implementation="pallas"), X
-    )
+        assert MARKERS[platform] not in lowered(impl)
+    assert MARKERS[platform] in lowered("pallas")
 
 
 def test_the_cpu_refuses_the_kernels_and_says_what_to_do():
@@ -382,14 +369,24 @@ def test_lowers_for_a_cuda_gpu_as_a_triton_kernel():
     assert "tpu_custom_call" not in text
 
 
+def test_one_program_lowers_for_a_tpu_and_a_cuda_gpu_at_once():
+    # Each platform's kernel is lowered for its own platform only.
+    lowered = jax.jit(_quantize_pallas).trace(X).lower(lowering_platforms=("tpu", "cuda"))
+    text = lowered.as_text()
+    assert "tpu_custom_call" in text and "__gpu$xla.gpu.triton" in text
+
+
+@pytest.mark.parametrize("platforms_", [("cpu", "tpu"), ("rocm",)])
+def test_a_platform_without_kernels_refuses_even_beside_one_with(platforms_):
+    with pytest.raises(ValueError, match=f"no kernel for platform '{platforms_[0]}'"):
+        jax.jit(_quantize_pallas).trace(X).lower(lowering_platforms=platforms_)
+
+
 def _lowered(f, platform, *args) -> str:
     if platform == "tpu":
         return jax.export.export(jax.jit(f), platforms=["tpu"])(*args).mlir_module()
     # jax.export refuses Triton calls (no compatibility guarantee): lower instead.
     return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
-
-
-MARKERS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])

@@ -23,9 +23,9 @@ instead of the XLA emulation. Their results are the XLA path's, bit for bit
 Other families (MX9/MX6/MX4, per-tensor FP8) and options are refused with
 an error naming what is allowed; ``implementation="xla"`` takes everything.
 
-A program that uses the kernels is lowered for one platform at a time:
-exported for several (``platforms=["tpu", "cuda"]``), each kernel would be
-lowered for every one of them, which Pallas refuses.
+A program that uses the kernels may be exported for several platforms at
+once (``platforms=["tpu", "cuda"]``): each platform's kernel is lowered for
+that platform only.
 
 The platform a program is compiled for chooses the kernel (its
 :class:`jaxmx.platforms.Platform` record's ``pallas`` field, read when
@@ -66,7 +66,7 @@ from jaxmx.bitstream import pack_codes
 from jaxmx.families._common import make_tensor
 from jaxmx.formats import get_family
 from jaxmx.pallas import _bits, _call, _layout, _nvfp4, _ocp
-from jaxmx.pallas._refuse import unavailable
+from jaxmx.pallas._branches import on_backend, unavailable
 from jaxmx.spec import QuantSpec
 from jaxmx.tensor import MXTensor
 
@@ -181,13 +181,17 @@ def _kernel(body, inputs, outputs, interpret_as: str | None, name: str):
             having = [p.name for p in platforms.PLATFORMS.values() if p.pallas]
             like = [jnp.zeros((ins[0].shape[0], cols), dt) for cols, dt in outputs]
             return unavailable(
-                f"implementation='pallas' has no kernel for platform {rec.name!r}: jaxmx's "
+                "implementation='pallas' has no kernel for platform '{platform}': jaxmx's "
                 f"Pallas kernels are written for {', '.join(having)}. Use implementation='xla' "
                 "(or None) here, or run the kernel through Pallas's interpreter within "
                 "jaxmx.pallas.interpret()",
                 *like,
             )
-        return _call.run(body, ins, outputs, backend=rec.pallas[0], interpret=False, name=name)
+        backend = rec.pallas[0]
+        run = functools.partial(
+            _call.run, body, outputs=outputs, backend=backend, interpret=False, name=name
+        )
+        return on_backend(backend, lambda *a: run(list(a)), *ins)
 
     if interpret_as is not None:
         return branch(None, *inputs)
