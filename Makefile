@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RECIPES := fp32,mxfp8,mxfp6,mxfp4_weights,mxfp4
 STUDY := fp32,mxfp8,mxfp8_rceil,mxfp6,mxfp6_rceil,mxfp4_weights,mxfp4_weights_rceil,mxfp4,mxfp4_rceil
 
-.PHONY: help venv test test-slow lint demo study ptq-study format-study tour bench docs fashion-mnist clean
+.PHONY: help venv test test-slow lint demo study ptq-study format-study tour bench docs fashion-mnist bench-device clean
 
 help:
 	@echo "make demo       set up and run the main job: a short MX training study (a few minutes)"
@@ -125,6 +125,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/gpt_step.py --recipes mxfp8,mxfp6,mxfp4
 	$(PY) benchmarks/optimizer.py
 	$(PY) benchmarks/serve.py
+
+# One unattended pass on an accelerator (under 8 minutes): the Pallas kernels
+# against the XLA path and the stored vectors, their speed, decode tokens/s;
+# writes runs/device/<platform>.json. On a CPU it is a dry run.
+bench-device: $(STAMP)
+	$(PY) benchmarks/device.py --out runs/device
 
 # The documentation site: the MyST guides of docs/ and an API reference generated
 # from the docstrings (docs/api/_generated). Nothing is executed here: the pages'

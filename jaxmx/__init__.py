@@ -34,6 +34,7 @@ from jaxmx.tensor import MXTensor
 from jaxmx.quantize import quantize
 from jaxmx.quantize import dequantize
 from jaxmx.quantize import fake_quantize
+from jaxmx import pallas
 
 # MXTensor as an array: exact structural ops on codes and scales.
 from jaxmx.array_ops import concatenate
@@ -130,6 +131,7 @@ __all__ = [
     "native",
     "numerics",
     "pack",
+    "pallas",
     "param_bytes",
     "platforms",
     "preset",

@@ -4,7 +4,9 @@ jaxmx computes the same values everywhere; what a platform changes is how:
 the dtype the operands of an emulated matmul are decoded into, whether a
 bfloat16 dot needs XLA:CPU's layout care, whether 4-bit float codes are held
 in ``float4_e2m1fn`` arrays, and which native block-scaled matmuls may
-exist. Each platform is one :class:`Platform` record in :data:`PLATFORMS`.
+exist, and which Pallas backend jaxmx's fused kernels (:mod:`jaxmx.pallas`)
+are written for there. Each platform is one :class:`Platform` record in
+:data:`PLATFORMS`.
 
 The choice is made when lowering, not when tracing: :func:`per_platform`
 traces a computation once per record and joins them with
@@ -40,7 +42,7 @@ from typing import Any
 import jax
 from jax import lax
 
-__all__ = ["Platform", "PLATFORMS", "force", "forced", "per_platform"]
+__all__ = ["Platform", "PLATFORMS", "PALLAS_BACKENDS", "force", "forced", "per_platform"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +67,10 @@ class Platform:
     # Native block-scaled matmuls that may exist ("scaled_dot": lax.scaled_dot
     # runs in hardware, on GPUs of compute capability 10 and newer).
     native: tuple[str, ...] = ()
+    # Pallas backends jaxmx.pallas has kernels for on this platform:
+    # "mosaic_tpu" (Pallas's TPU backend) or "triton" (Pallas's Triton
+    # backend for NVIDIA GPUs). Empty: implementation="pallas" is refused.
+    pallas: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.dot_dtype not in ("float32", "bfloat16", "host"):
@@ -77,13 +83,24 @@ class Platform:
                 f"platform {self.name!r}: conv_dtype must be 'float32' or 'bfloat16', got "
                 f"{self.conv_dtype!r}"
             )
+        unknown = [b for b in self.pallas if b not in PALLAS_BACKENDS]
+        if unknown:
+            raise ValueError(
+                f"platform {self.name!r}: unknown Pallas backend {unknown[0]!r}; allowed: "
+                f"{', '.join(PALLAS_BACKENDS)}"
+            )
 
+
+# The Pallas backends jaxmx.pallas writes kernels for.
+PALLAS_BACKENDS = ("mosaic_tpu", "triton")
 
 PLATFORMS: dict[str, Platform] = {
     "cpu": Platform("cpu", "host", "float32", cpu_dot_layouts=True, float4_codes=False),
-    "cuda": Platform("cuda", "bfloat16", "bfloat16", False, True, native=("scaled_dot",)),
+    "cuda": Platform(
+        "cuda", "bfloat16", "bfloat16", False, True, native=("scaled_dot",), pallas=("triton",)
+    ),
     "rocm": Platform("rocm", "bfloat16", "bfloat16", False, True),
-    "tpu": Platform("tpu", "bfloat16", "bfloat16", False, True),
+    "tpu": Platform("tpu", "bfloat16", "bfloat16", False, True, pallas=("mosaic_tpu",)),
 }
 
 _FORCED: contextvars.ContextVar[Platform | None] = contextvars.ContextVar(
@@ -121,7 +138,12 @@ def forced() -> Platform | None:
     return _FORCED.get()
 
 
-def per_platform(fn: Callable, *args: Any, platform: Platform | str | None = None) -> Any:
+def per_platform(
+    fn: Callable,
+    *args: Any,
+    platform: Platform | str | None = None,
+    reads: tuple[str, ...] = (),
+) -> Any:
     """``fn(record, *args)`` for the platform the program is lowered for.
 
     ``fn`` is traced once per distinct set of choices (platforms whose records
@@ -129,7 +151,8 @@ def per_platform(fn: Callable, *args: Any, platform: Platform | str | None = Non
     with no device in this process, which cannot be taken), the results must
     have the same types, and :func:`jax.lax.platform_dependent` picks one
     when lowering. ``platform`` (or a :func:`force`) traces that record's
-    branch only.
+    branch only. The ``pallas`` field splits branches only for callers that
+    name it in ``reads`` (the others never look at it).
     """
     chosen = _record(platform) if platform is not None else forced()
     if chosen is not None:
@@ -138,14 +161,15 @@ def per_platform(fn: Callable, *args: Any, platform: Platform | str | None = Non
     branches = {}
     for name, rec in PLATFORMS.items():
         # platform_dependent traces one branch per distinct callable.
-        branches[name] = shared.setdefault(_choices(rec), functools.partial(fn, rec))
+        branches[name] = shared.setdefault(_choices(rec, reads), functools.partial(fn, rec))
     return lax.platform_dependent(*args, **branches, default=branches["cpu"])
 
 
-def _choices(rec: Platform) -> Platform:
+def _choices(rec: Platform, reads: tuple[str, ...] = ()) -> Platform:
     """What a branch for ``rec`` can depend on: its record without the name."""
     native = rec.native if _has_devices(rec.name) else ()
-    return dataclasses.replace(rec, name="", native=native)
+    pallas = rec.pallas if "pallas" in reads else ()
+    return dataclasses.replace(rec, name="", native=native, pallas=pallas)
 
 
 @functools.cache

@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxmx import numerics
+from jaxmx import numerics, pallas
 from jaxmx.formats import MXFormat, get_family
 from jaxmx.packing import unpack
 from jaxmx.spec import QuantSpec
@@ -103,6 +103,7 @@ def quantize(
     key: jax.Array | None = None,
     packed: bool = False,
     tensor_amax: jax.typing.ArrayLike | None = None,
+    implementation: str | None = None,
 ) -> MXTensor:
     """Quantizes ``x`` to an MX format along one axis.
 
@@ -136,6 +137,15 @@ def quantize(
         8-bit formats.
       tensor_amax: NVFP4 only: the amax that sets the per-tensor scale
         (calibrated, or the same for every shard); default ``max |x|``.
+      implementation: ``"xla"``: the exact emulation in XLA ops, every
+        format and option, every platform. ``"pallas"``: one fused Pallas
+        kernel, the same bits, for the OCP formats and NVFP4 (see
+        :mod:`jaxmx.pallas` for what it covers); compiled for TPUs (Mosaic) and NVIDIA GPUs
+        (Triton), refused when compiled for a platform with no kernel (the
+        CPU; :func:`jaxmx.pallas.interpret` runs it interpreted there).
+        ``None`` (default): the best implementation verified on the
+        platform, which is ``"xla"`` everywhere until the kernels have run
+        on hardware.
 
     The relatives of the OCP formats follow their own reference arithmetic
     (``format.family``; see docs/semantics.md): ``"nvfp4"`` (blocks of 16 or
@@ -168,7 +178,8 @@ def quantize(
         x, format, key, tensor_amax, axis=axis, block_size=block_size, scale_mode=scale_mode,
         rounding=rounding, flush_subnormals=flush_subnormals, packed=packed,
     )  # fmt: skip
-    return _quantize_nodiff(x, rbits, amax, spec)
+    impl = pallas.check_implementation(implementation)
+    return _quantize_nodiff(x, rbits, amax, spec, impl)
 
 
 def _arguments(x, format, key, tensor_amax, **options):
@@ -181,23 +192,27 @@ def _arguments(x, format, key, tensor_amax, **options):
     return x, rbits, amax, spec
 
 
-def quantize_spec(x, rbits, tensor_amax, spec: QuantSpec) -> MXTensor:
+def quantize_spec(x, rbits, tensor_amax, spec: QuantSpec, implementation="xla") -> MXTensor:
     """:func:`quantize` with validated arguments (for jaxmx's ops)."""
+    if implementation == "pallas":
+        return pallas.quantize(x, rbits, tensor_amax, spec)
     return get_family(spec.format).quantize(x, rbits, tensor_amax, spec)
 
 
-def fake_quantize_spec(x, rbits, tensor_amax, spec: QuantSpec) -> jax.Array:
+def fake_quantize_spec(x, rbits, tensor_amax, spec: QuantSpec, implementation="xla") -> jax.Array:
     """:func:`fake_quantize` with validated arguments, no custom gradient."""
+    if implementation == "pallas":
+        return pallas.fake_quantize(x, rbits, tensor_amax, spec)
     return get_family(spec.format).fake_quantize(x, rbits, tensor_amax, spec)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _quantize_nodiff(x, rbits, tensor_amax, spec):
-    return quantize_spec(x, rbits, tensor_amax, spec)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _quantize_nodiff(x, rbits, tensor_amax, spec, implementation):
+    return quantize_spec(x, rbits, tensor_amax, spec, implementation)
 
 
 @_quantize_nodiff.defjvp
-def _quantize_jvp(spec, primals, tangents):
+def _quantize_jvp(spec, implementation, primals, tangents):
     # Rounding to codes has a zero derivative almost everywhere; a silent zero
     # gradient through dequantize(quantize(x)) is never what a user wants.
     raise TypeError(
@@ -248,10 +263,12 @@ def fake_quantize(
     flush_subnormals: bool = False,
     key: jax.Array | None = None,
     tensor_amax: jax.typing.ArrayLike | None = None,
+    implementation: str | None = None,
 ) -> jax.Array:
     """``dequantize(quantize(x, ...))`` in one fused pass, in ``x``'s dtype.
 
-    Takes the same arguments as :func:`quantize`. The codes are never
+    Takes the same arguments as :func:`quantize` (``implementation``
+    included: ``"pallas"`` writes the values from one kernel). The codes are never
     materialized: the rounded value of each element is rebuilt directly from
     its code magnitude and the block's exponent.
 
@@ -268,18 +285,19 @@ def fake_quantize(
         x, format, key, tensor_amax, axis=axis, block_size=block_size, scale_mode=scale_mode,
         rounding=rounding, flush_subnormals=flush_subnormals,
     )  # fmt: skip
-    return _fake_quantize(x, rbits, amax, spec)
+    impl = pallas.check_implementation(implementation)
+    return _fake_quantize(x, rbits, amax, spec, impl)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _fake_quantize(x, rbits, tensor_amax, spec):
-    return fake_quantize_spec(x, rbits, tensor_amax, spec)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _fake_quantize(x, rbits, tensor_amax, spec, implementation):
+    return fake_quantize_spec(x, rbits, tensor_amax, spec, implementation)
 
 
 @_fake_quantize.defjvp
-def _fake_quantize_jvp(spec, primals, tangents):
+def _fake_quantize_jvp(spec, implementation, primals, tangents):
     x, rbits, tensor_amax = primals
-    return _fake_quantize(x, rbits, tensor_amax, spec), tangents[0]
+    return _fake_quantize(x, rbits, tensor_amax, spec, implementation), tangents[0]
 
 
 register_ops(dequantize=dequantize)

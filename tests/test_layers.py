@@ -7,8 +7,9 @@ import machinery still fails here. The layers, bottom to top:
 * numerics: format records and the family protocol, bit-level rounding and
   scales, block layouts;
 * tensor: the MXTensor pytree and what reads, stores and reshapes it;
-* families: each family's arithmetic (jaxmx.families), and quantize /
-  dequantize, which hand a tensor to its format's family;
+* families: each family's arithmetic (jaxmx.families), its fused Pallas
+  kernels (jaxmx.pallas), and quantize / dequantize, which hand a tensor to
+  its format's family or kernel;
 * ops: matmul configuration, the quantized matmuls, rules, intercept,
   serving and post-training quantization;
 * integrations: Flax and Optax, which may also use the public surface
@@ -49,6 +50,7 @@ LAYERS = {
     "families": (
         "jaxmx.analysis",
         "jaxmx.families",
+        "jaxmx.pallas",
         "jaxmx.quantize",
         "jaxmx.rounding",
     ),

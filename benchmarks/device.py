@@ -1,0 +1,250 @@
+"""One unattended pass on an accelerator: are the kernels right here, and how fast?
+
+    python benchmarks/device.py                   # writes runs/device/<platform>.json
+    python benchmarks/device.py --quick           # smaller timings (a smoke run)
+
+Three parts, each recorded even when another fails, in well under 8 minutes
+on one GPU or TPU:
+
+1. Correctness. Every OCP format's reference vectors (tests/data/vectors:
+   the MX paper's emulator, nearest-even, blocks of 32 along both axes) and
+   NVFP4's (tests/data/vectors_turn2/nvfp4: TransformerEngine's codes and
+   scales) are quantized here by ``implementation="xla"`` and, where the
+   platform has a kernel, ``implementation="pallas"``: the values and scales
+   against the stored ones, and the kernel's codes and scales against the
+   XLA path's, bit for bit.
+2. Speed. quantize and fake_quantize of one large bfloat16 array per format,
+   XLA against Pallas, and fake_quantize against a plain copy of the same
+   array (the memory-bound floor), as medians of interleaved runs.
+3. Decode. ``benchmarks/serve.py --quick`` (tokens per second of MX weights)
+   where its pretrained weights are on disk; skipped, and said so, otherwise.
+
+On a CPU it is a dry run: the XLA path is checked, the kernels are run
+through Pallas's interpreter on one small case only, and every path it could
+not take is listed under "not run" in the JSON and the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import jaxmx
+from benchmarks.common import compare, machine, table
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+OCP = ("mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1", "mxint8")
+VECTORS = ROOT / "tests" / "data" / "vectors"
+NVFP4_VECTORS = ROOT / "tests" / "data" / "vectors_turn2" / "nvfp4"
+
+
+def _raw(a) -> np.ndarray:
+    a = np.asarray(a)
+    return a.view(np.dtype(f"uint{8 * a.dtype.itemsize}"))
+
+
+def _same_values(a, b) -> bool:
+    """Equal as the vectors define it: NaN equals NaN, -0.0 equals +0.0."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return bool(np.array_equal(a, b, equal_nan=True))
+
+
+def _platform() -> str:
+    """jaxmx's name for the default backend's platform ("gpu" devices: cuda or rocm)."""
+    for name in ("tpu", "cuda", "rocm"):
+        try:
+            if jax.devices(name):
+                return name
+        except RuntimeError:  # no such backend here
+            continue
+    return jax.devices()[0].platform
+
+
+def _has_kernel() -> bool:
+    rec = jaxmx.platforms.PLATFORMS.get(_platform())
+    return bool(rec and rec.pallas)
+
+
+def _quantize(impl, x, fmt, **kw):
+    return jaxmx.quantize(x, fmt, implementation=impl, **kw)
+
+
+def check_ocp(kernel: bool, interpret_one: bool) -> list[dict]:
+    rows = []
+    for fmt in OCP:
+        for axis in (-1, 0):
+            path = VECTORS / f"{fmt}_bs32_ax{axis}_nearest_even.npz"
+            z = np.load(path)
+            cases = json.loads(str(z["meta"]))["cases"]
+            for case in cases:
+                x = jnp.asarray(z[f"x__{case}"])
+                ref = _quantize("xla", x, fmt, axis=axis)
+                row = {"format": fmt, "axis": axis, "case": case}
+                row["xla_vs_vectors"] = _same_values(jaxmx.dequantize(ref), z[f"y__{case}"])
+                if kernel or (interpret_one and case == "nan_inf" and axis == -1):
+                    ctx = jaxmx.pallas.interpret("mosaic_tpu") if not kernel else _null()
+                    with ctx:
+                        t = _quantize("pallas", x, fmt, axis=axis)
+                        f = jaxmx.fake_quantize(x, fmt, axis=axis, implementation="pallas")
+                    row["pallas_vs_xla"] = bool(
+                        np.array_equal(_raw(t.data), _raw(ref.data))
+                        and np.array_equal(_raw(t.scale), _raw(ref.scale))
+                        and np.array_equal(_raw(f), _raw(jaxmx.fake_quantize(x, fmt, axis=axis)))
+                    )
+                    row["pallas_interpreted"] = not kernel
+                rows.append(row)
+    return rows
+
+
+def check_nvfp4(kernel: bool) -> list[dict]:
+    rows = []
+    for path in sorted(NVFP4_VECTORS.glob("te_1x16__*.npz")):
+        z = np.load(path)
+        x = jnp.asarray(z["x"])
+        ref = _quantize("xla", x, "nvfp4")
+        codes = jaxmx.codes.storage_to_raw(ref.data, ref.format.element)
+        row = {"format": "nvfp4", "case": path.stem}
+        row["xla_vs_vectors"] = bool(
+            np.array_equal(np.asarray(codes), z["codes"])
+            and np.array_equal(_raw(ref.scale), z["scales_e4m3"])
+        )
+        if kernel:
+            t = _quantize("pallas", x, "nvfp4")
+            row["pallas_vs_xla"] = bool(
+                np.array_equal(_raw(t.data), _raw(ref.data))
+                and np.array_equal(_raw(t.scale), _raw(ref.scale))
+                and np.array_equal(_raw(t.tensor_scale), _raw(ref.tensor_scale))
+            )
+        rows.append(row)
+    return rows
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def speed(kernel: bool, shape, repeats: int) -> list[dict]:
+    x = jax.random.normal(jax.random.key(0), shape, jnp.bfloat16)
+    nbytes = x.size * x.dtype.itemsize
+    copy = jax.jit(lambda x: x + jnp.bfloat16(0))  # reads and writes x once
+    rows = []
+    for fmt in ("mxfp8_e4m3", "mxfp4_e2m1", "nvfp4"):
+        q_xla = jax.jit(lambda x, fmt=fmt: _quantize("xla", x, fmt).data)
+        f_xla = jax.jit(lambda x, fmt=fmt: jaxmx.fake_quantize(x, fmt, implementation="xla"))
+        t_f, t_copy = compare(f_xla, copy, (x,), repeats=repeats)
+        row = {"format": fmt, "shape": list(shape), "bytes": nbytes}
+        row["fake_xla_over_copy"] = t_f / t_copy
+        row["copy_GBps"] = 2 * nbytes / t_copy / 1e9
+        if kernel:
+            q_pl = jax.jit(lambda x, fmt=fmt: _quantize("pallas", x, fmt).data)
+            f_pl = jax.jit(lambda x, fmt=fmt: jaxmx.fake_quantize(x, fmt, implementation="pallas"))
+            t_qp, t_qx = compare(q_pl, q_xla, (x,), repeats=repeats)
+            t_fp, t_fx = compare(f_pl, f_xla, (x,), repeats=repeats)
+            row.update(
+                quantize_xla_ms=1e3 * t_qx,
+                quantize_pallas_ms=1e3 * t_qp,
+                fake_xla_ms=1e3 * t_fx,
+                fake_pallas_ms=1e3 * t_fp,
+                fake_pallas_over_copy=t_fp / t_copy,
+            )
+        else:
+            row["quantize_xla_ms"] = 1e3 * compare(q_xla, copy, (x,), repeats=repeats)[0]
+        rows.append(row)
+    return rows
+
+
+def decode(quick: bool, timeout: int) -> dict:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--quick", "--rounds", "2"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"ran": False, "why": f"serve.py took over {timeout} s"}
+    if out.returncode != 0:
+        last = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["?"]
+        return {"ran": False, "why": f"serve.py failed: {last[0][:300]}"}
+    return {"ran": True, "output": out.stdout[-4000:]}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller timings")
+    parser.add_argument(
+        "--out", default=str(ROOT / "runs" / "device"), help="folder for <platform>.json"
+    )
+    parser.add_argument("--no-decode", action="store_true", help="skip serve.py")
+    args = parser.parse_args(argv)
+
+    t0 = time.perf_counter()
+    platform = _platform()
+    kernel = _has_kernel()
+    report = {"machine": machine(), "platform": platform, "pallas_kernel": kernel, "not_run": []}
+    if not kernel:
+        report["not_run"].append(
+            f"Pallas kernels on {platform}: jaxmx has none for it (interpreted on one case per "
+            "OCP format instead)"
+        )
+    ocp = check_ocp(kernel, interpret_one=not kernel)
+    nv = check_nvfp4(kernel)
+    if not kernel:
+        report["not_run"].append("NVFP4's Pallas kernel against its vectors")
+    report["correctness"] = ocp + nv
+    accelerator = platform in ("cuda", "rocm", "tpu")
+    shape = (1024, 1024) if args.quick or not accelerator else (8192, 8192)
+    report["speed"] = speed(kernel, shape, repeats=5 if args.quick else 20)
+    if not accelerator:
+        report["not_run"].append("speed on an accelerator (this is a CPU: a small shape only)")
+    if args.no_decode:
+        report["decode"] = {"ran": False, "why": "--no-decode"}
+    else:
+        report["decode"] = decode(args.quick, timeout=240)
+    if not report["decode"]["ran"]:
+        report["not_run"].append(f"decode tokens/s: {report['decode']['why']}")
+    report["seconds"] = time.perf_counter() - t0
+
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{platform}.json"
+    path.write_text(json.dumps(report, indent=1))
+
+    checks = report["correctness"]
+    bad = [r for r in checks if not r["xla_vs_vectors"] or r.get("pallas_vs_xla") is False]
+    kernel_checked = sum("pallas_vs_xla" in r for r in checks)
+    print(report["machine"])
+    print(
+        f"correctness: {len(checks)} cases, {kernel_checked} with the kernel"
+        f"{' (interpreted)' if not kernel else ''}, {len(bad)} failing"
+    )
+    for r in bad:
+        print("  FAIL", r)
+    cols = ["format", "quantize_xla_ms", "quantize_pallas_ms", "fake_xla_ms", "fake_pallas_ms",
+            "fake_xla_over_copy", "copy_GBps"]  # fmt: skip
+    rows = [
+        [r["format"]] + [f"{r[c]:.3g}" if c in r else "-" for c in cols[1:]]
+        for r in report["speed"]
+    ]
+    print(table(cols, rows))
+    if report["decode"]["ran"]:
+        print(report["decode"]["output"])
+    for line in report["not_run"]:
+        print("not run:", line)
+    print(f"wrote {path} in {report['seconds']:.0f} s")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

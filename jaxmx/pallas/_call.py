@@ -1,0 +1,88 @@
+"""One ``pallas_call`` over rows of blocks, tiled for each Pallas backend.
+
+A kernel body reads ``(rows, block_size)`` tiles of its inputs and writes
+tiles of its outputs with the same rows (``block_size`` columns for
+per-element outputs, one column for per-block outputs); the grid walks the
+row tiles, which are independent ("parallel": a TPU with two cores splits
+them). What differs by backend is only the tile height and the compiler
+parameters:
+
+* ``mosaic_tpu``: tiles of up to 512 rows, a multiple of 32 (the row tile
+  of 8-bit arrays in TPU memory); fewer rows take one tile of all of them,
+  which Mosaic allows for any count (a block dimension equal to the
+  array's).
+* ``triton``: tiles whose sides are powers of two (a Triton requirement),
+  up to 256 rows; loads and stores past the last row are masked.
+
+Under :func:`jaxmx.pallas.interpret` the same call runs through Pallas's
+interpreter: the TPU one with race detection for ``mosaic_tpu``, the
+generic one for ``triton``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+# Rows per tile (the largest; fewer when the array has fewer rows).
+TILE_ROWS = {"mosaic_tpu": 512, "triton": 256}
+
+
+def tile_rows(backend: str, rows: int) -> int:
+    if backend == "mosaic_tpu":
+        return rows if rows <= TILE_ROWS[backend] else TILE_ROWS[backend]
+    return min(TILE_ROWS[backend], 1 << max(rows - 1, 0).bit_length())
+
+
+def _compiler_params(backend: str):
+    if backend == "mosaic_tpu":
+        return pltpu.CompilerParams(dimension_semantics=("parallel",))
+    return pltriton.CompilerParams(num_warps=4, num_stages=1)
+
+
+def _interpreter(backend: str):
+    if backend == "mosaic_tpu":
+        return pltpu.InterpretParams(detect_races=True)
+    return True
+
+
+def run(
+    body: Callable,
+    inputs: Sequence[jax.Array],
+    outputs: Sequence[tuple[int, object]],
+    *,
+    backend: str,
+    interpret: bool,
+    name: str,
+) -> list[jax.Array]:
+    """``body`` over the row tiles of ``inputs``.
+
+    ``inputs``: ``(rows, block_size)`` arrays, tiled by rows, or small 2-D
+    arrays with one row (per-tensor values), which every step reads whole.
+    ``outputs``: ``(columns, dtype)`` per output, each ``(rows, columns)``.
+    """
+    rows = inputs[0].shape[0]
+    tb = tile_rows(backend, rows)
+    index = lambda i: (i, 0)  # noqa: E731
+    whole = lambda i: (0, 0)  # noqa: E731
+
+    def spec(a):
+        if a.shape[0] == rows:
+            return pl.BlockSpec((tb, a.shape[1]), index)
+        return pl.BlockSpec(a.shape, whole)
+
+    call = pl.pallas_call(
+        body,
+        grid=(pl.cdiv(rows, tb),),
+        in_specs=[spec(a) for a in inputs],
+        out_specs=[pl.BlockSpec((tb, cols), index) for cols, _ in outputs],
+        out_shape=[jax.ShapeDtypeStruct((rows, cols), dtype) for cols, dtype in outputs],
+        interpret=_interpreter(backend) if interpret else False,
+        compiler_params=_compiler_params(backend),
+        name=name,
+    )
+    return list(call(*inputs))
