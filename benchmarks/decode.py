@@ -18,6 +18,7 @@ round, and each ratio is to the faster of the two baselines in that run.
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -52,18 +53,31 @@ def variants(w, formats) -> dict:
     return out
 
 
-def time_round_robin(table: dict, x, rounds: int) -> dict:
-    """Median seconds per variant, the variants interleaved call by call."""
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def time_round_robin(table: dict, x, rounds: int) -> tuple[dict, dict]:
+    """Median wall and process CPU seconds per variant, interleaved call by call.
+
+    The CPU time (user + system, all threads) is what the call cost this
+    process; on a loaded machine the wall time also holds the time other
+    processes held the cores.
+    """
     for fn, p in table.values():  # compile and warm up
         for _ in range(2):
             jax.block_until_ready(fn(p, x))
-    times = {name: [] for name in table}
+    wall = {name: [] for name in table}
+    cpu = {name: [] for name in table}
     for _ in range(rounds):
         for name, (fn, p) in table.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _cpu_seconds()
             jax.block_until_ready(fn(p, x))
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(_cpu_seconds() - c0)
+    med = statistics.median
+    return {n: med(t) for n, t in wall.items()}, {n: med(t) for n, t in cpu.items()}
 
 
 def main() -> None:
@@ -88,25 +102,31 @@ def main() -> None:
     loads = [common.load()]
     for shape in [s for s in args.shapes.split(",") if s]:
         x = jax.random.normal(jax.random.key(1), (SHAPES[shape], args.k), jnp.float32)
-        med = time_round_robin(table, x, args.rounds)
+        wall, cpu = time_round_robin(table, x, args.rounds)
         loads.append(common.load())
-        best = min(med["float32"], med["bfloat16"])
-        best_name = "float32" if med["float32"] <= med["bfloat16"] else "bfloat16"
+        base = {}
+        for med in (wall, cpu):
+            name = min(("float32", "bfloat16"), key=med.get)
+            base[id(med)] = (name, med[name])
         for name, (_, params) in table.items():
             rows.append(
                 [
                     f"{SHAPES[shape]} x {args.k} @ {args.k} x {args.n}",
                     name,
                     f"{jaxmx.param_bytes(params) / 2**20:.1f}",
-                    f"{med[name] * 1e3:.2f}",
-                    f"{med[name] / best:.2f}x",
+                    *(
+                        f"{med[name] * 1e3:.2f} ({med[name] / base[id(med)][1]:.2f}x)"
+                        for med in (wall, cpu)
+                    ),
                 ]
             )
             print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
-        rows.append(["", f"(baseline: {best_name})", "", "", ""])
+        names = [base[id(med)][0] for med in (wall, cpu)]
+        rows.append(["", "baseline (faster)", "", *names])
     print(f"\n{common.machine()}")
     print(f"median of {args.rounds} interleaved rounds; " + "; then ".join(loads))
-    header = ["product", "weights", "weight MiB", "ms", "vs faster of float32/bf16"]
+    print("ratios are to the faster of float32 and bfloat16 weights, in the same run")
+    header = ["product", "weights", "weight MiB", "wall ms (ratio)", "CPU ms (ratio)"]
     print(common.table(header, rows))
 
 

@@ -64,6 +64,10 @@ class Platform:
     # Native block-scaled matmuls that may exist ("scaled_dot": lax.scaled_dot
     # runs in hardware, on GPUs of compute capability 10 and newer).
     native: tuple[str, ...] = ()
+    # Whether a weight-only matmul decodes its MXTensor weight a slab at a
+    # time (jaxmx._intercept.slabs): XLA:CPU allocates a large decoded
+    # temporary afresh on every call, and its page faults outweigh the decode.
+    sliced_decode: bool = False
 
     def __post_init__(self):
         if self.dot_dtype not in ("float32", "bfloat16", "host"):
@@ -79,7 +83,9 @@ class Platform:
 
 
 PLATFORMS: dict[str, Platform] = {
-    "cpu": Platform("cpu", "host", "float32", cpu_dot_layouts=True, float4_codes=False),
+    "cpu": Platform(
+        "cpu", "host", "float32", cpu_dot_layouts=True, float4_codes=False, sliced_decode=True
+    ),
     "cuda": Platform("cuda", "bfloat16", "bfloat16", False, True, native=("scaled_dot",)),
     "rocm": Platform("rocm", "bfloat16", "bfloat16", False, True),
     "tpu": Platform("tpu", "bfloat16", "bfloat16", False, True),
