@@ -45,18 +45,21 @@ def element_values(elem) -> np.ndarray:
     return codes.astype(np.uint8).view(ML_ELEMENTS[elem.name]).astype(np.float64)
 
 
-def reference_bits(values: np.ndarray, dtype) -> np.ndarray:
+def reference_bits(values: np.ndarray, dtype, nan_sign=0) -> np.ndarray:
     """Bit patterns of float64 ``values`` (exact in float32, or past its range) in ``dtype``.
 
-    NaN is the unsigned quiet NaN; values above float32's range are +-Inf.
+    NaN is the quiet NaN, negative where ``nan_sign`` is 1; values above
+    float32's range are +-Inf.
     """
+    nan_sign = np.asarray(nan_sign, np.uint32)
     with np.errstate(over="ignore"):
         f32 = values.astype(np.float32)  # exact, or Inf past float32's range
     if dtype == jnp.float32:
         bits = f32.view(np.uint32)
-        return np.where(np.isnan(values), NAN32, bits)
+        return np.where(np.isnan(values), NAN32 | (nan_sign << 31), bits)
     bits = f32.astype(ml_dtypes.bfloat16).view(np.uint16)  # round to nearest even
-    return np.where(np.isnan(values), np.uint16(0x7FC0), bits)
+    nan = (np.uint32(0x7FC0) | (nan_sign << 15)).astype(np.uint16)
+    return np.where(np.isnan(values), nan, bits)
 
 
 def out_bits(a) -> np.ndarray:
@@ -128,3 +131,159 @@ def test_ocp_paths_each_exact(name):
     biased = jnp.expand_dims(jax.lax.bitcast_convert_type(sub.scale, jnp.uint8), sub.axis)
     fast = jax.jit(lambda d, b: ocp_kernels._decode_fast(d, b, t=sub, dtype=jnp.float32))
     np.testing.assert_array_equal(out_bits(fast(sub.data, biased)), reference_bits(v, jnp.float32))
+
+
+# NVFP4: E2M1 codes x E4M3 block scales x a float32 tensor scale.
+
+E2M1_VALUES = element_values(jaxmx.get_format("nvfp4").element)
+# Tensor scales: ordinary ones (the float path), one whose products with
+# small block scales are float32 subnormals, one that overflows, and one
+# below the float path's bound (the integer path).
+TENSOR_SCALES = [1.0, 0.0022321428, 2.0**-120, 2.0**-140, 2.0**100, 3.0e38]
+
+
+def nvfp4_tensor(tensor_scale: float):
+    """Every E2M1 code (16 per block) under every E4M3 scale byte (one block each).
+
+    Returns the tensor, the values of TE's decode and the sign of each NaN:
+    a NaN block scale (0x7F, 0xFF) decodes its block to NaN with its sign.
+    A decode factor past float32's range is Inf, and a zero code times Inf
+    is the invalid operation's NaN, whose sign the hardware chooses.
+    """
+    codes = np.tile(np.arange(16, dtype=np.uint8), (256, 1))
+    scales = np.arange(256, dtype=np.uint8)[:, None]
+    t = jaxmx.quantize(jnp.ones((256, 16)), "nvfp4")
+    t = dataclasses.replace(
+        t,
+        data=jnp.asarray(codes),
+        scale=jnp.asarray(scales.view(ml_dtypes.float8_e4m3fn)),
+        tensor_scale=jnp.float32(tensor_scale),
+    )
+    # TE's decode, one float32 rounding per step: s8 * ts, then E2M1 * that.
+    s8 = scales.view(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        dec = (s8 * np.float64(np.float32(tensor_scale))).astype(np.float32).astype(np.float64)
+        values = (E2M1_VALUES[codes] * dec).astype(np.float32).astype(np.float64)
+    return t, values, np.broadcast_to(scales >> 7, codes.shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("tensor_scale", TENSOR_SCALES)
+def test_nvfp4_every_code_every_scale(tensor_scale, dtype):
+    t, values, nan_sign = nvfp4_tensor(tensor_scale)
+    invalid = np.isnan(values) & ~np.isnan(t.scale.astype(np.float32))[:, :1]
+    want = reference_bits(values, dtype, nan_sign)
+    decode = jax.jit(jaxmx.dequantize, static_argnums=1)
+    packed = jaxmx.pack(t)
+    assert packed.packed and packed.data.shape == (256, 8)
+    for u in (t, packed):
+        got = decode(u, dtype)
+        assert np.isnan(np.asarray(got, np.float32)[invalid]).all()
+        np.testing.assert_array_equal(
+            np.where(invalid, 0, out_bits(got)), np.where(invalid, 0, want)
+        )
+    if tensor_scale == 3.0e38:
+        assert invalid.any()  # the overflow case holds 0 * Inf
+    else:
+        assert not invalid.any()
+
+
+# The weight-only serving path: intercept decodes an MXTensor weight slab by
+# slab on CPU. Each slab decodes to the bits of its slice of the whole
+# decode; the products are float32-accumulated dot products of those values,
+# in the order XLA's kernels choose for the slab's shape, so they are
+# compared with the whole decoded weight's product within float32
+# accumulation error.
+
+
+def _while_count(fn, *args) -> int:
+    """Loops in ``fn``'s program as lowered for this host (the CPU)."""
+    return jax.jit(fn).lower(*args).as_text().count("stablehlo.while")
+
+
+SERVING = {
+    # name: (function of (w, x), weight shape, x shape, quantized axis of w)
+    "x @ kernel": (lambda w, x: x @ w, (64, 768), (3, 64), 0),
+    "one token": (lambda w, x: x @ w, (96, 768), (1, 96), 0),
+    "(out, in) weight": (lambda w, x: jnp.einsum("mk,nk->mn", x, w), (768, 64), (3, 64), 1),
+    "weight on the left": (
+        lambda w, x: jax.lax.dot_general(w, x, (((0,), (1,)), ((), ()))),
+        (64, 768),
+        (3, 64),
+        0,
+    ),
+    "batched": (
+        lambda w, x: jax.lax.dot_general(x, w, (((2,), (1,)), ((0,), (0,)))),
+        (2, 64, 384),
+        (2, 3, 64),
+        1,
+    ),
+    "bfloat16 layer": (
+        lambda w, x: x.astype(jnp.bfloat16) @ w.astype(jnp.bfloat16),
+        (64, 768),
+        (3, 64),
+        0,
+    ),
+}
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "mxfp8"])
+@pytest.mark.parametrize("case", list(SERVING))
+def test_weight_only_slabs_match_whole_decode(case, fmt, monkeypatch):
+    from jaxmx._intercept import slabs
+
+    fn, wshape, xshape, axis = SERVING[case]
+    monkeypatch.setattr(slabs, "SLAB_ELEMENTS", 96 * 256)  # slabs of 256 or 128 columns
+    w = jax.random.normal(jax.random.key(0), wshape)
+    x = jax.random.normal(jax.random.key(1), xshape)
+    t = jaxmx.pack(jaxmx.quantize(w, fmt, axis=axis))
+
+    def model(p, x):
+        return fn(p["w"], x)
+
+    served = jaxmx.intercept(model, None, warn=False)
+    got = jax.jit(served)({"w": t}, x)
+    assert _while_count(served, {"w": t}, x) == 1  # the slab loop ran
+    dtype = jnp.bfloat16 if "bfloat16" in case else jnp.float32
+    wd = jaxmx.dequantize(t, dtype)
+    want = jax.jit(fn)(wd, x)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    # Two float32 summation orders of K terms differ by at most 2 K u sum |terms|.
+    k = wshape[1] if case == "batched" else (wshape[1] if axis == 1 else wshape[0])
+    mag = np.asarray(fn(jnp.abs(wd).astype(jnp.float32), jnp.abs(x).astype(jnp.float32)))
+    bound = 2 * k * 2.0**-24 * mag
+    if dtype == jnp.bfloat16:  # and one bfloat16 rounding of each
+        bound = bound + 2.0**-8 * np.abs(np.asarray(want, np.float32))
+    err = np.abs(np.asarray(got, np.float32) - np.asarray(want, np.float32))
+    assert (err <= bound).all(), float((err / np.maximum(bound, 1e-30)).max())
+    assert not np.array_equal(np.asarray(got), np.asarray(fn(w, x)))  # quantized
+    with jaxmx.platforms.force("tpu"):  # no slabs there: the whole weight
+        served = jaxmx.intercept(model, None, warn=False)  # traced afresh under the force
+        assert _while_count(served, {"w": t}, x) == 0
+        np.testing.assert_array_equal(out_bits(jax.jit(served)({"w": t}, x)), out_bits(want))
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "mxfp8"])
+def test_slabs_decode_to_slices_of_the_whole_decode(fmt):
+    """Every slab the loop cuts decodes to the bits of its slice of the whole decode."""
+    from jaxmx._intercept import slabs
+
+    w = jax.random.normal(jax.random.key(0), (64, 768)) * jnp.exp2(jnp.arange(768) % 40 - 20.0)
+    t = jaxmx.pack(jaxmx.quantize(w, fmt, axis=0))
+    whole = np.asarray(jaxmx.dequantize(t))
+
+    @jax.jit
+    def slab(t, start):
+        return jaxmx.dequantize(slabs._cut(t.canonical(), 1, start, 128))
+
+    for start in range(0, 768, 128):
+        got = out_bits(slab(t, jnp.int32(start)))
+        np.testing.assert_array_equal(got, out_bits(whole[:, start : start + 128]))
+
+
+def test_weight_only_small_weight_decoded_whole():
+    """Weights that take no slabs under the default sizes are decoded whole."""
+    served = jaxmx.intercept(lambda p, x: x @ p["w"], None, warn=False)
+    for n in (768, 8 * 128 + 8):  # below two slabs; not a whole number of column blocks
+        t = jaxmx.quantize(jax.random.normal(jax.random.key(0), (64, n)), "mxfp4", axis=0)
+        assert _while_count(served, {"w": t}, jnp.ones((2, 64))) == 0

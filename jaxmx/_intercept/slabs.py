@@ -9,9 +9,12 @@ about 20x slower than the float32 weight it replaces). On the platforms
 whose record says so (:attr:`jaxmx.platforms.Platform.sliced_decode`: the
 CPU), the weight is cut along one of its free axes (neither contracted,
 batched nor blocked, so every slab holds whole blocks) into slabs of about
-:data:`SLAB_ELEMENTS` elements; a loop decodes each slab and multiplies it
-into its slice of the output. Each output element is the same dot product
-of the same decoded values as the whole matmul's.
+:data:`SLAB_ELEMENTS` elements, a multiple of :data:`SLAB_COLUMNS` wide; a
+loop decodes each slab and multiplies it into its slice of the output.
+Each output element is the same float32-accumulated dot product of the
+same decoded values as the whole matmul's; XLA does not promise an order of
+accumulation, but its CPU kernels give the whole matmul's bits for such
+slabs in every case ``tests/test_decode.py`` checks.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ __all__ = ["SLAB_ELEMENTS", "sliced_dot"]
 # Elements of one decoded slab: 2 MiB of float32, a few slabs to a core's
 # cache, and few enough loop iterations that their overhead stays small.
 SLAB_ELEMENTS = 1 << 19
+# Slab widths are multiples of this many columns, and the sliced axis must
+# be one: XLA:CPU's matmul kernels compute a narrow remainder of columns
+# with another instruction sequence (it rounds differently), so a slab
+# cut off a block boundary would not give the whole matmul's bits.
+SLAB_COLUMNS = 128
 
 
 def sliced_dot(eqn, invals) -> jax.Array | None:
@@ -46,9 +54,8 @@ def sliced_dot(eqn, invals) -> jax.Array | None:
     axis = _slab_axis(t, (lc, rc)[side], (lb, rb)[side])
     if axis is None:
         return None
-    size = t.shape[axis]
-    slab = max(1, SLAB_ELEMENTS // (t.size // size))
-    if size < 2 * slab:
+    slab = _slab_width(t.shape[axis], t.size // t.shape[axis])
+    if slab is None:
         return None
     # Where the slab axis lands in the output: batch, lhs free, rhs free.
     frees = [
@@ -66,6 +73,19 @@ def sliced_dot(eqn, invals) -> jax.Array | None:
         return _by_slabs(eqn.primitive, params, lhs, rhs, side, axis, out_axis, slab, dtype)
 
     return per_platform(run, *invals)
+
+
+def _slab_width(size: int, per_column: int) -> int | None:
+    """Slab width along an axis of ``size``: a multiple of :data:`SLAB_COLUMNS`
+    dividing ``size``, the largest whose slab holds at most
+    :data:`SLAB_ELEMENTS` (at least one column block); None if fewer than two
+    slabs."""
+    if size % SLAB_COLUMNS:
+        return None
+    blocks = size // SLAB_COLUMNS
+    fit = max(1, SLAB_ELEMENTS // (per_column * SLAB_COLUMNS))
+    width = max(d for d in range(1, min(fit, blocks) + 1) if blocks % d == 0)
+    return None if width == blocks else width * SLAB_COLUMNS
 
 
 def _mx_side(invals) -> int | None:
@@ -116,7 +136,6 @@ def _by_slabs(prim, params, lhs, rhs, side, axis, out_axis, slab, dtype):
         a[side] = dequantize(_cut(t, axis, start, width), dtype)
         return prim.bind(*a, **params)
 
-    full, rest = divmod(size, slab)
     first = product(0, slab)
     shape = list(first.shape)
     shape[out_axis] = size
@@ -126,8 +145,4 @@ def _by_slabs(prim, params, lhs, rhs, side, axis, out_axis, slab, dtype):
         start = i * slab
         return lax.dynamic_update_slice_in_dim(out, product(start, slab), start, out_axis)
 
-    out = lax.fori_loop(1, full, body, out)
-    if rest:
-        last = product(full * slab, rest)
-        out = lax.dynamic_update_slice_in_dim(out, last, full * slab, out_axis)
-    return out
+    return lax.fori_loop(1, size // slab, body, out)
