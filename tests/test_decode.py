@@ -24,7 +24,16 @@ import pytest
 import jaxmx
 from jaxmx.families.ocp import _kernels as ocp_kernels
 
-OCP = ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1", "mxint8", "mxint4"]
+OCP = [
+    "mxfp8_e4m3",
+    "mxfp8_e5m2",
+    "mxfp6_e3m2",
+    "mxfp6_e2m3",
+    "mxfp4_e2m1",
+    "mxint8",
+    "mxint4",
+    "mxint2",
+]
 DTYPES = [jnp.float32, jnp.bfloat16]
 NAN32 = np.uint32(0x7FC00000)
 ML_ELEMENTS = {

@@ -11,10 +11,11 @@ CPU), the weight is cut along one of its free axes (neither contracted,
 batched nor blocked, so every slab holds whole blocks) into slabs of about
 :data:`SLAB_ELEMENTS` elements, a multiple of :data:`SLAB_COLUMNS` wide; a
 loop decodes each slab and multiplies it into its slice of the output.
-Each output element is the same float32-accumulated dot product of the
-same decoded values as the whole matmul's; XLA does not promise an order of
-accumulation, but its CPU kernels give the whole matmul's bits for such
-slabs in every case ``tests/test_decode.py`` checks.
+Each slab decodes to the bits of its slice of the whole decode, and each
+output element is a float32-accumulated dot product of the same decoded
+values as the whole matmul's, summed in the order XLA's kernels choose for
+the slab's shape: it can differ from the whole matmul's in the last bits
+(within float32 accumulation error; ``tests/test_decode.py``).
 """
 
 from __future__ import annotations
@@ -35,9 +36,8 @@ __all__ = ["SLAB_ELEMENTS", "sliced_dot"]
 # cache, and few enough loop iterations that their overhead stays small.
 SLAB_ELEMENTS = 1 << 19
 # Slab widths are multiples of this many columns, and the sliced axis must
-# be one: XLA:CPU's matmul kernels compute a narrow remainder of columns
-# with another instruction sequence (it rounds differently), so a slab
-# cut off a block boundary would not give the whole matmul's bits.
+# be one (other weights decode whole): every slab then runs XLA:CPU's matmul
+# kernels on whole vector-width column blocks, never a narrow remainder.
 SLAB_COLUMNS = 128
 
 
