@@ -23,6 +23,7 @@ import pytest
 
 import jaxmx
 from jaxmx.families.ocp import _kernels as ocp_kernels
+from tests._params import covering
 
 OCP = [
     "mxfp8_e4m3",
@@ -236,8 +237,15 @@ SERVING = {
 }
 
 
-@pytest.mark.parametrize("fmt", ["mxfp4", "nvfp4", "mxfp8"])
-@pytest.mark.parametrize("case", list(SERVING))
+SERVING_FORMATS = ("mxfp4", "nvfp4", "mxfp8")
+# The default suite runs each case under one format, rotating through them.
+SERVING_FAST = [(c, SERVING_FORMATS[i % 3]) for i, c in enumerate(SERVING)]
+
+
+@pytest.mark.parametrize(
+    "case,fmt",
+    covering([(c, f) for c in SERVING for f in SERVING_FORMATS], every=1000, always=SERVING_FAST),
+)
 def test_weight_only_slabs_match_whole_decode(case, fmt, monkeypatch):
     from jaxmx._intercept import slabs
 
