@@ -56,12 +56,17 @@ def unpack_codes(packed: jax.Array, bits: int, axis: int, length: int) -> jax.Ar
     word = jnp.zeros_like(jnp.take(grouped, 0, axis=ax))
     for b in range(nbytes):
         word = word | lax.shift_left(jnp.take(grouped, b, axis=ax), jnp.uint32(8 * b))
-    mask = jnp.uint32((1 << bits) - 1)
-    codes = [
-        (lax.shift_right_logical(word, jnp.uint32(bits * j)) & mask).astype(raw_dtype(bits))
-        for j in range(g)
-    ]
-    return from_blocks(jnp.stack(codes, axis=ax), axis, length)
+    # Code j of a group is the word shifted right by bits * j: the word
+    # broadcast along a new within-group axis and shifted by that axis's
+    # index. Elementwise, so XLA fuses it into whatever decodes the codes
+    # (a stack of g shifted words is a concatenate, which XLA:CPU emits as
+    # a per-element choice of operand and fuses poorly, worst of all under
+    # a dynamic slice).
+    shape = word.shape[:ax] + (g,) + word.shape[ax:]
+    word = jnp.broadcast_to(jnp.expand_dims(word, ax), shape)
+    shift = lax.broadcasted_iota(jnp.uint32, shape, ax) * jnp.uint32(bits)
+    codes = lax.shift_right_logical(word, shift) & jnp.uint32((1 << bits) - 1)
+    return from_blocks(codes.astype(raw_dtype(bits)), axis, length)
 
 
 # The same little-endian bit stream, built one bit at a time: code j of a

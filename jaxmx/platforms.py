@@ -71,6 +71,10 @@ class Platform:
     # "mosaic_tpu" (Pallas's TPU backend) or "triton" (Pallas's Triton
     # backend for NVIDIA GPUs). Empty: implementation="pallas" is refused.
     pallas: tuple[str, ...] = ()
+    # Whether a weight-only matmul decodes its MXTensor weight a slab at a
+    # time (jaxmx._intercept.slabs): XLA:CPU allocates a large decoded
+    # temporary afresh on every call, and its page faults outweigh the decode.
+    sliced_decode: bool = False
 
     def __post_init__(self):
         if self.dot_dtype not in ("float32", "bfloat16", "host"):
@@ -95,7 +99,9 @@ class Platform:
 PALLAS_BACKENDS = ("mosaic_tpu", "triton")
 
 PLATFORMS: dict[str, Platform] = {
-    "cpu": Platform("cpu", "host", "float32", cpu_dot_layouts=True, float4_codes=False),
+    "cpu": Platform(
+        "cpu", "host", "float32", cpu_dot_layouts=True, float4_codes=False, sliced_decode=True
+    ),
     "cuda": Platform(
         "cuda", "bfloat16", "bfloat16", False, True, native=("scaled_dot",), pallas=("triton",)
     ),

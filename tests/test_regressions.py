@@ -153,8 +153,16 @@ def test_upstream_float4_scan_bug_still_present():
     f4 = dataclasses.replace(
         t, data=lax.bitcast_convert_type(raw.astype(jnp.uint4), jnp.float4_e2m1fn)
     )
+    # The OCP integer decode in the scan body (jaxmx.dequantize wraps it in a
+    # lax.cond, whose operand boundary happens to dodge the miscompile).
+    from jaxmx.families.ocp._kernels import _decode_exact
+
+    def body(c, q):
+        biased = jnp.expand_dims(lax.bitcast_convert_type(q.scale, jnp.uint8), q.axis)
+        return c + _decode_exact(q.data, biased, q, jnp.float32).sum(), None
+
     with pytest.raises(Exception, match="LLVM IR|bitcast"):
-        lax.scan(lambda c, q: (c + jaxmx.dequantize(q).sum(), None), 0.0, f4)
+        lax.scan(body, 0.0, f4)
 
 
 # 5. The bf16 compute path must run every legal layout.

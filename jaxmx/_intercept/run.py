@@ -22,6 +22,7 @@ from jax.extend import core as jcore
 from jax.extend import source_info_util as siu
 
 from jaxmx._intercept.prims import DOT, P
+from jaxmx._intercept.slabs import sliced_dot
 from jaxmx.config import DotConfig
 from jaxmx.conv import conv_general_dilated as _mx_conv_general_dilated
 from jaxmx.dot import dot_general as _mx_dot_general
@@ -74,6 +75,8 @@ def run_jaxpr(jaxpr, consts, args, addr: tuple, plan: Plan) -> list:
                 outs = _rebuilder(eqn, plan)(eqn, invals, a, plan)  # MXTensors flow in as pytrees
             elif (cast := _mx_cast(eqn, invals)) is not None:
                 outs = [cast]
+            elif eqn.primitive is DOT and (sliced := sliced_dot(eqn, invals)) is not None:
+                outs = [sliced]  # an MXTensor weight decoded slab by slab
             else:
                 invals = [dense(x, v) for x, v in zip(invals, eqn.invars, strict=True)]
                 if a in plan.rebuild:

@@ -29,6 +29,7 @@ from jaxmx.bitstream import pack_codes
 from jaxmx.blocks import from_blocks, to_blocks
 from jaxmx.families._common import make_tensor
 from jaxmx.formats import ElementFormat
+from jaxmx.numerics import u32
 from jaxmx.spec import QuantSpec
 from jaxmx.tensor import MXTensor
 
@@ -122,9 +123,90 @@ def quantize_with_exponent(x, exponent, spec: QuantSpec, forced=None) -> MXTenso
 
 @functools.partial(jax.jit, static_argnums=(1,))
 def dequantize(t: MXTensor, dtype) -> jax.Array:
-    elem, fmt = t.format.element, t.format
-    sign, mag, special = codes.split_codes(to_blocks(t.data, t.axis, t.block_size), elem)
+    """``element * 2^e`` of every element, exactly.
+
+    Where every block's scale keeps the tensor's nonzero values normal
+    float32 numbers (or is the NaN scale), the product is one float
+    multiply, exact on every backend (:func:`_decode_fast`); otherwise (a
+    scale near float32's bottom, such as the 2^-127 of an all-zero block)
+    the values are built on integers (:func:`_decode_exact`). A
+    ``lax.cond`` on the whole tensor picks one.
+    """
     biased = jnp.expand_dims(lax.bitcast_convert_type(t.scale, jnp.uint8), t.axis)
+    exact = functools.partial(_decode_exact, t=t, dtype=dtype)
+    span = _fast_exponents(t.format)
+    if span is None:
+        return exact(t.data, biased)
+    e = biased.astype(jnp.int32) - t.format.scale.bias
+    nan_block = biased == jnp.uint8(t.format.scale.nan_code)
+    fast = jnp.all(nan_block | ((e >= span[0]) & (e <= span[1])))
+    return lax.cond(fast, functools.partial(_decode_fast, t=t, dtype=dtype), exact, t.data, biased)
+
+
+def _fast_exponents(fmt) -> tuple[int, int] | None:
+    """Block exponents ``e`` for which :func:`_decode_fast` is exact (None: none).
+
+    It multiplies each element's float32 value ``v`` (the integer code for
+    INT elements) by ``2^(e + shift)``: exact when that factor is a normal
+    float32 and so is ``v_min * 2^(e + shift)`` for the smallest nonzero
+    ``v_min`` (larger products stay normal or overflow to Inf, as the exact
+    result does).
+    """
+    elem = fmt.element
+    if fmt.scale.bits != 8:
+        return None
+    shift, smallest = _shift(elem), 0
+    if elem.kind == "float":
+        smallest = 1 - elem.bias - elem.mantissa_bits  # log2 of the smallest subnormal
+        if smallest < -126 or elem.bias > 127:
+            return None
+    return max(-126 - shift, -126 - smallest), 127 - shift
+
+
+def _shift(elem: ElementFormat) -> int:
+    return -elem.mantissa_bits if elem.kind == "int" else 0
+
+
+def _decode_fast(data, biased, *, t: MXTensor, dtype) -> jax.Array:
+    elem, fmt = t.format.element, t.format
+    sign, mag, special = codes.split_codes(to_blocks(data, t.axis, t.block_size), elem)
+    # 2^(e + shift) built in float32's exponent field (mod 2^32: the offset
+    # may be negative); NaN blocks are set after the product.
+    offset = ((127 - fmt.scale.bias + _shift(elem)) << 23) & 0xFFFFFFFF
+    factor = lax.shift_left(biased.astype(jnp.uint32), u32(23)) + u32(offset)
+    v = _element_values(mag, sign, elem)
+    bits = numerics.f32_to_bits(v * numerics.bits_to_f32(factor))
+    if elem.has_nan:  # the element's own NaN codes: the quiet NaN, unsigned
+        nan = special if not elem.has_inf else special & (mag != u32(elem.max_code + 1))
+        bits = jnp.where(nan, u32(0x7FC00000), bits)
+    bits = jnp.where(biased == jnp.uint8(fmt.scale.nan_code), u32(0x7FC00000), bits)
+    return from_blocks(numerics.bits_to_dtype(bits, dtype), t.axis, t.length)
+
+
+def _element_values(mag, sign, elem: ElementFormat) -> jax.Array:
+    """Signed float32 values of the element codes (INT elements: the integer code)."""
+    if elem.kind == "int":
+        v = mag.astype(jnp.int32).astype(jnp.float32)  # exact: |code| <= 2^(bits - 1)
+        return jnp.where(sign != 0, -v, v)
+    m = elem.mantissa_bits
+    # Normal codes: the element's exponent and mantissa fields moved into
+    # float32's and rebiased; codes above the largest finite one land at or
+    # above float32's Inf and NaN patterns, and Inf is fixed below. Field-0
+    # codes are mag * 2^(1 - bias - m): a small integer times a normal power
+    # of two, exact in float32.
+    normal = lax.shift_left(mag, u32(23 - m)) + u32((127 - elem.bias) << 23)
+    step = numerics.bits_to_f32(u32((128 - elem.bias - m) << 23))
+    sub = numerics.f32_to_bits(mag.astype(jnp.int32).astype(jnp.float32) * step)
+    bits = jnp.where(mag >= u32(1 << m), normal, sub)
+    if elem.has_inf:
+        bits = jnp.where(mag == u32(elem.max_code + 1), u32(0x7F800000), bits)
+    return numerics.bits_to_f32(bits | lax.shift_left(sign, u32(31)))
+
+
+def _decode_exact(data, biased, t: MXTensor, dtype) -> jax.Array:
+    """The integer construction: exact for every scale, float32 subnormals included."""
+    elem, fmt = t.format.element, t.format
+    sign, mag, special = codes.split_codes(to_blocks(data, t.axis, t.block_size), elem)
     e = biased.astype(jnp.int32) - fmt.scale.bias
     nan_block = biased == jnp.uint8(fmt.scale.nan_code)
     bits = numerics.decode_magnitude(mag, e, elem) | lax.shift_left(sign, jnp.uint32(31))
