@@ -82,11 +82,11 @@ def time_round_robin(table: dict, x, rounds: int) -> tuple[dict, dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--k", type=int, default=2048)
-    p.add_argument("--n", type=int, default=8192)
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--formats", default=",".join(FORMATS))
-    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--k", type=int, default=2048, help="contraction length of the weight")
+    p.add_argument("--n", type=int, default=8192, help="output features of the weight")
+    p.add_argument("--rounds", type=int, default=30, help="interleaved timing rounds (median)")
+    p.add_argument("--formats", default=",".join(FORMATS), help="comma-separated weight formats")
+    p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated activation shapes")
     p.add_argument("--hlo", metavar="FORMAT", help="print the optimized decode-shape program")
     args = p.parse_args()
 

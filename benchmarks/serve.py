@@ -55,12 +55,16 @@ def variants(params, formats):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer rounds")
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--prompt", type=int, default=16)
-    parser.add_argument("--prefill-batch", type=int, default=8)
-    parser.add_argument("--prefill-length", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode")
+    parser.add_argument("--prompt", type=int, default=16, help="prompt tokens before decoding")
+    parser.add_argument("--prefill-batch", type=int, default=8, help="sequences per prefill")
+    parser.add_argument(
+        "--prefill-length", type=int, default=256, help="tokens per prefill sequence"
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median)")
+    parser.add_argument(
+        "--formats", default=",".join(FORMATS), help="comma-separated weight formats"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.new_tokens, args.prefill_batch, args.prefill_length, args.rounds = 8, 2, 64, 2

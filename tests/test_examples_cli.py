@@ -38,20 +38,7 @@ def _keywords(call: ast.Call) -> set[str | None]:
     return {k.arg for k in call.keywords}  # None: a **mapping
 
 
-# Scripts whose options still lack help texts.
-UNDOCUMENTED = {"benchmarks/serve.py"}
-
-
-@pytest.mark.parametrize(
-    "path",
-    [
-        pytest.param(p, marks=pytest.mark.xfail(reason="options without help texts", strict=True))
-        if str(p.relative_to(REPO)) in UNDOCUMENTED
-        else p
-        for p in SCRIPTS
-    ],
-    ids=lambda p: f"{p.parent.name}/{p.name}",
-)
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_option_has_help(path):
     tree = ast.parse(path.read_text(), filename=str(path))
     bare = [
