@@ -9,6 +9,14 @@ inputs hold every kind of block the arithmetic distinguishes: NaN, +-Inf,
 zero, float32 subnormal, huge and ordinary blocks, and a partial last
 block. The export tests lower the kernels for a TPU and for a CUDA GPU on
 this host; nothing here compiles or runs them on either.
+
+Each interpreted kernel costs a compile of seconds, so the default run gives
+each program one test that checks as much as it can: every format runs once,
+on one backend, with its own combination of scale rule, rounding, block size
+and storage, so that together they cover every backend, scale rule (on float
+and integer formats), rounding, axis, input dtype and kind of block. The
+full cross products (every format on both backends, every option on MXFP4,
+one NVFP4 case per program) are marked ``slow`` (``make test-slow``).
 """
 
 import re
@@ -89,6 +97,57 @@ def _pallas(fn, backend, x, fmt, **kw):
         return fn(x, fmt, implementation="pallas", **kw)
 
 
+# Each row is one program per backend: a format, the backend that runs it and
+# the options it runs with. Together: every format, both backends, every scale
+# rule on float and integer formats, every rounding, flushing, block sizes 16,
+# 32 and 64 (each with a partial last block), packed codes.
+KEY = jax.random.key(3)
+ROWS = [
+    ("mxfp8_e4m3", "mosaic_tpu", {}),
+    ("mxfp8_e5m2", "triton", dict(scale_mode="rceil", rounding="toward_zero")),
+    ("mxfp6_e3m2", "mosaic_tpu", dict(scale_mode="ceil", rounding="nearest_away", packed=True)),
+    ("mxfp6_e2m3", "triton", dict(scale_mode="even", rounding="stochastic", block_size=16)),
+    ("mxfp4_e2m1", "triton", dict(flush_subnormals=True, block_size=64, packed=True)),
+    ("mxint8", "mosaic_tpu", dict(scale_mode="even", rounding="stochastic")),
+    ("mxint8", "triton", {}),
+    ("mxint4", "triton", dict(scale_mode="ceil", rounding="toward_zero", packed=True)),
+    ("mxint2", "mosaic_tpu", dict(scale_mode="rceil", rounding="nearest_away")),
+]
+
+
+def _with_key(options: dict) -> dict:
+    """A copy of ``options``, with the key that stochastic rounding needs."""
+    return options | (dict(key=KEY) if options.get("rounding") == "stochastic" else {})
+
+
+@pytest.mark.parametrize(
+    "fmt, backend, options",
+    ROWS,
+    ids=[f"{f}-{b}-{'-'.join(f'{k}={v}' for k, v in o.items()) or 'defaults'}" for f, b, o in ROWS],
+)
+def test_each_format_matches_the_xla_path(fmt, backend, options):
+    kw = _with_key(options)
+    ref = jaxmx.quantize(X, fmt, **kw)
+    _assert_same_tensor(_pallas(jaxmx.quantize, backend, X, fmt, **kw), ref)
+    assert ref.packed == bool(options.get("packed"))
+    kw.pop("packed", None)
+    ref_fake = jaxmx.fake_quantize(X, fmt, **kw)
+    out = _pallas(jaxmx.fake_quantize, backend, X, fmt, **kw)
+    assert out.dtype == ref_fake.dtype
+    np.testing.assert_array_equal(_raw(out), _raw(ref_fake))
+    # The input reaches every case: NaN scales (NaN, +Inf, -Inf; two may
+    # share a block of 64), the zero block's 2^-127, codes that are not all
+    # zero, values that round; and the options change the values.
+    scales = _raw(ref.scale)
+    assert (scales == 0xFF).sum() >= 2 and (scales == 0).any()
+    assert np.count_nonzero(_raw(ref.data)) > 30  # MXINT2 has few nonzero codes
+    finite = np.isfinite(np.asarray(X))
+    assert (np.asarray(ref_fake)[finite] != np.asarray(X)[finite]).any()
+    if kw:
+        assert (_raw(ref_fake) != _raw(jaxmx.fake_quantize(X, fmt))).any(), options
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", OCP)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_quantize_matches_the_xla_path(backend, fmt):
@@ -102,6 +161,7 @@ def test_quantize_matches_the_xla_path(backend, fmt):
     assert np.count_nonzero(_raw(ref.data)) > 50
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", OCP)
 def test_fake_quantize_matches_the_xla_path(fmt):
     # The body is the backends' shared one; the tiling is checked by quantize.
@@ -132,6 +192,7 @@ OPTION_CASES = [("mxfp4_e2m1", o) for o in OPTIONS] + [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "fmt, options",
     OPTION_CASES,
@@ -146,6 +207,7 @@ def test_every_scale_rule_rounding_and_block_size(fmt, options):
     np.testing.assert_array_equal(_raw(out), _raw(ref))
 
 
+@pytest.mark.slow
 def test_the_options_change_the_result():
     # Each option above is a case of its own: its codes differ from the defaults'.
     base = _raw(jaxmx.quantize(X, "mxfp4_e2m1").data)
@@ -156,6 +218,7 @@ def test_the_options_change_the_result():
         assert (_raw(t.data) != base).any() or (_raw(t.scale) != 0).any(), options
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["mxfp4_e2m1", "mxfp6_e3m2", "mxint4"])
 def test_packed_codes(fmt):
     ref = jaxmx.quantize(X, fmt, packed=True)
@@ -164,26 +227,52 @@ def test_packed_codes(fmt):
     _assert_same_tensor(t, ref)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("axis, shape", [(0, (45, 3)), (1, (2, 33, 5))])
+def _fast_first(cases, fast):
+    """``cases`` as pytest params, those not in ``fast`` marked slow."""
+    return [pytest.param(*c, marks=() if c in fast else pytest.mark.slow) for c in cases]
+
+
+AXIS_CASES = [(b, a, s) for b in BACKENDS for a, s in [(0, (45, 7)), (1, (2, 33, 5))]]
+
+
+@pytest.mark.parametrize(
+    "backend, axis, shape",
+    _fast_first(AXIS_CASES, [("mosaic_tpu", 0, (45, 7)), ("triton", 1, (2, 33, 5))]),
+)
 def test_blocks_along_another_axis(backend, axis, shape):
-    x = jnp.asarray(_special_rows(shape, seed=1))
+    # The special rows become the blocks along axis (the last one partial):
+    # each block of its own magnitude, subnormal ones included.
+    moved = shape[:axis] + shape[axis + 1 :] + (shape[axis],)
+    x = jnp.moveaxis(jnp.asarray(_special_rows(moved, seed=1)), -1, axis)
     ref = jaxmx.quantize(x, "mxfp8", axis=axis)
+    assert (_raw(ref.scale) == 0xFF).any() and (_raw(ref.scale) == 0).any()
     _assert_same_tensor(_pallas(jaxmx.quantize, backend, x, "mxfp8", axis=axis), ref)
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_bfloat16_and_float16_input(backend, dtype):
+DTYPE_CASES = [
+    (b, d, f)
+    for b in BACKENDS
+    for d in ("bfloat16", "float16")
+    for f in ("mxfp8_e4m3", "mxfp4_e2m1")
+]
+
+
+@pytest.mark.parametrize(
+    "backend, dtype, fmt",
+    _fast_first(
+        DTYPE_CASES, [("mosaic_tpu", "float16", "mxfp8_e4m3"), ("triton", "bfloat16", "mxfp4_e2m1")]
+    ),
+)
+def test_bfloat16_and_float16_input(backend, dtype, fmt):
     # bfloat16 has float32's range: the subnormal rows are bfloat16 subnormals.
+    dtype = jnp.dtype(dtype)
     x = jnp.asarray(_special_rows((6, 40), seed=2)).astype(dtype)
     if dtype == jnp.float16:  # float16's own range: its subnormals, its max, overflow to Inf
-        x = (x * dtype(1e-3)).at[0, 3].set(dtype(65504.0)).at[1, 7].set(dtype(6e-8))
-    for fmt in ("mxfp8_e4m3", "mxfp4_e2m1"):
-        _assert_same_tensor(_pallas(jaxmx.quantize, backend, x, fmt), jaxmx.quantize(x, fmt))
-        out = _pallas(jaxmx.fake_quantize, backend, x, fmt)
-        assert out.dtype == dtype
-        np.testing.assert_array_equal(_raw(out), _raw(jaxmx.fake_quantize(x, fmt)))
+        x = (x * 1e-3).astype(dtype).at[0, 3].set(65504.0).at[1, 7].set(6e-8)
+    _assert_same_tensor(_pallas(jaxmx.quantize, backend, x, fmt), jaxmx.quantize(x, fmt))
+    out = _pallas(jaxmx.fake_quantize, backend, x, fmt)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(_raw(out), _raw(jaxmx.fake_quantize(x, fmt)))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -199,10 +288,21 @@ def test_several_row_tiles_with_a_partial_last_one(backend):
 def test_bits_in_and_out_of_a_kernel_match_xla_on_every_16_bit_pattern():
     from jaxmx import numerics
 
+    # Jitted: one compile each instead of one dispatch per operation.
+    f32_bits = jax.jit(_bits.f32_bits, static_argnums=1)
+    narrow = jax.jit(_bits.narrow, static_argnums=1)
+    xla_wide = jax.jit(
+        lambda v, dtype: numerics.f32_to_bits(jax.lax.bitcast_convert_type(v, dtype)),
+        static_argnums=1,
+    )
+    xla_narrow = jax.jit(
+        lambda b, dtype: jax.lax.bitcast_convert_type(numerics.bits_to_dtype(b, dtype), jnp.uint16),
+        static_argnums=1,
+    )
     v = jnp.arange(1 << 16, dtype=jnp.uint32).astype(jnp.uint16)
     for dtype in (jnp.bfloat16, jnp.float16):
-        wide = _bits.f32_bits(v, dtype)
-        ref = numerics.f32_to_bits(jax.lax.bitcast_convert_type(v, dtype))
+        wide = f32_bits(v, dtype)
+        ref = xla_wide(v, dtype)
         finite = (ref & 0x7FFFFFFF) <= 0x7F800000  # NaN payloads may differ; NaN stays NaN
         np.testing.assert_array_equal(np.asarray(wide)[finite], np.asarray(ref)[finite])
         assert bool(((wide & 0x7FFFFFFF) > 0x7F800000)[~finite].all())
@@ -210,7 +310,7 @@ def test_bits_in_and_out_of_a_kernel_match_xla_on_every_16_bit_pattern():
     # and the ties halfway between neighbours, and random patterns.
     rng = np.random.default_rng(0)
     for dtype in (jnp.bfloat16, jnp.float16):
-        base = np.asarray(numerics.f32_to_bits(jax.lax.bitcast_convert_type(v, dtype)))
+        base = np.asarray(xla_wide(v, dtype))
         base = base[(base & 0x7FFFFFFF) < 0x7F800000]
         step = np.uint32(1 << 13) if dtype == jnp.float16 else np.uint32(1 << 16)
         cand = np.concatenate(
@@ -219,8 +319,8 @@ def test_bits_in_and_out_of_a_kernel_match_xla_on_every_16_bit_pattern():
         )  # fmt: skip
         cand = cand[(cand & 0x7FFFFFFF) <= 0x7F800000]  # finite and Inf (kernels make no NaN)
         bits = jnp.asarray(cand)
-        got = _bits.narrow(bits, dtype)
-        want = jax.lax.bitcast_convert_type(numerics.bits_to_dtype(bits, dtype), jnp.uint16)
+        got = narrow(bits, dtype)
+        want = xla_narrow(bits, dtype)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
@@ -262,8 +362,53 @@ def _assert_same_nans(out, ref):
     np.testing.assert_array_equal(_raw(np.asarray(out))[keep], _raw(np.asarray(ref))[keep])
 
 
+TINY = (jax.random.normal(jax.random.key(6), (7, 80)) * 2.0**-110).at[1, :5].set(1e-40)
+# One program per backend, each run over several tensors of one shape (the
+# tensor scale is per tensor, so the cases cannot share one call). With what
+# each tensor must reach.
+NVFP4_PROGRAMS = {
+    "triton-float32-stochastic": (
+        "triton",
+        dict(rounding="stochastic", key=jax.random.key(2)),
+        {"nan-tensor": X16, "inf": X16_FINITE, "tiny-tensor": TINY},
+    ),
+    "mosaic_tpu-bfloat16-axis0-tensor_amax": (
+        "mosaic_tpu",
+        dict(axis=0, tensor_amax=100.0),
+        {"nan-block": X16.T.astype(jnp.bfloat16)},
+    ),
+}
+
+
+def _nvfp4_reaches(case, t) -> bool:
+    scales = _raw(t.scale)
+    nan_blocks = (scales & 0x7F) == 0x7F
+    if case == "nan-tensor":
+        return bool(nan_blocks.all())
+    if case == "nan-block":
+        return bool(nan_blocks.any() and not nan_blocks.all())
+    if case == "inf":
+        return bool((scales == 0x7E).any())  # the Inf's block: scale 448
+    assert case == "tiny-tensor"  # amax about 2^-108: the family's exact integer form
+    return float(t.tensor_scale) < 2.0**-115  # below the family's float form's bound
+
+
+@pytest.mark.parametrize("program", sorted(NVFP4_PROGRAMS))
+def test_nvfp4_matches_the_xla_path(program):
+    backend, kw, inputs = NVFP4_PROGRAMS[program]
+    for case, x in inputs.items():
+        ref = jaxmx.quantize(x, "nvfp4", **kw)
+        assert _nvfp4_reaches(case, ref), case
+        t = _pallas(jaxmx.quantize, backend, x, "nvfp4", **kw)
+        _assert_same_tensor(t, ref)
+        np.testing.assert_array_equal(_raw(t.tensor_scale), _raw(ref.tensor_scale))
+        out = _pallas(jaxmx.fake_quantize, backend, x, "nvfp4", **kw)
+        _assert_same_nans(out, jaxmx.fake_quantize(x, "nvfp4", **kw))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(NVFP4_CASES))
-def test_nvfp4_matches_the_xla_path(case):
+def test_nvfp4_case_by_case(case):
     x, kw = NVFP4_CASES[case]
     # The TPU interpreter is the slower one: it runs one case, Triton's the rest.
     backend = "mosaic_tpu" if case == "nan-block" else "triton"
@@ -275,6 +420,7 @@ def test_nvfp4_matches_the_xla_path(case):
     _assert_same_nans(out, jaxmx.fake_quantize(x, "nvfp4", **kw))
 
 
+@pytest.mark.slow
 def test_nvfp4_cases_reach_what_they_name():
     scales = {c: _raw(jaxmx.quantize(x, "nvfp4", **kw).scale) for c, (x, kw) in NVFP4_CASES.items()}
     assert ((scales["nan-tensor"] & 0x7F) == 0x7F).all()
@@ -389,11 +535,11 @@ def _lowered(f, platform, *args) -> str:
     return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
 
 
-@pytest.mark.parametrize("platform", ["tpu", "cuda"])
-@pytest.mark.parametrize("fmt", [*OCP, "nvfp4"])
-def test_every_format_dtype_and_option_lowers(fmt, platform):
-    # Lowering runs each backend's rules over the whole kernel body: an
-    # operation the backend lacks fails here.
+FORMATS = [*OCP, "nvfp4"]
+
+
+def _lowering_cases(fmt: str) -> list:
+    """float32 with the defaults; bfloat16, stochastic; float16, flushing and rceil."""
     key = jax.random.key(0)
     cases = [
         (jnp.float32, {}),
@@ -402,7 +548,37 @@ def test_every_format_dtype_and_option_lowers(fmt, platform):
     ]
     if fmt == "nvfp4":  # it has its own scale rule and no flushing
         cases[2] = (jnp.float16, dict(tensor_amax=3.0))
-    for dtype, kw in cases:
+    return cases
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_lowers_for_a_tpu_and_a_cuda_gpu(fmt):
+    # Lowering runs each backend's rules over the whole kernel body: an
+    # operation the backend lacks fails here. One program per format holds
+    # its float32 kernels and, alternating between formats, the bfloat16 and
+    # stochastic or the float16, flushing and rceil ones, quantize and
+    # fake_quantize each; it is traced once and lowered for both platforms.
+    first, *others = _lowering_cases(fmt)
+    cases = [first, others[FORMATS.index(fmt) % 2]]
+
+    def f(x):
+        outs = []
+        for dtype, kw in cases:
+            xd = x.astype(dtype)
+            outs.append(jaxmx.quantize(xd, fmt, implementation="pallas", **kw).data)
+            outs.append(jaxmx.fake_quantize(xd, fmt, implementation="pallas", **kw))
+        return outs
+
+    text = jax.jit(f).trace(X[:, :64]).lower(lowering_platforms=("tpu", "cuda")).as_text()
+    for marker in MARKERS.values():  # every kernel, for each platform
+        assert text.count(marker) >= 2 * len(cases), marker
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_dtype_and_option_lowers(fmt, platform):
+    for dtype, kw in _lowering_cases(fmt):
         x = X[:, :64].astype(dtype)
         q = lambda x, kw=kw: jaxmx.quantize(x, fmt, implementation="pallas", **kw).data  # noqa: E731
         f = lambda x, kw=kw: jaxmx.fake_quantize(x, fmt, implementation="pallas", **kw)  # noqa: E731

@@ -54,17 +54,18 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import DTypeLike
 
 from jaxmx import codes, platforms
 from jaxmx.bitstream import pack_codes
 from jaxmx.families._common import make_tensor
-from jaxmx.formats import get_family
+from jaxmx.formats import ScaleFormat, get_family
 from jaxmx.pallas import _bits, _call, _layout, _nvfp4, _ocp
 from jaxmx.pallas._branches import on_backend, unavailable
 from jaxmx.spec import QuantSpec
@@ -83,7 +84,7 @@ _INTERPRET: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
-def check_implementation(implementation) -> str:
+def check_implementation(implementation: object) -> str:
     """``implementation`` validated; ``None`` is the default, ``"xla"``.
 
     The default becomes a kernel on a platform only once that kernel has
@@ -120,7 +121,7 @@ def interpret(backend: str = "mosaic_tpu") -> Iterator[str]:
         _INTERPRET.reset(token)
 
 
-def unsupported_reason(spec: QuantSpec, dtype=jnp.float32) -> str | None:
+def unsupported_reason(spec: QuantSpec, dtype: DTypeLike = jnp.float32) -> str | None:
     """Why the kernels cannot quantize as ``spec`` (an error message), or None."""
     family = spec.format.family
     if family not in _KERNELS:
@@ -142,13 +143,15 @@ def unsupported_reason(spec: QuantSpec, dtype=jnp.float32) -> str | None:
     return None
 
 
-def _check(spec: QuantSpec, x) -> None:
+def _check(spec: QuantSpec, x: jax.Array) -> None:
     reason = unsupported_reason(spec, x.dtype)
     if reason is not None:
         raise ValueError(f"implementation='pallas': {reason}; implementation='xla' takes it")
 
 
-def quantize(x, rbits, tensor_amax, spec: QuantSpec) -> MXTensor:
+def quantize(
+    x: jax.Array, rbits: jax.Array | None, tensor_amax: jax.Array | None, spec: QuantSpec
+) -> MXTensor:
     """:func:`jaxmx.quantize` with validated arguments, by the Pallas kernel."""
     _check(spec, x)
     if x.size == 0 or not _whole_blocks(spec, x):
@@ -158,7 +161,9 @@ def quantize(x, rbits, tensor_amax, spec: QuantSpec) -> MXTensor:
     return _quantize(x, rbits, tensor_amax, spec, _INTERPRET.get(), platforms.forced())
 
 
-def fake_quantize(x, rbits, tensor_amax, spec: QuantSpec) -> jax.Array:
+def fake_quantize(
+    x: jax.Array, rbits: jax.Array | None, tensor_amax: jax.Array | None, spec: QuantSpec
+) -> jax.Array:
     """:func:`jaxmx.fake_quantize` with validated arguments, by the Pallas kernel."""
     _check(spec, x)
     if x.size == 0 or not _whole_blocks(spec, x):
@@ -166,17 +171,38 @@ def fake_quantize(x, rbits, tensor_amax, spec: QuantSpec) -> jax.Array:
     return _fake_quantize(x, rbits, tensor_amax, spec, _INTERPRET.get(), platforms.forced())
 
 
-def _whole_blocks(spec: QuantSpec, x) -> bool:
+def _whole_blocks(spec: QuantSpec, x: jax.Array) -> bool:
     """False where the family refuses a partial block (its references have none)."""
-    return spec.rules.block_sizes != "tiles" or x.shape[spec.axis] % spec.block_size == 0
+    return spec.rules.block_sizes != "tiles" or x.shape[spec.axis] % _block_size(spec) == 0
 
 
-def _kernel(body, inputs, outputs, interpret_as: str | None, name: str):
+def _block_size(spec: QuantSpec) -> int:
+    """The block size of a spec the kernels take (:func:`unsupported_reason`)."""
+    bs = spec.block_size
+    # unsupported_reason refuses tiles (a pair) and None before any kernel runs.
+    assert isinstance(bs, int), f"a kernel reached with block_size={bs!r}"
+    return bs
+
+
+def _scale(spec: QuantSpec) -> ScaleFormat:
+    """The block scale's format: both families with kernels have one (E8M0, E4M3)."""
+    scale = spec.format.scale
+    assert scale is not None, f"{spec.format.name}: a kernel family without a block scale"
+    return scale
+
+
+def _kernel(
+    body: Callable[..., None],
+    inputs: Sequence[jax.Array],
+    outputs: Sequence[tuple[int, DTypeLike]],
+    interpret_as: str | None,
+    name: str,
+) -> list[jax.Array]:
     """``body`` by the kernel of the platform the program is lowered for."""
+    if interpret_as is not None:
+        return _call.run(body, inputs, outputs, backend=interpret_as, interpret=True, name=name)
 
-    def branch(rec, *ins):
-        if interpret_as is not None:
-            return _call.run(body, ins, outputs, backend=interpret_as, interpret=True, name=name)
+    def branch(rec: platforms.Platform, *ins: jax.Array) -> list[jax.Array]:
         if not rec.pallas:
             having = [p.name for p in platforms.PLATFORMS.values() if p.pallas]
             like = [jnp.zeros((ins[0].shape[0], cols), dt) for cols, dt in outputs]
@@ -193,18 +219,19 @@ def _kernel(body, inputs, outputs, interpret_as: str | None, name: str):
         )
         return on_backend(backend, lambda *a: run(list(a)), *ins)
 
-    if interpret_as is not None:
-        return branch(None, *inputs)
     return platforms.per_platform(branch, *inputs, reads=("pallas",))
 
 
-def _inputs(x, rbits, tensor_amax, spec: QuantSpec) -> list[jax.Array]:
+def _inputs(
+    x: jax.Array, rbits: jax.Array | None, tensor_amax: jax.Array | None, spec: QuantSpec
+) -> list[jax.Array]:
     """The kernel's operands: x's rows, the family's per-tensor ones, the random bits' rows."""
-    ins = [_layout.to_rows(_bits.to_carrier(x), spec.axis, spec.block_size)]
+    bs = _block_size(spec)
+    ins = [_layout.to_rows(_bits.to_carrier(x), spec.axis, bs)]
     if spec.format.tensor_scale:
         ins.extend(_nvfp4.tensor_scales(x, tensor_amax))
     if rbits is not None:
-        ins.append(_layout.to_rows(rbits, spec.axis, spec.block_size))
+        ins.append(_layout.to_rows(rbits, spec.axis, bs))
     return ins
 
 
@@ -213,11 +240,21 @@ def _inputs(x, rbits, tensor_amax, spec: QuantSpec) -> list[jax.Array]:
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _quantize(x, rbits, tensor_amax, spec: QuantSpec, interpret_as, forced) -> MXTensor:
+def _quantize(
+    x: jax.Array,
+    rbits: jax.Array | None,
+    tensor_amax: jax.Array | None,
+    spec: QuantSpec,
+    interpret_as: str | None,
+    forced: platforms.Platform | None,
+) -> MXTensor:
     fmt, axis = spec.format, spec.axis
     elem = fmt.element
     body = functools.partial(_KERNELS[fmt.family].quantize_body, spec, x.dtype)
-    outputs = [(spec.block_size, codes.raw_dtype(elem.bits)), (1, jnp.uint8)]
+    outputs: list[tuple[int, DTypeLike]] = [
+        (_block_size(spec), codes.raw_dtype(elem.bits)),
+        (1, jnp.uint8),
+    ]
     ins = _inputs(x, rbits, tensor_amax, spec)
     raw, biased = _kernel(body, ins, outputs, interpret_as, "mx_quantize")
     raw = _layout.from_rows(raw, x.shape, axis)
@@ -226,7 +263,7 @@ def _quantize(x, rbits, tensor_amax, spec: QuantSpec, interpret_as, forced) -> M
     else:
         data = codes.raw_to_storage(raw, elem)
     biased = _layout.scales_from_rows(biased[:, 0], x.shape, axis)
-    scale = lax.bitcast_convert_type(biased, fmt.scale.storage_dtype)
+    scale = lax.bitcast_convert_type(biased, _scale(spec).storage_dtype)
     if not fmt.tensor_scale:
         return make_tensor(spec, x, data, scale)
     tensor_scale = _bits.from_carrier(ins[2][0, 0], jnp.float32)
@@ -234,9 +271,16 @@ def _quantize(x, rbits, tensor_amax, spec: QuantSpec, interpret_as, forced) -> M
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
-def _fake_quantize(x, rbits, tensor_amax, spec: QuantSpec, interpret_as, forced) -> jax.Array:
+def _fake_quantize(
+    x: jax.Array,
+    rbits: jax.Array | None,
+    tensor_amax: jax.Array | None,
+    spec: QuantSpec,
+    interpret_as: str | None,
+    forced: platforms.Platform | None,
+) -> jax.Array:
     body = functools.partial(_KERNELS[spec.format.family].fake_quantize_body, spec, x.dtype)
-    outputs = [(spec.block_size, _bits.CARRIER[np.dtype(x.dtype)])]
+    outputs: list[tuple[int, DTypeLike]] = [(_block_size(spec), _bits.CARRIER[np.dtype(x.dtype)])]
     ins = _inputs(x, rbits, tensor_amax, spec)
     (out,) = _kernel(body, ins, outputs, interpret_as, "mx_fake_quantize")
     return _bits.from_carrier(_layout.from_rows(out, x.shape, spec.axis), x.dtype)

@@ -15,11 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import DTypeLike
 
 from jaxmx.numerics import u32
 
 # The dtype a kernel receives for each input dtype (its bits).
-CARRIER = {
+CARRIER: dict[np.dtype, np.dtype] = {
     np.dtype(jnp.float32): np.dtype(np.uint32),
     np.dtype(jnp.bfloat16): np.dtype(np.uint16),
     np.dtype(jnp.float16): np.dtype(np.uint16),
@@ -31,11 +32,12 @@ def to_carrier(x: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(x, CARRIER[np.dtype(x.dtype)])
 
 
-def from_carrier(a: jax.Array, dtype) -> jax.Array:
+def from_carrier(a: jax.Array, dtype: DTypeLike) -> jax.Array:
+    """The values of ``dtype`` whose bits are ``a`` (a free bitcast)."""
     return lax.bitcast_convert_type(a, dtype)
 
 
-def f32_bits(v: jax.Array, dtype) -> jax.Array:
+def f32_bits(v: jax.Array, dtype: DTypeLike) -> jax.Array:
     """float32 pattern (uint32) of the value whose ``dtype`` bits are ``v``."""
     dtype = np.dtype(dtype)
     if dtype == np.float32:
@@ -57,7 +59,7 @@ def f32_bits(v: jax.Array, dtype) -> jax.Array:
     return sign | mag
 
 
-def narrow(bits: jax.Array, dtype) -> jax.Array:
+def narrow(bits: jax.Array, dtype: DTypeLike) -> jax.Array:
     """float32 patterns -> the carrier of ``dtype``, rounded to nearest even.
 
     NaN stays NaN, quieted, with its sign and top payload bits (what a

@@ -27,24 +27,26 @@ import jax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
+from jax.typing import DTypeLike
 
 # Rows per tile (the largest; fewer when the array has fewer rows).
 TILE_ROWS = {"mosaic_tpu": 512, "triton": 256}
 
 
 def tile_rows(backend: str, rows: int) -> int:
+    """Rows per grid step for ``backend`` over an array of ``rows`` rows."""
     if backend == "mosaic_tpu":
         return rows if rows <= TILE_ROWS[backend] else TILE_ROWS[backend]
     return min(TILE_ROWS[backend], 1 << max(rows - 1, 0).bit_length())
 
 
-def _compiler_params(backend: str):
+def _compiler_params(backend: str) -> pltpu.CompilerParams | pltriton.CompilerParams:
     if backend == "mosaic_tpu":
         return pltpu.CompilerParams(dimension_semantics=("parallel",))
     return pltriton.CompilerParams(num_warps=4, num_stages=1)
 
 
-def _interpreter(backend: str):
+def _interpreter(backend: str) -> pltpu.InterpretParams | bool:
     if backend == "mosaic_tpu":
         return pltpu.InterpretParams(detect_races=True)
     return True
@@ -53,7 +55,7 @@ def _interpreter(backend: str):
 def run(
     body: Callable,
     inputs: Sequence[jax.Array],
-    outputs: Sequence[tuple[int, object]],
+    outputs: Sequence[tuple[int, DTypeLike]],
     *,
     backend: str,
     interpret: bool,
@@ -70,7 +72,7 @@ def run(
     index = lambda i: (i, 0)  # noqa: E731
     whole = lambda i: (0, 0)  # noqa: E731
 
-    def spec(a):
+    def spec(a: jax.Array) -> pl.BlockSpec:
         if a.shape[0] == rows:
             return pl.BlockSpec((tb, a.shape[1]), index)
         return pl.BlockSpec(a.shape, whole)

@@ -19,9 +19,12 @@ same, which the tests check.
 
 from __future__ import annotations
 
+from typing import cast
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import DTypeLike
 
 from jaxmx import numerics
 from jaxmx.families import _f32 as f32
@@ -43,7 +46,7 @@ def _min_bits(v: jax.Array, cap: int) -> jax.Array:
     return jnp.where((v < u32(f32.SIGN)) & (m > u32(cap)) & (m <= u32(f32.INF)), u32(cap), v)
 
 
-def tensor_scales(x: jax.Array, tensor_amax) -> list[jax.Array]:
+def tensor_scales(x: jax.Array, tensor_amax: jax.Array | None) -> list[jax.Array]:
     """Two ``(1, 1)`` uint32 arrays: the patterns of ``S_enc * f32(1/6)`` and ``1 / S_enc``."""
     if tensor_amax is None:
         amax = jnp.max(f32.bits(x) & u32(f32.ABS), initial=u32(0))
@@ -67,13 +70,21 @@ def _e4m3(v: jax.Array) -> jax.Array:
 
 
 def _e4m3_value(s8: jax.Array) -> jax.Array:
+    """float32 patterns of E4M3 bytes ``s8`` (0x7F/0xFF: the quiet NaN, signed)."""
     m = s8 & u32(0x7F)
     out = numerics.decode_magnitude(jnp.where(m == E4M3_NAN, u32(0), m), 0, FP8_E4M3)
     out = jnp.where(m == E4M3_NAN, u32(0x7FC00000), out)
     return out | lax.shift_left(s8 & u32(0x80), u32(24))
 
 
-def _elements(spec: QuantSpec, dtype, x_ref, f_ref, d_ref, r_ref):
+def _elements(
+    spec: QuantSpec,
+    dtype: DTypeLike,
+    x_ref: jax.Ref,
+    f_ref: jax.Ref,
+    d_ref: jax.Ref,
+    r_ref: jax.Ref | None,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """``(sign, code magnitude, s8, dec)`` of a tile; s8 and dec per row."""
     bits = _bits.f32_bits(x_ref[...], dtype)
     sign = lax.shift_right_logical(bits, u32(31))
@@ -86,13 +97,24 @@ def _elements(spec: QuantSpec, dtype, x_ref, f_ref, d_ref, r_ref):
     p = f32.mul(mag, jnp.broadcast_to(enc, mag.shape))
     rbits = None if r_ref is None else r_ref[...]
     # Saturates at 6 (an Inf element too); ties go to the even code.
-    code = numerics.encode_magnitude(p, 0, FP4_E2M1, spec.rounding, rbits)
+    # QuantSpec.make checked the rounding against numerics.ROUNDINGS.
+    rounding = cast(numerics.Rounding, spec.rounding)
+    code = numerics.encode_magnitude(p, 0, FP4_E2M1, rounding, rbits)
     return sign, code, s8, dec
 
 
-def quantize_body(spec: QuantSpec, dtype, x_ref, f_ref, d_ref, *refs) -> None:
+def quantize_body(
+    spec: QuantSpec,
+    dtype: DTypeLike,
+    x_ref: jax.Ref,
+    f_ref: jax.Ref,
+    d_ref: jax.Ref,
+    *refs: jax.Ref,
+) -> None:
     """Writes a tile's E2M1 codes (uint8, sign in bit 3) and E4M3 scale bytes."""
-    r_ref, c_ref, s_ref = refs if len(refs) == 3 else (None, *refs)
+    # The random bits' rows come before the outputs when the rounding draws them.
+    r_ref = refs[0] if len(refs) == 3 else None
+    c_ref, s_ref = refs[-2:]
     sign, code, s8, _ = _elements(spec, dtype, x_ref, f_ref, d_ref, r_ref)
     nan_block = (s8 & u32(0x7F)) == u32(E4M3_NAN)
     code = jnp.where(nan_block, u32(0), code)
@@ -100,9 +122,17 @@ def quantize_body(spec: QuantSpec, dtype, x_ref, f_ref, d_ref, *refs) -> None:
     s_ref[...] = s8.astype(jnp.uint8)
 
 
-def fake_quantize_body(spec: QuantSpec, dtype, x_ref, f_ref, d_ref, *refs) -> None:
+def fake_quantize_body(
+    spec: QuantSpec,
+    dtype: DTypeLike,
+    x_ref: jax.Ref,
+    f_ref: jax.Ref,
+    d_ref: jax.Ref,
+    *refs: jax.Ref,
+) -> None:
     """Writes ``E2M1(code) * dec`` as the bits of ``dtype`` (NaN blocks: NaN)."""
-    r_ref, o_ref = refs if len(refs) == 2 else (None, *refs)
+    r_ref = refs[0] if len(refs) == 2 else None
+    o_ref = refs[-1]
     sign, code, _, dec = _elements(spec, dtype, x_ref, f_ref, d_ref, r_ref)
     value = numerics.decode_magnitude(code, 0, FP4_E2M1) | lax.shift_left(sign, u32(31))
     out = f32.mul(value, jnp.broadcast_to(dec, value.shape))
@@ -115,6 +145,7 @@ def fake_quantize_body(spec: QuantSpec, dtype, x_ref, f_ref, d_ref, *refs) -> No
 
 
 def supported(spec: QuantSpec) -> str | None:
+    """Why the kernel cannot take ``spec``, or None."""
     if spec.tiles:
         return (
             f"NVFP4's Pallas kernel takes blocks along one axis (block_size=16), not 2-D "

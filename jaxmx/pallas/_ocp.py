@@ -12,18 +12,37 @@ every Pallas backend; only the tiling around them differs
 
 from __future__ import annotations
 
+from typing import cast
+
+import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.typing import DTypeLike
 
 from jaxmx import codes, numerics
+from jaxmx.formats import ScaleFormat
 from jaxmx.numerics import u32
 from jaxmx.pallas import _bits
 from jaxmx.spec import QuantSpec
 
 
-def _blocks(spec: QuantSpec, dtype, x_ref, r_ref):
+def _scale(spec: QuantSpec) -> ScaleFormat:
+    """The block scale's format; every OCP MX format has one (E8M0)."""
+    scale = spec.format.scale
+    assert scale is not None, f"{spec.format.name}: an OCP MX format without a block scale"
+    return scale
+
+
+def _rounding(spec: QuantSpec) -> numerics.Rounding:
+    # QuantSpec.make checked it against numerics.ROUNDINGS.
+    return cast(numerics.Rounding, spec.rounding)
+
+
+def _blocks(
+    spec: QuantSpec, dtype: DTypeLike, x_ref: jax.Ref, r_ref: jax.Ref | None
+) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array, jax.Array]:
     """``(sign, mag, rbits, e, nonfinite)`` of a tile, as jaxmx.families.ocp's ``blocks``."""
-    fmt = spec.format
+    scale = _scale(spec)
     bits = _bits.f32_bits(x_ref[...], dtype)
     sign = lax.shift_right_logical(bits, u32(31))
     mag = bits & u32(0x7FFFFFFF)
@@ -37,38 +56,41 @@ def _blocks(spec: QuantSpec, dtype, x_ref, r_ref):
         amax = jnp.where(tiny, u32(0), amax)
     e, nonfinite = numerics.shared_exponent(
         amax,
-        fmt.element,
-        spec.scale_mode,
-        min_exponent=fmt.scale.min_exponent,
-        max_exponent=fmt.scale.max_exponent,
+        spec.format.element,
+        # QuantSpec.make checked it against numerics.SCALE_MODES.
+        cast(numerics.ScaleMode, spec.scale_mode),
+        min_exponent=scale.min_exponent,
+        max_exponent=scale.max_exponent,
     )
     rbits = None if r_ref is None else r_ref[...]
     return sign, mag, rbits, e, nonfinite
 
 
-def quantize_body(spec: QuantSpec, dtype, x_ref, *refs) -> None:
+def quantize_body(spec: QuantSpec, dtype: DTypeLike, x_ref: jax.Ref, *refs: jax.Ref) -> None:
     """Writes a tile's raw codes (uint8, the wire code) and biased scales (uint8)."""
-    r_ref, c_ref, s_ref = refs if len(refs) == 3 else (None, *refs)
-    fmt = spec.format
-    elem = fmt.element
+    # The random bits' rows come before the outputs when the rounding draws them.
+    r_ref = refs[0] if len(refs) == 3 else None
+    c_ref, s_ref = refs[-2:]
+    elem, scale = spec.format.element, _scale(spec)
     sign, mag, rbits, e, nonfinite = _blocks(spec, dtype, x_ref, r_ref)
     mag = jnp.where(nonfinite, u32(0), mag)
-    code = numerics.encode_magnitude(mag, e, elem, spec.rounding, rbits)
+    code = numerics.encode_magnitude(mag, e, elem, _rounding(spec), rbits)
     sign = jnp.where(nonfinite, u32(0), sign)
     c_ref[...] = codes.raw_codes(sign, code, elem)
-    biased = (e + fmt.scale.bias).astype(jnp.uint8)
-    s_ref[...] = jnp.where(nonfinite, jnp.uint8(fmt.scale.nan_code), biased)
+    biased = (e + scale.bias).astype(jnp.uint8)
+    s_ref[...] = jnp.where(nonfinite, jnp.uint8(scale.nan_code), biased)
 
 
-def fake_quantize_body(spec: QuantSpec, dtype, x_ref, *refs) -> None:
+def fake_quantize_body(spec: QuantSpec, dtype: DTypeLike, x_ref: jax.Ref, *refs: jax.Ref) -> None:
     """Writes a tile's fake-quantized values as the bits of ``dtype``."""
-    r_ref, o_ref = refs if len(refs) == 2 else (None, *refs)
+    r_ref = refs[0] if len(refs) == 2 else None
+    o_ref = refs[-1]
     elem = spec.format.element
     sign, mag, rbits, e, nonfinite = _blocks(spec, dtype, x_ref, r_ref)
     # decode(encode(.)) has round_magnitude's bits; round_magnitude's own
     # saturation bound is a float bitcast of a constant, which Pallas's
     # Triton lowering does not take.
-    code = numerics.encode_magnitude(mag, e, elem, spec.rounding, rbits)
+    code = numerics.encode_magnitude(mag, e, elem, _rounding(spec), rbits)
     bits = numerics.decode_magnitude(code, e, elem)
     if elem.kind == "int":  # two's complement has no -0
         sign = jnp.where(bits == 0, u32(0), sign)
