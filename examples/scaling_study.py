@@ -74,9 +74,10 @@ DEFAULT_RECIPES = (
 )
 RULES = ("tokens", "params", "flops")
 TARGET_GAP = 1.0  # percent: "minimal loss" read as within 1% of FP32
-DOCS_PAGE = REPO / "docs" / "studies" / "scaling.md"
-DOCS_JSON = REPO / "docs" / "studies" / "scaling_results.json"
-DOCS_PLOT = REPO / "docs" / "img" / "scaling_study.png"
+DOCS = REPO / "docs"
+DOCS_PAGE = "studies/scaling.md"  # the page, with the report between BEGIN and END
+DOCS_JSON = "studies/scaling_results.json"
+DOCS_PLOT = "img/scaling_study.png"
 BEGIN, END = "<!-- scaling-results:begin -->", "<!-- scaling-results:end -->"
 
 
@@ -156,6 +157,13 @@ def _built(size: str, setup: Setup):
     return train_lm.build(lm_args(size, setup), data.load_shakespeare())
 
 
+@functools.lru_cache(maxsize=16)
+def _apply_fn(size: str, setup: Setup, recipe: str):
+    # The same function object for a size and recipe, so that a run resumed in
+    # the same process reuses its compiled steps (training caches them by it).
+    return study.get_recipe(recipe)(_built(size, setup)[0])
+
+
 @functools.cache
 def count_params(size: str, setup: Setup) -> int:
     """Parameters of the model at ``size`` (embeddings and output head included)."""
@@ -215,7 +223,7 @@ def run_job(
     if done.exists():
         return json.loads(done.read_text())
     plan = run_plan(job, setup)
-    model, params, train_batch, eval_batches, run_info = _built(job.size, setup)
+    _, params, train_batch, eval_batches, run_info = _built(job.size, setup)
     config = {
         "size": job.size,
         "recipe": job.recipe,
@@ -233,7 +241,7 @@ def run_job(
             "use another --out or delete that folder"
         )
     training._write_json(recorded, config)
-    apply_fn = study.get_recipe(job.recipe)(model)
+    apply_fn = _apply_fn(job.size, setup, job.recipe)
     name = f"{job.size}/{job.recipe}"
     t0 = time.perf_counter()
 
@@ -669,15 +677,21 @@ def plot_report(rep: Mapping[str, Any], path: str | os.PathLike) -> pathlib.Path
     return path
 
 
-def publish(rep: Mapping[str, Any], text: str, page: pathlib.Path = DOCS_PAGE) -> None:
-    """Copies the table, the plot and the report into docs/ (between the page's markers)."""
+def publish(rep: Mapping[str, Any], text: str, docs: str | os.PathLike = DOCS) -> None:
+    """Copies the table, the plot and the report into ``docs``.
+
+    Writes ``studies/scaling_results.json`` and ``img/scaling_study.png``, and
+    replaces the text between the markers of ``studies/scaling.md``.
+    """
+    docs = pathlib.Path(docs)
     payload = {k: rep[k] for k in ("recipes", "rows", "fits", "missing", "results")}
-    DOCS_JSON.write_text(json.dumps(payload, indent=1) + "\n")
-    plot_report(rep, DOCS_PLOT)
+    (docs / DOCS_JSON).write_text(json.dumps(payload, indent=1) + "\n")
+    plot_report(rep, docs / DOCS_PLOT)
+    page = docs / DOCS_PAGE
     source = page.read_text()
     if BEGIN not in source or END not in source:
         raise ValueError(f"{page} lacks the markers {BEGIN} and {END}")
-    figure = f"![Gap to FP32 against parameters](../img/{DOCS_PLOT.name})"
+    figure = f"![Gap to FP32 against parameters](../{DOCS_PLOT})"
     block = f"{BEGIN}\n{text}\n\n{figure}\n{END}"
     page.write_text(
         re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, source, flags=re.S)
@@ -747,7 +761,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         print(f"\nplot: {plot}")
         if args.publish:
             publish(rep, text)
-            print(f"published: {DOCS_PAGE}, {DOCS_JSON}, {DOCS_PLOT}")
+            print(f"published in {DOCS}: {DOCS_PAGE}, {DOCS_JSON}, {DOCS_PLOT}")
         return rep
     mx = next((r for r in args.recipes if r != "fp32"), "fp32")
     timing = {}
