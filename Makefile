@@ -17,6 +17,7 @@ help:
 	@echo "make test-slow  run the slow studies (real training runs)"
 	@echo "make study      the runs behind the study pages in docs/studies (hours on 2 cores; resumes)"
 	@echo "make ptq-study  post-training quantization of SmolLM2 and MiniLM (part of study)"
+	@echo "make scaling-study  the MX gap to FP32 as the char-GPT grows (hours on 2 cores; resumes)"
 	@echo "make tour       quantize two tensors to every format and compare"
 	@echo "make bench      run the benchmarks in benchmarks/"
 	@echo "make docs       build the documentation site into docs/_build/html (warnings are errors)"
@@ -78,6 +79,12 @@ study: $(STAMP) fashion-mnist
 	$(PY) examples/optax_lm.py --summarize runs/optax_lm,runs/optax_lm_seed1,runs/optax_lm_seed2 \
 		--results docs/results/optax_lm_seeds.json
 	$(MAKE) ptq-study
+
+# The char-GPT at four widths under FP32 and eight MX recipes (docs/studies/scaling.md),
+# two runs at a time. Resumes: finished runs in runs/scaling are skipped.
+scaling-study: $(STAMP)
+	$(PY) examples/scaling_study.py --jobs 2
+	$(PY) examples/scaling_study.py --report --publish
 
 # Post-training quantization of SmolLM2-135M and all-MiniLM-L6-v2 (docs/results/
 # ptq_study.md). Resumes: recipes already in docs/results/ptq_study.json are
