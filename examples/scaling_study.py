@@ -453,6 +453,18 @@ def gaps(results: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[int, floa
     return out
 
 
+def fmt_params(n: float) -> str:
+    """A parameter count in two significant digits.
+
+    >>> fmt_params(214_996), fmt_params(1.07e7), fmt_params(3.2e10)
+    ('210K', '11M', '32B')
+    """
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{float(f'{n / scale:.2g}'):g}{unit}"
+    return f"{n:.2g}"
+
+
 def fit_trend(points: Sequence[tuple[int, float]], target: float = TARGET_GAP) -> dict[str, Any]:
     """Fits ``gap = a + b * log10(params)`` and says where it would reach ``target`` %.
 
@@ -492,9 +504,11 @@ def fit_trend(points: Sequence[tuple[int, float]], target: float = TARGET_GAP) -
     if b < 0:
         reach = float(10 ** ((target - a) / b))
         if top > target:
-            text = f"reaches {target:g}% at about {reach:.2g} params (extrapolated)"
+            text = f"reaches {target:g}% at about {fmt_params(reach)} params (extrapolated)"
+        elif reach >= 10 ** x.min():
+            text = f"within {target:g}% from about {fmt_params(reach)} params (measured range)"
         else:
-            text = f"within {target:g}% from about {reach:.2g} params (inside the measured range)"
+            text = f"within {target:g}% at every size measured"
     elif top <= target:
         text = f"within {target:g}% but not shrinking"
     return {
@@ -505,10 +519,6 @@ def fit_trend(points: Sequence[tuple[int, float]], target: float = TARGET_GAP) -
         "reach": reach,
         "reach_text": text,
     }
-
-
-def _fmt_params(n: float) -> str:
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
 def report(table: Mapping[str, Any], recipes: Sequence[str] | None = None) -> dict[str, Any]:
@@ -655,11 +665,12 @@ def plot_report(rep: Mapping[str, Any], path: str | os.PathLike) -> pathlib.Path
     gap_ax.axhline(TARGET_GAP, color="gray", linestyle=":", linewidth=1)
     gap_ax.axhline(0, color="black", linewidth=0.8)
     gap_ax.text(
-        0.01,
+        0.99,
         TARGET_GAP,
-        f" {TARGET_GAP:g}%",
+        f"{TARGET_GAP:g}%",
         color="gray",
         va="bottom",
+        ha="right",
         transform=gap_ax.get_yaxis_transform(),
     )
     for ax in (loss_ax, gap_ax):
@@ -669,7 +680,7 @@ def plot_report(rep: Mapping[str, Any], path: str | os.PathLike) -> pathlib.Path
     loss_ax.set_ylabel("final validation loss (nats/char)")
     loss_ax.set_title("validation loss")
     gap_ax.set_ylabel("gap to FP32 validation loss (%)")
-    gap_ax.set_title("gap to FP32: measured (markers), fitted a + b log10(params) (lines)")
+    gap_ax.set_title("gap to FP32 (lines: fitted a + b log10 params)")
     fig.legend(loc="outside right upper", title="recipe (square: rceil)")
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

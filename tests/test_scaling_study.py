@@ -103,7 +103,9 @@ def test_fitted_trends_say_where_the_gap_reaches_one_percent():
     noisy = ss.fit_trend([(1e5, 2.0), (1e6, 3.0), (1e7, 1.9), (1e8, 3.1)])
     assert noisy["trend"] == "flat"
     inside = ss.fit_trend([(1e5, 2.0), (1e6, 0.5)])
-    assert "inside the measured range" in inside["reach_text"]
+    assert "(measured range)" in inside["reach_text"]
+    below = ss.fit_trend([(1e5, 0.9), (1e6, 0.5)])
+    assert below["reach_text"] == "within 1% at every size measured"
 
 
 def test_steps_per_size_follow_the_rule():
