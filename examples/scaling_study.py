@@ -662,17 +662,8 @@ def plot_report(rep: Mapping[str, Any], path: str | os.PathLike) -> pathlib.Path
             if fit["b"] is not None:
                 grid = np.geomspace(xs.min(), xs.max(), 50)
                 gap_ax.plot(grid, fit["a"] + fit["b"] * np.log10(grid), style, color=color)
-    gap_ax.axhline(TARGET_GAP, color="gray", linestyle=":", linewidth=1)
+    gap_ax.axhline(TARGET_GAP, color="gray", linestyle=":", label=f"{TARGET_GAP:g}% gap")
     gap_ax.axhline(0, color="black", linewidth=0.8)
-    gap_ax.text(
-        0.99,
-        TARGET_GAP,
-        f"{TARGET_GAP:g}%",
-        color="gray",
-        va="bottom",
-        ha="right",
-        transform=gap_ax.get_yaxis_transform(),
-    )
     for ax in (loss_ax, gap_ax):
         ax.set_xscale("log")
         ax.set_xlabel("parameters (log scale)")
