@@ -325,6 +325,7 @@ def run_study(
         lock.flush()
         todo = [j for j in jobs if not (j.folder(out) / "result.json").exists()]
         print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already finished", flush=True)
+        failed: list[Job] = []
         if workers == 1:
             for job in todo:
                 run_job(job, setup, out, log=lambda s: print(s, flush=True))
@@ -334,12 +335,18 @@ def run_study(
             with concurrent.futures.ProcessPoolExecutor(
                 workers, mp_context=context, initializer=_worker_init, initargs=(os.getpid(),)
             ) as pool:
-                futures = [pool.submit(_worker, job, setup, str(out)) for job in todo]
+                futures = {pool.submit(_worker, job, setup, str(out)): job for job in todo}
                 for future in concurrent.futures.as_completed(futures):
-                    future.result()  # a failed run stops the study with its error
+                    # A failed run is reported and the others go on; rerunning
+                    # the study retries it from its last checkpoint.
+                    if future.exception() is not None:
+                        failed.append(futures[future])
+                        print(f"[{futures[future]}] failed: {future.exception()!r}", flush=True)
                     write_table(collect(out, jobs), out)
         table = collect(out, jobs)
         write_table(table, out)
+        if failed:
+            raise RuntimeError(f"{len(failed)} runs failed (see the log above): {failed}")
         return table["results"]
 
 
