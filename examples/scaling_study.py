@@ -27,6 +27,7 @@ Usage::
     python examples/scaling_study.py --plan        # time a few steps per size, print the plan
     python examples/scaling_study.py               # run (or resume) the whole study
     python examples/scaling_study.py --jobs 2      # two runs at a time
+    python examples/scaling_study.py --jobs 2 --no-timing   # resume without timing first
     python examples/scaling_study.py --report      # table, trends and plot from what exists
     python examples/scaling_study.py --report --publish   # and copy them into docs/
 """
@@ -728,6 +729,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (processes)")
     parser.add_argument("--out", default="runs/scaling", help="the study's folder")
     parser.add_argument("--plan", action="store_true", help="time each size, print the plan")
+    parser.add_argument(
+        "--no-timing", action="store_true", help="start (or resume) without timing each size first"
+    )
     parser.add_argument("--report", action="store_true", help="report what has finished")
     parser.add_argument("--publish", action="store_true", help="with --report: write docs/")
     args = parser.parse_args(argv)
@@ -772,12 +776,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             publish(rep, text)
             print(f"published in {DOCS}: {DOCS_PAGE}, {DOCS_JSON}, {DOCS_PLOT}")
         return rep
-    mx = next((r for r in args.recipes if r != "fp32"), "fp32")
-    timing = {}
-    for size in args.sizes:
-        timing[size] = (measure(size, "fp32", setup), measure(size, mx, setup))
-    plan = plan_table(args.sizes, args.recipes, setup, args.jobs, timing)
-    print(plan, flush=True)
+    if args.plan or not args.no_timing:
+        mx = next((r for r in args.recipes if r != "fp32"), "fp32")
+        timing = {}
+        for size in args.sizes:
+            timing[size] = (measure(size, "fp32", setup), measure(size, mx, setup))
+        print(plan_table(args.sizes, args.recipes, setup, args.jobs, timing), flush=True)
     if args.plan:
         return None
     run_study(jobs, setup, out, workers=args.jobs)
