@@ -298,14 +298,25 @@ def _worker_init(parent: int) -> None:
     _PARENT = parent
 
 
-def _worker(job: Job, setup: Setup, out: str) -> dict[str, Any]:
-    def orphaned(step: int, loss: float) -> None:
-        # The study was stopped (its process died): stop too; the run resumes
-        # from its last checkpoint next time.
-        if _PARENT is not None and os.getppid() != _PARENT:
-            raise SystemExit(f"{job}: the study process is gone; stopping at step {step}")
+class _Orphaned(Exception):
+    """The study process is gone: this worker stops (its run resumes next time)."""
 
-    return run_job(job, setup, out, on_step=orphaned, log=lambda s: print(s, flush=True))
+
+def _check_parent(step: int = 0, loss: float = 0.0) -> None:
+    if _PARENT is not None and os.getppid() != _PARENT:
+        raise _Orphaned(step)
+
+
+def _worker(job: Job, setup: Setup, out: str) -> dict[str, Any]:
+    try:
+        _check_parent()
+        return run_job(job, setup, out, on_step=_check_parent, log=lambda s: print(s, flush=True))
+    except _Orphaned as stop:
+        # train() has closed its checkpoints on the way out; leave at once
+        # rather than take the next queued run.
+        print(f"[{job.size}/{job.recipe}] the study process is gone; stopped at step {stop}")
+        sys.stdout.flush()
+        os._exit(0)
 
 
 def run_study(
