@@ -244,11 +244,13 @@ def run_job(
     training._write_json(recorded, config)
     apply_fn = _apply_fn(job.size, setup, job.recipe)
     name = f"{job.size}/{job.recipe}"
-    t0 = time.perf_counter()
+    first: list[tuple[int, float]] = []  # (step, time) of this invocation's first step
 
     def report(step: int, loss: float) -> None:
+        now = time.perf_counter()
+        first[:] = first or [(step, now)]
         if log is not None and (step % plan["train"].eval_every == 0 or step == plan["steps"]):
-            rate = (time.perf_counter() - t0) / step
+            rate = (now - first[0][1]) / max(1, step - first[0][0])  # after compiling
             log(f"[{name}] step {step}/{plan['steps']} train loss {loss:.4f} ({rate:.2f} s/step)")
         if on_step is not None:
             on_step(step, loss)
