@@ -636,15 +636,38 @@ def format_report(rep: Mapping[str, Any]) -> str:
             + ").",
         ]
     if rep["missing"]:
-        parts = [
-            f"{m['size']}/{m['recipe']}"
-            + (" (not started)" if m["step"] is None else f" (at step {m['step']})")
-            for m in rep["missing"]
-        ]
-        lines += ["", f"Missing runs ({len(parts)}): " + ", ".join(parts) + "."]
+        lines += ["", describe_missing(rep["missing"], rep["results"])]
     else:
         lines += ["", "Every planned run has finished."]
     return "\n".join(lines)
+
+
+def describe_missing(missing: Sequence[Mapping[str, Any]], results: Sequence[Mapping]) -> str:
+    """One sentence on the runs not finished: those under way, then those not started.
+
+    >>> print(describe_missing([{"size": "w32", "recipe": "mxfp6", "step": 200},
+    ...     {"size": "w32", "recipe": "mxfp8", "step": None},
+    ...     {"size": "w64", "recipe": "fp32", "step": None}], [{"size": "w32"}]))
+    Missing runs: 3 of 4. Under way: w32/mxfp6 (at step 200).
+    Not started: w32/mxfp8; every run of w64.
+    """
+    text = f"Missing runs: {len(missing)} of {len(missing) + len(results)}."
+    going = [f"{m['size']}/{m['recipe']} (at step {m['step']})" for m in missing if m["step"]]
+    if going:
+        text += " Under way: " + ", ".join(going) + "."
+    busy = {r["size"] for r in results} | {m["size"] for m in missing if m["step"]}
+    parts, whole = [], []
+    for size in dict.fromkeys(m["size"] for m in missing):
+        names = [m["recipe"] for m in missing if m["size"] == size and not m["step"]]
+        if names and size not in busy:
+            whole.append(size)
+        elif names:
+            parts.append(", ".join(f"{size}/{n}" for n in names))
+    if whole:
+        parts.append("every run of " + ", ".join(whole))
+    if parts:
+        text += " Not started: " + "; ".join(parts) + "."
+    return text
 
 
 _COLORS = {"mxfp8": "C0", "mxfp6": "C1", "mxfp6_e2m3": "C2", "mxfp4_weights": "C3", "mxfp4": "C4"}

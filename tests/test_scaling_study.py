@@ -76,7 +76,7 @@ def test_report_table_trends_and_plot(tmp_path):
     # MX changed the result, and the table shows the gap computed from the two losses.
     assert mx != fp32
     assert f"{100 * (mx - fp32) / fp32:+.2f}%" in text
-    assert "Missing runs (1): w64/fp32 (not started)." in text
+    assert "Missing runs: 1 of 3. Not started: every run of w64." in text
     assert rep["fits"]["mxfp6"]["trend"] == "one size"
     assert ss.plot_report(rep, tmp_path / "plot.png").stat().st_size > 10_000
 
