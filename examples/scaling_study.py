@@ -56,6 +56,7 @@ if __package__ in (None, ""):  # run as a script: make `models`/`examples` impor
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullLocator
 
 from examples import data, study, train_lm, training
 
@@ -714,7 +715,17 @@ def plot_report(rep: Mapping[str, Any], path: str | os.PathLike) -> pathlib.Path
         ax.grid(alpha=0.3, which="both")
     loss_ax.set_ylabel("final validation loss (nats/char)")
     loss_ax.set_title("validation loss")
-    gap_ax.set_ylabel("gap to FP32 validation loss (%)")
+    # Gaps run from a few tenths of a percent to tens of percent: a symmetric
+    # log scale (linear within +-1%) keeps both readable.
+    gap_ax.set_yscale("symlog", linthresh=TARGET_GAP)
+    values = [g for pts in points.values() for _, g in pts] or [0.0]
+    low, high = min(0.0, min(values)) - 0.5, max(2.0, 1.3 * max(values))
+    gap_ax.set_ylim(low, high)
+    ticks = (-20, -10, -5, -2, -1, -0.5, 0, 0.5, 1, 2, 5, 10, 20, 50, 100, 200)
+    gap_ax.set_yticks([t for t in ticks if low <= t <= high])
+    gap_ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    gap_ax.yaxis.set_minor_locator(NullLocator())
+    gap_ax.set_ylabel("gap to FP32 validation loss (%, symmetric log scale)")
     gap_ax.set_title("gap to FP32 (lines: fitted a + b log10 params)")
     fig.legend(loc="outside right upper", title="recipe (square: rceil)")
     path = pathlib.Path(path)
