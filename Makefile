@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 RECIPES := fp32,mxfp8,mxfp6,mxfp4_weights,mxfp4
 STUDY := fp32,mxfp8,mxfp8_rceil,mxfp6,mxfp6_rceil,mxfp4_weights,mxfp4_weights_rceil,mxfp4,mxfp4_rceil
 
-.PHONY: help venv test test-slow lint demo study ptq-study format-study tour bench docs fashion-mnist bench-device clean
+.PHONY: help venv test test-slow lint demo study ptq-study format-study tour bench docs fashion-mnist bench-device scaling-study clean
 
 help:
 	@echo "make demo       set up and run the main job: a short MX training study (a few minutes)"
@@ -17,6 +17,7 @@ help:
 	@echo "make test-slow  run the slow studies (real training runs)"
 	@echo "make study      the runs behind the study pages in docs/studies (hours on 2 cores; resumes)"
 	@echo "make ptq-study  post-training quantization of SmolLM2 and MiniLM (part of study)"
+	@echo "make scaling-study  the MX gap to FP32 as the char-GPT grows (hours on 2 cores; resumes)"
 	@echo "make tour       quantize two tensors to every format and compare"
 	@echo "make format-study  the QSNR study behind docs/results/format_study.md (about a minute)"
 	@echo "make bench      run the benchmarks in benchmarks/"
@@ -81,6 +82,12 @@ study: $(STAMP) fashion-mnist
 		--results docs/results/optax_lm_seeds.json
 	$(MAKE) ptq-study
 	$(MAKE) format-study
+
+# The char-GPT at four widths under FP32 and eight MX recipes (docs/studies/scaling.md),
+# two runs at a time. Resumes: finished runs in runs/scaling are skipped.
+scaling-study: $(STAMP)
+	$(PY) examples/scaling_study.py --jobs 2
+	$(PY) examples/scaling_study.py --report --publish
 
 # Post-training quantization of SmolLM2-135M and all-MiniLM-L6-v2 (docs/results/
 # ptq_study.md; --publish writes there, not into runs/). Resumes: recipes already

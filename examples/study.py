@@ -125,6 +125,8 @@ def vector_ops_recipe(
     return recipe
 
 
+_E2M3 = {"lhs": "mxfp6_e2m3", "rhs": "mxfp6_e2m3", "grad": "mxfp6_e2m3"}
+
 # fp32 and the training recipes of the MX paper and its successors; every
 # matmul in the chosen formats (attention's q.k and p.v and the output head
 # included; the embedding is a lookup, not a matmul).
@@ -149,6 +151,12 @@ RECIPES: dict[str, Callable[[Any], ApplyFn]] = {
             vector_ops_recipe("mxfp8"),
             vector_ops_recipe("mxfp6"),
         )
+    },
+    # MXFP6 E2M3 everywhere: the other OCP FP6 element, three mantissa bits
+    # and two exponent bits (the MX paper trains with E3M2).
+    **{
+        f"mxfp6_e2m3{suffix}": mx_recipe("mxfp6", scale_mode=mode, **_E2M3)
+        for suffix, mode in (("", "floor"), ("_rceil", "rceil"))
     },
 }
 
