@@ -42,9 +42,11 @@ fashion-mnist:
 	@test -f $(FASHION) || $(SUDO) apt-get install -y dataset-fashion-mnist
 
 # The fuzzers (tests/test_fuzz*.py) run in their default profile here; test-slow
-# adds the larger one.
+# adds the larger one. --dist loadfile keeps each file's tests on one worker,
+# which then compiles the programs they share once (about 13% less CPU time
+# than spreading them, measured on three of the numerics files).
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(JOBS) -m "not slow" jaxmx models examples tests
+	$(PY) -m pytest -q -n $(JOBS) --dist loadfile -m "not slow" jaxmx models examples tests
 
 test-slow: $(STAMP) fashion-mnist
 	$(PY) -m pytest -q -m slow tests
