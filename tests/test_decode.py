@@ -25,16 +25,7 @@ import jaxmx
 from jaxmx.families.ocp import _kernels as ocp_kernels
 from tests._params import covering
 
-OCP = [
-    "mxfp8_e4m3",
-    "mxfp8_e5m2",
-    "mxfp6_e3m2",
-    "mxfp6_e2m3",
-    "mxfp4_e2m1",
-    "mxint8",
-    "mxint4",
-    "mxint2",
-]
+OCP = [f for f in jaxmx.list_formats() if jaxmx.get_format(f).family == "ocp"]
 DTYPES = [jnp.float32, jnp.bfloat16]
 NAN32 = np.uint32(0x7FC00000)
 ML_ELEMENTS = {

@@ -33,16 +33,7 @@ from jaxmx.pallas import _bits, _call
 BACKENDS = platforms.PALLAS_BACKENDS
 # What a kernel lowers to: Mosaic's custom call on a TPU, Triton's on CUDA.
 MARKERS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
-OCP = [
-    "mxfp8_e4m3",
-    "mxfp8_e5m2",
-    "mxfp6_e3m2",
-    "mxfp6_e2m3",
-    "mxfp4_e2m1",
-    "mxint8",
-    "mxint4",
-    "mxint2",
-]
+OCP = [f for f in jaxmx.list_formats() if jaxmx.get_format(f).family == "ocp"]
 
 
 def _special_rows(shape, seed=0) -> np.ndarray:
