@@ -52,6 +52,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the repo importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
@@ -62,7 +63,7 @@ if __name__ == "__main__":  # every missing package named at once, before any im
     require("flax", later=[*PRETRAINED["smollm2"], *PRETRAINED["minilm"], "tqdm", "matplotlib"])
 
 import jaxmx
-from examples import ptq_study
+from examples import pretrained, ptq_study
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RUNS = REPO / "runs" / "sparsity_study"  # where a run writes, unless --publish
@@ -263,6 +264,17 @@ def _summary(model: str, run: dict) -> str:
     return f"cos {run['cos_mean']:.5f} (min {run['cos_min']:.4f})"
 
 
+def _evaluate(name: str, evaluation: Any, q: ptq_study.Quantized, batch: int, progress) -> dict:
+    if name != "smollm2":
+        return evaluation.run(q, progress=progress)
+    # Several windows per call: the amber score's weight statistics (a sort of
+    # every weight) are computed once per call, not once per window.
+    nll, n = pretrained.lm_nll(
+        q.apply_fn, q.params, evaluation.windows, batch_size=batch, progress=progress
+    )
+    return {"nll": nll, "predictions": n, "ppl": float(np.exp(nll / n))}
+
+
 def todo(entry: dict, configs: Sequence[Config]) -> list[Config]:
     """The configurations whose result is not in ``entry["runs"]`` yet (resume)."""
     return [c for c in configs if c.key not in entry["runs"]]
@@ -277,6 +289,7 @@ def run_study(
     pairs: int | None,
     out: pathlib.Path,
     fresh: bool = False,
+    batch: int = 8,
 ) -> dict:
     """Runs every missing (model, configuration) and saves after each one."""
     from tqdm.auto import tqdm
@@ -305,7 +318,7 @@ def run_study(
             load_before = os.getloadavg()[0]
             q = apply_config(evaluation.pre.model, params, config, ROLES[name])
             with tqdm(total=evaluation.units, desc=config.key, leave=False) as bar:
-                metrics = evaluation.run(q, progress=bar.update)
+                metrics = _evaluate(name, evaluation, q, batch, bar.update)
             fractions = flop_fractions(params, ROLES[name], config.layers, HEADS[name])
             entry["runs"][config.key] = {
                 "config": dataclasses.asdict(config),
@@ -591,6 +604,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--length", type=int, default=512, help="tokens per window")
     parser.add_argument("--pairs", type=int, default=None, help="MiniLM verse pairs (default all)")
     parser.add_argument(
+        "--batch",
+        type=int,
+        default=8,
+        help="SmolLM2 windows per call (amber's weight statistics are computed once per call)",
+    )
+    parser.add_argument(
         "--out",
         type=pathlib.Path,
         help=f"results JSON; the table (.md) and plot (.png) go next to it "
@@ -651,6 +670,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             pairs=args.pairs,
             out=args.out,
             fresh=args.fresh,
+            batch=args.batch,
         )
     print(report(results, md, png))
     print(f"wrote {args.out}, {md}, {png}")
