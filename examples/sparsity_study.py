@@ -463,20 +463,27 @@ def plot(results: dict, path: pathlib.Path) -> None:
     """Perplexity (SmolLM2) and 1 - cosine (MiniLM) against the pattern, per score and format."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
 
     rows = table_rows(results)
-    layer_sets = sorted({r["layers"] for r in rows if r["layers"] != "-"})
+    # A row of panels per set of sparse layers run with more than one pattern (sets
+    # run with one pattern only, a sensitivity sweep, are in the table).
+    layer_sets = sorted(
+        ls
+        for ls in {r["layers"] for r in rows if r["layers"] != "-"}
+        if len({r["pattern"] for r in rows if r["layers"] == ls}) > 1
+    )
     panels = [
         (
             "ppl",
             "SmolLM2-135M: perplexity",
-            "perplexity on Acts (WEB), lower is better",
+            "perplexity (per token, dimensionless; lower is better)",
             lambda v: v,
         ),
         (
             "cos",
             "all-MiniLM-L6-v2: embedding error",
-            "1 - cosine(embedding, FP32)",
+            "1 - cosine similarity to FP32 embedding (dimensionless)",
             lambda v: 1 - v,
         ),
     ]
@@ -526,6 +533,11 @@ def plot(results: dict, path: pathlib.Path) -> None:
             ax.set_xlabel("activation pattern (n kept of every m; 50% zeros)")
             ax.set_ylabel(unit)
             ax.set_yscale("log")
+            if field == "ppl":  # plain numbers on the log axis, not powers of ten
+                plain = FuncFormatter(lambda v, _: f"{v:g}")
+                ax.yaxis.set_major_formatter(plain)
+                ax.yaxis.set_minor_formatter(plain)
+                ax.tick_params(axis="y", which="minor", labelsize=7)
             ax.set_title(f"{title}\nsparse layers: {layers}", fontsize=9)
             ax.grid(alpha=0.3, which="both")
     handles, labels = {}, {}
