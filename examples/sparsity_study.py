@@ -477,13 +477,13 @@ def plot(results: dict, path: pathlib.Path) -> None:
         (
             "ppl",
             "SmolLM2-135M: perplexity",
-            "perplexity (per token, dimensionless; lower is better)",
+            "perplexity (no unit; lower is better)",
             lambda v: v,
         ),
         (
             "cos",
             "all-MiniLM-L6-v2: embedding error",
-            "1 - cosine similarity to FP32 embedding (dimensionless)",
+            "1 - cosine similarity to FP32 (no unit)",
             lambda v: 1 - v,
         ),
     ]
@@ -519,6 +519,8 @@ def plot(results: dict, path: pathlib.Path) -> None:
                         )
                         if r is not None and r[field] is not None:
                             pts.append((x, r[field]))
+                    # FP32 dense is the cosine's reference (1 - cos = 0): off a log axis.
+                    pts = [(x, v) for x, v in pts if value(v) > 0]
                     if len(pts) < 2:
                         continue
                     ax.plot(
@@ -546,7 +548,13 @@ def plot(results: dict, path: pathlib.Path) -> None:
             handles.setdefault(lab, h)
             labels[lab] = lab
     # Below the panels, in the constrained layout: it covers no data.
-    fig.legend(list(handles.values()), list(labels), loc="outside lower center", ncol=4, fontsize=8)
+    fig.legend(
+        list(handles.values()),
+        list(labels),
+        loc="outside lower center",
+        ncol=2 * len(panels),
+        fontsize=8,
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig).print_png(str(path))
 
