@@ -768,11 +768,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=Setup.steps, help="steps of --anchor")
     parser.add_argument("--anchor", default=Setup.anchor, help="the size the rule starts from")
     parser.add_argument("--lr", type=float, default=Setup.lr, help="peak lr of --anchor")
-    parser.add_argument("--lr-exponent", type=float, default=Setup.lr_exponent)
-    parser.add_argument("--batch-size", type=int, default=Setup.batch_size)
-    parser.add_argument("--context", type=int, default=Setup.context)
-    parser.add_argument("--checkpoint-every", type=int, default=Setup.checkpoint_every)
-    parser.add_argument("--seed", type=int, default=Setup.seed)
+    parser.add_argument(
+        "--lr-exponent",
+        type=float,
+        default=Setup.lr_exponent,
+        help="lr scales as (anchor width / width) ** this",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=Setup.batch_size, help="sequences per step"
+    )
+    parser.add_argument(
+        "--context", type=int, default=Setup.context, help="characters per sequence"
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=Setup.checkpoint_every,
+        help="steps between checkpoints of a run",
+    )
+    parser.add_argument("--seed", type=int, default=Setup.seed, help="initial weights and batches")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (processes)")
     parser.add_argument("--out", default="runs/scaling", help="the study's folder")
     parser.add_argument("--plan", action="store_true", help="time each size, print the plan")
