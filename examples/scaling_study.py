@@ -809,17 +809,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def setup_from_args(args: argparse.Namespace) -> Setup:
-    return Setup(
-        rule=args.rule,
-        steps=args.steps,
-        anchor=args.anchor,
-        lr=args.lr,
-        lr_exponent=args.lr_exponent,
-        batch_size=args.batch_size,
-        context=args.context,
-        checkpoint_every=args.checkpoint_every,
-        seed=args.seed,
-    )
+    """The study's settings from the flags; a setting without a flag keeps its default."""
+    given = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(Setup) if hasattr(args, f.name)
+    }
+    return Setup(**given)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
