@@ -31,6 +31,8 @@ __all__ = [
     "dot_compute_dtype",
     "fake_operand",
     "lax_dot",
+    "operand_block_size",
+    "operand_implementation",
     "operand_spec",
     "product",
     "random_bits",
@@ -126,7 +128,10 @@ def fake_operand(
         single=axis is None,
         role=role,
     )
-    q = fake_quantize_spec(x, random_bits(x, spec, key, role), None, spec)
+    # Blocks of one element (nothing to contract) have no kernel; their
+    # values are the same either way.
+    impl = operand_implementation(config) if axis is not None else "xla"
+    q = fake_quantize_spec(x, random_bits(x, spec, key, role), None, spec, impl)
     if axis is None:
         q = q[..., 0]
     return q.astype(dtype)
@@ -154,9 +159,7 @@ def operand_spec(
     contract).
     """
     free = QuantSpec.block_size_is_free(fmt)
-    bs = config.block_size
-    if role in _WEIGHT_ROLES and config.rhs_block_size is not None:
-        bs = config.rhs_block_size
+    bs = _configured_block_size(config, role)
     if isinstance(bs, tuple) and not single:
         if axis not in (ndim - 2, ndim - 1):
             raise ValueError(
@@ -171,6 +174,27 @@ def operand_spec(
     modes = QuantSpec.scale_modes_of(fmt)
     mode = config.scale_mode if config.scale_mode in modes else modes[0]
     return QuantSpec.make(fmt, ndim, axis=axis, block_size=bs, scale_mode=mode, rounding=rounding)
+
+
+def operand_implementation(config: DotConfig) -> str:
+    """How operands are quantized: by the Pallas kernels for ``implementation="pallas"``."""
+    return "pallas" if config.implementation == "pallas" else "xla"
+
+
+def _configured_block_size(config: DotConfig, role: str) -> int | tuple[int, int] | None:
+    if role in _WEIGHT_ROLES and config.rhs_block_size is not None:
+        return config.rhs_block_size
+    return config.block_size
+
+
+def operand_block_size(
+    fmt: MXFormat | None, config: DotConfig, role: str
+) -> int | tuple[int, int] | None:
+    """The block size (a pair for 2-D tiles) :func:`operand_spec` gives ``role``'s operand."""
+    if fmt is None:
+        return None
+    bs = _configured_block_size(config, role)
+    return bs if bs is not None and QuantSpec.block_size_is_free(fmt) else fmt.block_size
 
 
 def lax_dot(

@@ -34,6 +34,8 @@ FORWARD = "forward"
 
 FormatLike = str | MXFormat | None
 _ROLES = ("lhs", "rhs", "grad", "lhs_bwd", "rhs_bwd")
+# What DotConfig(implementation=...) takes besides None.
+IMPLEMENTATIONS = ("xla", "native", "pallas")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -98,11 +100,18 @@ class DotConfig:
     # unchanged (the NVFP4 recipe, arXiv 2509.25149, uses order 16). None: off.
     wgrad_hadamard: int | None = None
     hadamard_seed: int = 0
-    # Block-scaled hardware matmuls (lax.scaled_dot): "auto" uses them where
-    # the backend has them natively (Blackwell-class GPUs) and the formats fit,
-    # "never" always emulates, "always" uses lax.scaled_dot wherever it runs
-    # (on CPU it is a reference decomposition, useful as a cross-check).
-    native: Literal["auto", "never", "always"] = "auto"
+    # How each matmul runs, as jax.nn.dot_product_attention's argument of the
+    # same name. None: chosen per platform when the program is lowered
+    # (block-scaled hardware matmuls through lax.scaled_dot where the platform
+    # has them, Blackwell-class GPUs, and the formats fit; the exact XLA
+    # emulation elsewhere). "xla": the exact emulation everywhere. "native":
+    # the forward, dgrad and wgrad matmuls through lax.scaled_dot wherever it
+    # runs (on CPU, XLA's reference decomposition: a cross-check); a matmul
+    # whose formats cannot run that way raises an error saying why.
+    # "pallas": operands quantized by jaxmx's fused Pallas kernels
+    # (jaxmx.pallas), the products as "xla"; refused when compiled for a
+    # platform with no kernel (the CPU, outside jaxmx.pallas.interpret).
+    implementation: Literal["xla", "native", "pallas"] | None = None
     # Fully-sharded data parallelism: the mesh axis the weights (rhs) are
     # sharded over. The forward and the input-gradient matmul then quantize
     # each shard of the weight along their contraction and all-gather its MX
@@ -188,8 +197,13 @@ class DotConfig:
             raise ValueError(
                 f"unknown compute_dtype {self.compute_dtype!r}; allowed: None, float32, bfloat16"
             )
-        if not isinstance(self.native, str) or self.native not in ("auto", "never", "always"):
-            raise ValueError(f"unknown native {self.native!r}; allowed: auto, never, always")
+        if self.implementation is not None and (
+            not isinstance(self.implementation, str) or self.implementation not in IMPLEMENTATIONS
+        ):
+            raise ValueError(
+                f"unknown implementation {self.implementation!r}; allowed: None (chosen per "
+                f"platform), {', '.join(map(repr, IMPLEMENTATIONS))}"
+            )
         if self.fsdp is not None and (not isinstance(self.fsdp, str) or not self.fsdp):
             raise ValueError(f"fsdp must be a mesh axis name or None, got {self.fsdp!r}")
         for name in ("lhs_sparsity", "rhs_sparsity"):

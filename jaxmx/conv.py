@@ -256,6 +256,12 @@ def conv_general_dilated(
             "einsum, not for convolutions; use config.replace(wgrad_hadamard=None) for conv "
             "layers (a rule per module)"
         )
+    if config.implementation == "native":
+        raise ValueError(
+            "DotConfig(implementation='native'): block-scaled hardware matmuls "
+            "(lax.scaled_dot) have no convolution; allowed for conv_general_dilated: None, "
+            "'xla', 'pallas'"
+        )
     if config.lhs_sparsity is not None or config.rhs_sparsity is not None:
         raise ValueError(
             "N:M sparsity (lhs_sparsity/rhs_sparsity) is implemented for dot_general and "

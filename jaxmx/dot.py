@@ -44,6 +44,8 @@ from jaxmx._operand import (
     dot_compute_dtype,
     fake_operand,
     lax_dot,
+    operand_block_size,
+    operand_implementation,
     operand_spec,
     product,
     random_bits,
@@ -202,18 +204,25 @@ def _matmul(qa, qb, dims, precision, out_dtype, cdt, platform, out_sharding=None
 
 def _native_reason(a: _Side, b: _Side, cfg: DotConfig) -> str | None:
     """Why ``Q(a) . Q(b)`` cannot run as ``lax.scaled_dot`` (``None``: it can)."""
-    reason = native.unsupported_reason(a.fmt, b.fmt, a.contracting, tuple(a.x.shape), cfg)
-    if reason is not None:
-        return reason
-    sizes = set()
+    sizes = []
+    matmul = _MATMUL_OF[a.role]
     for s in (a, b):
         if isinstance(s.x, MXTensor):
             if s.x.block_axis() + s.x.ndim != s.contracting[-1]:
-                return "a pre-quantized operand is blocked along another contracting axis"
-            sizes.add(s.x.block_size)
+                return f"{matmul}: a pre-quantized operand is blocked along another axis"
+            if s.x.tensor_scale is not None and s.x.tensor_scale.ndim:
+                return f"{matmul}: a pre-quantized operand has one tensor scale per item"
+            sizes.append(s.x.block_size)
         else:
-            sizes.add(cfg.block_size or s.fmt.block_size)
-    return None if len(sizes) == 1 else f"block sizes differ ({sorted(sizes)})"
+            sizes.append(operand_block_size(s.fmt, cfg, s.role))
+    reason = native.unsupported_reason(
+        a.fmt, b.fmt, a.contracting, tuple(a.x.shape), (sizes[0], sizes[1])
+    )
+    return None if reason is None else f"{matmul}: {reason}"
+
+
+# Which of the three matmuls a left operand's role belongs to (for errors).
+_MATMUL_OF = {"lhs": "the forward matmul", "grad_dgrad": "dgrad", "lhs_bwd": "wgrad"}
 
 
 def _mx_tensor(side: _Side, cfg: DotConfig, key) -> MXTensor:
@@ -223,7 +232,7 @@ def _mx_tensor(side: _Side, cfg: DotConfig, key) -> MXTensor:
         side.x.ndim, side.fmt, side.contracting[-1], cfg, side.rounding, role=side.role
     )
     rbits = random_bits(side.x, spec, key, side.role)
-    return quantize_spec(side.x, rbits, None, spec)
+    return quantize_spec(side.x, rbits, None, spec, operand_implementation(cfg))
 
 
 # --------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxmx._bitmove import move
-from jaxmx._operand import operand_spec, random_bits
+from jaxmx._operand import operand_implementation, operand_spec, random_bits
 from jaxmx.config import DotConfig
 from jaxmx.formats import MXFormat
 from jaxmx.packing import pack, unpack
@@ -172,7 +172,17 @@ def _all_gather(a, mesh_axis: str, axis: int):
     return move(a, lambda b: lax.all_gather(b, mesh_axis, axis=axis, tiled=True))
 
 
-def _gather(x, rbits, spec: QuantSpec, shard_axis: int, mesh_axis: str, mesh, packed: bool, who):
+def _gather(
+    x,
+    rbits,
+    spec: QuantSpec,
+    shard_axis: int,
+    mesh_axis: str,
+    mesh,
+    packed: bool,
+    who,
+    implementation: str = "xla",
+):
     """Quantizes each shard of ``x`` (cut along ``shard_axis``) with ``spec``,
     all-gathers its codes and scales, and returns the whole MXTensor
     (replicated, packed if ``packed``)."""
@@ -183,7 +193,7 @@ def _gather(x, rbits, spec: QuantSpec, shard_axis: int, mesh_axis: str, mesh, pa
     in_spec = _spec(ndim, shard_axis, mesh_axis)
 
     def local(xs, bits):
-        t = quantize_spec(xs, bits, None, spec)
+        t = quantize_spec(xs, bits, None, spec, implementation)
         if t.tensor_scale is not None:
             raise ValueError(
                 f"{who}: {spec.format.name} has a per-tensor scale, computed from the whole "
@@ -385,5 +395,8 @@ def operand(x, fmt: MXFormat | None, contracting, config: DotConfig, rounding, k
         )
     spec = operand_spec(x.ndim, fmt, contracting[-1], config, rounding, role=role)
     rbits = random_bits(x, spec, key, role)
-    t = _gather(x, rbits, spec, shard_axis, config.fsdp, mesh, fmt.packable, who)
+    t = _gather(
+        x, rbits, spec, shard_axis, config.fsdp, mesh, fmt.packable, who,
+        operand_implementation(config),
+    )  # fmt: skip
     return unpack(t)

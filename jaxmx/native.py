@@ -7,12 +7,14 @@ and the E8M0 scales and accumulate in float32. JAX reaches them through
 decomposition (dequantize to bfloat16, then ``dot_general``), so the same
 call runs everywhere and serves as a cross-check of the emulation.
 
-``DotConfig.native`` chooses: ``"auto"`` (native where the backend has it
-and the operands fit), ``"never"``, or ``"always"`` (``lax.scaled_dot``
+``DotConfig.implementation`` chooses: ``None`` (native where the platform
+being lowered has it and the operands fit), ``"xla"`` (always emulate), or
+``"native"`` (``lax.scaled_dot`` for the forward and both backward matmuls
 wherever it runs; operands that do not fit raise an error that says why).
 The emulated and native paths agree up to float32 summation order, except
 that the reference decomposition flushes float32 subnormals (MX values
-below 2^-126) on CPU.
+below 2^-126) on CPU. NVFP4 operands pass their E4M3 block scales to
+``lax.scaled_dot`` and multiply the product by both tensor scales after it.
 """
 
 from __future__ import annotations
@@ -74,22 +76,25 @@ def unsupported_reason(
     b_fmt: MXFormat | None,
     a_contract: tuple[int, ...],
     a_shape: tuple[int, ...],
-    config: DotConfig,
+    block_sizes: tuple[Any, Any],
 ) -> str | None:
     """Why a matmul cannot run as ``lax.scaled_dot``; ``None`` when it can.
 
     ``a_contract`` / ``a_shape``: the left operand's contracting axes and
     shape (the right operand's are paired with them, so they agree).
+    ``block_sizes``: each operand's block size (an int, or a pair for 2-D
+    tiles).
     """
     if a_fmt is None or b_fmt is None:
         return "an operand is not quantized"
     for f in (a_fmt, b_fmt):
         if "scaled_dot" not in get_family(f).native_matmuls(f):
-            return f"{f.name} has no native block-scaled matmul (those: MXFP8, MXFP4)"
+            return f"{f.name} has no native block-scaled matmul (those: MXFP8, MXFP4, NVFP4)"
     if not a_contract:
         return "nothing to contract"  # paired axes: b contracts as many as a
-    bs_a = config.block_size or a_fmt.block_size
-    bs_b = config.block_size or b_fmt.block_size
+    if any(isinstance(bs, tuple) for bs in block_sizes):
+        return "2-D tiles (rhs_block_size=(rows, columns)) are not blocks along the contraction"
+    bs_a, bs_b = block_sizes
     if bs_a != bs_b:
         return f"block sizes differ ({bs_a} vs {bs_b})"
     k = a_shape[a_contract[-1]]
@@ -99,13 +104,15 @@ def unsupported_reason(
 
 
 def use_native(config: DotConfig, reason: str | None, platform: Platform) -> bool:
-    """Applies ``config.native`` to one matmul whose fit is ``reason``, lowered for ``platform``."""
-    if config.native == "never":
+    """Applies ``config.implementation`` to one matmul whose fit is ``reason``,
+    lowered for ``platform``."""
+    if config.implementation in ("xla", "pallas"):
         return False
-    if config.native == "always":
+    if config.implementation == "native":
         if reason is not None:
             raise ValueError(
-                f"DotConfig(native='always') but this matmul cannot run natively: {reason}"
+                f"DotConfig(implementation='native') but this matmul cannot run as "
+                f"lax.scaled_dot: {reason}; implementation='xla' (exact emulation) runs it"
             )
         return True
     return reason is None and has_native_mx(platform)
@@ -128,6 +135,9 @@ def scaled_dot(a: MXTensor, b: MXTensor, dims: Any, out_dtype: Any) -> jax.Array
         dimension_numbers=(((2,), (2,)), ((0,), (0,))),
         preferred_element_type=jnp.float32,
     )
+    for t in (a, b):  # NVFP4: the per-tensor decode scales, folded into the product
+        if t.tensor_scale is not None:
+            out = out * t.tensor_scale
     batch = tuple(a.data.shape[i] for i in lb)
     return out.reshape(batch + a_free + b_free).astype(out_dtype)
 

@@ -226,16 +226,16 @@ def test_native_scaled_dot_agrees_with_emulation(fmt):
     cfg = jaxmx.DotConfig(lhs=fmt, rhs=fmt, grad=fmt, block_size=4)  # S=12 holds whole blocks
     model = _model(case, lhs, rhs, g, cfg, bs=4)
     # Both paths against the same quantized float64 model, to float32 accumulation.
-    _check(_run(case, lhs, rhs, g, cfg.replace(native="never")), model)
-    _check(_run(case, lhs, rhs, g, cfg.replace(native="always")), model)
+    _check(_run(case, lhs, rhs, g, cfg.replace(implementation="xla")), model)
+    _check(_run(case, lhs, rhs, g, cfg.replace(implementation="native")), model)
 
 
 def test_native_always_explains_what_does_not_fit():
     x, w = jnp.ones((4, 64)), jnp.ones((64, 8))
-    cfg = jaxmx.preset("mxfp6", native="always")
+    cfg = jaxmx.preset("mxfp6", implementation="native")
     with pytest.raises(ValueError, match="mxfp6_e3m2 has no native block-scaled matmul"):
         jaxmx.dot_general(x, w, (((1,), (0,)), ((), ())), config=cfg)
-    cfg = jaxmx.preset("mxfp8", native="always")
+    cfg = jaxmx.preset("mxfp8", implementation="native")
     with pytest.raises(ValueError, match="contraction length 40 is not a multiple"):
         jaxmx.dot_general(
             jnp.ones((4, 40)), jnp.ones((40, 8)), (((1,), (0,)), ((), ())), config=cfg

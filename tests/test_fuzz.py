@@ -970,8 +970,8 @@ BAD = {
         st.sampled_from(["float16", "float64", 0, "bf16", jnp.float32]),
         _not_in("float32", "bfloat16"),
     ),
-    "choice_native": st.one_of(
-        st.sampled_from([None, True, "yes", "Auto", 0]), _not_in("auto", "never", "always")
+    "choice_implementation": st.one_of(
+        st.sampled_from([True, "auto", "Native", "triton", 0]), _not_in("xla", "native", "pallas")
     ),
     "fmt_or_none": st.one_of(
         st.sampled_from([8, "fp8", "mxfp5", b"mxfp8", 1.0]),
@@ -1157,7 +1157,12 @@ PARAMS = [
     ("DotConfig", "grad_rounding", "rounding", lambda v: jaxmx.DotConfig(grad_rounding=v)),
     ("DotConfig", "residuals", "choice_residuals", lambda v: jaxmx.DotConfig(residuals=v)),
     ("DotConfig", "compute_dtype", "choice_compute", lambda v: jaxmx.DotConfig(compute_dtype=v)),
-    ("DotConfig", "native", "choice_native", lambda v: jaxmx.DotConfig(native=v)),
+    (
+        "DotConfig",
+        "implementation",
+        "choice_implementation",
+        lambda v: jaxmx.DotConfig(implementation=v),
+    ),
     ("dot_general", "lhs", "array", lambda v: jaxmx.dot_general(v, W, DN, config="mxfp8")),
     ("dot_general", "rhs", "array", lambda v: jaxmx.dot_general(X, v, DN, config="mxfp8")),
     (

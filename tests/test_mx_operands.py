@@ -184,13 +184,13 @@ def test_under_jit_and_vmap():
 
 @pytest.mark.parametrize("fmt,packed", [("mxfp8", False), ("mxfp4", True)])
 def test_native_path_takes_the_codes_as_they_are(fmt, packed):
-    # native="always" runs lax.scaled_dot (XLA emulates it on CPU): the
+    # implementation="native" runs lax.scaled_dot (XLA emulates it on CPU): the
     # MXTensor's codes and scales go in directly.
     x, w = _normal(18, (4, 64)), _normal(19, (64, 8))
     tw = jaxmx.quantize(w, fmt, axis=0, packed=packed)
-    native = jaxmx.preset(fmt, native="always")
+    native = jaxmx.preset(fmt, implementation="native")
     got = jaxmx.dot_general(x, tw, DIMS, config=native)
-    want = jaxmx.dot_general(x, tw, DIMS, config=native.replace(native="never"))
+    want = jaxmx.dot_general(x, tw, DIMS, config=native.replace(implementation="xla"))
     x_hat, w_hat = jaxmx.fake_quantize(x, fmt, axis=1), jaxmx.dequantize(tw)
     _close(got, want, x_hat, w_hat, DIMS)
     assert not np.array_equal(want, lax.dot_general(x, w, DIMS, precision=lax.Precision.HIGHEST))

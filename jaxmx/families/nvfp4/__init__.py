@@ -100,6 +100,11 @@ class NVFP4(Family):
         s8 = like.scale.astype(jnp.float32)  # exact: every E4M3 value is a float32
         return expand(s8, like) * like.tensor_scale
 
+    def native_matmuls(self, fmt):
+        # lax.scaled_dot takes the E2M1 codes with their E4M3 block scales;
+        # the tensor scales multiply the product (jaxmx.native).
+        return ("scaled_dot",)
+
     def round_to_grid(self, w, dec, fmt):
         # E2M1(round(w / dec)) * dec; a zero block scale holds zeros only.
         safe = jnp.where(dec > 0, dec, 1.0)
