@@ -16,7 +16,13 @@ on one GPU or TPU:
 2. Speed. quantize and fake_quantize of one large bfloat16 array per format,
    XLA against Pallas, and fake_quantize against a plain copy of the same
    array (the memory-bound floor), as medians of interleaved runs.
-3. Decode. ``benchmarks/serve.py --quick`` (tokens per second of MX weights)
+3. Matmuls. The quantized ``dot_general`` (forward, dgrad, wgrad) with
+   ``DotConfig(implementation="native")`` (``lax.scaled_dot``) against the
+   emulation, within float32 accumulation bounds, for MXFP8, MXFP4 and
+   NVFP4, and with ``"pallas"`` bit for bit; then the MLP training step of
+   benchmarks/train_step.py in bfloat16 and in MXFP8, emulated and native,
+   with ratios to the bfloat16 step.
+4. Decode. ``benchmarks/serve.py --quick`` (tokens per second of MX weights)
    where its pretrained weights are on disk; skipped, and said so, otherwise.
 
 On a CPU it is a dry run: the XLA path is checked, the kernels are run
@@ -41,6 +47,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 import jaxmx
+from benchmarks import _device_matmul
 from benchmarks.common import compare, machine, table
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -208,6 +215,12 @@ def main(argv=None) -> int:
     report["speed"] = speed(kernel, shape, repeats=5 if args.quick else 20)
     if not accelerator:
         report["not_run"].append("speed on an accelerator (this is a CPU: a small shape only)")
+    report["matmuls"] = _device_matmul.check_matmuls(kernel)
+    if not kernel:
+        report["not_run"].append("pallas matmul operands on this platform (interpreted, MXFP8)")
+    report["train_step"] = _device_matmul.train_steps(repeats=5 if args.quick else 20)
+    if not accelerator:
+        report["not_run"].append("native matmuls in hardware (here: XLA's reference decomposition)")
     if args.no_decode:
         report["decode"] = {"ran": False, "why": "--no-decode"}
     else:
@@ -223,6 +236,8 @@ def main(argv=None) -> int:
 
     checks = report["correctness"]
     bad = [r for r in checks if not r["xla_vs_vectors"] or r.get("pallas_vs_xla") is False]
+    mm = report["matmuls"]
+    bad += [r for r in mm if not r["native_vs_xla"] or r.get("pallas_vs_xla") is False]
     kernel_checked = sum("pallas_vs_xla" in r for r in checks)
     print(report["machine"])
     print(
@@ -238,6 +253,7 @@ def main(argv=None) -> int:
         for r in report["speed"]
     ]
     print(table(cols, rows))
+    _device_matmul.print_rows(report["matmuls"], report["train_step"], table)
     if report["decode"]["ran"]:
         print(report["decode"]["output"])
     for line in report["not_run"]:
