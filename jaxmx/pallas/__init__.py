@@ -67,8 +67,9 @@ from jaxmx.families._common import make_tensor
 from jaxmx.formats import ScaleFormat, get_family
 from jaxmx.pallas import _bits, _call, _layout, _nvfp4, _ocp
 from jaxmx.pallas._branches import on_backend, unavailable
-from jaxmx.pallas._choice import IMPLEMENTATIONS, check_implementation
+from jaxmx.pallas._choice import IMPLEMENTATIONS
 from jaxmx.pallas._choice import INTERPRET as _INTERPRET
+from jaxmx.pallas._choice import check_implementation as check_implementation
 from jaxmx.pallas._matmul import weight_only_matmul
 from jaxmx.spec import QuantSpec
 from jaxmx.tensor import MXTensor

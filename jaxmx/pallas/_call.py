@@ -22,6 +22,7 @@ generic one for ``triton``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import jax
 from jax.experimental import pallas as pl
@@ -41,7 +42,7 @@ def tile_rows(backend: str, rows: int) -> int:
 
 
 def compiler_params(
-    backend: str, semantics: tuple[str, ...] = ("parallel",)
+    backend: str, semantics: tuple[Literal["parallel", "arbitrary"], ...] = ("parallel",)
 ) -> pltpu.CompilerParams | pltriton.CompilerParams:
     """``backend``'s compiler parameters; ``semantics``: Mosaic's per grid axis
     ("parallel": independent steps; "arbitrary": a reduction carried across them)."""

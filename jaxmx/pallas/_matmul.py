@@ -162,9 +162,8 @@ def check_weight(w: MXTensor) -> Weight:
 @functools.partial(jax.jit, static_argnums=(2,))
 def _xla(x: jax.Array, w: MXTensor, out: np.dtype) -> jax.Array:
     wd = w.dequantize(jnp.float32)
-    y = jnp.dot(
-        x.astype(jnp.float32), wd, precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32
-    )
+    hi = lax.Precision.HIGHEST
+    y = jnp.dot(x.astype(jnp.float32), wd, precision=hi, preferred_element_type=jnp.float32)
     return y.astype(out)
 
 

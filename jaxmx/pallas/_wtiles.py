@@ -182,6 +182,7 @@ def run(
     tkx, tkc = t.tk // w.per_byte, t.tk // w.per_byte
     nb = t.tk // w.block_size
     whole = lambda *_: (0, 0)  # noqa: E731
+    grid: tuple[int, ...]
     if backend == "mosaic_tpu":
         grid = (pl.cdiv(m, t.tm), pl.cdiv(n, t.tn), t.steps)
         code_rows = codes.shape[0] if t.kp != k else None
