@@ -3,7 +3,7 @@
     python benchmarks/device.py                   # writes runs/device/<platform>.json
     python benchmarks/device.py --quick           # smaller timings (a smoke run)
 
-Three parts, each recorded even when another fails, in well under 8 minutes
+Four parts, each recorded even when another fails, in well under 8 minutes
 on one GPU or TPU:
 
 1. Correctness. Every OCP format's reference vectors (tests/data/vectors:
@@ -22,7 +22,11 @@ on one GPU or TPU:
    NVFP4, and with ``"pallas"`` bit for bit; then the MLP training step of
    benchmarks/train_step.py in bfloat16 and in MXFP8, emulated and native,
    with ratios to the bfloat16 step.
-4. Decode. ``benchmarks/serve.py --quick`` (tokens per second of MX weights)
+4. Weight-only matmul. ``jaxmx.pallas.weight_only_matmul`` of decode-sized
+   bfloat16 rows (M = 8) and an MXFP4 (packed), NVFP4 (packed) and MXFP8
+   weight: the kernel against ``x @ W.dequantize()`` in float64 within the
+   float32 accumulation bound, and its time against the XLA path's.
+5. Decode. ``benchmarks/serve.py --quick`` (tokens per second of MX weights)
    where its pretrained weights are on disk; skipped, and said so, otherwise.
 
 On a CPU it is a dry run: the XLA path is checked, the kernels are run
@@ -175,6 +179,38 @@ def speed(kernel: bool, shape, repeats: int) -> list[dict]:
     return rows
 
 
+WEIGHT_ONLY = (("mxfp4_e2m1", True), ("nvfp4", True), ("mxfp8_e4m3", False))
+
+
+def weight_only(kernel: bool, accelerator: bool, repeats: int) -> list[dict]:
+    """The weight-only matmul kernel against float64 (interpreted, one small shape,
+    where the platform has no kernel), and timed against the XLA path where it has."""
+    k, n = (8192, 8192) if accelerator else (256, 96)
+    x = jax.random.normal(jax.random.key(2), (8, k), jnp.bfloat16)
+    x64 = np.asarray(x, np.float64)
+    rows = []
+    for fmt, packed in WEIGHT_ONLY:
+        w = jax.random.normal(jax.random.key(1), (k, n))
+        w = jaxmx.quantize(w, fmt, axis=0, packed=packed)
+        w64 = np.asarray(w.dequantize(), np.float64)
+        bound = (k + 3) * 2.0**-24 * (np.abs(x64) @ np.abs(w64))
+        xla = jax.jit(lambda x, w: jaxmx.pallas.weight_only_matmul(x, w, out_dtype=jnp.float32))
+        pallas = jax.jit(
+            lambda x, w: jaxmx.pallas.weight_only_matmul(
+                x, w, out_dtype=jnp.float32, implementation="pallas"
+            )
+        )
+        with jaxmx.pallas.interpret("mosaic_tpu") if not kernel else _null():
+            y = np.asarray(pallas(x, w), np.float64)  # traced (and interpreted) here
+        row = {"format": fmt, "packed": packed, "shape": [8, k, n], "interpreted": not kernel}
+        row["within_bound"] = bool((np.abs(y - x64 @ w64) <= bound).all())
+        if kernel:
+            t_p, t_x = compare(pallas, xla, (x, w), repeats=repeats)
+            row.update(pallas_ms=1e3 * t_p, xla_ms=1e3 * t_x, weight_bytes=w.nbytes)
+        rows.append(row)
+    return rows
+
+
 def decode(quick: bool, timeout: int) -> dict:
     cmd = [sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--quick", "--rounds", "2"]
     try:
@@ -221,6 +257,11 @@ def main(argv=None) -> int:
     report["train_step"] = _device_matmul.train_steps(repeats=5 if args.quick else 20)
     if not accelerator:
         report["not_run"].append("native matmuls in hardware (here: XLA's reference decomposition)")
+    report["weight_only"] = weight_only(kernel, accelerator, repeats=5 if args.quick else 20)
+    if not kernel:
+        report["not_run"].append(
+            f"the weight-only matmul kernel on {platform}: interpreted on a small shape, not timed"
+        )
     if args.no_decode:
         report["decode"] = {"ran": False, "why": "--no-decode"}
     else:
@@ -238,6 +279,7 @@ def main(argv=None) -> int:
     bad = [r for r in checks if not r["xla_vs_vectors"] or r.get("pallas_vs_xla") is False]
     mm = report["matmuls"]
     bad += [r for r in mm if not r["native_vs_xla"] or r.get("pallas_vs_xla") is False]
+    bad += [r for r in report["weight_only"] if not r["within_bound"]]
     kernel_checked = sum("pallas_vs_xla" in r for r in checks)
     print(report["machine"])
     print(
@@ -254,6 +296,14 @@ def main(argv=None) -> int:
     ]
     print(table(cols, rows))
     _device_matmul.print_rows(report["matmuls"], report["train_step"], table)
+    cols = ["format", "shape", "within_bound", "pallas_ms", "xla_ms"]
+    rows = [
+        [r["format"] + (" packed" if r["packed"] else ""), "x".join(map(str, r["shape"]))]
+        + [str(r["within_bound"])]
+        + [f"{r[c]:.3g}" if c in r else "-" for c in cols[3:]]
+        for r in report["weight_only"]
+    ]
+    print(table(cols, rows))
     if report["decode"]["ran"]:
         print(report["decode"]["output"])
     for line in report["not_run"]:

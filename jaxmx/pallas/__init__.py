@@ -52,7 +52,6 @@ True
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 from collections.abc import Callable, Iterator, Sequence
 
@@ -68,36 +67,24 @@ from jaxmx.families._common import make_tensor
 from jaxmx.formats import ScaleFormat, get_family
 from jaxmx.pallas import _bits, _call, _layout, _nvfp4, _ocp
 from jaxmx.pallas._branches import on_backend, unavailable
+from jaxmx.pallas._choice import IMPLEMENTATIONS
+from jaxmx.pallas._choice import INTERPRET as _INTERPRET
+from jaxmx.pallas._choice import check_implementation as check_implementation
+from jaxmx.pallas._matmul import weight_only_matmul
 from jaxmx.spec import QuantSpec
 from jaxmx.tensor import MXTensor
 
-__all__ = ["IMPLEMENTATIONS", "fake_quantize", "interpret", "quantize", "unsupported_reason"]
-
-# What jaxmx.quantize(..., implementation=...) takes (None: the default).
-IMPLEMENTATIONS = ("xla", "pallas")
+__all__ = [
+    "IMPLEMENTATIONS",
+    "fake_quantize",
+    "interpret",
+    "quantize",
+    "unsupported_reason",
+    "weight_only_matmul",
+]
 
 # The kernel bodies of each family that has them.
 _KERNELS = {"ocp": _ocp, "nvfp4": _nvfp4}
-
-_INTERPRET: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "jaxmx_pallas_interpret", default=None
-)
-
-
-def check_implementation(implementation: object) -> str:
-    """``implementation`` validated; ``None`` is the default, ``"xla"``.
-
-    The default becomes a kernel on a platform only once that kernel has
-    run there and been measured against the XLA path.
-    """
-    if implementation is None:
-        return "xla"
-    if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"unknown implementation {implementation!r}; allowed: None (the default, "
-            f"currently 'xla' everywhere), {', '.join(map(repr, IMPLEMENTATIONS))}"
-        )
-    return implementation
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ generic one for ``triton``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import jax
 from jax.experimental import pallas as pl
@@ -40,13 +41,19 @@ def tile_rows(backend: str, rows: int) -> int:
     return min(TILE_ROWS[backend], 1 << max(rows - 1, 0).bit_length())
 
 
-def _compiler_params(backend: str) -> pltpu.CompilerParams | pltriton.CompilerParams:
+def compiler_params(
+    backend: str, semantics: tuple[Literal["parallel", "arbitrary"], ...] = ("parallel",)
+) -> pltpu.CompilerParams | pltriton.CompilerParams:
+    """``backend``'s compiler parameters; ``semantics``: Mosaic's per grid axis
+    ("parallel": independent steps; "arbitrary": a reduction carried across them)."""
     if backend == "mosaic_tpu":
-        return pltpu.CompilerParams(dimension_semantics=("parallel",))
+        return pltpu.CompilerParams(dimension_semantics=semantics)
     return pltriton.CompilerParams(num_warps=4, num_stages=1)
 
 
-def _interpreter(backend: str) -> pltpu.InterpretParams | bool:
+def interpreter(backend: str) -> pltpu.InterpretParams | bool:
+    """``pallas_call``'s ``interpret`` argument for ``backend``: the TPU
+    interpreter with its race detector, or the generic one."""
     if backend == "mosaic_tpu":
         return pltpu.InterpretParams(detect_races=True)
     return True
@@ -83,8 +90,8 @@ def run(
         in_specs=[spec(a) for a in inputs],
         out_specs=[pl.BlockSpec((tb, cols), index) for cols, _ in outputs],
         out_shape=[jax.ShapeDtypeStruct((rows, cols), dtype) for cols, dtype in outputs],
-        interpret=_interpreter(backend) if interpret else False,
-        compiler_params=_compiler_params(backend),
+        interpret=interpreter(backend) if interpret else False,
+        compiler_params=compiler_params(backend),
         name=name,
     )
     return list(call(*inputs))
