@@ -276,6 +276,33 @@ def test_several_row_tiles_with_a_partial_last_one(backend):
     _assert_same_tensor(_pallas(jaxmx.quantize, backend, x, "mxfp8_e5m2"), ref)
 
 
+def test_triton_calls_see_whole_tiles():
+    # Pallas's Triton lowering does not mask a block that runs past the end
+    # of an array (the interpreter pads, a GPU would read and write out of
+    # bounds), so jaxmx pads the rows to whole tiles before the call.
+    rows = _call.TILE_ROWS["triton"] + 37
+    x = jnp.ones((rows, 32))
+
+    def pallas_calls(jaxpr):
+        for e in jaxpr.eqns:
+            if e.primitive.name == "pallas_call":
+                yield e
+            for p in e.params.values():
+                for sub in p if isinstance(p, (tuple, list)) else (p,):
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        yield from pallas_calls(inner)
+
+    def calls(backend):
+        with jaxmx.pallas.interpret(backend):
+            jaxpr = jax.make_jaxpr(lambda x: jaxmx.quantize(x, "mxfp8", implementation="pallas"))(x)
+        return [v.aval.shape[0] for e in pallas_calls(jaxpr.jaxpr) for v in (*e.invars, *e.outvars)]
+
+    tile = _call.tile_rows("triton", rows)
+    shapes = calls("triton")
+    assert shapes and all(r % tile == 0 for r in shapes), shapes
+
+
 def test_bits_in_and_out_of_a_kernel_match_xla_on_every_16_bit_pattern():
     from jaxmx import numerics
 

@@ -12,7 +12,10 @@ parameters:
   which Mosaic allows for any count (a block dimension equal to the
   array's).
 * ``triton``: tiles whose sides are powers of two (a Triton requirement),
-  up to 256 rows; loads and stores past the last row are masked.
+  up to 256 rows. Pallas's Triton lowering does not mask the loads and
+  stores of a block that runs past the end of an array, so the rows are
+  padded with zeros to whole tiles before the call and the outputs cut
+  after it (a copy, only when the rows are not whole tiles).
 
 Under :func:`jaxmx.pallas.interpret` the same call runs through Pallas's
 interpreter: the TPU one with race detection for ``mosaic_tpu``, the
@@ -25,6 +28,7 @@ from collections.abc import Callable, Sequence
 from typing import Literal
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
@@ -76,6 +80,14 @@ def run(
     """
     rows = inputs[0].shape[0]
     tb = tile_rows(backend, rows)
+    whole_rows = pl.cdiv(rows, tb) * tb
+    if backend == "triton" and whole_rows != rows:
+        padded = [
+            jnp.pad(a, ((0, whole_rows - rows), (0, 0))) if a.shape[0] == rows else a
+            for a in inputs
+        ]
+        out = run(body, padded, outputs, backend=backend, interpret=interpret, name=name)
+        return [o[:rows] for o in out]
     index = lambda i: (i, 0)  # noqa: E731
     whole = lambda i: (0, 0)  # noqa: E731
 
