@@ -109,8 +109,9 @@ class DotConfig:
     # runs (on CPU, XLA's reference decomposition: a cross-check); a matmul
     # whose formats cannot run that way raises an error saying why.
     # "pallas": operands quantized by jaxmx's fused Pallas kernels
-    # (jaxmx.pallas), the products as "xla"; refused when compiled for a
-    # platform with no kernel (the CPU, outside jaxmx.pallas.interpret).
+    # (jaxmx.pallas), the products as "xla", and a float activation times a
+    # 2-D MXTensor weight by the weight-only kernel; refused when compiled
+    # for a platform with no kernel (the CPU, outside jaxmx.pallas.interpret).
     implementation: Literal["xla", "native", "pallas"] | None = None
     # Fully-sharded data parallelism: the mesh axis the weights (rhs) are
     # sharded over. The forward and the input-gradient matmul then quantize
@@ -235,12 +236,15 @@ class DotConfig:
     @property
     def is_noop(self) -> bool:
         """True when every role is high precision, no weight is gathered
-        (``fsdp``) and nothing is sparse: dot_general is lax.dot_general."""
+        (``fsdp``), nothing is sparse and no Pallas kernel is asked for (an
+        MXTensor weight runs through the weight-only kernel under
+        ``implementation="pallas"``): dot_general is lax.dot_general."""
         return (
             all(self.role(r) is None for r in _ROLES)
             and self.fsdp is None
             and self.lhs_sparsity is None
             and self.rhs_sparsity is None
+            and self.implementation != "pallas"
         )
 
     def replace(self, **changes: object) -> DotConfig:

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxmx import _hadamard, fsdp, native
+from jaxmx import _hadamard, fsdp, native, pallas
 from jaxmx._operand import (
     check_key,
     check_operands,
@@ -157,6 +157,8 @@ def _qmatmul(a: _Side, b: _Side, dims, static: _Static, key, out_dtype, out_shar
     cfg = static.config
     # With config.fsdp the weight (b) arrives gathered as an MXTensor (jaxmx.fsdp).
     b = b._replace(x=fsdp.operand(b.x, b.fmt, b.contracting, cfg, b.rounding, key, b.role))
+    if _weight_only(a, b, dims, cfg):
+        return pallas.weight_only_matmul(a.x, b.x, out_dtype=out_dtype, implementation="pallas")
     reason = _native_reason(a, b, cfg)
     records = [forced()] if forced() is not None else PLATFORMS.values()
     natives = {native.use_native(cfg, reason, p) for p in records}
@@ -185,6 +187,18 @@ def _qmatmul(a: _Side, b: _Side, dims, static: _Static, key, out_dtype, out_shar
         return _matmul(qa, qb, dims, static.precision, out_dtype, cdt, platform, out_sharding)
 
     return per_platform(run)
+
+
+def _weight_only(a: _Side, b: _Side, dims, cfg: DotConfig) -> bool:
+    """Whether ``a . b`` is what the Pallas weight-only kernel computes, asked for:
+    a high-precision activation ``(..., K)`` times a 2-D MXTensor weight
+    ``(K, N)``, in the forward matmul, under ``implementation="pallas"``."""
+    if cfg.implementation != "pallas" or a.role != "lhs" or a.fmt is not None:
+        return False
+    if isinstance(a.x, MXTensor) or not isinstance(b.x, MXTensor) or b.x.ndim != 2:
+        return False
+    (lc, rc), (lb, rb) = dims
+    return (tuple(lc), tuple(rc), tuple(lb), tuple(rb)) == ((a.x.ndim - 1,), (0,), (), ())
 
 
 def _quantized(s: _Side) -> bool:

@@ -123,3 +123,39 @@ def test_pallas_on_cpu_says_what_runs():
     mx9 = jaxmx.DotConfig(lhs="mx9", rhs="mx9", implementation="pallas")
     with jaxmx.pallas.interpret("mosaic_tpu"), pytest.raises(ValueError, match="family"):
         jaxmx.dot_general(jnp.ones((4, 64)), jnp.ones((64, 8)), DIMS, config=mx9)
+
+
+def _pallas_calls(jaxpr):
+    """The pallas_call equations of a jaxpr, nested ones included."""
+    for e in jaxpr.eqns:
+        if e.primitive.name == "pallas_call":
+            yield e
+        for p in e.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _pallas_calls(inner)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp4_e2m1", "nvfp4"])
+def test_pallas_serves_an_mx_weight_with_the_weight_only_kernel(fmt):
+    flax = pytest.importorskip("flax.linen")
+    model = flax.Dense(48)
+    x = jax.random.normal(jax.random.key(2), (3, 64))
+    dense = model.init(jax.random.key(3), x)
+    params = jaxmx.quantize_params(dense, fmt)
+    kernel = params["params"]["kernel"]
+    assert isinstance(kernel, jaxmx.MXTensor) and kernel.packed
+    serve = jaxmx.intercept(model.apply, jaxmx.DotConfig(implementation="pallas"))
+    with jaxmx.pallas.interpret("mosaic_tpu"):
+        jaxpr = jax.make_jaxpr(serve)(params, x)
+        y = serve(params, x)
+    assert len(list(_pallas_calls(jaxpr.jaxpr))) == 1  # the weight-only kernel, nothing else
+    # Against the decoded weight in float64, within float32 accumulation
+    # (NVFP4's tensor scale is one more rounding).
+    w = np.asarray(kernel.dequantize(), np.float64)
+    xs = np.asarray(x, np.float64)
+    want = xs @ w + np.asarray(params["params"]["bias"], np.float64)
+    bound = (64 + 4) * 2.0**-24 * (np.abs(xs) @ np.abs(w) + np.abs(want))
+    assert np.all(np.abs(np.asarray(y, np.float64) - want) <= bound)
+    assert np.max(np.abs(np.asarray(y) - np.asarray(model.apply(dense, x)))) > 1e-3  # quantized
