@@ -40,9 +40,12 @@ def tile_rows(backend: str, rows: int) -> int:
     return min(TILE_ROWS[backend], 1 << max(rows - 1, 0).bit_length())
 
 
-def _compiler_params(backend: str) -> pltpu.CompilerParams | pltriton.CompilerParams:
+def _compiler_params(
+    backend: str, grid_dims: int
+) -> pltpu.CompilerParams | pltriton.CompilerParams:
     if backend == "mosaic_tpu":
-        return pltpu.CompilerParams(dimension_semantics=("parallel",))
+        # Every grid step writes tiles of its own: a TPU with two cores splits them.
+        return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_dims)
     return pltriton.CompilerParams(num_warps=4, num_stages=1)
 
 
@@ -77,14 +80,44 @@ def run(
             return pl.BlockSpec((tb, a.shape[1]), index)
         return pl.BlockSpec(a.shape, whole)
 
-    call = pl.pallas_call(
+    return call(
         body,
+        inputs,
         grid=(pl.cdiv(rows, tb),),
         in_specs=[spec(a) for a in inputs],
         out_specs=[pl.BlockSpec((tb, cols), index) for cols, _ in outputs],
         out_shape=[jax.ShapeDtypeStruct((rows, cols), dtype) for cols, dtype in outputs],
-        interpret=_interpreter(backend) if interpret else False,
-        compiler_params=_compiler_params(backend),
+        backend=backend,
+        interpret=interpret,
         name=name,
     )
-    return list(call(*inputs))
+
+
+def call(
+    body: Callable,
+    inputs: Sequence[jax.Array],
+    *,
+    grid: tuple[int, ...],
+    in_specs: Sequence[pl.BlockSpec],
+    out_specs: Sequence[pl.BlockSpec],
+    out_shape: Sequence[jax.ShapeDtypeStruct],
+    backend: str,
+    interpret: bool,
+    name: str,
+) -> list[jax.Array]:
+    """One ``pallas_call`` with ``backend``'s compiler parameters (or its interpreter).
+
+    The grid's steps are independent ("parallel"); the caller's block shapes
+    must meet the backend's constraints.
+    """
+    kernel = pl.pallas_call(
+        body,
+        grid=grid,
+        in_specs=list(in_specs),
+        out_specs=list(out_specs),
+        out_shape=list(out_shape),
+        interpret=_interpreter(backend) if interpret else False,
+        compiler_params=_compiler_params(backend, len(grid)),
+        name=name,
+    )
+    return list(kernel(*inputs))
