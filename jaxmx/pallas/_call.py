@@ -22,6 +22,7 @@ generic one for ``triton``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 import jax
 from jax.experimental import pallas as pl
@@ -45,7 +46,8 @@ def _compiler_params(
 ) -> pltpu.CompilerParams | pltriton.CompilerParams:
     if backend == "mosaic_tpu":
         # Every grid step writes tiles of its own: a TPU with two cores splits them.
-        return pltpu.CompilerParams(dimension_semantics=("parallel",) * grid_dims)
+        parallel: list[Literal["parallel"]] = ["parallel"] * grid_dims
+        return pltpu.CompilerParams(dimension_semantics=parallel)
     return pltriton.CompilerParams(num_warps=4, num_stages=1)
 
 
