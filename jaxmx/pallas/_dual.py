@@ -191,11 +191,16 @@ def rows_and_columns(
         # Nothing to quantize, or partial blocks that the family refuses
         # (NVFP4): the family says so.
         return rows_and_columns(x, rbits_rows, rbits_cols, tensor_amax, specs, "xla")
-    shared = rbits_cols is rbits_rows
+    # Only a copy that rounds stochastically reads random bits; one array
+    # that both read is passed to the kernel once.
+    r_rows = rbits_rows if rows.random_bits else None
+    r_cols = rbits_cols if cols.random_bits else None
+    if (rows.random_bits and r_rows is None) or (cols.random_bits and r_cols is None):
+        raise ValueError("stochastic rounding needs random bits for each copy that uses it")
     return _fused(
         x,
-        rbits_rows,
-        None if shared else rbits_cols,
+        r_rows,
+        None if r_cols is r_rows else r_cols,
         tensor_amax,
         specs,
         _dispatch.INTERPRET.get(),
@@ -269,8 +274,9 @@ def _body(
     kernels = _dispatch.KERNELS[rows.format.family]
     tensor = [r[...] for r in refs[:n_tensor]]
     rbits = [r[...] for r in refs[n_tensor : n_tensor + n_rbits]]
-    r_rows = rbits[0] if rbits else None
-    r_cols = rbits[-1] if rbits else None
+    # One array when both copies read the same bits, else each copy's own.
+    r_rows = rbits[0] if rows.random_bits else None
+    r_cols = rbits[-1] if cols.random_bits else None
     rc_ref, rs_ref, cc_ref, cs_ref = refs[n_tensor + n_rbits :]
     bits = _bits.f32_bits(x_ref[...], dtype)
     rc_ref[...], rs_ref[...] = kernels.quantize_tile(rows, bits, tensor, r_rows, -1)
