@@ -154,15 +154,17 @@ def _ids(rows):
 )
 def test_both_copies_match_the_xla_path(fmt, backend, dtype, shape, options):
     x = _input(dtype, shape)
+    if fmt == "nvfp4" and "tensor_amax" not in options:  # a NaN would make every scale NaN
+        x = jnp.where(jnp.isnan(x), 1.0, x).astype(x.dtype)
     ref_rows, ref_cols = _check(backend, x, fmt, **_with_key(options))
     packed = bool(options.get("packed")) and jaxmx.get_format(fmt).packable
     assert ref_rows.packed == ref_cols.packed == packed
-    if fmt == "nvfp4":  # the NaN's blocks only with tensor_amax, else every block
+    if fmt == "nvfp4":  # NaN scales for the NaN's blocks only
         for ref in (ref_rows, ref_cols):
             nan = (_raw(ref.scale) & 0x7F) == 0x7F
-            assert nan.any() and nan.all() != ("tensor_amax" in options)
+            assert nan.any() == ("tensor_amax" in options) and not nan.all()
             assert np.count_nonzero(_raw(ref.data)) > 30
-    elif dtype == "float32":
+    elif dtype == "float32" and shape == X.shape and "block_size" not in options:
         _reaches_every_block_kind(ref_rows, ref_cols)
     # The options change the codes or scales: each row is a case of its own.
     plain = jaxmx.quantize(x, fmt, axis=-2, packed=packed)

@@ -23,6 +23,10 @@ instead of the XLA emulation. Their results are the XLA path's, bit for bit
 Other families (MX9/MX6/MX4, per-tensor FP8) and options are refused with
 an error naming what is allowed; ``implementation="xla"`` takes everything.
 
+:func:`quantize_rows_and_columns` is the training variant: the two copies a
+quantized matmul's step needs of an operand (blocks along the last axis and
+along the second-to-last), written by one kernel from one read of ``x``.
+
 A program that uses the kernels may be exported for several platforms at
 once (``platforms=["tpu", "cuda"]``): each platform's kernel is lowered for
 that platform only.
