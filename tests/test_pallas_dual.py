@@ -166,6 +166,8 @@ def test_both_copies_match_the_xla_path(fmt, backend, dtype, shape, options):
             assert np.count_nonzero(_raw(ref.data)) > 30
     elif dtype == "float32" and shape == X.shape and "block_size" not in options:
         _reaches_every_block_kind(ref_rows, ref_cols)
+    if fmt == "nvfp4":
+        return  # its options (tensor_amax, rounding) are reached above or change the draw
     # The options change the codes or scales: each row is a case of its own.
     plain = jaxmx.quantize(x, fmt, axis=-2, packed=packed)
     changed = (_raw(ref_cols.data) != _raw(plain.data)).any()
