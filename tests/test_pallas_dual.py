@@ -369,3 +369,14 @@ def test_lowers_for_a_tpu_and_a_cuda_gpu_at_once(fmt, dtype, options):
     lowered = jax.jit(lambda x: _leaves(x, fmt, **options)).trace(x)
     text = lowered.lower(lowering_platforms=("tpu", "cuda")).as_text()
     assert all(marker in text for marker in MARKERS.values())
+
+
+@pytest.mark.slow
+def test_under_vmap():
+    # A batch of matrices by vmap: the kernel gains a grid axis.
+    x = jnp.asarray(_matrix((3, 40, 70), seed=4))
+    f = lambda m: jaxmx.pallas.quantize_rows_and_columns(m, "mxfp8", implementation="pallas")  # noqa: E731
+    with jaxmx.pallas.interpret("triton"):
+        rows, cols = jax.vmap(f)(x)
+    _assert_same_tensor(cols, jax.vmap(lambda m: jaxmx.quantize(m, "mxfp8", axis=-2))(x))
+    _assert_same_tensor(rows, jax.vmap(lambda m: jaxmx.quantize(m, "mxfp8"))(x))
