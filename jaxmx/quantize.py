@@ -15,75 +15,16 @@ import jax
 import jax.numpy as jnp
 
 from jaxmx import numerics, pallas
+from jaxmx.families._arguments import arguments as _arguments
+from jaxmx.families._arguments import check_array as check_array  # re-exported for the ops
+from jaxmx.families._arguments import check_rounding as check_rounding
+from jaxmx.families._arguments import random_bits as random_bits
 from jaxmx.formats import MXFormat, get_family
 from jaxmx.packing import unpack
 from jaxmx.spec import QuantSpec
 from jaxmx.tensor import MXTensor, register_ops
 
 __all__ = ["quantize", "dequantize", "fake_quantize"]
-
-
-# --------------------------------------------------------------------------
-# Argument checks: every message names what was given and what is allowed.
-# --------------------------------------------------------------------------
-
-
-def check_array(x, what: str = "x") -> jax.Array:
-    if isinstance(x, MXTensor):
-        raise TypeError(f"{what} is already an MXTensor; dequantize it first")
-    x = jnp.asarray(x)
-    if not any(x.dtype == d for d in numerics.FLOAT_DTYPES):
-        kind = (
-            "complex"
-            if jnp.issubdtype(x.dtype, jnp.complexfloating)
-            else "integer"
-            if jnp.issubdtype(x.dtype, jnp.integer) or x.dtype == jnp.bool_
-            else "unsupported"
-        )
-        extra = (
-            " (convert float64 to float32 yourself: jaxmx does not round twice silently)"
-            if x.dtype == jnp.float64
-            else ""
-        )
-        raise TypeError(
-            f"{what} has {kind} dtype {x.dtype}; MX quantization takes float32, "
-            f"bfloat16 or float16 input{extra}"
-        )
-    return x
-
-
-def check_rounding(rounding, key, what: str = "rounding") -> None:
-    """Validates a rounding name and its key: one that draws random bits needs
-    a key, the others take none."""
-    if numerics.rounding_mode(rounding, what).random_bits:
-        if key is None:
-            raise ValueError(f"{what}={rounding!r} needs a PRNG key: pass key=jax.random.key(...)")
-    elif key is not None:
-        raise ValueError(
-            f"a key was given but {what} is {rounding!r}, which uses no random bits; "
-            "pass rounding='stochastic' or drop the key"
-        )
-
-
-def _check_tensor_amax(tensor_amax, spec: QuantSpec):
-    if tensor_amax is None:
-        return None
-    if not spec.rules.tensor_amax:
-        raise ValueError(
-            f"tensor_amax= sets the per-tensor scale of NVFP4-like formats; {spec.format.name} "
-            "has none to set"
-        )
-    a = jnp.asarray(tensor_amax)
-    if a.shape != () or not (
-        jnp.issubdtype(a.dtype, jnp.floating) or jnp.issubdtype(a.dtype, jnp.integer)
-    ):
-        raise TypeError(f"tensor_amax must be a real scalar, got {tensor_amax!r}")
-    return a.astype(jnp.float32)
-
-
-def random_bits(key, shape) -> jax.Array:
-    # Accepts new-style keys (jax.random.key) and raw uint32[2] ones (PRNGKey).
-    return jax.random.bits(key, shape, jnp.uint32)
 
 
 # --------------------------------------------------------------------------
@@ -180,16 +121,6 @@ def quantize(
     )  # fmt: skip
     impl = pallas.check_implementation(implementation)
     return _quantize_nodiff(x, rbits, amax, spec, impl)
-
-
-def _arguments(x, format, key, tensor_amax, **options):
-    """Checked ``(x, random bits, tensor amax, QuantSpec)`` of a quantize call."""
-    x = check_array(x)
-    spec = QuantSpec.make(format, x.ndim, **options)
-    check_rounding(spec.rounding, key)
-    amax = _check_tensor_amax(tensor_amax, spec)
-    rbits = random_bits(key, x.shape) if spec.random_bits else None
-    return x, rbits, amax, spec
 
 
 def quantize_spec(x, rbits, tensor_amax, spec: QuantSpec, implementation="xla") -> MXTensor:

@@ -23,6 +23,10 @@ instead of the XLA emulation. Their results are the XLA path's, bit for bit
 Other families (MX9/MX6/MX4, per-tensor FP8) and options are refused with
 an error naming what is allowed; ``implementation="xla"`` takes everything.
 
+:func:`quantize_rows_and_columns` is the training variant: the two copies a
+quantized matmul's step needs of an operand (blocks along the last axis and
+along the second-to-last), written by one kernel from one read of ``x``.
+
 A program that uses the kernels may be exported for several platforms at
 once (``platforms=["tpu", "cuda"]``): each platform's kernel is lowered for
 that platform only.
@@ -53,23 +57,19 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.typing import DTypeLike
 
 from jaxmx import codes, platforms
-from jaxmx.bitstream import pack_codes
-from jaxmx.families._common import make_tensor
-from jaxmx.formats import ScaleFormat, get_family
-from jaxmx.pallas import _bits, _call, _layout, _nvfp4, _ocp
-from jaxmx.pallas._branches import on_backend, unavailable
-from jaxmx.pallas._choice import IMPLEMENTATIONS
-from jaxmx.pallas._choice import INTERPRET as _INTERPRET
-from jaxmx.pallas._choice import check_implementation as check_implementation
+from jaxmx.formats import get_family
+from jaxmx.pallas import _bits, _call, _dispatch, _layout, _nvfp4
+from jaxmx.pallas._dispatch import IMPLEMENTATIONS, unsupported_reason
+from jaxmx.pallas._dispatch import check_implementation as check_implementation
+from jaxmx.pallas._dual import quantize_rows_and_columns
 from jaxmx.pallas._matmul import weight_only_matmul
 from jaxmx.spec import QuantSpec
 from jaxmx.tensor import MXTensor
@@ -79,12 +79,10 @@ __all__ = [
     "fake_quantize",
     "interpret",
     "quantize",
+    "quantize_rows_and_columns",
     "unsupported_reason",
     "weight_only_matmul",
 ]
-
-# The kernel bodies of each family that has them.
-_KERNELS = {"ocp": _ocp, "nvfp4": _nvfp4}
 
 
 @contextlib.contextmanager
@@ -101,119 +99,59 @@ def interpret(backend: str = "mosaic_tpu") -> Iterator[str]:
         raise ValueError(
             f"unknown Pallas backend {backend!r}; allowed: {', '.join(platforms.PALLAS_BACKENDS)}"
         )
-    token = _INTERPRET.set(backend)
+    token = _dispatch.INTERPRET.set(backend)
     try:
         yield backend
     finally:
-        _INTERPRET.reset(token)
-
-
-def unsupported_reason(spec: QuantSpec, dtype: DTypeLike = jnp.float32) -> str | None:
-    """Why the kernels cannot quantize as ``spec`` (an error message), or None."""
-    family = spec.format.family
-    if family not in _KERNELS:
-        return (
-            f"jaxmx's Pallas kernels cover the families {', '.join(sorted(_KERNELS))}; "
-            f"{spec.format.name} is of family {family!r}"
-        )
-    reason = _KERNELS[family].supported(spec)
-    if reason is not None:
-        return reason
-    bs = spec.block_size
-    if not isinstance(bs, int) or bs < 2 or bs > 1024 or bs & (bs - 1):
-        return (
-            f"the Pallas kernels take block sizes that are powers of two from 2 to 1024 "
-            f"(Triton tiles are powers of two); got block_size={bs!r}"
-        )
-    if np.dtype(dtype) not in _bits.CARRIER:
-        return f"the Pallas kernels take float32, bfloat16 or float16 input, got {dtype}"
-    return None
-
-
-def _check(spec: QuantSpec, x: jax.Array) -> None:
-    reason = unsupported_reason(spec, x.dtype)
-    if reason is not None:
-        raise ValueError(f"implementation='pallas': {reason}; implementation='xla' takes it")
+        _dispatch.INTERPRET.reset(token)
 
 
 def quantize(
     x: jax.Array, rbits: jax.Array | None, tensor_amax: jax.Array | None, spec: QuantSpec
 ) -> MXTensor:
     """:func:`jaxmx.quantize` with validated arguments, by the Pallas kernel."""
-    _check(spec, x)
-    if x.size == 0 or not _whole_blocks(spec, x):
+    _dispatch.check(spec, x)
+    if x.size == 0 or not _dispatch.whole_blocks(spec, x.shape):
         # No block to quantize, or partial blocks that the family refuses
         # (NVFP4): the family says so.
         return get_family(spec.format).quantize(x, rbits, tensor_amax, spec)
-    return _quantize(x, rbits, tensor_amax, spec, _INTERPRET.get(), platforms.forced())
+    return _quantize(x, rbits, tensor_amax, spec, _dispatch.INTERPRET.get(), platforms.forced())
 
 
 def fake_quantize(
     x: jax.Array, rbits: jax.Array | None, tensor_amax: jax.Array | None, spec: QuantSpec
 ) -> jax.Array:
     """:func:`jaxmx.fake_quantize` with validated arguments, by the Pallas kernel."""
-    _check(spec, x)
-    if x.size == 0 or not _whole_blocks(spec, x):
+    _dispatch.check(spec, x)
+    if x.size == 0 or not _dispatch.whole_blocks(spec, x.shape):
         return get_family(spec.format).fake_quantize(x, rbits, tensor_amax, spec)
-    return _fake_quantize(x, rbits, tensor_amax, spec, _INTERPRET.get(), platforms.forced())
-
-
-def _whole_blocks(spec: QuantSpec, x: jax.Array) -> bool:
-    """False where the family refuses a partial block (its references have none)."""
-    return spec.rules.block_sizes != "tiles" or x.shape[spec.axis] % _block_size(spec) == 0
-
-
-def _block_size(spec: QuantSpec) -> int:
-    """The block size of a spec the kernels take (:func:`unsupported_reason`)."""
-    bs = spec.block_size
-    # unsupported_reason refuses tiles (a pair) and None before any kernel runs.
-    assert isinstance(bs, int), f"a kernel reached with block_size={bs!r}"
-    return bs
-
-
-def _scale(spec: QuantSpec) -> ScaleFormat:
-    """The block scale's format: both families with kernels have one (E8M0, E4M3)."""
-    scale = spec.format.scale
-    assert scale is not None, f"{spec.format.name}: a kernel family without a block scale"
-    return scale
+    return _fake_quantize(
+        x, rbits, tensor_amax, spec, _dispatch.INTERPRET.get(), platforms.forced()
+    )
 
 
 def _kernel(
     body: Callable[..., None],
-    inputs: Sequence[jax.Array],
-    outputs: Sequence[tuple[int, DTypeLike]],
+    inputs: list[jax.Array],
+    outputs: list[tuple[int, DTypeLike]],
     interpret_as: str | None,
     name: str,
 ) -> list[jax.Array]:
-    """``body`` by the kernel of the platform the program is lowered for."""
-    if interpret_as is not None:
-        return _call.run(body, inputs, outputs, backend=interpret_as, interpret=True, name=name)
+    """``body`` over the rows of ``inputs`` by the kernel of the platform (or interpreted)."""
 
-    def branch(rec: platforms.Platform, *ins: jax.Array) -> list[jax.Array]:
-        if not rec.pallas:
-            having = [p.name for p in platforms.PLATFORMS.values() if p.pallas]
-            like = [jnp.zeros((ins[0].shape[0], cols), dt) for cols, dt in outputs]
-            return unavailable(
-                "implementation='pallas' has no kernel for platform '{platform}': jaxmx's "
-                f"Pallas kernels are written for {', '.join(having)}. Use implementation='xla' "
-                "(or None) here, or run the kernel through Pallas's interpreter within "
-                "jaxmx.pallas.interpret()",
-                *like,
-            )
-        backend = rec.pallas[0]
-        run = functools.partial(
-            _call.run, body, outputs=outputs, backend=backend, interpret=False, name=name
-        )
-        return on_backend(backend, lambda *a: run(list(a)), *ins)
+    def run(backend: str, interpret: bool, ins: list[jax.Array]) -> list[jax.Array]:
+        return _call.run(body, ins, outputs, backend=backend, interpret=interpret, name=name)
 
-    return platforms.per_platform(branch, *inputs, reads=("pallas",))
+    rows = inputs[0].shape[0]
+    like = [jax.ShapeDtypeStruct((rows, cols), dt) for cols, dt in outputs]
+    return _dispatch.per_backend(run, inputs, like, interpret_as)
 
 
 def _inputs(
     x: jax.Array, rbits: jax.Array | None, tensor_amax: jax.Array | None, spec: QuantSpec
 ) -> list[jax.Array]:
     """The kernel's operands: x's rows, the family's per-tensor ones, the random bits' rows."""
-    bs = _block_size(spec)
+    bs = _dispatch.block_size(spec)
     ins = [_layout.to_rows(_bits.to_carrier(x), spec.axis, bs)]
     if spec.format.tensor_scale:
         ins.extend(_nvfp4.tensor_scales(x, tensor_amax))
@@ -236,25 +174,17 @@ def _quantize(
     forced: platforms.Platform | None,
 ) -> MXTensor:
     fmt, axis = spec.format, spec.axis
-    elem = fmt.element
-    body = functools.partial(_KERNELS[fmt.family].quantize_body, spec, x.dtype)
+    body = functools.partial(_dispatch.KERNELS[fmt.family].quantize_body, spec, x.dtype)
     outputs: list[tuple[int, DTypeLike]] = [
-        (_block_size(spec), codes.raw_dtype(elem.bits)),
+        (_dispatch.block_size(spec), codes.raw_dtype(fmt.element.bits)),
         (1, jnp.uint8),
     ]
     ins = _inputs(x, rbits, tensor_amax, spec)
     raw, biased = _kernel(body, ins, outputs, interpret_as, "mx_quantize")
     raw = _layout.from_rows(raw, x.shape, axis)
-    if spec.packed:
-        data = pack_codes(raw, elem.bits, axis)
-    else:
-        data = codes.raw_to_storage(raw, elem)
     biased = _layout.scales_from_rows(biased[:, 0], x.shape, axis)
-    scale = lax.bitcast_convert_type(biased, _scale(spec).storage_dtype)
-    if not fmt.tensor_scale:
-        return make_tensor(spec, x, data, scale)
-    tensor_scale = _bits.from_carrier(ins[2][0, 0], jnp.float32)
-    return make_tensor(spec, x, data, scale, tensor_scale=tensor_scale)
+    tensor_scale = ins[2][0, 0] if fmt.tensor_scale else None
+    return _dispatch.make(spec, x, raw, biased, tensor_scale)
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5))
@@ -266,8 +196,11 @@ def _fake_quantize(
     interpret_as: str | None,
     forced: platforms.Platform | None,
 ) -> jax.Array:
-    body = functools.partial(_KERNELS[spec.format.family].fake_quantize_body, spec, x.dtype)
-    outputs: list[tuple[int, DTypeLike]] = [(_block_size(spec), _bits.CARRIER[np.dtype(x.dtype)])]
+    kernels = _dispatch.KERNELS[spec.format.family]
+    body = functools.partial(kernels.fake_quantize_body, spec, x.dtype)
+    outputs: list[tuple[int, DTypeLike]] = [
+        (_dispatch.block_size(spec), _bits.CARRIER[np.dtype(x.dtype)])
+    ]
     ins = _inputs(x, rbits, tensor_amax, spec)
     (out,) = _kernel(body, ins, outputs, interpret_as, "mx_fake_quantize")
     return _bits.from_carrier(_layout.from_rows(out, x.shape, spec.axis), x.dtype)

@@ -34,6 +34,9 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 from jax.typing import DTypeLike
 
+# Mosaic's semantics of one independent grid axis (a TPU with two cores splits it).
+_PARALLEL: tuple[Literal["parallel"]] = ("parallel",)
+
 # Rows per tile (the largest; fewer when the array has fewer rows).
 TILE_ROWS = {"mosaic_tpu": 512, "triton": 256}
 
@@ -96,14 +99,44 @@ def run(
             return pl.BlockSpec((tb, a.shape[1]), index)
         return pl.BlockSpec(a.shape, whole)
 
-    call = pl.pallas_call(
+    return call(
         body,
+        inputs,
         grid=(pl.cdiv(rows, tb),),
         in_specs=[spec(a) for a in inputs],
         out_specs=[pl.BlockSpec((tb, cols), index) for cols, _ in outputs],
         out_shape=[jax.ShapeDtypeStruct((rows, cols), dtype) for cols, dtype in outputs],
-        interpret=interpreter(backend) if interpret else False,
-        compiler_params=compiler_params(backend),
+        backend=backend,
+        interpret=interpret,
         name=name,
     )
-    return list(call(*inputs))
+
+
+def call(
+    body: Callable,
+    inputs: Sequence[jax.Array],
+    *,
+    grid: tuple[int, ...],
+    in_specs: Sequence[pl.BlockSpec],
+    out_specs: Sequence[pl.BlockSpec],
+    out_shape: Sequence[jax.ShapeDtypeStruct],
+    backend: str,
+    interpret: bool,
+    name: str,
+) -> list[jax.Array]:
+    """One ``pallas_call`` with ``backend``'s compiler parameters (or its interpreter).
+
+    The grid's steps are independent ("parallel"); the caller's block shapes
+    must meet the backend's constraints.
+    """
+    kernel = pl.pallas_call(
+        body,
+        grid=grid,
+        in_specs=list(in_specs),
+        out_specs=list(out_specs),
+        out_shape=list(out_shape),
+        interpret=interpreter(backend) if interpret else False,
+        compiler_params=compiler_params(backend, _PARALLEL * len(grid)),
+        name=name,
+    )
+    return list(kernel(*inputs))

@@ -19,6 +19,7 @@ same, which the tests check.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 
 import jax
@@ -79,28 +80,41 @@ def _e4m3_value(s8: jax.Array) -> jax.Array:
 
 def _elements(
     spec: QuantSpec,
-    dtype: DTypeLike,
-    x_ref: jax.Ref,
-    f_ref: jax.Ref,
-    d_ref: jax.Ref,
-    r_ref: jax.Ref | None,
+    bits: jax.Array,
+    tensor: Sequence[jax.Array],
+    rbits: jax.Array | None,
+    axis: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """``(sign, code magnitude, s8, dec)`` of a tile; s8 and dec per row."""
-    bits = _bits.f32_bits(x_ref[...], dtype)
+    """``(sign, code magnitude, s8, dec)`` of float32 patterns blocked along ``axis``;
+    s8 and dec per block (``axis`` of length 1)."""
     sign = lax.shift_right_logical(bits, u32(31))
     mag = bits & u32(f32.ABS)
-    factor, s_dec = f_ref[...], d_ref[...]  # (1, 1) each
-    amax = jnp.max(mag.astype(jnp.int32), axis=-1, keepdims=True).astype(jnp.uint32)
+    factor, s_dec = tensor  # tensor_scales' two patterns, each of one element
+    amax = jnp.max(mag.astype(jnp.int32), axis=axis, keepdims=True).astype(jnp.uint32)
     s8 = _e4m3(_min_bits(f32.mul(amax, factor), E4M3_MAX))
     dec = f32.mul(_e4m3_value(s8), s_dec)
     enc = _min_bits(f32.div(u32(ONE), dec), f32.FLT_MAX)
     p = f32.mul(mag, jnp.broadcast_to(enc, mag.shape))
-    rbits = None if r_ref is None else r_ref[...]
     # Saturates at 6 (an Inf element too); ties go to the even code.
     # QuantSpec.make checked the rounding against numerics.ROUNDINGS.
     rounding = cast(numerics.Rounding, spec.rounding)
     code = numerics.encode_magnitude(p, 0, FP4_E2M1, rounding, rbits)
     return sign, code, s8, dec
+
+
+def quantize_tile(
+    spec: QuantSpec,
+    bits: jax.Array,
+    tensor: Sequence[jax.Array],
+    rbits: jax.Array | None,
+    axis: int,
+) -> tuple[jax.Array, jax.Array]:
+    """E2M1 codes (uint8, sign in bit 3) and E4M3 scale bytes (``axis`` of length 1) of
+    float32 patterns ``bits`` blocked along ``axis``; ``tensor``: :func:`tensor_scales`."""
+    sign, code, s8, _ = _elements(spec, bits, tensor, rbits, axis)
+    nan_block = (s8 & u32(0x7F)) == u32(E4M3_NAN)
+    code = jnp.where(nan_block, u32(0), code)
+    return (code | lax.shift_left(sign, u32(3))).astype(jnp.uint8), s8.astype(jnp.uint8)
 
 
 def quantize_body(
@@ -113,13 +127,10 @@ def quantize_body(
 ) -> None:
     """Writes a tile's E2M1 codes (uint8, sign in bit 3) and E4M3 scale bytes."""
     # The random bits' rows come before the outputs when the rounding draws them.
-    r_ref = refs[0] if len(refs) == 3 else None
+    rbits = refs[0][...] if len(refs) == 3 else None
     c_ref, s_ref = refs[-2:]
-    sign, code, s8, _ = _elements(spec, dtype, x_ref, f_ref, d_ref, r_ref)
-    nan_block = (s8 & u32(0x7F)) == u32(E4M3_NAN)
-    code = jnp.where(nan_block, u32(0), code)
-    c_ref[...] = (code | lax.shift_left(sign, u32(3))).astype(jnp.uint8)
-    s_ref[...] = s8.astype(jnp.uint8)
+    bits = _bits.f32_bits(x_ref[...], dtype)
+    c_ref[...], s_ref[...] = quantize_tile(spec, bits, (f_ref[...], d_ref[...]), rbits, -1)
 
 
 def fake_quantize_body(
@@ -131,9 +142,10 @@ def fake_quantize_body(
     *refs: jax.Ref,
 ) -> None:
     """Writes ``E2M1(code) * dec`` as the bits of ``dtype`` (NaN blocks: NaN)."""
-    r_ref = refs[0] if len(refs) == 2 else None
+    rbits = refs[0][...] if len(refs) == 2 else None
     o_ref = refs[-1]
-    sign, code, _, dec = _elements(spec, dtype, x_ref, f_ref, d_ref, r_ref)
+    bits = _bits.f32_bits(x_ref[...], dtype)
+    sign, code, _, dec = _elements(spec, bits, (f_ref[...], d_ref[...]), rbits, -1)
     value = numerics.decode_magnitude(code, 0, FP4_E2M1) | lax.shift_left(sign, u32(31))
     out = f32.mul(value, jnp.broadcast_to(dec, value.shape))
     # Every NaN is the one quiet NaN: the family's float and integer forms

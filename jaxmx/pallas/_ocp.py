@@ -12,6 +12,7 @@ every Pallas backend; only the tiling around them differs
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import cast
 
 import jax
@@ -39,17 +40,17 @@ def _rounding(spec: QuantSpec) -> numerics.Rounding:
 
 
 def _blocks(
-    spec: QuantSpec, dtype: DTypeLike, x_ref: jax.Ref, r_ref: jax.Ref | None
-) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array, jax.Array]:
-    """``(sign, mag, rbits, e, nonfinite)`` of a tile, as jaxmx.families.ocp's ``blocks``."""
+    spec: QuantSpec, bits: jax.Array, axis: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(sign, mag, e, nonfinite)`` of float32 patterns blocked along ``axis``, as
+    jaxmx.families.ocp's ``blocks``; ``e`` and ``nonfinite`` keep the axis (length 1)."""
     scale = _scale(spec)
-    bits = _bits.f32_bits(x_ref[...], dtype)
     sign = lax.shift_right_logical(bits, u32(31))
     mag = bits & u32(0x7FFFFFFF)
     # Magnitudes are below 2^31, so their int32 order is their float order
     # (Inf above every finite value, NaN above Inf); a signed reduction is
     # the one every backend has.
-    amax = jnp.max(mag.astype(jnp.int32), axis=-1, keepdims=True).astype(jnp.uint32)
+    amax = jnp.max(mag.astype(jnp.int32), axis=axis, keepdims=True).astype(jnp.uint32)
     if spec.flush_subnormals:
         tiny = amax < u32(0x00800000)
         mag = jnp.where(tiny, u32(0), mag)
@@ -62,31 +63,44 @@ def _blocks(
         min_exponent=scale.min_exponent,
         max_exponent=scale.max_exponent,
     )
-    rbits = None if r_ref is None else r_ref[...]
-    return sign, mag, rbits, e, nonfinite
+    return sign, mag, e, nonfinite
+
+
+def quantize_tile(
+    spec: QuantSpec,
+    bits: jax.Array,
+    tensor: Sequence[jax.Array],
+    rbits: jax.Array | None,
+    axis: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Raw codes (uint8, the wire code) and biased scales (uint8, ``axis`` of length 1)
+    of float32 patterns ``bits`` blocked along ``axis``."""
+    del tensor  # no per-tensor value
+    elem, scale = spec.format.element, _scale(spec)
+    sign, mag, e, nonfinite = _blocks(spec, bits, axis)
+    mag = jnp.where(nonfinite, u32(0), mag)
+    code = numerics.encode_magnitude(mag, e, elem, _rounding(spec), rbits)
+    sign = jnp.where(nonfinite, u32(0), sign)
+    biased = (e + scale.bias).astype(jnp.uint8)
+    return codes.raw_codes(sign, code, elem), jnp.where(
+        nonfinite, jnp.uint8(scale.nan_code), biased
+    )
 
 
 def quantize_body(spec: QuantSpec, dtype: DTypeLike, x_ref: jax.Ref, *refs: jax.Ref) -> None:
     """Writes a tile's raw codes (uint8, the wire code) and biased scales (uint8)."""
     # The random bits' rows come before the outputs when the rounding draws them.
-    r_ref = refs[0] if len(refs) == 3 else None
+    rbits = refs[0][...] if len(refs) == 3 else None
     c_ref, s_ref = refs[-2:]
-    elem, scale = spec.format.element, _scale(spec)
-    sign, mag, rbits, e, nonfinite = _blocks(spec, dtype, x_ref, r_ref)
-    mag = jnp.where(nonfinite, u32(0), mag)
-    code = numerics.encode_magnitude(mag, e, elem, _rounding(spec), rbits)
-    sign = jnp.where(nonfinite, u32(0), sign)
-    c_ref[...] = codes.raw_codes(sign, code, elem)
-    biased = (e + scale.bias).astype(jnp.uint8)
-    s_ref[...] = jnp.where(nonfinite, jnp.uint8(scale.nan_code), biased)
+    c_ref[...], s_ref[...] = quantize_tile(spec, _bits.f32_bits(x_ref[...], dtype), (), rbits, -1)
 
 
 def fake_quantize_body(spec: QuantSpec, dtype: DTypeLike, x_ref: jax.Ref, *refs: jax.Ref) -> None:
     """Writes a tile's fake-quantized values as the bits of ``dtype``."""
-    r_ref = refs[0] if len(refs) == 2 else None
+    rbits = refs[0][...] if len(refs) == 2 else None
     o_ref = refs[-1]
     elem = spec.format.element
-    sign, mag, rbits, e, nonfinite = _blocks(spec, dtype, x_ref, r_ref)
+    sign, mag, e, nonfinite = _blocks(spec, _bits.f32_bits(x_ref[...], dtype), -1)
     # decode(encode(.)) has round_magnitude's bits; round_magnitude's own
     # saturation bound is a float bitcast of a constant, which Pallas's
     # Triton lowering does not take.
