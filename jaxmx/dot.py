@@ -277,8 +277,12 @@ def _mx_dot_fwd(lhs, rhs, key, static: _Static):
     b = _Side(rhs, cfg.rhs, d.rc, cfg.rounding, "rhs")
     dims = ((d.lc, d.rc), (d.lb, d.rb))
     if cfg.residuals != "quantized":
+        # With Pallas, an operand's forward and backward copies come from one
+        # kernel reading it once; the backward copy is the residual.
+        a, lhs_res = _both_copies(a, cfg, key, d.lf, "lhs_bwd")
+        b, rhs_res = _both_copies(b, cfg, key, d.rf, "rhs_bwd")
         out = _qmatmul(a, b, dims, static, key, static.out_dtype, static.out_sharding)
-        return out, (lhs, rhs, key, masks)
+        return out, (lhs_res, rhs_res, key, masks)
     # The stash is the forward MX copy itself (same rounding, same random
     # bits), quantized once and used by the forward matmul too. With
     # config.fsdp it is the gathered copy, which the backward pass reuses.
@@ -296,6 +300,47 @@ def _mx_dot_fwd(lhs, rhs, key, static: _Static):
         )
 
     return per_platform(run), (ta, tb, key, masks)
+
+
+class _Copy(NamedTuple):
+    """A residual that is an operand's backward MX copy, used by the backward
+    matmul as it is (not decoded and re-quantized)."""
+
+    t: MXTensor
+
+
+def _both_copies(side: _Side, cfg: DotConfig, key, bwd_axes: tuple[int, ...], bwd_role: str):
+    """``(side, residual)``: under ``implementation="pallas"``, ``side`` with its
+    forward MX copy and the residual its backward one (``_Copy``), both from
+    one read by the fused kernel (:func:`jaxmx.pallas.quantize_rows_and_columns`);
+    else ``side`` as it is and its high-precision operand.
+
+    The kernel takes matrices (leading axes: a batch) whose forward and
+    backward blocks run along the last two axes; other layouts, formats or
+    options it does not take keep the usual path (each copy by its own kernel).
+    """
+    x, bwd_fmt = side.x, cfg.role(bwd_role)
+    usual = side, x
+    if cfg.implementation != "pallas" or isinstance(x, MXTensor) or side.fmt is None:
+        return usual
+    if bwd_fmt is None or len(side.contracting) != 1 or not bwd_axes or x.ndim < 2:
+        return usual
+    if cfg.fsdp is not None or (bwd_role == "lhs_bwd" and cfg.wgrad_hadamard is not None):
+        return usual
+    fwd_axis, bwd_axis = side.contracting[0], bwd_axes[-1]
+    if {fwd_axis, bwd_axis} != {x.ndim - 1, x.ndim - 2}:
+        return usual
+    fwd = operand_spec(x.ndim, side.fmt, fwd_axis, cfg, side.rounding, role=side.role)
+    bwd = operand_spec(x.ndim, bwd_fmt, bwd_axis, cfg, cfg.rounding, role=bwd_role)
+    rows, cols = (fwd, bwd) if fwd_axis == x.ndim - 1 else (bwd, fwd)
+    if pallas.pair_reason(x, rows, cols) is not None:
+        return usual
+    bits = {id(s): random_bits(x, s, key, r) for s, r in ((fwd, side.role), (bwd, bwd_role))}
+    t_rows, t_cols = pallas.rows_and_columns(
+        x, bits[id(rows)], bits[id(cols)], None, (rows, cols), "pallas"
+    )
+    t_fwd, t_bwd = (t_rows, t_cols) if rows is fwd else (t_cols, t_rows)
+    return side._replace(x=t_fwd), _Copy(t_bwd)
 
 
 def _stash(side: _Side, cfg: DotConfig, key):
@@ -336,7 +381,7 @@ def _mx_dot_bwd(static: _Static, res, g):
     # An operand given as an MXTensor (not a quantized stash) is a constant:
     # its codes get no gradient, and its gradient matmul is skipped.
     lhs_const, rhs_const = static.prequantized
-    lhs, rhs = _unstash(lhs), _unstash(rhs)
+    lhs, rhs = (x.t if isinstance(x, _Copy) else _unstash(x) for x in (lhs, rhs))
     d_lhs = None if lhs_const else _dgrad(static, key, g, rhs, lhs.dtype)
     d_rhs = None if rhs_const else _wgrad(static, key, g, lhs, rhs.dtype)
     # Masked N:M sparsity: d(mask * x)/dx = mask, the mask fixed for the step.

@@ -103,16 +103,31 @@ def test_implementation_is_checked():
         )
 
 
-@pytest.mark.parametrize("fmt", ["mxfp8_e4m3", "nvfp4"])
-def test_pallas_operands_give_the_emulations_bits(fmt):
+@pytest.mark.parametrize(
+    "fmt,stochastic", [("mxfp8_e4m3", False), ("nvfp4", False), ("mxfp8_e4m3", True)]
+)
+def test_pallas_operands_give_the_emulations_bits(fmt, stochastic):
     x, w, g = _data(1)
-    cfg = jaxmx.DotConfig(lhs=fmt, rhs=fmt, grad=fmt, implementation="xla")
-    want = _run(cfg, x, w, g)
+    rounding = dict(rounding="stochastic", grad_rounding="stochastic") if stochastic else {}
+    key = jax.random.key(5) if stochastic else None
+    cfg = jaxmx.DotConfig(lhs=fmt, rhs=fmt, grad=fmt, implementation="xla", **rounding)
+
+    def run(c, x, w):
+        y, vjp = jax.vjp(lambda a, b: jaxmx.dot_general(a, b, DIMS, config=c, key=key), x, w)
+        return (y, *vjp(g))
+
+    want = run(cfg, x, w)
+    pallas = cfg.replace(implementation="pallas")
     with jaxmx.pallas.interpret("mosaic_tpu"):
-        got = _run(cfg.replace(implementation="pallas"), x, w, g)
+        got = run(pallas, x, w)
+        jaxpr = jax.make_jaxpr(lambda x, w: run(pallas, x, w))(x, w)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert np.max(np.abs(np.asarray(got[0]) - np.asarray(x @ w))) > 1e-3
+    # Each operand's forward and backward copies from one kernel; dY's two
+    # copies (along N for dgrad, along M for wgrad) from one kernel each.
+    names = sorted(e.params["name"] for e in _pallas_calls(jaxpr.jaxpr))
+    assert names == ["mx_fake_quantize"] * 2 + ["mx_quantize_rows_and_columns"] * 2
 
 
 def test_pallas_on_cpu_says_what_runs():

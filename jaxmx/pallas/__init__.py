@@ -69,7 +69,9 @@ from jaxmx.formats import get_family
 from jaxmx.pallas import _bits, _call, _dispatch, _layout, _nvfp4
 from jaxmx.pallas._dispatch import IMPLEMENTATIONS, unsupported_reason
 from jaxmx.pallas._dispatch import check_implementation as check_implementation
+from jaxmx.pallas._dual import pair_reason as pair_reason
 from jaxmx.pallas._dual import quantize_rows_and_columns
+from jaxmx.pallas._dual import rows_and_columns as rows_and_columns
 from jaxmx.pallas._matmul import weight_only_matmul
 from jaxmx.spec import QuantSpec
 from jaxmx.tensor import MXTensor

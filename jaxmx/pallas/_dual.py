@@ -208,6 +208,15 @@ def rows_and_columns(
     )
 
 
+def pair_reason(x: jax.Array, rows: QuantSpec, cols: QuantSpec) -> str | None:
+    """Why the fused kernel cannot make these two copies of ``x`` (an error message), or None."""
+    try:
+        _check(x, rows, cols)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def _check(x: jax.Array, rows: QuantSpec, cols: QuantSpec) -> None:
     for spec in (rows, cols):
         _dispatch.check(spec, x)
