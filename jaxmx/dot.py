@@ -50,6 +50,7 @@ from jaxmx._operand import (
     product,
     random_bits,
 )
+from jaxmx._pallas_operand import Copy, both_copies, weight_only
 from jaxmx._sparse_operand import check_sparsity, sparsify_operands
 from jaxmx.config import DotConfig, as_dot_config
 from jaxmx.formats import MXFormat
@@ -157,7 +158,7 @@ def _qmatmul(a: _Side, b: _Side, dims, static: _Static, key, out_dtype, out_shar
     cfg = static.config
     # With config.fsdp the weight (b) arrives gathered as an MXTensor (jaxmx.fsdp).
     b = b._replace(x=fsdp.operand(b.x, b.fmt, b.contracting, cfg, b.rounding, key, b.role))
-    if _weight_only(a, b, dims, cfg):
+    if a.role == "lhs" and a.fmt is None and weight_only(a.x, b.x, dims, cfg):
         return pallas.weight_only_matmul(a.x, b.x, out_dtype=out_dtype, implementation="pallas")
     reason = _native_reason(a, b, cfg)
     records = [forced()] if forced() is not None else PLATFORMS.values()
@@ -187,18 +188,6 @@ def _qmatmul(a: _Side, b: _Side, dims, static: _Static, key, out_dtype, out_shar
         return _matmul(qa, qb, dims, static.precision, out_dtype, cdt, platform, out_sharding)
 
     return per_platform(run)
-
-
-def _weight_only(a: _Side, b: _Side, dims, cfg: DotConfig) -> bool:
-    """Whether ``a . b`` is what the Pallas weight-only kernel computes, asked for:
-    a high-precision activation ``(..., K)`` times a 2-D MXTensor weight
-    ``(K, N)``, in the forward matmul, under ``implementation="pallas"``."""
-    if cfg.implementation != "pallas" or a.role != "lhs" or a.fmt is not None:
-        return False
-    if isinstance(a.x, MXTensor) or not isinstance(b.x, MXTensor) or b.x.ndim != 2:
-        return False
-    (lc, rc), (lb, rb) = dims
-    return (tuple(lc), tuple(rc), tuple(lb), tuple(rb)) == ((a.x.ndim - 1,), (0,), (), ())
 
 
 def _quantized(s: _Side) -> bool:
@@ -302,45 +291,17 @@ def _mx_dot_fwd(lhs, rhs, key, static: _Static):
     return per_platform(run), (ta, tb, key, masks)
 
 
-class _Copy(NamedTuple):
-    """A residual that is an operand's backward MX copy, used by the backward
-    matmul as it is (not decoded and re-quantized)."""
-
-    t: MXTensor
-
-
 def _both_copies(side: _Side, cfg: DotConfig, key, bwd_axes: tuple[int, ...], bwd_role: str):
-    """``(side, residual)``: under ``implementation="pallas"``, ``side`` with its
-    forward MX copy and the residual its backward one (``_Copy``), both from
-    one read by the fused kernel (:func:`jaxmx.pallas.quantize_rows_and_columns`);
-    else ``side`` as it is and its high-precision operand.
-
-    The kernel takes matrices (leading axes: a batch) whose forward and
-    backward blocks run along the last two axes; other layouts, formats or
-    options it does not take keep the usual path (each copy by its own kernel).
-    """
-    x, bwd_fmt = side.x, cfg.role(bwd_role)
-    usual = side, x
-    if cfg.implementation != "pallas" or isinstance(x, MXTensor) or side.fmt is None:
-        return usual
-    if bwd_fmt is None or len(side.contracting) != 1 or not bwd_axes or x.ndim < 2:
-        return usual
-    if cfg.fsdp is not None or (bwd_role == "lhs_bwd" and cfg.wgrad_hadamard is not None):
-        return usual
-    fwd_axis, bwd_axis = side.contracting[0], bwd_axes[-1]
-    if {fwd_axis, bwd_axis} != {x.ndim - 1, x.ndim - 2}:
-        return usual
-    fwd = operand_spec(x.ndim, side.fmt, fwd_axis, cfg, side.rounding, role=side.role)
-    bwd = operand_spec(x.ndim, bwd_fmt, bwd_axis, cfg, cfg.rounding, role=bwd_role)
-    rows, cols = (fwd, bwd) if fwd_axis == x.ndim - 1 else (bwd, fwd)
-    if pallas.pair_reason(x, rows, cols) is not None:
-        return usual
-    bits = {id(s): random_bits(x, s, key, r) for s, r in ((fwd, side.role), (bwd, bwd_role))}
-    t_rows, t_cols = pallas.rows_and_columns(
-        x, bits[id(rows)], bits[id(cols)], None, (rows, cols), "pallas"
+    """``(side, residual)``: ``side`` with its forward MX copy and the residual
+    its backward one (:class:`Copy`), both from one fused kernel, where
+    ``implementation="pallas"`` and the layout allow it; else ``side`` as it
+    is and its high-precision operand."""
+    copies = both_copies(
+        side.x, side.fmt, side.contracting, side.rounding, side.role, cfg, key, bwd_axes, bwd_role
     )
-    t_fwd, t_bwd = (t_rows, t_cols) if rows is fwd else (t_cols, t_rows)
-    return side._replace(x=t_fwd), _Copy(t_bwd)
+    if copies is None:
+        return side, side.x
+    return side._replace(x=copies[0]), Copy(copies[1])
 
 
 def _stash(side: _Side, cfg: DotConfig, key):
@@ -381,7 +342,7 @@ def _mx_dot_bwd(static: _Static, res, g):
     # An operand given as an MXTensor (not a quantized stash) is a constant:
     # its codes get no gradient, and its gradient matmul is skipped.
     lhs_const, rhs_const = static.prequantized
-    lhs, rhs = (x.t if isinstance(x, _Copy) else _unstash(x) for x in (lhs, rhs))
+    lhs, rhs = (x.t if isinstance(x, Copy) else _unstash(x) for x in (lhs, rhs))
     d_lhs = None if lhs_const else _dgrad(static, key, g, rhs, lhs.dtype)
     d_rhs = None if rhs_const else _wgrad(static, key, g, lhs, rhs.dtype)
     # Masked N:M sparsity: d(mask * x)/dx = mask, the mask fixed for the step.

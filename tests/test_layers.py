@@ -58,6 +58,7 @@ LAYERS = {
         "jaxmx._intercept",
         "jaxmx._operand",
         "jaxmx._sparse_operand",
+        "jaxmx._pallas_operand",
         "jaxmx.config",
         "jaxmx.conv",
         "jaxmx.dot",
