@@ -75,6 +75,8 @@ from jaxmx.conv import conv_general_dilated
 # N:M sparsity along a matmul's contraction axis (DotConfig.lhs_sparsity/rhs_sparsity).
 from jaxmx.sparsity import NMSparsity
 from jaxmx.sparsity import sparsify
+from jaxmx.sparse_tensor import NMSparseTensor
+from jaxmx._sparse_weights import quantize_sparse
 
 # Whole-program MX: every matmul a function runs, by rules.
 from jaxmx.intercept import Coverage
@@ -105,6 +107,7 @@ __all__ = [
     "MXFormat",
     "MXTensor",
     "MatmulSite",
+    "NMSparseTensor",
     "NMSparsity",
     "analysis",
     "as_dot_config",
@@ -139,6 +142,7 @@ __all__ = [
     "qsnr",
     "quantize",
     "quantize_params",
+    "quantize_sparse",
     "register_family",
     "register_format",
     "round_to",

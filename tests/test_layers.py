@@ -45,6 +45,7 @@ LAYERS = {
         "jaxmx.checkpoint",
         "jaxmx.packing",
         "jaxmx.shards",
+        "jaxmx.sparse_tensor",
         "jaxmx.tensor",
     ),
     "families": (
@@ -58,6 +59,7 @@ LAYERS = {
         "jaxmx._intercept",
         "jaxmx._operand",
         "jaxmx._sparse_operand",
+        "jaxmx._sparse_weights",
         "jaxmx.config",
         "jaxmx.conv",
         "jaxmx.dot",
