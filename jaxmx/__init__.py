@@ -77,6 +77,7 @@ from jaxmx.sparsity import NMSparsity
 from jaxmx.sparsity import sparsify
 from jaxmx.sparse_tensor import NMSparseTensor
 from jaxmx._sparse_weights import quantize_sparse
+from jaxmx._amber import precompute_amber
 
 # Whole-program MX: every matmul a function runs, by rules.
 from jaxmx.intercept import Coverage
@@ -137,6 +138,7 @@ __all__ = [
     "pallas",
     "param_bytes",
     "platforms",
+    "precompute_amber",
     "preset",
     "ptq",
     "qsnr",

@@ -104,7 +104,10 @@ def sparsify_operands(
     for i, (sp, x, other, contracting, own, others, batch) in enumerate(sides):
         if sp is None:
             continue
-        other = dense(other) if sp.needs_other else None
+        if not sp.needs_other:
+            other = None
+        elif sp.factor is None:
+            other = dense(other)  # a precomputed factor reads only other's shape
         pairs = tuple(zip(own, others, strict=True))
         mask = score_mask(x, sp, contracting[-1], other, pairs, batch)
         out[i] = apply_mask(x, mask)

@@ -87,9 +87,11 @@ class NMSparseTensor:
     >>> w = jnp.arange(1.0, 129.0).reshape(128, 1) * jnp.ones((1, 4))
     >>> t = jaxmx.quantize_sparse(w, "mxfp4", jaxmx.NMSparsity(2, 4), axis=0)
     >>> t
-    NMSparseTensor(2:4 mxfp4_e2m1, shape=(128, 4), dtype=float32, axis=-2, block_size=32, nbytes=176)
+    NMSparseTensor(2:4 mxfp4_e2m1, shape=(128, 4), dtype=float32, axis=-2, block_size=32, nbytes=200)
     >>> t.values.shape, t.indices.shape  # 64 kept values, 64 two-bit indices per column
     ((64, 4), (16, 4))
+    >>> t.values.nbytes, t.indices.nbytes  # 64 * 4 FP4 codes and 2 * 4 scales; 16 * 4 bytes
+    (136, 64)
     """
 
     values: MXTensor

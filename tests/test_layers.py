@@ -56,6 +56,7 @@ LAYERS = {
         "jaxmx.rounding",
     ),
     "ops": (
+        "jaxmx._amber",
         "jaxmx._intercept",
         "jaxmx._operand",
         "jaxmx._sparse_operand",
