@@ -10,7 +10,6 @@ returns rules that carry them.
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -19,9 +18,10 @@ import jax
 import numpy as np
 
 from jaxmx._paths import axis_function, path_string
+from jaxmx.config import DotConfig
 from jaxmx.quantize import dequantize
 from jaxmx.rules import Rule, RulesLike, parse_rules
-from jaxmx.sparsity import AmberFactor, amber_factor
+from jaxmx.sparsity import AmberFactor
 from jaxmx.tensor import MXTensor
 
 __all__ = ["precompute_amber"]
@@ -87,15 +87,16 @@ def precompute_amber(
     """
     rules = parse_rules(rules)
     axis_of = axis_function(axes)
-    flat = jax.tree_util.tree_flatten_with_path(
-        params, is_leaf=lambda x: isinstance(x, MXTensor)
-    )[0]
+    flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, MXTensor))[
+        0
+    ]
     weights = [(path_string(path), leaf) for path, leaf in flat if _is_weight(leaf)]
     out: list[Rule] = []
     for rule in rules:
         cfg = rule.config
-        sp = None if cfg is None else cfg.lhs_sparsity
-        if sp is not None and sp.score == "amber" and sp.factor is None:
+        sp = cfg.lhs_sparsity if isinstance(cfg, DotConfig) else None
+        uncached = sp is not None and sp.score == "amber" and sp.factor is None
+        if isinstance(cfg, DotConfig) and sp is not None and uncached:
             for p, w in weights:
                 if not rule.matches(p):
                     continue
@@ -114,8 +115,10 @@ def precompute_amber(
 def _is_weight(x: Any) -> bool:
     if isinstance(x, MXTensor):
         return True
-    return hasattr(x, "dtype") and np.ndim(x) >= 1 and jax.numpy.issubdtype(
-        x.dtype, jax.numpy.floating
+    return (
+        hasattr(x, "dtype")
+        and np.ndim(x) >= 1
+        and jax.numpy.issubdtype(x.dtype, jax.numpy.floating)
     )
 
 
@@ -123,10 +126,4 @@ def _factor(w: Any, axis: int, trim: float, path: str) -> AmberFactor:
     """The factors of ``w`` contracted over ``axis``, as the matmul computes them."""
     if isinstance(w, MXTensor):
         w = dequantize(w, np.float32)
-    values = _amber_jit(w, (axis,), trim)
-    return AmberFactor(np.asarray(values), tuple(w.shape), (axis,), trim, path)
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _amber_jit(w: jax.Array, keep: tuple[int, ...], trim: float) -> jax.Array:
-    return amber_factor(w, keep, trim)
+    return AmberFactor.of(w, (axis,), trim, path)

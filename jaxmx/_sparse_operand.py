@@ -104,10 +104,7 @@ def sparsify_operands(
     for i, (sp, x, other, contracting, own, others, batch) in enumerate(sides):
         if sp is None:
             continue
-        if not sp.needs_other:
-            other = None
-        elif sp.factor is None:
-            other = dense(other)  # a precomputed factor reads only other's shape
+        other = dense(other) if sp.needs_other else None
         pairs = tuple(zip(own, others, strict=True))
         mask = score_mask(x, sp, contracting[-1], other, pairs, batch)
         out[i] = apply_mask(x, mask)

@@ -183,9 +183,7 @@ class Intercepted:
         # the matmuls that contract along their blocks (scale propagation).
         # An N:M-sparse weight (NMSparseTensor) goes in as its dense MXTensor.
         fn, args, kwargs = expand_sparse((self.fn, args, kwargs))
-        flat, treedef = jax.tree_util.tree_flatten_with_path(
-            (fn, args, kwargs), is_leaf=_is_mx
-        )
+        flat, treedef = jax.tree_util.tree_flatten_with_path((fn, args, kwargs), is_leaf=_is_mx)
         leaves = [x for _, x in flat]
         mask = [_is_array(x) for x in leaves]
         arrays = [x for x, m in zip(leaves, mask, strict=True) if m]

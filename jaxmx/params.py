@@ -217,9 +217,7 @@ def _sparsity_function(
         if not isinstance(pattern, str):
             raise TypeError(f"a sparsity pattern is a regular expression string, got {pattern!r}")
         if sp is not None and not isinstance(sp, NMSparsity):
-            raise TypeError(
-                f"sparsity[{pattern!r}] must be a jaxmx.NMSparsity or None, got {sp!r}"
-            )
+            raise TypeError(f"sparsity[{pattern!r}] must be a jaxmx.NMSparsity or None, got {sp!r}")
 
     def by_pattern(p: str) -> NMSparsity | None:
         return next((sp for pattern, sp in table if re.search(pattern, p)), None)

@@ -87,7 +87,8 @@ class NMSparseTensor:
     >>> w = jnp.arange(1.0, 129.0).reshape(128, 1) * jnp.ones((1, 4))
     >>> t = jaxmx.quantize_sparse(w, "mxfp4", jaxmx.NMSparsity(2, 4), axis=0)
     >>> t
-    NMSparseTensor(2:4 mxfp4_e2m1, shape=(128, 4), dtype=float32, axis=-2, block_size=32, nbytes=200)
+    NMSparseTensor(2:4 mxfp4_e2m1, shape=(128, 4), dtype=float32, axis=-2, block_size=32,
+    nbytes=200)
     >>> t.values.shape, t.indices.shape  # 64 kept values, 64 two-bit indices per column
     ((64, 4), (16, 4))
     >>> t.values.nbytes, t.indices.nbytes  # 64 * 4 FP4 codes and 2 * 4 scales; 16 * 4 bytes
@@ -108,9 +109,7 @@ class NMSparseTensor:
         if not 0 < self.n < self.m:
             raise ValueError(f"NMSparseTensor needs 0 < n < m, got n={self.n}, m={self.m}")
         if self.length % self.m:
-            raise ValueError(
-                f"NMSparseTensor.length {self.length} is not a multiple of m={self.m}"
-            )
+            raise ValueError(f"NMSparseTensor.length {self.length} is not a multiple of m={self.m}")
         # Only the static fields here: JAX rebuilds the record with
         # placeholder leaves while it transforms it (check_sparse_leaves
         # checks the leaves).
@@ -161,9 +160,10 @@ class NMSparseTensor:
     @property
     def nbytes(self) -> int:
         """Bytes held by the leaves: the kept values' codes and scales, and the indices."""
-        return self.values.nbytes + math.prod(self.indices.shape) * np.dtype(
-            self.indices.dtype
-        ).itemsize
+        return (
+            self.values.nbytes
+            + math.prod(self.indices.shape) * np.dtype(self.indices.dtype).itemsize
+        )
 
     @property
     def bits_per_element(self) -> float:
@@ -172,7 +172,8 @@ class NMSparseTensor:
 
     def __repr__(self) -> str:
         try:
-            shape, axis, nbytes = self.shape, self.sparse_axis(), f", nbytes={self.nbytes}"
+            shape: object = self.shape
+            axis, nbytes = self.sparse_axis(), f", nbytes={self.nbytes}"
         except Exception:  # leaves replaced by placeholders inside JAX transforms
             shape, axis, nbytes = "?", self.values.axis, ""
         return (

@@ -55,6 +55,7 @@ __all__ = [
     "SCORES",
     "amber_factor",
     "apply_mask",
+    "probe_positions",
     "nm_mask",
     "score_mask",
     "sparsify",
@@ -69,11 +70,12 @@ BACKWARDS = ("masked", "straight_through")
 class AmberFactor:
     """Amber Pruner's per-feature factors of one weight, computed once.
 
-    Made by :func:`jaxmx.precompute_amber` (:func:`amber_factor` of the
-    weight, jitted) and carried by ``NMSparsity(score="amber", factor=...)``,
-    which then uses it instead of sorting the weight on every call. Static
-    data: compared and hashed by its shape, axes, trim and the bytes of its
-    values, so a config holding one is a valid static argument of ``jit``.
+    Made by :meth:`AmberFactor.of` (:func:`amber_factor` of the weight,
+    jitted) for :func:`jaxmx.precompute_amber`, and carried by
+    ``NMSparsity(score="amber", factor=...)``, which then uses it instead of
+    sorting the weight on every call (:meth:`fit`). Static data: compared and
+    hashed by its shape, axes, trim and the bytes of its values and probe,
+    so a config holding one is a valid static argument of ``jit``.
     """
 
     # float32 factors, indexed by the weight's axes in ``keep`` (ascending).
@@ -86,6 +88,8 @@ class AmberFactor:
     trim: float
     # Where the weight came from (its parameter path), for messages.
     source: str = ""
+    # The weight's float32 values at probe_positions(shape) (fit compares them).
+    probe: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
 
     def __post_init__(self) -> None:
         values = np.array(self.values, dtype=np.float32)  # a copy, read-only below
@@ -99,7 +103,26 @@ class AmberFactor:
                 f"AmberFactor values of shape {values.shape}; a weight of shape {self.shape} "
                 f"indexed by its axes {self.keep} needs {want}"
             )
-        object.__setattr__(self, "_digest", hashlib.sha1(values.tobytes()).hexdigest())
+        probe = np.array(self.probe, dtype=np.float32).reshape(-1)
+        probe.setflags(write=False)
+        object.__setattr__(self, "probe", probe)
+        if probe.shape != probe_positions(self.shape).shape:
+            raise ValueError(
+                f"AmberFactor probe has {probe.size} values; a weight of shape {self.shape} "
+                f"is probed at {probe_positions(self.shape).size} positions"
+            )
+        digest = hashlib.sha1(values.tobytes() + probe.tobytes()).hexdigest()
+        object.__setattr__(self, "_digest", digest)
+
+    @classmethod
+    def of(cls, weight: Any, keep: Sequence[int], trim: float, source: str = "") -> AmberFactor:
+        """The factors of a concrete ``weight`` contracted over its axes ``keep``,
+        computed as inside a matmul (:func:`amber_factor`, jitted)."""
+        w = jnp.asarray(weight, jnp.float32)
+        keep = tuple(sorted(int(d) for d in keep))
+        values = _amber_jit(w, keep, float(trim))
+        probe = np.asarray(w).reshape(-1)[probe_positions(tuple(w.shape))]
+        return cls(np.asarray(values), tuple(w.shape), keep, float(trim), source, probe)
 
     def _key(self) -> tuple:
         return (self.shape, self.keep, self.trim, self.__dict__["_digest"])
@@ -114,8 +137,15 @@ class AmberFactor:
         return f"AmberFactor({self.source or '?'}, shape={self.shape}, keep={self.keep})"
 
     def fit(self, other: Any, keep: Sequence[int], batch: Sequence[int]) -> jax.Array:
-        """The factors, checked against the matmul's other operand (shape and
-        contracted axes) where they are used; raises ValueError if they do not fit."""
+        """The factors for the matmul's other operand ``other`` (a float array).
+
+        Its shape and contracted axes must be the stored weight's (checked
+        when tracing: a ValueError otherwise). Its values at :data:`PROBES`
+        fixed positions are compared, bit for bit, with the stored weight's
+        when the matmul runs: a weight that is not the one the factors were
+        computed from (updated, cast to another dtype, used transposed) gets
+        its factors computed on the call, as without a precomputed factor.
+        """
         shape = None if other is None else tuple(other.shape)
         if shape != self.shape or tuple(sorted(keep)) != self.keep or tuple(batch):
             raise ValueError(
@@ -123,10 +153,19 @@ class AmberFactor:
                 f"{self.shape}, contracted over axes {self.keep}) does not fit this matmul, "
                 f"whose other operand has shape {shape} and is contracted over axes "
                 f"{tuple(sorted(keep))}{' with batch axes' if tuple(batch) else ''}: the weight "
-                "is used reshaped, transposed or sliced here; leave it out of the rules given "
+                "is used reshaped or sliced here; leave it out of the rules given "
                 "to jaxmx.precompute_amber (its factor is then computed on each call)"
             )
-        return jnp.asarray(self.values)
+        w = jnp.asarray(other, jnp.float32)
+        at = probe_positions(self.shape)
+        got = jax.lax.bitcast_convert_type(w.reshape(-1)[at], jnp.uint32)
+        same = jnp.all(got == jnp.asarray(self.probe.view(np.uint32)))
+        return jax.lax.cond(
+            same,
+            lambda w: jnp.asarray(self.values),
+            lambda w: amber_factor(w, self.keep, self.trim),
+            w,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,9 +257,7 @@ class NMSparsity:
         return self.score != "magnitude"
 
     def describe(self) -> str:
-        return f"{self.n}:{self.m} {self.score}" + (
-            "" if self.factor is None else " (precomputed)"
-        )
+        return f"{self.n}:{self.m} {self.score}" + ("" if self.factor is None else " (precomputed)")
 
     def replace(self, **changes: Any) -> NMSparsity:
         """A copy with some fields changed (``dataclasses.replace``)."""
@@ -230,6 +267,26 @@ class NMSparsity:
 # --------------------------------------------------------------------------
 # The per-feature factors of the amber and wanda scores.
 # --------------------------------------------------------------------------
+
+# Values of a weight AmberFactor.fit compares with the stored weight's.
+PROBES = 64
+
+
+@functools.cache
+def probe_positions(shape: tuple[int, ...]) -> np.ndarray:
+    """:data:`PROBES` flat positions of a weight of ``shape``, fixed per shape,
+    spread at random (a diagonal or a row would not tell a square weight from
+    its transpose)."""
+    size = math.prod(shape)
+    rng = np.random.default_rng(size)
+    at = np.sort(rng.choice(size, min(PROBES, size), replace=False))
+    at.setflags(write=False)
+    return at
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _amber_jit(w: jax.Array, keep: tuple[int, ...], trim: float) -> jax.Array:
+    return amber_factor(w, keep, trim)
 
 
 def _reduce_axes(ndim: int, keep: Sequence[int]) -> tuple[int, ...]:
