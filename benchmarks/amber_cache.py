@@ -88,9 +88,7 @@ def smollm2(tokens: int, repeats: int) -> None:
     rules = config.rules(sparsity_study.ROLES["smollm2"])
     weights = sparsity_study.WEIGHTS
     fns = {
-        "every call": jax.jit(
-            jaxmx.intercept(pre.model.apply, rules, weights=weights, warn=False)
-        ),
+        "every call": jax.jit(jaxmx.intercept(pre.model.apply, rules, weights=weights, warn=False)),
         "precomputed": jax.jit(
             jaxmx.intercept(
                 pre.model.apply,
