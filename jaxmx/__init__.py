@@ -75,6 +75,9 @@ from jaxmx.conv import conv_general_dilated
 # N:M sparsity along a matmul's contraction axis (DotConfig.lhs_sparsity/rhs_sparsity).
 from jaxmx.sparsity import NMSparsity
 from jaxmx.sparsity import sparsify
+from jaxmx.sparse_tensor import NMSparseTensor
+from jaxmx._sparse_weights import quantize_sparse
+from jaxmx._amber import precompute_amber
 
 # Whole-program MX: every matmul a function runs, by rules.
 from jaxmx.intercept import Coverage
@@ -105,6 +108,7 @@ __all__ = [
     "MXFormat",
     "MXTensor",
     "MatmulSite",
+    "NMSparseTensor",
     "NMSparsity",
     "analysis",
     "as_dot_config",
@@ -134,11 +138,13 @@ __all__ = [
     "pallas",
     "param_bytes",
     "platforms",
+    "precompute_amber",
     "preset",
     "ptq",
     "qsnr",
     "quantize",
     "quantize_params",
+    "quantize_sparse",
     "register_family",
     "register_format",
     "round_to",

@@ -57,6 +57,7 @@ from jaxmx._intercept.run import Plan, run_jaxpr
 from jaxmx._intercept.vector_coverage import VectorCoverage
 from jaxmx._intercept.vector_ops import VectorOps, as_vector_ops, plan_vector_ops
 from jaxmx._intercept.vector_run import keyed
+from jaxmx._sparse_weights import expand_sparse
 from jaxmx.rules import RulesLike, parse_rules
 from jaxmx.tensor import MXTensor
 
@@ -180,9 +181,9 @@ class Intercepted:
         # MXTensor arguments stay whole: fn is traced with the arrays they
         # stand for, and the interpreter hands the MXTensors themselves to
         # the matmuls that contract along their blocks (scale propagation).
-        flat, treedef = jax.tree_util.tree_flatten_with_path(
-            (self.fn, args, kwargs), is_leaf=_is_mx
-        )
+        # An N:M-sparse weight (NMSparseTensor) goes in as its dense MXTensor.
+        fn, args, kwargs = expand_sparse((self.fn, args, kwargs))
+        flat, treedef = jax.tree_util.tree_flatten_with_path((fn, args, kwargs), is_leaf=_is_mx)
         leaves = [x for _, x in flat]
         mask = [_is_array(x) for x in leaves]
         arrays = [x for x, m in zip(leaves, mask, strict=True) if m]

@@ -19,6 +19,7 @@ MXTensor(mxfp4_e2m1, shape=(64, 16), dtype=float32, axis=-2, block_size=32, pack
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -27,11 +28,14 @@ import jax
 import numpy as np
 
 from jaxmx._paths import axis_function, contraction_axis, path_string
+from jaxmx._sparse_weights import quantize_sparse
 from jaxmx.config import DotConfig
 from jaxmx.formats import MXFormat
 from jaxmx.ptq import PTQMethod, ScaleSearch
 from jaxmx.quantize import quantize
 from jaxmx.rules import RulesLike, parse_rules
+from jaxmx.sparse_tensor import NMSparseTensor
+from jaxmx.sparsity import NMSparsity
 from jaxmx.tensor import MXTensor
 
 __all__ = ["contraction_axis", "param_bytes", "quantize_params"]
@@ -46,6 +50,7 @@ def quantize_params(
     block_size: int | None = None,
     warn: bool = True,
     method: PTQMethod | None = None,
+    sparsity: NMSparsity | Mapping[str, NMSparsity | None] | None = None,
 ) -> Any:
     """Quantizes the matmul weights of a parameter tree to MXTensors.
 
@@ -73,24 +78,40 @@ def quantize_params(
         :class:`jaxmx.ptq.GPTQ` (which needs calibration Hessians). Rotations
         (:func:`jaxmx.ptq.rotate_weights`) change the model too, so they are
         applied to ``params`` before this call.
+      sparsity: store weights N:M sparse along their contraction axis
+        (:func:`jaxmx.quantize_sparse`): a :class:`~jaxmx.NMSparsity` for
+        every weight a rule quantizes, or ``{pattern: NMSparsity or None}``
+        (the first pattern found in the leaf's path decides; no match or
+        ``None``: dense). Such a weight becomes an
+        :class:`~jaxmx.NMSparseTensor`: its kept values in the rule's format,
+        ``block_size`` (or the format's) counting kept values, and their
+        positions; :func:`jaxmx.intercept` serves it. Magnitude scores only,
+        with the direct cast (``method=None``).
 
     Returns:
       The same tree with each matched matmul weight replaced by a packed
-      :class:`~jaxmx.MXTensor`; every other leaf is unchanged.
+      :class:`~jaxmx.MXTensor` (an :class:`~jaxmx.NMSparseTensor` where
+      ``sparsity`` says so); every other leaf is unchanged.
 
     Raises:
       ValueError: a rule names a weight for which no contraction axis is
-        known (give it in ``axes``), or an axis is out of range.
+        known (give it in ``axes``), or an axis is out of range; a sparse
+        weight whose contraction axis ``m`` does not divide, or whose format
+        or block size cannot hold whole groups (the message names the weight).
 
     >>> import jax.numpy as jnp, jaxmx
     >>> params = {"attn": {"kernel": jnp.ones((64, 64))}, "head": {"kernel": jnp.ones((64, 8))}}
     >>> q = jaxmx.quantize_params(params, [("head", None), (".*", "mxfp4")])
     >>> type(q["attn"]["kernel"]).__name__, type(q["head"]["kernel"]).__name__
     ('MXTensor', 'ArrayImpl')
+    >>> s = jaxmx.quantize_params(params, "mxfp4", sparsity={"attn": jaxmx.NMSparsity(2, 4)})
+    >>> s["attn"]["kernel"].bits_per_element, q["attn"]["kernel"].bits_per_element
+    (3.125, 4.25)
     """
     rules = parse_rules(rules)
     method = _method(method)
     axis_of = axis_function(axes)
+    sparsity_of = _sparsity_function(sparsity)
     hits = [0] * len(rules)
     unknown: list[str] = []
 
@@ -113,6 +134,17 @@ def quantize_params(
         if not -x.ndim <= axis < x.ndim:
             raise ValueError(f"axis {axis} of {p} is out of range for shape {tuple(x.shape)}")
         pack = packed and fmt.element.bits < 8
+        sp = sparsity_of(p)
+        if sp is not None:
+            if method is not None:
+                raise ValueError(
+                    f"{p}: sparsity= stores kept values by direct cast; method={method!r} is "
+                    "not supported with it (use method=None)"
+                )
+            try:
+                return quantize_sparse(x, fmt, sp, axis=axis, block_size=block_size, packed=pack)
+            except ValueError as err:
+                raise ValueError(f"{p} {tuple(x.shape)}: {err}") from None
         if method is not None:
             return method.quantize_weight(p, x, fmt, axis=axis, block_size=block_size, packed=pack)
         return quantize(x, fmt, axis=axis, block_size=block_size, packed=pack)
@@ -135,7 +167,8 @@ def quantize_params(
 
 
 def param_bytes(tree: Any) -> int:
-    """Bytes held by a tree's arrays; an MXTensor counts its codes and scales.
+    """Bytes held by a tree's arrays; an MXTensor counts its codes and scales, an
+    NMSparseTensor its kept values' codes and scales and its indices.
 
     >>> import jax.numpy as jnp, jaxmx
     >>> w = jnp.ones((128, 64))
@@ -144,8 +177,9 @@ def param_bytes(tree: Any) -> int:
     (32768, 4352)
     """
     total = 0
-    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=lambda t: isinstance(t, MXTensor)):
-        if isinstance(leaf, MXTensor):
+    mx = (MXTensor, NMSparseTensor)
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=lambda t: isinstance(t, mx)):
+        if isinstance(leaf, mx):
             total += leaf.nbytes
         elif hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
             total += int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
@@ -165,6 +199,30 @@ def _method(method):
             "the jaxmx.ptq.PTQMethod method quantize_weight"
         )
     return method
+
+
+def _sparsity_function(
+    sparsity: NMSparsity | Mapping[str, NMSparsity | None] | None,
+) -> Callable[[str], NMSparsity | None]:
+    """``path -> NMSparsity or None`` from ``quantize_params(sparsity=...)``."""
+    if sparsity is None or isinstance(sparsity, NMSparsity):
+        return lambda p: sparsity
+    if not isinstance(sparsity, Mapping):
+        raise TypeError(
+            "sparsity must be a jaxmx.NMSparsity, a dict {pattern: NMSparsity or None} or None, "
+            f"got {sparsity!r}"
+        )
+    table = list(sparsity.items())
+    for pattern, sp in table:
+        if not isinstance(pattern, str):
+            raise TypeError(f"a sparsity pattern is a regular expression string, got {pattern!r}")
+        if sp is not None and not isinstance(sp, NMSparsity):
+            raise TypeError(f"sparsity[{pattern!r}] must be a jaxmx.NMSparsity or None, got {sp!r}")
+
+    def by_pattern(p: str) -> NMSparsity | None:
+        return next((sp for pattern, sp in table if re.search(pattern, p)), None)
+
+    return by_pattern
 
 
 def _weight_format(config: DotConfig | None) -> MXFormat | None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -48,11 +49,13 @@ from jax.typing import ArrayLike
 from jaxmx.spec import is_positive_int
 
 __all__ = [
+    "AmberFactor",
     "BACKWARDS",
     "NMSparsity",
     "SCORES",
     "amber_factor",
     "apply_mask",
+    "probe_positions",
     "nm_mask",
     "score_mask",
     "sparsify",
@@ -61,6 +64,108 @@ __all__ = [
 
 SCORES = ("magnitude", "amber", "wanda")
 BACKWARDS = ("masked", "straight_through")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AmberFactor:
+    """Amber Pruner's per-feature factors of one weight, computed once.
+
+    Made by :meth:`AmberFactor.of` (:func:`amber_factor` of the weight,
+    jitted) for :func:`jaxmx.precompute_amber`, and carried by
+    ``NMSparsity(score="amber", factor=...)``, which then uses it instead of
+    sorting the weight on every call (:meth:`fit`). Static data: compared and
+    hashed by its shape, axes, trim and the bytes of its values and probe,
+    so a config holding one is a valid static argument of ``jit``.
+    """
+
+    # float32 factors, indexed by the weight's axes in ``keep`` (ascending).
+    values: np.ndarray
+    # Shape of the weight they were computed from.
+    shape: tuple[int, ...]
+    # The weight's axes the matmul contracts (0-based, ascending).
+    keep: tuple[int, ...]
+    # NMSparsity.amber_trim they were computed with.
+    trim: float
+    # Where the weight came from (its parameter path), for messages.
+    source: str = ""
+    # The weight's float32 values at probe_positions(shape) (fit compares them).
+    probe: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.float32))
+
+    def __post_init__(self) -> None:
+        values = np.array(self.values, dtype=np.float32)  # a copy, read-only below
+        values.setflags(write=False)
+        object.__setattr__(self, "values", values)
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        object.__setattr__(self, "keep", tuple(sorted(int(d) for d in self.keep)))
+        want = tuple(self.shape[d] for d in self.keep)
+        if values.shape != want:
+            raise ValueError(
+                f"AmberFactor values of shape {values.shape}; a weight of shape {self.shape} "
+                f"indexed by its axes {self.keep} needs {want}"
+            )
+        probe = np.array(self.probe, dtype=np.float32).reshape(-1)
+        probe.setflags(write=False)
+        object.__setattr__(self, "probe", probe)
+        if probe.shape != probe_positions(self.shape).shape:
+            raise ValueError(
+                f"AmberFactor probe has {probe.size} values; a weight of shape {self.shape} "
+                f"is probed at {probe_positions(self.shape).size} positions"
+            )
+        digest = hashlib.sha1(values.tobytes() + probe.tobytes()).hexdigest()
+        object.__setattr__(self, "_digest", digest)
+
+    @classmethod
+    def of(cls, weight: Any, keep: Sequence[int], trim: float, source: str = "") -> AmberFactor:
+        """The factors of a concrete ``weight`` contracted over its axes ``keep``,
+        computed as inside a matmul (:func:`amber_factor`, jitted)."""
+        w = jnp.asarray(weight, jnp.float32)
+        keep = tuple(sorted(int(d) for d in keep))
+        values = _amber_jit(w, keep, float(trim))
+        probe = np.asarray(w).reshape(-1)[probe_positions(tuple(w.shape))]
+        return cls(np.asarray(values), tuple(w.shape), keep, float(trim), source, probe)
+
+    def _key(self) -> tuple:
+        return (self.shape, self.keep, self.trim, self.__dict__["_digest"])
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AmberFactor) and self._key() == other._key()
+
+    def __repr__(self) -> str:
+        return f"AmberFactor({self.source or '?'}, shape={self.shape}, keep={self.keep})"
+
+    def fit(self, other: Any, keep: Sequence[int], batch: Sequence[int]) -> jax.Array:
+        """The factors for the matmul's other operand ``other`` (a float array).
+
+        Its shape and contracted axes must be the stored weight's (checked
+        when tracing: a ValueError otherwise). Its values at :data:`PROBES`
+        fixed positions are compared, bit for bit, with the stored weight's
+        when the matmul runs: a weight that is not the one the factors were
+        computed from (updated, cast to another dtype, used transposed) gets
+        its factors computed on the call, as without a precomputed factor.
+        """
+        shape = None if other is None else tuple(other.shape)
+        if shape != self.shape or tuple(sorted(keep)) != self.keep or tuple(batch):
+            raise ValueError(
+                f"the precomputed amber factor of {self.source or 'a weight'} (shape "
+                f"{self.shape}, contracted over axes {self.keep}) does not fit this matmul, "
+                f"whose other operand has shape {shape} and is contracted over axes "
+                f"{tuple(sorted(keep))}{' with batch axes' if tuple(batch) else ''}: the weight "
+                "is used reshaped or sliced here; leave it out of the rules given "
+                "to jaxmx.precompute_amber (its factor is then computed on each call)"
+            )
+        w = jnp.asarray(other, jnp.float32)
+        at = probe_positions(self.shape)
+        got = jax.lax.bitcast_convert_type(w.reshape(-1)[at], jnp.uint32)
+        same = jnp.all(got == jnp.asarray(self.probe.view(np.uint32)))
+        return jax.lax.cond(
+            same,
+            lambda w: jnp.asarray(self.values),
+            lambda w: amber_factor(w, self.keep, self.trim),
+            w,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +189,10 @@ class NMSparsity:
       amber_trim: the quantile trimmed from each end of the weight's values
         before the amber score takes their mean and standard deviation
         (0.005 in the paper).
+      factor: amber only: the weight's factors computed once
+        (:class:`AmberFactor`, made by :func:`jaxmx.precompute_amber`), used
+        instead of computing them from the weight on every call; ``None``
+        (default): computed on every call.
 
     >>> import jaxmx
     >>> jaxmx.NMSparsity(2, 4)
@@ -103,6 +212,8 @@ class NMSparsity:
     backward: str = "masked"
     # amber only: the quantile cut from each end before standardizing the weight.
     amber_trim: float = 0.005
+    # amber only: the weight's factors computed once (jaxmx.precompute_amber), or None.
+    factor: AmberFactor | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
         for name in ("n", "m"):
@@ -127,6 +238,18 @@ class NMSparsity:
         if isinstance(t, bool) or not isinstance(t, (int, float, np.floating)) or not 0 <= t < 0.5:
             raise ValueError(f"NMSparsity.amber_trim must be a float in [0, 0.5), got {t!r}")
         object.__setattr__(self, "amber_trim", float(t))
+        if self.factor is not None:
+            if not isinstance(self.factor, AmberFactor):
+                raise TypeError(
+                    f"NMSparsity.factor must be a jaxmx.sparsity.AmberFactor or None, got "
+                    f"{type(self.factor).__name__} (make them with jaxmx.precompute_amber)"
+                )
+            if self.score != "amber" or self.factor.trim != self.amber_trim:
+                raise ValueError(
+                    f"NMSparsity.factor is an amber factor computed with trim "
+                    f"{self.factor.trim}; it goes with score='amber', amber_trim="
+                    f"{self.factor.trim}, not score={self.score!r}, amber_trim={self.amber_trim}"
+                )
 
     @property
     def needs_other(self) -> bool:
@@ -134,12 +257,36 @@ class NMSparsity:
         return self.score != "magnitude"
 
     def describe(self) -> str:
-        return f"{self.n}:{self.m} {self.score}"
+        return f"{self.n}:{self.m} {self.score}" + ("" if self.factor is None else " (precomputed)")
+
+    def replace(self, **changes: Any) -> NMSparsity:
+        """A copy with some fields changed (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
 
 
 # --------------------------------------------------------------------------
 # The per-feature factors of the amber and wanda scores.
 # --------------------------------------------------------------------------
+
+# Values of a weight AmberFactor.fit compares with the stored weight's.
+PROBES = 64
+
+
+@functools.cache
+def probe_positions(shape: tuple[int, ...]) -> np.ndarray:
+    """:data:`PROBES` flat positions of a weight of ``shape``, fixed per shape,
+    spread at random (a diagonal or a row would not tell a square weight from
+    its transpose)."""
+    size = math.prod(shape)
+    rng = np.random.default_rng(size)
+    at = np.sort(rng.choice(size, min(PROBES, size), replace=False))
+    at.setflags(write=False)
+    return at
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _amber_jit(w: jax.Array, keep: tuple[int, ...], trim: float) -> jax.Array:
+    return amber_factor(w, keep, trim)
 
 
 def _reduce_axes(ndim: int, keep: Sequence[int]) -> tuple[int, ...]:
@@ -261,7 +408,9 @@ def score_mask(
         if other is None:
             raise ValueError(f"the {sparsity.score!r} score needs the matmul's other operand")
         keep = tuple(p[1] for p in pairs)
-        if sparsity.score == "amber":
+        if sparsity.factor is not None:
+            factor = sparsity.factor.fit(other, keep, batch)
+        elif sparsity.score == "amber":
             factor = amber_factor(other, keep, sparsity.amber_trim, batch)
         else:
             factor = wanda_factor(other, keep)

@@ -45,6 +45,7 @@ LAYERS = {
         "jaxmx.checkpoint",
         "jaxmx.packing",
         "jaxmx.shards",
+        "jaxmx.sparse_tensor",
         "jaxmx.tensor",
     ),
     "families": (
@@ -55,10 +56,12 @@ LAYERS = {
         "jaxmx.rounding",
     ),
     "ops": (
+        "jaxmx._amber",
         "jaxmx._intercept",
         "jaxmx._operand",
         "jaxmx._sparse_operand",
         "jaxmx._pallas_operand",
+        "jaxmx._sparse_weights",
         "jaxmx.config",
         "jaxmx.conv",
         "jaxmx.dot",

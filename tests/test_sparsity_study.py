@@ -56,10 +56,13 @@ def test_rules_make_only_the_chosen_layers_activations_sparse(tiny):
     for s in sites:
         if s.operands[1].endswith("_proj/kernel"):  # every projection in MXFP8, W and A
             assert s.mx and s.config.rhs_sparsity is None
-            assert s.config.lhs_sparsity == (
-                jaxmx.NMSparsity(8, 16, score="amber") if s.operands[1].split("/")[-2] in sparse
-                else None
-            )  # fmt: skip
+            sp = s.config.lhs_sparsity
+            if s.operands[1].split("/")[-2] in sparse:
+                # Amber's weight factors precomputed, for this very weight.
+                assert sp.replace(factor=None) == jaxmx.NMSparsity(8, 16, score="amber")
+                assert sp.factor.source == s.operands[1]
+            else:
+                assert sp is None
         else:  # attention's two einsums and the tied head stay in high precision
             assert not s.mx
 

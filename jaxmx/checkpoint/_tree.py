@@ -13,6 +13,7 @@ from jaxmx import codes
 from jaxmx.checkpoint import _manifest as M
 from jaxmx.formats import MXFormat
 from jaxmx.shards import check_blocks_whole
+from jaxmx.sparse_tensor import NMSparseTensor
 from jaxmx.tensor import MXTensor, check_leaves
 
 
@@ -33,6 +34,13 @@ def encode(node, keys: tuple, formats: dict, leaves: dict) -> dict:
     """One node of the tree -> its manifest entry; array leaves go to ``leaves``."""
     if isinstance(node, MXTensor):
         return _encode_mx(node, keys, formats, leaves)
+    if isinstance(node, NMSparseTensor):
+        raise TypeError(
+            f"{where(keys)} is an NMSparseTensor (N:M-sparse kept values and indices); "
+            "checkpoints do not store them yet (the manifest has no node for them): save "
+            "its values (an MXTensor) and indices (an array) and its n, m and length "
+            "yourself, or t.densify() (a dense MXTensor, larger)"
+        )
     if is_array(node):
         name = _name(keys, leaves)
         leaves[name] = node
