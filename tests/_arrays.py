@@ -1,4 +1,4 @@
-"""Array helpers shared by the intercept tests: inputs and bitwise comparisons of pytrees."""
+"""Array helpers shared by the tests: inputs, bitwise comparisons of pytrees, jaxpr walks."""
 
 import jax
 import jax.numpy as jnp
@@ -22,3 +22,15 @@ def assert_differs(a, b):
         not np.array_equal(np.asarray(x), np.asarray(y))
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
     )
+
+
+def pallas_calls(jaxpr):
+    """The ``pallas_call`` equations of an (open) jaxpr, nested ones included."""
+    for e in jaxpr.eqns:
+        if e.primitive.name == "pallas_call":
+            yield e
+        for p in e.params.values():
+            for sub in p if isinstance(p, (tuple, list)) else (p,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from pallas_calls(inner)

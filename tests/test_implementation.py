@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import jaxmx
+from tests._arrays import pallas_calls
 
 DIMS = (((1,), (0,)), ((), ()))
 # Every contraction of the recipe whole blocks of 32: forward K=64, dgrad
@@ -126,7 +127,7 @@ def test_pallas_operands_give_the_emulations_bits(fmt, stochastic):
     assert np.max(np.abs(np.asarray(got[0]) - np.asarray(x @ w))) > 1e-3
     # Each operand's forward and backward copies from one kernel; dY's two
     # copies (along N for dgrad, along M for wgrad) from one kernel each.
-    names = sorted(e.params["name"] for e in _pallas_calls(jaxpr.jaxpr))
+    names = sorted(e.params["name"] for e in pallas_calls(jaxpr.jaxpr))
     assert names == ["mx_fake_quantize"] * 2 + ["mx_quantize_rows_and_columns"] * 2
 
 
@@ -138,18 +139,6 @@ def test_pallas_on_cpu_says_what_runs():
     mx9 = jaxmx.DotConfig(lhs="mx9", rhs="mx9", implementation="pallas")
     with jaxmx.pallas.interpret("mosaic_tpu"), pytest.raises(ValueError, match="family"):
         jaxmx.dot_general(jnp.ones((4, 64)), jnp.ones((64, 8)), DIMS, config=mx9)
-
-
-def _pallas_calls(jaxpr):
-    """The pallas_call equations of a jaxpr, nested ones included."""
-    for e in jaxpr.eqns:
-        if e.primitive.name == "pallas_call":
-            yield e
-        for p in e.params.values():
-            for sub in p if isinstance(p, (tuple, list)) else (p,):
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    yield from _pallas_calls(inner)
 
 
 @pytest.mark.parametrize("fmt", ["mxfp4_e2m1", "nvfp4"])
@@ -165,7 +154,7 @@ def test_pallas_serves_an_mx_weight_with_the_weight_only_kernel(fmt):
     with jaxmx.pallas.interpret("mosaic_tpu"):
         jaxpr = jax.make_jaxpr(serve)(params, x)
         y = serve(params, x)
-    assert len(list(_pallas_calls(jaxpr.jaxpr))) == 1  # the weight-only kernel, nothing else
+    assert len(list(pallas_calls(jaxpr.jaxpr))) == 1  # the weight-only kernel, nothing else
     # Against the decoded weight in float64, within float32 accumulation
     # (NVFP4's tensor scale is one more rounding).
     w = np.asarray(kernel.dequantize(), np.float64)

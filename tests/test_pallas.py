@@ -29,6 +29,7 @@ import pytest
 import jaxmx
 from jaxmx import platforms
 from jaxmx.pallas import _bits, _call
+from tests._arrays import pallas_calls
 
 BACKENDS = platforms.PALLAS_BACKENDS
 # What a kernel lowers to: Mosaic's custom call on a TPU, Triton's on CUDA.
@@ -282,16 +283,6 @@ def test_triton_calls_see_whole_tiles():
     # bounds), so jaxmx pads the rows to whole tiles before the call.
     rows = _call.TILE_ROWS["triton"] + 37
     x = jnp.ones((rows, 32))
-
-    def pallas_calls(jaxpr):
-        for e in jaxpr.eqns:
-            if e.primitive.name == "pallas_call":
-                yield e
-            for p in e.params.values():
-                for sub in p if isinstance(p, (tuple, list)) else (p,):
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        yield from pallas_calls(inner)
 
     def calls(backend):
         with jaxmx.pallas.interpret(backend):
