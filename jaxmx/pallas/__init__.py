@@ -1,4 +1,13 @@
-"""Fused quantize kernels in Pallas: one read of ``x``, codes and scales written once.
+"""jaxmx's Pallas kernels: fused quantize, its training variant, and a weight-only matmul.
+
+* :func:`quantize` / :func:`fake_quantize` (reached through
+  ``jaxmx.quantize(..., implementation="pallas")``): one read of ``x``,
+  codes and scales written once; described below.
+* :func:`quantize_rows_and_columns`: both quantized copies of a matrix
+  (blocks along its last and its second-to-last axis) from one read, which
+  ``jaxmx.dot_general`` uses under ``DotConfig(implementation="pallas")``.
+* :func:`weight_only_matmul`: ``x @ W`` for an MXTensor weight decoded tile
+  by tile in on-chip memory, for serving.
 
 ``jaxmx.quantize(..., implementation="pallas")`` and
 ``jaxmx.fake_quantize(..., implementation="pallas")`` run these kernels
