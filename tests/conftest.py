@@ -25,3 +25,13 @@ hypothesis.settings.load_profile(_FUZZ_PROFILES[_fuzz])
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """Each test module's compiled programs are dropped when it ends, so a
+    worker's memory holds one module's programs, not every module's."""
+    yield
+    import jax
+
+    jax.clear_caches()
