@@ -20,8 +20,8 @@ on one GPU or TPU:
    ``DotConfig(implementation="native")`` (``lax.scaled_dot``) against the
    emulation, within float32 accumulation bounds, for MXFP8, MXFP4 and
    NVFP4, and with ``"pallas"`` bit for bit; then the MLP training step of
-   benchmarks/train_step.py in bfloat16 and in MXFP8, emulated and native,
-   with ratios to the bfloat16 step.
+   benchmarks/train_step.py in MXFP8, emulated and native, with ratios to
+   the faster of its float32 and bfloat16-matmul steps.
 4. Weight-only matmul. ``jaxmx.pallas.weight_only_matmul`` of decode-sized
    bfloat16 rows (M = 8) and an MXFP4 (packed), NVFP4 (packed) and MXFP8
    weight: the kernel against ``x @ W.dequantize()`` in float64 within the
