@@ -30,8 +30,10 @@ def rng():
 @pytest.fixture(autouse=True, scope="module")
 def _drop_compiled_programs():
     """Each test module's compiled programs are dropped when it ends, so a
-    worker's memory holds one module's programs, not every module's."""
+    worker's memory holds one module's programs, not every module's
+    (JAXMX_TEST_KEEP_CACHES=1 keeps them, to compare; docs/development.md)."""
     yield
-    import jax
+    if os.environ.get("JAXMX_TEST_KEEP_CACHES") != "1":
+        import jax
 
-    jax.clear_caches()
+        jax.clear_caches()
