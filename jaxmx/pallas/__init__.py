@@ -76,6 +76,7 @@ from jax.typing import DTypeLike
 from jaxmx import codes, platforms
 from jaxmx.formats import get_family
 from jaxmx.pallas import _bits, _call, _dispatch, _layout, _nvfp4
+from jaxmx.pallas._choice import dispatch
 from jaxmx.pallas._dispatch import IMPLEMENTATIONS, unsupported_reason
 from jaxmx.pallas._dispatch import check_implementation as check_implementation
 from jaxmx.pallas._dual import pair_reason as pair_reason
@@ -150,12 +151,12 @@ def _kernel(
 ) -> list[jax.Array]:
     """``body`` over the rows of ``inputs`` by the kernel of the platform (or interpreted)."""
 
-    def run(backend: str, interpret: bool, ins: list[jax.Array]) -> list[jax.Array]:
+    def run(backend: str, interpret: bool, *ins: jax.Array) -> list[jax.Array]:
         return _call.run(body, ins, outputs, backend=backend, interpret=interpret, name=name)
 
     rows = inputs[0].shape[0]
     like = [jax.ShapeDtypeStruct((rows, cols), dt) for cols, dt in outputs]
-    return _dispatch.per_backend(run, inputs, like, interpret_as)
+    return dispatch(run, inputs, like, interpret_as)
 
 
 def _inputs(

@@ -4,19 +4,15 @@
   :func:`unsupported_reason` says why a spec is not taken (the error
   message), :func:`whole_blocks` where the family itself refuses partial
   blocks.
-* :func:`per_backend`: a kernel run by the backend of the platform the
-  program is lowered for, or by Pallas's interpreter within
-  :func:`jaxmx.pallas.interpret` (:func:`jaxmx.pallas._choice.dispatch`;
-  :data:`INTERPRET`, :data:`IMPLEMENTATIONS` and
-  :func:`check_implementation` are :mod:`jaxmx.pallas._choice`'s, here
-  for the quantize kernels' modules).
+* which backend runs a kernel is :func:`jaxmx.pallas._choice.dispatch`'s
+  choice; :data:`INTERPRET`, :data:`IMPLEMENTATIONS` and
+  :func:`check_implementation` are :mod:`jaxmx.pallas._choice`'s, here for
+  the quantize kernels' modules.
 * :func:`make`: the MXTensor of a kernel's raw codes and biased scales,
   the same leaves and metadata as the family's XLA path.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -29,15 +25,12 @@ from jaxmx.bitstream import pack_codes
 from jaxmx.families._common import make_tensor
 from jaxmx.formats import ScaleFormat
 from jaxmx.pallas import _bits, _nvfp4, _ocp
-from jaxmx.pallas._choice import IMPLEMENTATIONS, INTERPRET, check_implementation, dispatch
+from jaxmx.pallas._choice import IMPLEMENTATIONS, INTERPRET, check_implementation
 from jaxmx.spec import QuantSpec
 from jaxmx.tensor import MXTensor
 
 # The kernel bodies of each family that has them.
 KERNELS = {"ocp": _ocp, "nvfp4": _nvfp4}
-
-# A kernel's launcher: (backend, interpret, inputs) -> outputs.
-Runner = Callable[[str, bool, list[jax.Array]], list[jax.Array]]
 
 
 def unsupported_reason(spec: QuantSpec, dtype: DTypeLike = jnp.float32) -> str | None:
@@ -89,22 +82,6 @@ def _scale(spec: QuantSpec) -> ScaleFormat:
     return scale
 
 
-def per_backend(
-    run: Runner,
-    inputs: Sequence[jax.Array],
-    like: Sequence[jax.ShapeDtypeStruct],
-    interpret_as: str | None,
-) -> list[jax.Array]:
-    """``run``'s outputs (shaped as ``like``) by the kernel of the platform the program is
-    lowered for, or by ``interpret_as``'s interpreter (:func:`_choice.dispatch`)."""
-    return dispatch(
-        lambda backend, interpret, *ins: run(backend, interpret, list(ins)),
-        inputs,
-        like,
-        interpret_as,
-    )
-
-
 def make(
     spec: QuantSpec,
     x: jax.Array,
@@ -139,7 +116,6 @@ __all__ = [
     "check",
     "check_implementation",
     "make",
-    "per_backend",
     "unsupported_reason",
     "whole_blocks",
 ]

@@ -45,6 +45,7 @@ from jaxmx import codes, platforms
 from jaxmx.families._arguments import check_array, check_rounding, check_tensor_amax, random_bits
 from jaxmx.formats import MXFormat, get_family
 from jaxmx.pallas import _bits, _call, _dispatch, _nvfp4
+from jaxmx.pallas._choice import dispatch
 from jaxmx.spec import QuantSpec
 from jaxmx.tensor import MXTensor
 
@@ -298,7 +299,7 @@ def _run(
     n_tensor: int,
     backend: str,
     interpret: bool,
-    ins: list[jax.Array],
+    *ins: jax.Array,
 ) -> list[jax.Array]:
     """The kernel on ``backend`` over tiled ``ins``: x, per-tensor values, random bits."""
     mb, bs, kb, _ = ins[0].shape
@@ -306,7 +307,7 @@ def _run(
     if backend == "triton":  # whole tiles: no load or store runs past an array's end
         pad = [(0, -mb % g), (0, 0), (0, -kb % tk), (0, 0)]
         per_tensor = range(1, 1 + n_tensor)
-        ins = [a if i in per_tensor else jnp.pad(a, pad) for i, a in enumerate(ins)]
+        ins = tuple(a if i in per_tensor else jnp.pad(a, pad) for i, a in enumerate(ins))
     n_mb, n_kb = ins[0].shape[0], ins[0].shape[2]
     index = lambda i, j: (i, 0, j, 0)  # noqa: E731
     whole = lambda i, j: (0, 0, 0, 0)  # noqa: E731
@@ -365,7 +366,7 @@ def _fused(
         jax.ShapeDtypeStruct((mb, 1, kb, bs), jnp.uint8),
     ]
     run = functools.partial(_run, specs, x.dtype, len(tensor))
-    rc, rs, cc, cs = _dispatch.per_backend(run, ins, like, interpret_as)
+    rc, rs, cc, cs = dispatch(run, ins, like, interpret_as)
     tensor_scale = tensor[1].reshape(()) if tensor else None
     nb_m, nb_k = -(-m // bs), -(-k // bs)
     return (
