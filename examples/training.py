@@ -398,6 +398,29 @@ def _check_step_folder(manager: ocp.CheckpointManager, step: int) -> None:
         )
 
 
+# DotConfig's ``native`` field became ``implementation``, and fields were added
+# since; checkpoints recorded before stay resumable under the current names.
+_NATIVE_TO_IMPLEMENTATION = {"auto": None, "never": "xla", "always": "native"}
+
+
+def _current_mx(mx: Any) -> Any:
+    """A recorded ``mx`` recipe in today's DotConfig fields: ``native`` renamed,
+    fields added since (whose default is None) filled in with None."""
+    if not isinstance(mx, list):
+        return mx
+    added = [f.name for f in dataclasses.fields(jaxmx.DotConfig) if f.default is None]
+    out = []
+    for pattern, fields in mx:
+        if isinstance(fields, dict):
+            fields = dict(fields)
+            if "native" in fields and "implementation" not in fields:
+                native = fields.pop("native")
+                fields["implementation"] = _NATIVE_TO_IMPLEMENTATION.get(native, native)
+            fields.update({k: None for k in added if k not in fields})
+        out.append([pattern, fields])
+    return out
+
+
 def _recipe_text(config: Mapping[str, Any]) -> str:
     """The MX recipe a run's recorded configuration names, for error messages."""
     if "mx" not in config:
@@ -432,6 +455,7 @@ def _restore(
             f"checkpoint {manager.directory}/{step}: its 'meta' item records no configuration; "
             "it was not written by this training loop"
         )
+    saved = {**saved, "mx": _current_mx(saved.get("mx"))} if "mx" in saved else saved
     if any(saved.get(k, None) != full_config.get(k) for k in ("mx", "recipe")):
         raise ValueError(
             f"{manager.directory} holds a checkpoint trained with {_recipe_text(saved)}, but "

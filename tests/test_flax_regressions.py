@@ -235,6 +235,21 @@ def test_resume_under_another_mx_recipe_is_refused(tmp_path):
     assert again.metrics["train"] == result.metrics["train"]
 
 
+def test_recipes_recorded_before_a_dot_config_field_was_renamed_still_resume():
+    now = training.mx_recipe_of(jf.quantize_model(MLP(), "mxfp8"))
+    fields = dict(now[0][1])
+    fields.pop("implementation")
+    for added in ("lhs_sparsity", "rhs_sparsity"):  # fields newer than the record
+        fields.pop(added)
+    for native, implementation in [("auto", None), ("never", "xla"), ("always", "native")]:
+        old = [[now[0][0], {**fields, "native": native}]]
+        new = [[now[0][0], {**now[0][1], "implementation": implementation}]]
+        assert training._current_mx(old) == new
+    assert training._current_mx([[now[0][0], {**fields, "native": "auto"}]]) != [
+        [now[0][0], {**now[0][1], "implementation": "xla"}]
+    ]
+
+
 def test_resume_from_an_incomplete_step_folder_names_it(tmp_path):
     _train(MLP(), tmp_path)
     checkpoints = tmp_path / "checkpoints"
