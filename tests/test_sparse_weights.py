@@ -206,16 +206,6 @@ def test_scan_over_stacked_layers():
     np.testing.assert_array_equal(np.asarray(dense), np.asarray(t.dequantize()))
 
 
-def test_save_refuses_with_a_message(tmp_path):
-    t = jaxmx.quantize_sparse(normal(8, (64, 8)), "mxfp4", jaxmx.NMSparsity(2, 4), axis=0)
-    with pytest.raises(TypeError, match=r"tree\['w'\] is an NMSparseTensor.*do not store them yet"):
-        jaxmx.save(tmp_path / "w.safetensors", {"w": t})
-    info = jaxmx.save(tmp_path / "d.safetensors", {"w": t.densify()})  # the dense one is
-    back = jaxmx.load(tmp_path / "d.safetensors")["w"]
-    np.testing.assert_array_equal(np.asarray(back.dequantize()), np.asarray(t.dequantize()))
-    assert info.array_bytes > t.nbytes
-
-
 # --------------------------------------------------------------------------
 # quantize_params and intercept.
 # --------------------------------------------------------------------------

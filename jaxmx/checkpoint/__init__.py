@@ -10,6 +10,9 @@ the tree back together:
   dtype, packing) and its shape, and its array leaves **by field name**
   (``{"data": ..., "scale": ...}``), so a further leaf such as a per-tensor
   scale is one more named entry, not a new position;
+* for each :class:`~jaxmx.NMSparseTensor` (N:M-sparse weights) its ``n``,
+  ``m`` and dense ``length``, its sparse axis and dense shape, its kept
+  values (an MXTensor, as above) and its packed ``indices`` (an array);
 * for each format used, its full card (element and scale format records),
   so a custom format that is not registered in the loading process is
   rebuilt, and one whose name is registered with different fields is refused;
@@ -44,17 +47,32 @@ Layout of the manifest (version 2)::
                      "scale": {"name": "params.w.scale", "dtype": "float8_e8m0fnu",
                                "shape": [128, 4096], "crc32": 2596069104}}}]}}
 
-Array nodes are ``{"type": "array", "name", "dtype", "shape", "crc32"}``;
+An NMSparseTensor is a node of its own, its arrays named under its path
+(``params.w.values.data``, ``params.w.values.scale``, ``params.w.indices``)::
+
+    {"type": "nm_sparse", "shape": [4096, 4096], "axis": -2,
+     "static": {"n": 2, "m": 4, "length": 4096},
+     "values": {"type": "mx", "shape": [2048, 4096], ...},
+     "indices": {"name": "params.w.indices", "dtype": "uint8",
+                 "shape": [512, 4096], "crc32": 1234}}
+
+(see :mod:`jaxmx.checkpoint._sparse`). Array nodes are
+``{"type": "array", "name", "dtype", "shape", "crc32"}``;
 safetensors adds ``"stored_dtype"`` where the bits are held in another dtype.
 Each ``crc32`` of an array is the CRC-32 of its bytes as stored; the top-level
 ``crc32`` covers ``formats`` and ``tree`` (see :mod:`jaxmx.checkpoint._manifest`).
 Version 1, written before checksums, is the same without any ``crc32``; it
-still loads, unverified.
+still loads, unverified. The ``nm_sparse`` node came later within version 2
+(as new static fields do: what older files hold is unchanged, so they load as
+before); a jaxmx from before it refuses a checkpoint holding one, naming the
+node's type.
 
 :func:`load` trusts nothing it reads: the manifest is checked against its
 schema field by field, each format card is rebuilt (and compared with the
 registered format of its name), every MXTensor's leaves are checked against
-its format (:func:`jaxmx.tensor.check_leaves`), the backend's own record of
+its format (:func:`jaxmx.tensor.check_leaves`), every NMSparseTensor's values
+and indices against its ``n``, ``m``, length and axis (and its positions:
+``n`` distinct, ascending, below ``m`` per group), the backend's own record of
 each array (safetensors header, orbax metadata) must agree with the manifest,
 safetensors byte offsets must fit the file, and the checksums must match.
 Whatever fails is a ``ValueError`` that names the checkpoint.
@@ -75,7 +93,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from jaxmx.checkpoint import _layouts, _manifest, _orbax, _safetensors, _tree
+from jaxmx.checkpoint import _layouts, _manifest, _orbax, _safetensors, _sparse, _tree
 
 __all__ = ["SaveInfo", "save", "load"]
 
@@ -88,7 +106,8 @@ class SaveInfo:
 
     ``disk_bytes`` is what the checkpoint takes on disk (every file, headers
     and metadata included); ``array_bytes`` is what its arrays hold in memory
-    (an MXTensor counts its codes and scales, as :attr:`MXTensor.nbytes`).
+    (an MXTensor counts its codes and scales, as :attr:`MXTensor.nbytes`; an
+    NMSparseTensor its values and indices, as :attr:`NMSparseTensor.nbytes`).
     """
 
     # The file or directory written.
@@ -101,8 +120,10 @@ class SaveInfo:
     array_bytes: int
     # Plain array leaves (not counting the leaves of MXTensors).
     num_arrays: int
-    # MXTensor leaves.
+    # MXTensor leaves (not counting the kept values of NMSparseTensors).
     num_mx_tensors: int
+    # NMSparseTensor leaves.
+    num_sparse_tensors: int = 0
 
 
 def save(
@@ -116,16 +137,18 @@ def save(
     """Saves a tree of MXTensors and arrays, bit for bit, with all metadata.
 
     Every MXTensor is checked against its format first
-    (:func:`jaxmx.tensor.check_leaves`): what :func:`load` would refuse is not
-    written. The manifest records a CRC-32 of each array's bytes and of
+    (:func:`jaxmx.tensor.check_leaves`), and every NMSparseTensor's indices
+    against its values, ``n``, ``m`` and length: what :func:`load` would
+    refuse is not written. The manifest records a CRC-32 of each array's bytes and of
     itself, which :func:`load` verifies.
 
     Args:
       path: a directory (orbax) or a file ending in ``.safetensors``.
       tree: nested dicts (string or int keys), lists, tuples and ``None``,
-        holding :class:`~jaxmx.MXTensor` and array (``jax.Array``,
-        ``np.ndarray``) leaves: a Flax linen params tree, a dict of
-        quantized weights, ...
+        holding :class:`~jaxmx.MXTensor`, :class:`~jaxmx.NMSparseTensor` and
+        array (``jax.Array``, ``np.ndarray``) leaves: a Flax linen params
+        tree, a dict of quantized weights (``jaxmx.quantize_params``, with
+        or without ``sparsity=``), ...
       backend: ``"orbax"`` or ``"safetensors"``; ``None`` picks safetensors
         for a path ending in ``.safetensors`` and orbax otherwise.
       overwrite: replace an existing checkpoint at ``path``; without it an
@@ -136,7 +159,8 @@ def save(
         ``"modelopt"`` (NVFP4 weights), written to ``path`` if it ends in
         ``.safetensors``, else to a model directory (``model.safetensors``
         and its ``config.json``). A leaf the layout cannot hold is an error
-        naming it; see docs/serving.md. ``backend`` is for ``"jaxmx"`` only.
+        naming it (an NMSparseTensor is only ever ``"jaxmx"``); see
+        docs/serving.md. ``backend`` is for ``"jaxmx"`` only.
 
     Returns:
       A :class:`SaveInfo`: the path, the backend, ``disk_bytes`` (bytes on
@@ -145,8 +169,9 @@ def save(
     Raises:
       TypeError: a container or leaf of a type that cannot be saved.
       ValueError: an unknown backend or layout, two leaves whose names
-        collide, an MXTensor whose leaves do not fit its format, or a leaf
-        the layout cannot hold.
+        collide, an MXTensor whose leaves do not fit its format, an
+        NMSparseTensor whose indices do not fit its values, ``n``, ``m`` and
+        length, or a leaf the layout cannot hold.
       FileExistsError: ``path`` exists and ``overwrite`` is False, or it is
         not a jaxmx checkpoint of this backend.
       ImportError: the backend's package is not installed.
@@ -191,6 +216,7 @@ def save(
         array_bytes=sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in leaves.values()),
         num_arrays=sum(n["type"] == "array" for n in nodes),
         num_mx_tensors=sum(n["type"] == "mx" for n in nodes),
+        num_sparse_tensors=sum(n["type"] == _sparse.TYPE for n in nodes),
     )
 
 
@@ -205,13 +231,16 @@ def load(
 
     Without a target the tree is rebuilt from the checkpoint: the same
     containers, MXTensors with their format, axis, block size, length, dtype
-    and packing, and arrays as ``jax.Array`` on the default device. A custom
+    and packing, NMSparseTensors with their ``n``, ``m`` and length, and
+    arrays as ``jax.Array`` on the default device. A custom
     format that is not registered here is rebuilt from its stored card (and
     is not registered); one whose name is registered with other fields is an
     error, never silently replaced.
 
     Before any value is returned, the manifest is checked against its schema
-    and its checksum, each MXTensor's leaves against its format, the
+    and its checksum, each MXTensor's leaves against its format, each
+    NMSparseTensor's values and indices against its ``n``, ``m``, length and
+    axis (and its positions: ``n`` distinct, ascending, below ``m``), the
     backend's record of every array (safetensors header, orbax metadata)
     against the manifest, safetensors byte offsets against the file, and
     each array's bytes against its checksum. A damaged checkpoint is an
@@ -220,10 +249,11 @@ def load(
     Args:
       path: the directory or ``.safetensors`` file :func:`save` wrote.
       target: optional tree of the same structure whose leaves are arrays or
-        ``jax.ShapeDtypeStruct`` (MXTensors of them, e.g. from
-        ``jax.eval_shape``); each leaf is restored with the target leaf's
-        sharding. Every shape, dtype and MXTensor metadata must match the
-        checkpoint; a mismatch is an error, not a conversion.
+        ``jax.ShapeDtypeStruct`` (MXTensors and NMSparseTensors of them, e.g.
+        from ``jax.eval_shape``); each leaf is restored with the target
+        leaf's sharding. Every shape, dtype and MXTensor or NMSparseTensor
+        metadata must match the checkpoint; a mismatch is an error, not a
+        conversion.
       backend: ``"orbax"`` or ``"safetensors"``; ``None``: safetensors for a
         file, orbax for a directory. For ``layout="jaxmx"`` only.
       layout: ``"jaxmx"``, ``"gpt-oss"``, ``"compressed-tensors"`` or

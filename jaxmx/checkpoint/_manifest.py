@@ -23,6 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxmx import formats as _formats
+from jaxmx.checkpoint import _sparse
 from jaxmx.formats import ElementFormat, MicroExponent, MXFormat, ScaleFormat
 from jaxmx.tensor import MXTensor
 
@@ -124,6 +125,9 @@ def arrays_of(node):
             for entry in n["leaves"].values():
                 if entry is not None:
                     yield entry["name"], entry
+        elif n["type"] == _sparse.TYPE:
+            yield from arrays_of(n["values"])
+            yield n["indices"]["name"], n["indices"]
 
 
 # --------------------------------------------------------------------------
@@ -313,8 +317,16 @@ def _check_node(node, field: str, keys: tuple, ctx: _Context) -> None:
         _check_entry(node, field, keys, ctx, array=True)
     elif kind == "mx":
         _check_mx(node, field, keys, ctx)
+    elif kind == _sparse.TYPE:  # static fields, then each array, then the arrays' shapes
+        _fields(node, field, _sparse.FIELDS)
+        if (bad := _sparse.problem(node)) is None:
+            _check_mx(node["values"], f"{field}.values", (*keys, "values"), ctx)
+            _check_entry(node["indices"], f"{field}.indices", (*keys, "indices"), ctx)
+            bad = _sparse.array_problem(node)
+        if bad is not None:
+            raise ManifestError(f"{field}.{bad[0]}", bad[1])
     else:
-        allowed = ", ".join((*_CONTAINERS, "none", "array", "mx"))
+        allowed = ", ".join((*_CONTAINERS, "none", "array", "mx", _sparse.TYPE))
         raise ManifestError(f"{field}.type", f"is {kind!r}; allowed: {allowed}")
 
 

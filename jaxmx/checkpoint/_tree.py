@@ -11,6 +11,7 @@ import numpy as np
 
 from jaxmx import codes
 from jaxmx.checkpoint import _manifest as M
+from jaxmx.checkpoint import _sparse
 from jaxmx.formats import MXFormat
 from jaxmx.shards import check_blocks_whole
 from jaxmx.sparse_tensor import NMSparseTensor
@@ -35,21 +36,13 @@ def encode(node, keys: tuple, formats: dict, leaves: dict) -> dict:
     if isinstance(node, MXTensor):
         return _encode_mx(node, keys, formats, leaves)
     if isinstance(node, NMSparseTensor):
-        raise TypeError(
-            f"{where(keys)} is an NMSparseTensor (N:M-sparse kept values and indices); "
-            "checkpoints do not store them yet (the manifest has no node for them): save "
-            "its values (an MXTensor) and indices (an array) and its n, m and length "
-            "yourself, or t.densify() (a dense MXTensor, larger)"
-        )
+        _sparse.check_types(node, where(keys))
+        values = _encode_mx(node.values, (*keys, "values"), formats, leaves)
+        _sparse.check(node, where(keys))  # what load would refuse is not written
+        indices = _encode_array(node.indices, (*keys, "indices"), leaves)
+        return _sparse.node(node, values, indices)
     if is_array(node):
-        name = _name(keys, leaves)
-        leaves[name] = node
-        return {
-            "type": "array",
-            "name": name,
-            "dtype": M.dtype_name(node.dtype),
-            "shape": list(node.shape),
-        }
+        return {"type": "array", **_encode_array(node, keys, leaves)}
     if node is None:
         return {"type": "none"}
     kind = container_kind(node)
@@ -69,9 +62,9 @@ def encode(node, keys: tuple, formats: dict, leaves: dict) -> dict:
         return {"type": kind, "children": children}
     raise TypeError(
         f"{where(keys)} is a {type(node).__module__}.{type(node).__qualname__}; save takes "
-        "nested dict, list, tuple and None holding MXTensors and arrays (jax.Array, "
-        "np.ndarray); convert other nodes first (e.g. flax.serialization.to_state_dict, "
-        "np.asarray for scalars)"
+        "nested dict, list, tuple and None holding MXTensors, NMSparseTensors and arrays "
+        "(jax.Array, np.ndarray); convert other nodes first (e.g. "
+        "flax.serialization.to_state_dict, np.asarray for scalars)"
     )
 
 
@@ -106,6 +99,12 @@ def _name(keys: tuple, taken: dict) -> str:
     return name
 
 
+def _encode_array(a, keys: tuple, leaves: dict) -> dict:
+    name = _name(keys, leaves)
+    leaves[name] = a
+    return {"name": name, "dtype": M.dtype_name(a.dtype), "shape": list(a.shape)}
+
+
 def _encode_mx(t: MXTensor, keys: tuple, formats: dict, leaves: dict) -> dict:
     for f in ("data", "scale", "tensor_scale", "micro"):
         value = getattr(t, f)
@@ -127,13 +126,7 @@ def _encode_mx(t: MXTensor, keys: tuple, formats: dict, leaves: dict) -> dict:
         elif value is None:
             arrays[f.name] = None
         else:
-            name = _name((*keys, f.name), leaves)
-            leaves[name] = value
-            arrays[f.name] = {
-                "name": name,
-                "dtype": M.dtype_name(value.dtype),
-                "shape": list(value.shape),
-            }
+            arrays[f.name] = _encode_array(value, (*keys, f.name), leaves)
     return {"type": "mx", "shape": shape, "static": static, "leaves": arrays}
 
 
@@ -190,6 +183,9 @@ def decode(node: dict, arrays: dict, fmts: dict, keys: tuple = ()) -> Any:
                 f"{tuple(node['shape'])}"
             )
         return t
+    if kind == _sparse.TYPE:
+        values = decode(node["values"], arrays, fmts, (*keys, "values"))
+        return _sparse.rebuild(node, values, arrays[node["indices"]["name"]], where(keys))
     if kind in ("dict", "frozendict"):
         children = [
             decode(c, arrays, fmts, (*keys, k))
@@ -274,6 +270,11 @@ def _match(node: dict, t, keys: tuple, specs: dict, fmts: dict) -> None:
                 continue
             _match_leaf(entry, leaf, (*keys, k), specs, mx=t)
         check_blocks_whole(t, f"target {where(keys)}")  # no block cut in two by its sharding
+        return
+    if kind == _sparse.TYPE:
+        _sparse.match(node, t, f"target {where(keys)}")
+        _match(node["values"], t.values, (*keys, "values"), specs, fmts)
+        _match_leaf(node["indices"], t.indices, (*keys, "indices"), specs)
         return
     if kind == "array":
         _match_leaf(node, t, keys, specs)
