@@ -1,5 +1,7 @@
-"""Quantizing a weight N:M-sparse into an :class:`~jaxmx.NMSparseTensor`, and
-serving one: the dense MXTensor each matmul under :func:`jaxmx.intercept` reads.
+"""Quantizing a weight N:M-sparse into an :class:`~jaxmx.NMSparseTensor`.
+
+:func:`jaxmx.intercept` serves one as it is stored, densifying it where an
+operation reads it (``jaxmx._intercept.run``).
 
 The stored layout (kept values in blocks of kept values, packed positions)
 is described in :mod:`jaxmx.sparse_tensor` and docs/sparsity.md.
@@ -146,9 +148,10 @@ def has_sparse(tree: Any) -> bool:
 
 def expand_sparse(tree: Any) -> Any:
     """``tree`` with each :class:`~jaxmx.NMSparseTensor` replaced by its dense
-    :class:`~jaxmx.MXTensor` (:meth:`~jaxmx.NMSparseTensor.densify`): what
-    :func:`jaxmx.intercept` hands the matmuls, which read an MXTensor blocked
-    along their contraction as it is. Trees without one are returned as they are."""
+    :class:`~jaxmx.MXTensor` (:meth:`~jaxmx.NMSparseTensor.densify`), all at
+    once. :func:`jaxmx.intercept` no longer does this at the start of a call
+    (it densifies each weight where it is read, with the same results); the
+    tests use it as that reference. Trees without one are returned as they are."""
     if not has_sparse(tree):
         return tree
     return jax.tree_util.tree_map(

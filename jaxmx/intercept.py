@@ -57,31 +57,32 @@ from jaxmx._intercept.run import Plan, run_jaxpr
 from jaxmx._intercept.vector_coverage import VectorCoverage
 from jaxmx._intercept.vector_ops import VectorOps, as_vector_ops, plan_vector_ops
 from jaxmx._intercept.vector_run import keyed
-from jaxmx._sparse_weights import expand_sparse
 from jaxmx.rules import RulesLike, parse_rules
+from jaxmx.sparse_tensor import NMSparseTensor
 from jaxmx.tensor import MXTensor
 
 __all__ = ["Coverage", "MatmulSite", "VectorCoverage", "VectorOps", "intercept"]
 
 
 def _is_array(x) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct, MXTensor))
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)) or _is_mx(x)
 
 
 def _is_mx(x) -> bool:
-    return isinstance(x, MXTensor)
+    return isinstance(x, (MXTensor, NMSparseTensor))
 
 
 def _aval_key(x):
-    if isinstance(x, MXTensor):
+    if _is_mx(x):
         leaves, tree = jax.tree_util.tree_flatten(x)
         return ("mx", tree, tuple(_aval_key(leaf) for leaf in leaves))
     return x if isinstance(x, jax.ShapeDtypeStruct) else jax.typeof(x)
 
 
 def _traceable(x):
-    """What ``fn`` is traced with: an MXTensor argument as the array it stands for."""
-    return jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, MXTensor) else x
+    """What ``fn`` is traced with: an MXTensor (or NMSparseTensor) argument as
+    the array it stands for."""
+    return jax.ShapeDtypeStruct(x.shape, x.dtype) if _is_mx(x) else x
 
 
 def _static_key(x):
@@ -181,9 +182,11 @@ class Intercepted:
         # MXTensor arguments stay whole: fn is traced with the arrays they
         # stand for, and the interpreter hands the MXTensors themselves to
         # the matmuls that contract along their blocks (scale propagation).
-        # An N:M-sparse weight (NMSparseTensor) goes in as its dense MXTensor.
-        fn, args, kwargs = expand_sparse((self.fn, args, kwargs))
-        flat, treedef = jax.tree_util.tree_flatten_with_path((fn, args, kwargs), is_leaf=_is_mx)
+        # An N:M-sparse weight (NMSparseTensor) stays compact too: the
+        # interpreter densifies it to its MXTensor where an op reads it.
+        flat, treedef = jax.tree_util.tree_flatten_with_path(
+            (self.fn, args, kwargs), is_leaf=_is_mx
+        )
         leaves = [x for _, x in flat]
         mask = [_is_array(x) for x in leaves]
         arrays = [x for x, m in zip(leaves, mask, strict=True) if m]
@@ -220,9 +223,7 @@ class Intercepted:
         srcs = [_arg_path(path) for (path, _), m in zip(flat, mask, strict=True) if m]
         planner = Planner(self.rules, self.custom_derivatives, self.weights, self.path_root)
         planner.mx_args = {
-            src: x.format.name
-            for src, x in zip(srcs, arrays, strict=True)
-            if isinstance(x, MXTensor)
+            src: x.format.name for src, x in zip(srcs, arrays, strict=True) if _is_mx(x)
         }
         planner.walk(closed.jaxpr, [""] * len(closed.consts) + srcs, siu.new_name_stack())
         vector, vector_coverage, rebuild = None, None, frozenset(planner.rebuild)

@@ -66,7 +66,9 @@ class NMSparseTensor:
 
     Made by :func:`jaxmx.quantize_sparse` (and by
     :func:`jaxmx.quantize_params` with ``sparsity=``); served by
-    :func:`jaxmx.intercept`, which hands each matmul the dense
+    :func:`jaxmx.intercept`, which keeps it compact (through casts and
+    control flow: a scan over stacked layers slices it) and densifies it
+    where an operation reads it, handing a matmul the dense
     :class:`~jaxmx.MXTensor` of :meth:`densify`. ``values`` and ``indices``
     are pytree leaves (``values`` an MXTensor of two or more arrays),
     everything else is static, so it passes through ``jit`` like an array.

@@ -4,7 +4,11 @@ Control flow that holds an MX matmul is rebuilt around interpreted bodies
 (``lax.scan``, ``lax.while_loop``, ``lax.switch``, ``jax.checkpoint``,
 ``jax.shard_map``); everything else is bound as it was traced. MXTensor
 arguments flow as they are into rebuilt control flow and into the matmuls
-that contract along their blocks, and are decoded for any other op. With
+that contract along their blocks, and are decoded for any other op.
+NMSparseTensor arguments (N:M-sparse weights) stay compact through float
+casts and into rebuilt control flow (a scan slices them layer by layer) and
+are densified to their MXTensor only by the equation that reads them, once
+per variable (see :func:`_kept_sparse` for the boundaries that densify). With
 ``vector_ops``, ``Plan.vector`` rounds the outputs of the equations it
 names after they run (see ``vector_ops.py``).
 """
@@ -27,6 +31,7 @@ from jaxmx.config import DotConfig
 from jaxmx.conv import conv_general_dilated as _mx_conv_general_dilated
 from jaxmx.dot import dot_general as _mx_dot_general
 from jaxmx.quantize import dequantize
+from jaxmx.sparse_tensor import NMSparseTensor
 from jaxmx.tensor import MXTensor
 
 __all__ = ["Plan", "run_jaxpr"]
@@ -48,12 +53,25 @@ def run_jaxpr(jaxpr, consts, args, addr: tuple, plan: Plan) -> list:
     env: dict = {}
 
     decoded: dict = {}  # var -> its MXTensor decoded once, for every op that needs values
+    densified: dict = {}  # var -> its NMSparseTensor densified once, for the ops that read it
+    # Each cached copy is dropped after the last equation that reads its var
+    # (eagerly run, a densified weight then lives only while it is used).
+    last = _last_uses(jaxpr)
 
     def read(v):
         return v.val if isinstance(v, jcore.Literal) else env[v]
 
+    def as_mx(x, v):
+        """An NMSparseTensor argument densified to its MXTensor (once per var)."""
+        if not isinstance(x, NMSparseTensor):
+            return x
+        if v not in densified:
+            densified[v] = x.densify()
+        return densified[v]
+
     def dense(x, v):
         """An MXTensor argument decoded for an op that needs its values (once per var)."""
+        x = as_mx(x, v)
         if not isinstance(x, MXTensor):
             return x
         if v not in decoded:
@@ -65,13 +83,21 @@ def run_jaxpr(jaxpr, consts, args, addr: tuple, plan: Plan) -> list:
     for i, eqn in enumerate(jaxpr.eqns):
         a = addr + (i,)
         invals = [read(v) for v in eqn.invars]
+        rebuilt = a in plan.rebuild and _kind(eqn) != "shard_map"
+        if any(isinstance(x, NMSparseTensor) for x in invals):
+            keep, flows = _kept_sparse(eqn, invals, a, plan)
+            rebuilt = rebuilt or flows
+            invals = [
+                x if j in keep else as_mx(x, v)
+                for j, (x, v) in enumerate(zip(invals, eqn.invars, strict=True))
+            ]
         name_stack = siu.current_name_stack() + eqn.source_info.name_stack
         with siu.user_context(eqn.source_info.traceback, name_stack=name_stack), eqn.ctx.manager:
             if a in plan.hooks:
                 eqn, invals = plan.hooks[a](eqn, invals)
             if a in plan.decisions:
                 outs = [_mx_op(eqn, invals, plan.decisions[a])]
-            elif a in plan.rebuild and _kind(eqn) != "shard_map":
+            elif rebuilt:
                 outs = _rebuilder(eqn, plan)(eqn, invals, a, plan)  # MXTensors flow in as pytrees
             elif (cast := _mx_cast(eqn, invals)) is not None:
                 outs = [cast]
@@ -89,19 +115,93 @@ def run_jaxpr(jaxpr, consts, args, addr: tuple, plan: Plan) -> list:
                 outs = plan.vector.round(a, outs)
         for v, x in zip(eqn.outvars, outs, strict=True):
             env[v] = x
+        for v in last.get(i, ()):
+            densified.pop(v, None)
+            decoded.pop(v, None)
     return [dense(read(v), v) for v in jaxpr.outvars]
 
 
-def _mx_cast(eqn, invals) -> MXTensor | None:
+def _last_uses(jaxpr) -> dict:
+    """Equation index -> the vars it is the last to read (the outputs' vars: none)."""
+    at: dict = {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        for v in eqn.invars:
+            if not isinstance(v, jcore.Literal):
+                at[v] = i
+    for v in jaxpr.outvars:
+        if not isinstance(v, jcore.Literal):
+            at.pop(v, None)
+    last: dict = {}
+    for v, i in at.items():
+        last.setdefault(i, []).append(v)
+    return last
+
+
+def _kept_sparse(eqn, invals, a, plan) -> tuple[frozenset, bool]:
+    """``(kept, flows)``: which inputs of ``eqn`` stay NMSparseTensor (the rest
+    are densified first), and whether some flow into control flow that must
+    be rebuilt to take them.
+
+    Kept: a float cast's operand (see :func:`_mx_cast`), and what control
+    flow takes as a pytree: every input of ``jit``, ``call``, ``checkpoint``
+    and of a custom-derivative function the plan inlines, a ``cond``'s
+    operands, a ``while_loop``'s consts, a ``scan``'s consts and the inputs it
+    scans over (sliced layer by layer, so each iteration densifies its own
+    layer), except one scanned along its sparse axis. Such control flow is
+    rebuilt even with no MX matmul inside (weight-only rules); run as traced,
+    it would take every layer's dense copy at once. Densified at the boundary,
+    as MXTensors are handed in: a loop's carries (the loop's outputs are
+    arrays), ``shard_map``'s inputs (decoded there) and the inputs of a
+    custom-derivative function kept as it is (decoded there). Matmuls and
+    every other op read the dense MXTensor.
+    """
+    if a in plan.decisions or a in plan.hooks:
+        return frozenset(), False
+    kind = _kind(eqn)
+    rebuilt = a in plan.rebuild and kind != "shard_map"
+    if plan.vector is not None and kind in plan.vector.rebuilders:
+        rebuilt = False  # a custom-derivative function kept, its inputs decoded
+    if not (rebuilt or kind in _FLOWS):
+        return (frozenset({0}) if _float_cast(eqn) else frozenset()), False
+    p, n = eqn.params, len(invals)
+    if kind == "scan":
+        nc, ncarry = p["num_consts"], p["num_carry"]
+        xs = [
+            j
+            for j in range(nc + ncarry, n)
+            if not isinstance(x := invals[j], NMSparseTensor) or x.sparse_axis() + x.ndim != 0
+        ]
+        keep = frozenset([*range(nc), *xs])
+    elif kind == "while":
+        keep = frozenset(range(p["cond_nconsts"] + p["body_nconsts"]))
+    elif kind == "cond":
+        keep = frozenset(range(1, n))
+    else:
+        keep = frozenset(range(n))
+    return keep, any(isinstance(invals[j], NMSparseTensor) for j in keep)
+
+
+_FLOATS = (np.dtype(np.float32), np.dtype(jax.numpy.bfloat16), np.dtype(np.float16))
+
+
+def _float_cast(eqn) -> bool:
+    return (
+        eqn.primitive.name == "convert_element_type"
+        and np.dtype(eqn.params["new_dtype"]) in _FLOATS
+    )
+
+
+def _mx_cast(eqn, invals) -> MXTensor | NMSparseTensor | None:
     """A float cast of an MXTensor argument (a layer's ``dtype``) stays an
     MXTensor that decodes to the new dtype: decoding to it directly rounds
-    the same way as decoding then casting."""
-    if eqn.primitive.name != "convert_element_type" or not isinstance(invals[0], MXTensor):
+    the same way as decoding then casting. An NMSparseTensor stays one whose
+    kept values (and so its densified MXTensor) decode to the new dtype."""
+    if not _float_cast(eqn) or not isinstance(x := invals[0], (MXTensor, NMSparseTensor)):
         return None
     new = np.dtype(eqn.params["new_dtype"])
-    if new not in (np.dtype(np.float32), np.dtype(jax.numpy.bfloat16), np.dtype(np.float16)):
-        return None
-    return dataclasses.replace(invals[0], dtype=new)
+    if isinstance(x, NMSparseTensor):
+        return dataclasses.replace(x, values=dataclasses.replace(x.values, dtype=new))
+    return dataclasses.replace(x, dtype=new)
 
 
 def _contracted_or_decoded(x, v, contracting):
@@ -188,7 +288,8 @@ def _constrain(xs, shardings):
 
 
 def _constrain_one(x, s):
-    if not isinstance(s, jax.sharding.Sharding) or isinstance(x, MXTensor):  # unspecified
+    # Unspecified shardings, and MX / sparse pytrees (their leaves are not the array's shape).
+    if not isinstance(s, jax.sharding.Sharding) or isinstance(x, (MXTensor, NMSparseTensor)):
         return x
     if jax.sharding.AxisType.Explicit in tuple(getattr(getattr(s, "mesh", None), "axis_types", ())):
         return jax.device_put(x, s)  # what jit does with such an input: a transfer
@@ -284,3 +385,5 @@ _REBUILD: dict[str, Callable] = {
     "cond": _rebuild_cond,
     "shard_map": _rebuild_shard_map,
 }
+# Control flow rebuilt, when NMSparseTensors flow in, even with no MX matmul inside.
+_FLOWS = frozenset({"jit", "closed_call", "call", P.remat_p.name, "scan", "while", "cond"})

@@ -23,6 +23,7 @@ from jaxmx._intercept.run import run_jaxpr
 from jaxmx.formats import ElementFormat
 from jaxmx.quantize import dequantize
 from jaxmx.rounding import round_to
+from jaxmx.sparse_tensor import NMSparseTensor
 from jaxmx.tensor import MXTensor
 
 __all__ = ["VectorPlan", "keyed", "rebuilders"]
@@ -62,7 +63,7 @@ class VectorPlan:
         outs = list(outs)
         rounder = _rounder(self.elem, self.rounding)
         for k in todo:
-            if isinstance(outs[k], MXTensor):  # an MXTensor argument cast: decoded later
+            if isinstance(outs[k], (MXTensor, NMSparseTensor)):  # an argument cast: decoded later
                 continue
             kk = key if key is None or len(todo) == 1 else jax.random.fold_in(key, k)
             outs[k] = rounder(outs[k], kk)
