@@ -239,6 +239,25 @@ def test_integer_dots_and_none_rules_stay_exact(plain_args):
     assert mx.coverage.counts == "1 of 3 matmuls in MX"
 
 
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp8"])
+def test_a_widening_cast_keeps_the_narrow_rounding_of_an_mx_weight(fmt):
+    # w.astype(bf16).astype(f32): the weight's values are rounded to bf16
+    # first; folding both casts into the MXTensor's decode dtype would skip
+    # that rounding (NVFP4's values, scaled by a float32 tensor scale, are
+    # not bf16 numbers).
+    w = normal(3, (64, 32))
+    t = jaxmx.quantize(w, fmt, axis=0)
+
+    def f(w, x):
+        return x @ w.astype(jnp.bfloat16).astype(jnp.float32)
+
+    x = normal(4, (4, 64))
+    got = jax.jit(intercept(f, None))(t, x)
+    assert_same(got, f(jaxmx.dequantize(t), x))
+    if fmt == "nvfp4":  # the bf16 rounding does something to these values
+        assert_differs(got, x @ jaxmx.dequantize(t))
+
+
 def test_no_rule_matched_is_reported():
     mx = intercept(lambda x, w: x @ w, [("nothing", CFG)], warn=False)
     cov = mx.coverage_for(jax.ShapeDtypeStruct((4, 32), jnp.float32), jnp.ones((32, 8)))

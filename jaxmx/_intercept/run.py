@@ -195,10 +195,18 @@ def _mx_cast(eqn, invals) -> MXTensor | NMSparseTensor | None:
     """A float cast of an MXTensor argument (a layer's ``dtype``) stays an
     MXTensor that decodes to the new dtype: decoding to it directly rounds
     the same way as decoding then casting. An NMSparseTensor stays one whose
-    kept values (and so its densified MXTensor) decode to the new dtype."""
+    kept values (and so its densified MXTensor) decode to the new dtype.
+
+    Only a cast from float32 folds in so: a tensor that already decodes to a
+    narrower float (an earlier cast) has had its values rounded to it, and a
+    later widening cast must keep that rounding, so it is decoded and cast as
+    the program says."""
     if not _float_cast(eqn) or not isinstance(x := invals[0], (MXTensor, NMSparseTensor)):
         return None
     new = np.dtype(eqn.params["new_dtype"])
+    current = np.dtype((x.values if isinstance(x, NMSparseTensor) else x).dtype)
+    if current != np.dtype(np.float32) and new != current:
+        return None
     if isinstance(x, NMSparseTensor):
         return dataclasses.replace(x, values=dataclasses.replace(x.values, dtype=new))
     return dataclasses.replace(x, dtype=new)
