@@ -37,3 +37,15 @@ def _drop_compiled_programs():
         import jax
 
         jax.clear_caches()
+
+
+# JAXMX_TEST_COMPILE_CACHE=DIR: keep compiled programs on disk in DIR (JAX's
+# persistent compilation cache, every program however quick to compile), so a
+# second run of the same tests on this machine skips XLA compilation.
+_COMPILE_CACHE = os.environ.get("JAXMX_TEST_COMPILE_CACHE")
+if _COMPILE_CACHE:
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", _COMPILE_CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
