@@ -98,3 +98,34 @@ def st_write(path, manifest, tensors, edit_header=None, metadata=None):
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
     pathlib.Path(path).write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+def orbax_read(path):
+    """A jaxmx orbax checkpoint's manifest and its arrays, by dotted name."""
+    import orbax.checkpoint as ocp
+
+    manifest = json.loads((pathlib.Path(path) / "jaxmx" / "metadata").read_text())
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as c:
+        got = c.restore(path, args=ocp.args.Composite(arrays=ocp.args.StandardRestore()))
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            name = f"{prefix}.{k}" if prefix else k
+            out.update(flat(v, name) if isinstance(v, dict) else {name: np.asarray(v)})
+        return out
+
+    return manifest, flat(got["arrays"])
+
+
+def rewrite(path, backend, edit):
+    """Reads a checkpoint, lets ``edit(manifest, arrays)`` change it, and writes
+    it back consistently (the manifest's checksum resealed)."""
+    if backend == "safetensors":
+        manifest, arrays, _ = st_read(path)
+        edit(manifest, arrays)
+        st_write(path, seal(manifest), arrays)
+    else:
+        manifest, arrays = orbax_read(path)
+        edit(manifest, arrays)
+        orbax_write(path, seal(manifest), arrays)

@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 import jaxmx
 from jaxmx import checkpoint
 from tests import reference
-from tests._checkpoint_files import orbax_write, st_read, st_write
+from tests._checkpoint_files import rewrite, st_read, st_write
 from tests._checkpoint_files import seal as reseal
 from tests._params import covering
 
@@ -542,35 +542,6 @@ def test_flax_linen_params_with_quantized_kernels(tmp_path, backend):
 # --------------------------------------------------------------------------
 
 
-def _orbax_read(path):
-    import orbax.checkpoint as ocp
-
-    manifest = json.loads((path / "jaxmx" / "metadata").read_text())
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as c:
-        got = c.restore(path, args=ocp.args.Composite(arrays=ocp.args.StandardRestore()))
-
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            name = f"{prefix}.{k}" if prefix else k
-            out.update(flat(v, name) if isinstance(v, dict) else {name: np.asarray(v)})
-        return out
-
-    return manifest, flat(got["arrays"])
-
-
-def _rewrite(path, backend, edit):
-    """Reads a checkpoint, lets ``edit(manifest, arrays)`` change it, writes it consistently."""
-    if backend == "safetensors":
-        manifest, arrays, _ = st_read(path)
-        edit(manifest, arrays)
-        st_write(path, reseal(manifest), arrays)
-    else:
-        manifest, arrays = _orbax_read(path)
-        edit(manifest, arrays)
-        orbax_write(path, reseal(manifest), arrays)
-
-
 def _edit_manifest(path, backend, edit, seal=True):
     """Changes the manifest only, in place (orbax: its JSON file)."""
     if backend == "safetensors":
@@ -636,7 +607,7 @@ def test_tensor_scale_stored_as_int32_is_refused(tmp_path, backend):
         arrays["w.tensor_scale"] = arrays["w.tensor_scale"].view(np.int32)
         m["tree"]["children"][0]["leaves"]["tensor_scale"]["dtype"] = "int32"
 
-    _rewrite(path, backend, to_int32)
+    rewrite(path, backend, to_int32)
     _refused(path, "tensor_scale is int32; nvfp4 holds a per-tensor scale in float32")
 
 
@@ -826,7 +797,7 @@ def test_changed_bytes_are_caught_by_the_checksums(tmp_path, backend):
         def other_values(m, arrays):
             arrays["b"] = arrays["b"] + 1
 
-        _rewrite(path, backend, other_values)
+        rewrite(path, backend, other_values)
         _refused(path, r"damaged: the bytes of array 'b' do not match their checksum")
         jaxmx.save(path, tree, overwrite=True)
     # made_ndim 2 -> 3 on a 2-D tensor decodes alike but is not what was saved.

@@ -36,8 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxmx
 from tests._arrays import normal
-from tests._checkpoint_files import orbax_write, st_read, st_write
-from tests._checkpoint_files import seal as reseal
+from tests._checkpoint_files import rewrite, st_read
 
 BACKENDS = ["orbax", "safetensors"]
 
@@ -291,35 +290,6 @@ def test_save_refuses_what_load_would(tmp_path):
 # --------------------------------------------------------------------------
 
 
-def _orbax_read(path):
-    import orbax.checkpoint as ocp
-
-    manifest = json.loads((path / "jaxmx" / "metadata").read_text())
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as c:
-        got = c.restore(path, args=ocp.args.Composite(arrays=ocp.args.StandardRestore()))
-
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            name = f"{prefix}.{k}" if prefix else k
-            out.update(flat(v, name) if isinstance(v, dict) else {name: np.asarray(v)})
-        return out
-
-    return manifest, flat(got["arrays"])
-
-
-def _rewrite(path, backend, edit):
-    """``edit(manifest, arrays)`` changes both; the file is written back consistently."""
-    if backend == "safetensors":
-        manifest, arrays, _ = st_read(path)
-        edit(manifest, arrays)
-        st_write(path, reseal(manifest), arrays)
-    else:
-        manifest, arrays = _orbax_read(path)
-        edit(manifest, arrays)
-        orbax_write(path, reseal(manifest), arrays)
-
-
 def _refused(path, match):
     with pytest.raises(ValueError) as info:
         jaxmx.load(path)
@@ -403,7 +373,7 @@ def test_inconsistent_node_names_the_field_found_and_expected(tmp_path, backend,
     edit, match = _MANIFEST_EDITS[case]
     path = _path(tmp_path, backend)
     jaxmx.save(path, {"w": _sparse("2:4 mxfp4 packed"), "b": jnp.ones(2)})
-    _rewrite(path, backend, edit)
+    rewrite(path, backend, edit)
     _refused(path, match)
 
 
@@ -420,7 +390,7 @@ def test_positions_that_are_not_n_distinct_ascending_are_refused(tmp_path, backe
         a[0, 5] = (byte & ~15) | p0 << 2 | p1
         _set_indices(m, arrays, a)
 
-    _rewrite(path, backend, swap_first_two)
+    rewrite(path, backend, swap_first_two)
     _refused(
         path,
         r"the NMSparseTensor at tree\['w'\]: its indices hold the positions \[\d, \d\] in group "
@@ -437,5 +407,5 @@ def test_changed_index_bytes_are_caught_by_the_checksum(tmp_path, backend):
     def flip(m, arrays):
         arrays["w.indices"] = arrays["w.indices"] ^ np.uint8(0x40)
 
-    _rewrite(path, backend, flip)
+    rewrite(path, backend, flip)
     _refused(path, r"the bytes of (tensor|array) 'w\.indices' do not match their checksum")
