@@ -486,10 +486,12 @@ def dot_general(
     dims = _dims(dimension_numbers, lhs.ndim, rhs.ndim)
     config = _take_prequantized(config, lhs, rhs, dims, "dot_general")
     check_sparsity(config, lhs, rhs, dims.lc, dims.rc, "dot_general")
-    if config.is_noop:
+    pre = (isinstance(lhs, MXTensor), isinstance(rhs, MXTensor))
+    # implementation="pallas" with nothing to quantize and no MXTensor
+    # operand leaves no kernel to run: the plain dot, not a custom_vjp around it.
+    if config.is_noop or (not any(pre) and config.replace(implementation=None).is_noop):
         return lax_dot(lhs, rhs, dimension_numbers, precision, preferred_element_type, out_sharding)
     out_dtype = jnp.dtype(preferred_element_type or jnp.promote_types(lhs.dtype, rhs.dtype))
-    pre = (isinstance(lhs, MXTensor), isinstance(rhs, MXTensor))
     static = _Static(dims, config, precision, out_dtype, out_sharding, pre)
     return _mx_dot(lhs, rhs, key, static)
 

@@ -163,3 +163,16 @@ def test_pallas_serves_an_mx_weight_with_the_weight_only_kernel(fmt):
     bound = (64 + 4) * 2.0**-24 * (np.abs(xs) @ np.abs(w) + np.abs(want))
     assert np.all(np.abs(np.asarray(y, np.float64) - want) <= bound)
     assert np.max(np.abs(np.asarray(y) - np.asarray(model.apply(dense, x)))) > 1e-3  # quantized
+
+
+def test_pallas_with_nothing_to_quantize_is_the_plain_dot():
+    # No format and no MXTensor operand: no kernel to run, so no custom_vjp
+    # wrapped around lax.dot_general either.
+    x = jax.random.normal(jax.random.key(4), (8, 64))
+    w = jax.random.normal(jax.random.key(5), (64, 16))
+    dims = (((1,), (0,)), ((), ()))
+    cfg = jaxmx.DotConfig(implementation="pallas")
+    jaxpr = jax.make_jaxpr(lambda x, w: jaxmx.dot_general(x, w, dims, config=cfg))(x, w)
+    assert [e.primitive.name for e in jaxpr.jaxpr.eqns] == ["dot_general"]
+    got = jaxmx.dot_general(x, w, dims, config=cfg)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.lax.dot_general(x, w, dims)))
