@@ -21,7 +21,7 @@ from jaxmx.quantize import quantize
 from jaxmx.sparse_tensor import NMSparseTensor, index_bits
 from jaxmx.sparsity import NMSparsity, score_mask
 
-__all__ = ["check_sparse_format", "expand_sparse", "has_sparse", "quantize_sparse"]
+__all__ = ["check_sparse_format", "quantize_sparse"]
 
 
 def quantize_sparse(
@@ -138,24 +138,3 @@ def check_sparse_format(
             f"(e.g. {n * max(1, bs // n)})"
         )
     return int(bs)
-
-
-def has_sparse(tree: Any) -> bool:
-    """Whether ``tree`` holds an :class:`~jaxmx.NMSparseTensor`."""
-    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, NMSparseTensor))
-    return any(isinstance(x, NMSparseTensor) for x in leaves)
-
-
-def expand_sparse(tree: Any) -> Any:
-    """``tree`` with each :class:`~jaxmx.NMSparseTensor` replaced by its dense
-    :class:`~jaxmx.MXTensor` (:meth:`~jaxmx.NMSparseTensor.densify`), all at
-    once. :func:`jaxmx.intercept` no longer does this at the start of a call
-    (it densifies each weight where it is read, with the same results); the
-    tests use it as that reference. Trees without one are returned as they are."""
-    if not has_sparse(tree):
-        return tree
-    return jax.tree_util.tree_map(
-        lambda x: x.densify() if isinstance(x, NMSparseTensor) else x,
-        tree,
-        is_leaf=lambda x: isinstance(x, NMSparseTensor),
-    )

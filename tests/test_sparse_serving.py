@@ -27,7 +27,6 @@ import pytest
 from jax import lax
 
 import jaxmx
-from jaxmx._sparse_weights import expand_sparse
 
 from ._arrays import assert_differs, assert_same, normal
 
@@ -51,6 +50,13 @@ def loop_model(params, x):
     for w in params["layers"]:
         x = jnp.tanh(x @ w)
     return x
+
+
+def expand_sparse(tree):
+    """``tree`` with every NMSparseTensor densified at once (what intercept did
+    at the start of a call before it kept them compact)."""
+    sparse = lambda x: isinstance(x, jaxmx.NMSparseTensor)  # noqa: E731
+    return jax.tree.map(lambda x: x.densify() if sparse(x) else x, tree, is_leaf=sparse)
 
 
 def densify_at_start(served):

@@ -204,8 +204,7 @@ def _mx_cast(eqn, invals) -> MXTensor | NMSparseTensor | None:
     if not _float_cast(eqn) or not isinstance(x := invals[0], (MXTensor, NMSparseTensor)):
         return None
     new = np.dtype(eqn.params["new_dtype"])
-    current = np.dtype((x.values if isinstance(x, NMSparseTensor) else x).dtype)
-    if current != np.dtype(np.float32) and new != current:
+    if np.dtype(x.dtype) != np.dtype(np.float32) and new != np.dtype(x.dtype):
         return None
     if isinstance(x, NMSparseTensor):
         return dataclasses.replace(x, values=dataclasses.replace(x.values, dtype=new))
